@@ -1,0 +1,161 @@
+//! Frames: what travels on a WebSocket (JSON text or binary) or a QUIC stream (binary).
+//!
+//! JSON frames are objects tagged by `type`; the binary codec encodes the same enums with
+//! bincode 2 (see [`crate::codec`]).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorCode;
+use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
+
+/// Where a `send` goes: `{"user": id}` or `{"group": id}`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[serde(rename_all = "snake_case")]
+pub enum Recipient {
+    User(UserId),
+    Group(GroupId),
+}
+
+/// A frame from a client to a node.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Must be the first frame of a connection.
+    Auth { token: String },
+    /// Send a message; `id` is the client message id (unique per sender, at most 64 bytes).
+    Send {
+        id: String,
+        to: Recipient,
+        body: String,
+    },
+    /// Everything in this user's inbox after `after` (this device's `cur_max_message_id`).
+    Sync {
+        #[serde(default)]
+        after: Option<MessageId>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// "Still here".
+    Heartbeat,
+    /// Receive `presence` frames for these users.
+    SubscribePresence { users: Vec<UserId> },
+    /// Stop receiving `presence` frames for these users.
+    UnsubscribePresence { users: Vec<UserId> },
+    /// A page of a conversation's history, newest first.
+    History {
+        conversation: ConversationId,
+        #[serde(default)]
+        before: Option<MessageId>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+}
+
+impl ClientFrame {
+    /// The frame's `type` name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Auth { .. } => "auth",
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::Sync { .. } => "sync",
+            ClientFrame::Heartbeat => "heartbeat",
+            ClientFrame::SubscribePresence { .. } => "subscribe_presence",
+            ClientFrame::UnsubscribePresence { .. } => "unsubscribe_presence",
+            ClientFrame::History { .. } => "history",
+        }
+    }
+}
+
+/// A stored message as clients see it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct Message {
+    pub message_id: MessageId,
+    pub conversation: ConversationId,
+    pub from: UserId,
+    /// The recipient of a direct message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<UserId>,
+    /// The group of a group message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupId>,
+    pub body: String,
+    /// Unix milliseconds at which the node accepted the message.
+    pub ts: u64,
+    /// The sender's client message id.
+    pub client_id: String,
+}
+
+/// A user's presence.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceStatus {
+    Online,
+    Offline,
+}
+
+/// A frame from a node to a client.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// Authentication succeeded.
+    Ready {
+        user_id: UserId,
+        device_id: DeviceId,
+        node_id: u16,
+        heartbeat_interval_ms: u64,
+    },
+    /// The message with client id `ref` is durably stored.
+    Ack {
+        #[serde(rename = "ref")]
+        reference: String,
+        message_id: MessageId,
+        conversation: ConversationId,
+        ts: u64,
+    },
+    /// A new message for this user.
+    Message { message: Arc<Message> },
+    /// Part of the answer to `sync`, in message-id order.
+    SyncBatch {
+        messages: Vec<Message>,
+        cursor: Option<MessageId>,
+        done: bool,
+        gap: bool,
+    },
+    /// A watched user's status changed.
+    Presence {
+        user_id: UserId,
+        status: PresenceStatus,
+        last_seen: Option<u64>,
+    },
+    /// The answer to `history`.
+    History {
+        conversation: ConversationId,
+        messages: Vec<Message>,
+        next_before: Option<MessageId>,
+    },
+    /// Something the client sent was refused.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    /// The node is shutting down; reconnect elsewhere.
+    Draining {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_to: Option<String>,
+    },
+}
+
+impl ServerFrame {
+    /// An `error` frame.
+    pub fn error(code: ErrorCode, message: impl Into<String>, reference: Option<String>) -> Self {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            reference,
+        }
+    }
+}

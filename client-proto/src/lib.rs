@@ -1,0 +1,20 @@
+//! The wire contract between chat clients and nodes (PROTOCOL.md, version 1).
+//!
+//! - [`ids`]: 64-bit ids (decimal strings in JSON) and conversation ids.
+//! - [`frames`]: every WebSocket/QUIC frame, client to server and server to client.
+//! - [`error`]: the stable error codes and the error body.
+//! - [`limits`]: the limits every node enforces.
+//! - [`codec`]: the JSON and binary (bincode 2) encodings of frames.
+//! - [`client`]: an async client (HTTP API and WebSocket) used by tests, the CLI and the bench.
+
+pub mod client;
+pub mod codec;
+pub mod error;
+pub mod frames;
+pub mod http;
+pub mod ids;
+pub mod limits;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use frames::{ClientFrame, Message, PresenceStatus, Recipient, ServerFrame};
+pub use ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
