@@ -1,0 +1,170 @@
+//! Chat logic: sending, syncing and reading history. It validates, decides who a message is
+//! for, and calls the store and the hub; it never touches sled or sockets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client_proto::ids::{ConversationId, MessageId, UserId};
+use client_proto::limits::{
+    DEFAULT_HISTORY_LIMIT, FRAME_PAYLOAD_BUDGET, MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES, MAX_HISTORY_LIMIT,
+    MAX_SYNC_LIMIT,
+};
+use client_proto::{ErrorCode, Message, Recipient, ServerFrame};
+
+use crate::accounts::Identity;
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::ids::{now_unix_ms, IdGen};
+use crate::store::{HistoryPage, SendOutcome, Store, SyncPage};
+
+/// The chat service.
+pub struct Chat {
+    store: Store,
+    ids: Arc<IdGen>,
+    hub: Hub,
+    sync_overlap: Duration,
+}
+
+/// Checks a `send` before any work is done.
+pub fn validate_send(client_id: &str, body: &str) -> Result<(), ApiError> {
+    if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "the client message id must be 1 to {MAX_CLIENT_ID_BYTES} bytes"
+        )));
+    }
+    if body.is_empty() {
+        return Err(ApiError::bad_request("the message body is empty"));
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::MessageTooLarge,
+            format!("body is {} bytes; the limit is {MAX_BODY_BYTES}", body.len()),
+        ));
+    }
+    Ok(())
+}
+
+impl Chat {
+    pub fn new(store: Store, ids: Arc<IdGen>, hub: Hub, sync_overlap: Duration) -> Self {
+        Chat {
+            store,
+            ids,
+            hub,
+            sync_overlap,
+        }
+    }
+
+    /// Stores a message durably and delivers it to the recipients' connected devices and the
+    /// sender's other devices (never `sender_conn`). Returns the stored message for the ack;
+    /// a retried client id returns the first message and stores nothing new.
+    pub async fn send(
+        &self,
+        sender: Identity,
+        sender_conn: Option<u64>,
+        client_id: String,
+        to: Recipient,
+        body: String,
+    ) -> Result<Message, ApiError> {
+        validate_send(&client_id, &body)?;
+        let started = Instant::now();
+        if let Some(first) = self.store.sent_before(sender.user, &client_id)? {
+            // Make sure the first attempt's records are complete before acking again.
+            let inboxes = self.inboxes_of(&first)?;
+            let stored = self.store.store_message(first, &inboxes).await?;
+            return Ok(match stored {
+                SendOutcome::New(m) | SendOutcome::Duplicate(m) => m,
+            });
+        }
+        let (conversation, to_user, group) = match to {
+            Recipient::User(u) => {
+                if self.store.user(u)?.is_none() {
+                    return Err(ApiError::not_found(format!("no user {u}")));
+                }
+                (ConversationId::direct(sender.user, u), Some(u), None)
+            }
+            Recipient::Group(g) => {
+                return Err(ApiError::not_found(format!("no group {g}")));
+            }
+        };
+        let msg = Message {
+            message_id: self.ids.next(),
+            conversation,
+            from: sender.user,
+            to: to_user,
+            group,
+            body,
+            ts: now_unix_ms(),
+            client_id,
+        };
+        let inboxes = self.inboxes_of(&msg)?;
+        let outcome = self.store.store_message(msg, &inboxes).await?;
+        metrics::histogram!("chat_ack_latency_seconds").record(started.elapsed().as_secs_f64());
+        match outcome {
+            SendOutcome::New(m) => {
+                metrics::counter!("chat_messages_total").increment(1);
+                let frame = ServerFrame::Message {
+                    message: Arc::new(m.clone()),
+                };
+                self.hub.deliver(&inboxes, &frame, sender_conn);
+                Ok(m)
+            }
+            SendOutcome::Duplicate(m) => Ok(m),
+        }
+    }
+
+    /// Whose inboxes a message goes to: the sender's and every recipient's.
+    fn inboxes_of(&self, msg: &Message) -> Result<Vec<UserId>, ApiError> {
+        let mut users = vec![msg.from];
+        if let Some(to) = msg.to {
+            if to != msg.from {
+                users.push(to);
+            }
+        }
+        Ok(users)
+    }
+
+    /// Where a `sync` with cursor `after` starts reading: the overlap before the cursor, so
+    /// that a message that got its id just before the cursor but was stored just after the
+    /// client saw the cursor is not missed. Clients drop what they already have by id.
+    pub fn sync_start(&self, after: Option<MessageId>) -> MessageId {
+        match after {
+            None => MessageId(0),
+            Some(c) => c.minus_ms(self.sync_overlap.as_millis() as u64),
+        }
+    }
+
+    /// One batch of `user`'s inbox from `from` (inclusive).
+    pub fn sync_page(&self, user: UserId, from: MessageId, limit: Option<u32>) -> Result<SyncPage, ApiError> {
+        let limit = limit.unwrap_or(MAX_SYNC_LIMIT).clamp(1, MAX_SYNC_LIMIT) as usize;
+        Ok(self.store.inbox_page(user, from, limit, FRAME_PAYLOAD_BUDGET)?)
+    }
+
+    /// A page of a conversation's history, newest first; only for participants.
+    pub fn history(
+        &self,
+        who: UserId,
+        conversation: ConversationId,
+        before: Option<MessageId>,
+        limit: Option<u32>,
+    ) -> Result<HistoryPage, ApiError> {
+        let limit = match limit {
+            None => DEFAULT_HISTORY_LIMIT,
+            Some(l) if (1..=MAX_HISTORY_LIMIT).contains(&l) => l,
+            Some(l) => {
+                return Err(ApiError::bad_request(format!(
+                    "limit is {l}; it must be 1 to {MAX_HISTORY_LIMIT}"
+                )))
+            }
+        };
+        let allowed = match conversation {
+            ConversationId::Direct { .. } => conversation.is_direct_participant(who),
+            ConversationId::Group(_) => false,
+        };
+        if !allowed {
+            return Err(ApiError::forbidden("only participants may read a conversation"));
+        }
+        Ok(self
+            .store
+            .history_page(&conversation, before, limit as usize, FRAME_PAYLOAD_BUDGET)?)
+    }
+}

@@ -1,0 +1,299 @@
+//! Node configuration: one struct, read from a TOML file (`--config`), overridden by
+//! environment variables (`CHATNODE_<FLAG>`) and flags, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Flags of `chatnode serve`. Every one also reads `CHATNODE_<NAME>` and the config file key
+/// of the same name in snake_case.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys in snake_case).
+    #[arg(long, env = "CHATNODE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where this node keeps its data [default: ./chatnode-data].
+    #[arg(long, env = "CHATNODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This node's id, 0 to 1023, unique in the cluster [default: 0].
+    #[arg(long, env = "CHATNODE_NODE_ID")]
+    pub node_id: Option<u16>,
+    /// HTTP and WebSocket listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "CHATNODE_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Client QUIC listen address [default: 127.0.0.1:8443].
+    #[arg(long, env = "CHATNODE_QUIC_ADDR")]
+    pub quic_addr: Option<SocketAddr>,
+    /// Peer QUIC listen address [default: 127.0.0.1:7947].
+    #[arg(long, env = "CHATNODE_PEER_ADDR")]
+    pub peer_addr: Option<SocketAddr>,
+    /// Gossip listen address [default: 127.0.0.1:7946].
+    #[arg(long, env = "CHATNODE_GOSSIP_ADDR")]
+    pub gossip_addr: Option<SocketAddr>,
+    /// Host name or address that clients and peers use to reach this node [default: the
+    /// HTTP listen host].
+    #[arg(long, env = "CHATNODE_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Gossip address of another node (repeatable).
+    #[arg(long = "seed", env = "CHATNODE_SEED", value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// Folder with the cluster CA, this node's certificate and key, and the cluster secret
+    /// [default: <data-dir>/cluster, made on first start].
+    #[arg(long, env = "CHATNODE_CLUSTER_DIR")]
+    pub cluster_dir: Option<PathBuf>,
+    /// Copies of each partition [default: 3, fewer when the cluster is smaller].
+    #[arg(long, env = "CHATNODE_REPLICATION_FACTOR")]
+    pub replication_factor: Option<usize>,
+    /// Number of partitions; fixed when the cluster is created [default: 1024].
+    #[arg(long, env = "CHATNODE_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// Heartbeat interval announced to clients, ms [default: 5000].
+    #[arg(long, env = "CHATNODE_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// A device silent for this long is dropped, ms [default: 30000].
+    #[arg(long, env = "CHATNODE_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Sustained sends per second per connection [default: 50].
+    #[arg(long, env = "CHATNODE_RATE_LIMIT_PER_SEC")]
+    pub rate_limit_per_sec: Option<f64>,
+    /// Burst of sends per connection [default: 100].
+    #[arg(long, env = "CHATNODE_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// A write not durable within this time fails with `unavailable`, ms [default: 2000].
+    #[arg(long, env = "CHATNODE_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
+    /// How far before the cursor `sync` answers from, ms [default: 3000]: the write timeout
+    /// plus the allowed clock skew.
+    #[arg(long, env = "CHATNODE_SYNC_OVERLAP_MS")]
+    pub sync_overlap_ms: Option<u64>,
+    /// Lifetime of a login token, seconds [default: 2592000, 30 days].
+    #[arg(long, env = "CHATNODE_TOKEN_TTL_SECS")]
+    pub token_ttl_secs: Option<u64>,
+    /// Log filter in tracing's EnvFilter syntax [default: info].
+    #[arg(long, env = "CHATNODE_LOG")]
+    pub log: Option<String>,
+}
+
+/// The config file: the same settings as the flags, in snake_case.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    node_id: Option<u16>,
+    http_addr: Option<SocketAddr>,
+    quic_addr: Option<SocketAddr>,
+    peer_addr: Option<SocketAddr>,
+    gossip_addr: Option<SocketAddr>,
+    advertise_host: Option<String>,
+    #[serde(default)]
+    seeds: Vec<String>,
+    cluster_dir: Option<PathBuf>,
+    replication_factor: Option<usize>,
+    partitions: Option<u32>,
+    heartbeat_interval_ms: Option<u64>,
+    heartbeat_timeout_ms: Option<u64>,
+    rate_limit_per_sec: Option<f64>,
+    rate_limit_burst: Option<u32>,
+    write_timeout_ms: Option<u64>,
+    sync_overlap_ms: Option<u64>,
+    token_ttl_secs: Option<u64>,
+    log: Option<String>,
+}
+
+/// The resolved, validated settings of a node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub node_id: u16,
+    pub http_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub gossip_addr: SocketAddr,
+    pub advertise_host: String,
+    pub seeds: Vec<String>,
+    pub cluster_dir: PathBuf,
+    pub replication_factor: usize,
+    pub partitions: u32,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub rate_limit_per_sec: f64,
+    pub rate_limit_burst: u32,
+    pub write_timeout: Duration,
+    pub sync_overlap: Duration,
+    pub token_ttl: Duration,
+    pub log: String,
+}
+
+/// A setting an operator got wrong, said as a sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Merges flags (and their environment variables) over the config file over defaults,
+    /// and validates the result.
+    pub fn resolve(args: ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let addr = |a: Option<SocketAddr>, f: Option<SocketAddr>, d: &str| {
+            a.or(f).unwrap_or_else(|| d.parse().unwrap_or(([127, 0, 0, 1], 0).into()))
+        };
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("chatnode-data"));
+        let http_addr = addr(args.http_addr, file.http_addr, "127.0.0.1:8080");
+        let cfg = Config {
+            cluster_dir: args
+                .cluster_dir
+                .or(file.cluster_dir)
+                .unwrap_or_else(|| data_dir.join("cluster")),
+            node_id: args.node_id.or(file.node_id).unwrap_or(0),
+            http_addr,
+            quic_addr: addr(args.quic_addr, file.quic_addr, "127.0.0.1:8443"),
+            peer_addr: addr(args.peer_addr, file.peer_addr, "127.0.0.1:7947"),
+            gossip_addr: addr(args.gossip_addr, file.gossip_addr, "127.0.0.1:7946"),
+            advertise_host: args
+                .advertise_host
+                .or(file.advertise_host)
+                .unwrap_or_else(|| http_addr.ip().to_string()),
+            seeds: if args.seeds.is_empty() { file.seeds } else { args.seeds },
+            replication_factor: args.replication_factor.or(file.replication_factor).unwrap_or(3),
+            partitions: args.partitions.or(file.partitions).unwrap_or(1024),
+            heartbeat_interval: ms(args.heartbeat_interval_ms.or(file.heartbeat_interval_ms), 5_000),
+            heartbeat_timeout: ms(args.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms), 30_000),
+            rate_limit_per_sec: args.rate_limit_per_sec.or(file.rate_limit_per_sec).unwrap_or(50.0),
+            rate_limit_burst: args.rate_limit_burst.or(file.rate_limit_burst).unwrap_or(100),
+            write_timeout: ms(args.write_timeout_ms.or(file.write_timeout_ms), 2_000),
+            sync_overlap: ms(args.sync_overlap_ms.or(file.sync_overlap_ms), 3_000),
+            token_ttl: Duration::from_secs(
+                args.token_ttl_secs.or(file.token_ttl_secs).unwrap_or(30 * 24 * 3600),
+            ),
+            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+            data_dir,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError::Invalid(s));
+        if self.node_id >= 1024 {
+            return bad(format!("--node-id is {}; it must be between 0 and 1023", self.node_id));
+        }
+        if self.replication_factor == 0 || self.replication_factor > 7 {
+            return bad(format!(
+                "--replication-factor is {}; it must be between 1 and 7",
+                self.replication_factor
+            ));
+        }
+        if self.partitions == 0 || self.partitions > 65_536 {
+            return bad(format!("--partitions is {}; it must be between 1 and 65536", self.partitions));
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
+            return bad(format!(
+                "--heartbeat-timeout-ms ({} ms) must be longer than --heartbeat-interval-ms ({} ms), which must be above 0",
+                self.heartbeat_timeout.as_millis(),
+                self.heartbeat_interval.as_millis()
+            ));
+        }
+        if !(self.rate_limit_per_sec > 0.0 && self.rate_limit_per_sec.is_finite()) || self.rate_limit_burst == 0 {
+            return bad("--rate-limit-per-sec and --rate-limit-burst must be above 0".into());
+        }
+        if self.write_timeout < Duration::from_millis(100) {
+            return bad("--write-timeout-ms must be at least 100".into());
+        }
+        if self.token_ttl < Duration::from_secs(60) {
+            return bad("--token-ttl-secs must be at least 60".into());
+        }
+        if self.advertise_host.is_empty() {
+            return bad("--advertise-host must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The WebSocket URL clients of this node use.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}:{}/v1/ws", self.advertise_host, self.http_addr.port())
+    }
+
+    /// The client QUIC address clients of this node use.
+    pub fn quic_url(&self) -> String {
+        format!("{}:{}", self.advertise_host, self.quic_addr.port())
+    }
+}
+
+fn ms(v: Option<u64>, default: u64) -> Duration {
+    Duration::from_millis(v.unwrap_or(default))
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("chatnode-data"));
+        assert_eq!(c.cluster_dir, PathBuf::from("chatnode-data/cluster"));
+    }
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "node_id = 7\nheartbeat_timeout_ms = 9000\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            node_id: Some(9),
+            ..Default::default()
+        };
+        let c = Config::resolve(args).unwrap();
+        assert_eq!(c.node_id, 9);
+        assert_eq!(c.heartbeat_timeout, Duration::from_millis(9000));
+
+        std::fs::write(&path, "nod_id = 7\n").unwrap();
+        let err = Config::resolve(ServeArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("nod_id"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_sentence() {
+        let err = Config::resolve(ServeArgs { node_id: Some(1024), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("between 0 and 1023"));
+        let err = Config::resolve(ServeArgs {
+            heartbeat_timeout_ms: Some(10),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("heartbeat"));
+    }
+}

@@ -1,0 +1,179 @@
+//! The HTTP API of PROTOCOL.md (`/v1/...`), health and metrics.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use client_proto::http::{HistoryPage, LoginRequest, PatchMeRequest, SignupRequest};
+use client_proto::ids::{ConversationId, MessageId};
+use serde::Deserialize;
+
+use crate::accounts::Identity;
+use crate::error::ApiError;
+use crate::node::Node;
+
+/// Largest HTTP request body (no API body is anywhere near this).
+const MAX_BODY: usize = 16 * 1024;
+
+type AppState = State<Arc<Node>>;
+
+/// Every route of the node.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/signup", post(signup))
+        .route("/v1/login", post(login))
+        .route("/v1/logout", post(logout))
+        .route("/v1/me", get(me).patch(patch_me))
+        .route("/v1/users/{username}", get(user))
+        .route("/v1/conversations/{conversation}/messages", get(history))
+        .route("/v1/discover", get(discover))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(node)
+}
+
+/// A JSON body whose rejections are protocol errors.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                Err(ApiError::bad_request("send the body as application/json"))
+            }
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// The authenticated caller (`Authorization: Bearer <token>`).
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<Arc<Node>> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+        node.accounts.authenticate(token.trim()).map(Caller)
+    }
+}
+
+async fn signup(State(node): AppState, Body(req): Body<SignupRequest>) -> Result<Response, ApiError> {
+    let p = node.accounts.signup(req).await?;
+    let body = serde_json::json!({"user_id": p.user_id, "username": p.username});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn login(State(node): AppState, Body(req): Body<LoginRequest>) -> Result<Response, ApiError> {
+    Ok(Json(node.accounts.login(req, node.node_info()).await?).into_response())
+}
+
+async fn logout(State(node): AppState, Caller(who): Caller) -> Result<StatusCode, ApiError> {
+    node.accounts.logout(who).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn me(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
+    Ok(Json(node.accounts.me(who)?).into_response())
+}
+
+async fn patch_me(
+    State(node): AppState,
+    Caller(who): Caller,
+    Body(req): Body<PatchMeRequest>,
+) -> Result<Response, ApiError> {
+    let profile = match req.display_name {
+        Some(name) => node.accounts.set_display_name(who, name).await?,
+        None => node.accounts.me(who)?,
+    };
+    Ok(Json(profile).into_response())
+}
+
+async fn user(State(node): AppState, Caller(_): Caller, Path(username): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(node.accounts.by_username(&username)?).into_response())
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+async fn history(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path(conversation): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let conversation: ConversationId = conversation
+        .parse()
+        .map_err(|e: client_proto::ids::InvalidConversationId| ApiError::bad_request(e.to_string()))?;
+    let before = q
+        .before
+        .map(|b| b.parse::<MessageId>())
+        .transpose()
+        .map_err(|_| ApiError::bad_request("before must be a message id"))?;
+    let limit = q
+        .limit
+        .map(|l| l.parse::<u32>())
+        .transpose()
+        .map_err(|_| ApiError::bad_request("limit must be a number from 1 to 200"))?;
+    let page = node.chat.history(who.user, conversation, before, limit)?;
+    Ok(Json(HistoryPage {
+        messages: page.messages,
+        next_before: page.next_before,
+    })
+    .into_response())
+}
+
+async fn discover(State(node): AppState) -> Response {
+    Json(node.node_info()).into_response()
+}
+
+async fn cluster(State(node): AppState) -> Response {
+    let info = node.node_info();
+    Json(serde_json::json!({
+        "members": [{
+            "node_id": info.node_id,
+            "state": "active",
+            "live": true,
+            "load": node.hub.connections(),
+            "ws_url": info.ws_url,
+            "quic_addr": info.quic_addr,
+        }]
+    }))
+    .into_response()
+}
+
+async fn ready(State(node): AppState) -> Response {
+    if node.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics(State(node): AppState) -> Response {
+    metrics::gauge!("store_disk_bytes").set(node.store.size_on_disk() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.metrics.as_ref().map(|m| m.render()).unwrap_or_default(),
+    )
+        .into_response()
+}

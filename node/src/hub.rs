@@ -1,0 +1,147 @@
+//! The local hub: which devices are connected to this node, and delivery to them.
+//!
+//! Each connection registers a bounded outbound queue. Delivery never blocks and never drops
+//! silently: a device whose queue is full is disconnected (it reconnects and syncs, and the
+//! message is in its inbox), so one slow client cannot hold up anyone else.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use client_proto::ids::{DeviceId, UserId};
+use client_proto::ServerFrame;
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Room in one connection's outbound queue.
+pub const OUTBOUND_QUEUE: usize = 256;
+
+/// Something for a connection's writer.
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(ServerFrame),
+    /// Close with this WebSocket close code and reason.
+    Close(u16, String),
+}
+
+/// A connected device, as the hub sees it.
+struct DeviceConn {
+    conn_id: u64,
+    device_id: DeviceId,
+    tx: mpsc::Sender<Outbound>,
+    /// Cancelled to end the connection (logout, slow consumer).
+    kick: CancellationToken,
+}
+
+#[derive(Default)]
+struct Inner {
+    users: RwLock<HashMap<UserId, Vec<DeviceConn>>>,
+    next_conn: AtomicU64,
+    connections: AtomicU64,
+}
+
+/// The registry of local connections; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+/// Keeps a connection registered; unregisters on drop.
+pub struct Registration {
+    hub: Hub,
+    user: UserId,
+    conn_id: u64,
+}
+
+impl Registration {
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut users = self.hub.inner.users.write();
+        if let Some(devs) = users.get_mut(&self.user) {
+            devs.retain(|d| d.conn_id != self.conn_id);
+            if devs.is_empty() {
+                users.remove(&self.user);
+            }
+        }
+        drop(users);
+        self.hub.inner.connections.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("gateway_connections").decrement(1.0);
+    }
+}
+
+impl Hub {
+    /// Registers a connection of `user`'s `device`.
+    pub fn register(
+        &self,
+        user: UserId,
+        device_id: DeviceId,
+        tx: mpsc::Sender<Outbound>,
+        kick: CancellationToken,
+    ) -> Registration {
+        let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.inner.users.write().entry(user).or_default().push(DeviceConn {
+            conn_id,
+            device_id,
+            tx,
+            kick,
+        });
+        self.inner.connections.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("gateway_connections").increment(1.0);
+        Registration {
+            hub: self.clone(),
+            user,
+            conn_id,
+        }
+    }
+
+    /// Queues `frame` for every connected device of `users`, except the connection
+    /// `except_conn`. Returns how many devices it was queued for.
+    pub fn deliver(&self, users: &[UserId], frame: &ServerFrame, except_conn: Option<u64>) -> usize {
+        let map = self.inner.users.read();
+        let mut delivered = 0;
+        for user in users {
+            for dev in map.get(user).into_iter().flatten() {
+                if Some(dev.conn_id) == except_conn {
+                    continue;
+                }
+                match dev.tx.try_send(Outbound::Frame(frame.clone())) {
+                    Ok(()) => delivered += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(user = %user, device = %dev.device_id, "outbound queue full; disconnecting the slow device");
+                        metrics::counter!("gateway_slow_consumer_kicks_total").increment(1);
+                        dev.kick.cancel();
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        metrics::counter!("chat_deliveries_total").increment(delivered as u64);
+        delivered
+    }
+
+    /// Closes every connection of `user`'s `device` (logout).
+    pub fn close_device(&self, user: UserId, device: DeviceId, reason: &str) {
+        let map = self.inner.users.read();
+        for dev in map.get(&user).into_iter().flatten().filter(|d| d.device_id == device) {
+            if dev.tx.try_send(Outbound::Close(1008, reason.to_string())).is_err() {
+                dev.kick.cancel();
+            }
+        }
+    }
+
+    /// Whether `user` has a device connected here.
+    pub fn is_connected(&self, user: UserId) -> bool {
+        self.inner.users.read().contains_key(&user)
+    }
+
+    /// Number of connected devices.
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,190 @@
+//! A running node: builds the pieces from the config, serves until told to stop, and shuts
+//! down in order (stop accepting, tell sessions to drain, wait for them, flush the store).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use client_proto::http::NodeInfo;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rand::RngCore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
+
+use crate::accounts::Accounts;
+use crate::auth::Tokens;
+use crate::chat::Chat;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::ids::IdGen;
+use crate::store::Store;
+
+/// Meta key of the id generator's lease.
+const ID_LEASE_KEY: &str = "id_lease_ms";
+/// How long shutdown waits for sessions to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything a request or session needs; shared behind an `Arc`.
+pub struct Node {
+    pub cfg: Config,
+    pub store: Store,
+    pub hub: Hub,
+    pub accounts: Accounts,
+    pub chat: Chat,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: CancellationToken,
+    pub metrics: Option<PrometheusHandle>,
+    sessions: TaskTracker,
+}
+
+impl Node {
+    /// Where clients of this node connect.
+    pub fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            node_id: self.cfg.node_id,
+            ws_url: self.cfg.ws_url(),
+            quic_addr: self.cfg.quic_url(),
+        }
+    }
+
+    /// Held by each live session so that shutdown can wait for them.
+    pub fn connection_guard(&self) -> TaskTrackerToken {
+        self.sessions.token()
+    }
+}
+
+/// Reads the cluster secret from `dir`, making one on first start.
+fn cluster_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join("secret");
+    if path.exists() {
+        let hex = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the cluster secret {}", path.display()))?;
+        let secret = decode_hex(hex.trim())
+            .with_context(|| format!("the cluster secret {} is not hex", path.display()))?;
+        anyhow::ensure!(secret.len() >= 16, "the cluster secret {} is shorter than 16 bytes", path.display());
+        return Ok(secret);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the cluster dir {}", dir.display()))?;
+    let mut secret = vec![0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, hex.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "made a new cluster secret");
+    Ok(secret)
+}
+
+fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(s.len().is_multiple_of(2), "odd length");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16).map_err(Into::into))
+        .collect()
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Installs the Prometheus recorder once per process.
+fn metrics_recorder() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics are off");
+                None
+            }
+        })
+        .clone()
+}
+
+/// Runs a node until `stop` resolves, then shuts it down.
+pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
+    let secret = cluster_secret(&cfg.cluster_dir)?;
+    let db_dir = cfg.data_dir.join("db");
+    let (store, flusher) = Store::open(&db_dir, cfg.partitions, cfg.write_timeout).with_context(|| {
+        format!(
+            "cannot open the store in {} (is another chatnode using this data dir?)",
+            db_dir.display()
+        )
+    })?;
+    let lease = store
+        .meta_get(ID_LEASE_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    let lease_store = store.clone();
+    let ids = Arc::new(IdGen::new(cfg.node_id, lease, move |ms| {
+        if let Err(e) = lease_store.meta_put(ID_LEASE_KEY, &ms.to_be_bytes()) {
+            tracing::error!(error = %e, "cannot persist the id lease");
+        }
+    }));
+
+    let listener = tokio::net::TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} for HTTP and WebSocket", cfg.http_addr))?;
+    let http_addr = listener.local_addr()?;
+
+    let hub = Hub::default();
+    let shutdown = CancellationToken::new();
+    let node = Arc::new(Node {
+        accounts: Accounts::new(store.clone(), Tokens::new(&secret), ids.clone(), hub.clone(), cfg.token_ttl),
+        chat: Chat::new(store.clone(), ids, hub.clone(), cfg.sync_overlap),
+        store: store.clone(),
+        hub,
+        shutdown: shutdown.clone(),
+        metrics: metrics_recorder(),
+        sessions: TaskTracker::new(),
+        cfg,
+    });
+
+    let app = crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let http_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
+    });
+
+    tracing::info!(
+        node_id = node.cfg.node_id,
+        http = %http_addr,
+        data_dir = %node.cfg.data_dir.display(),
+        "chatnode ready"
+    );
+
+    tokio::select! {
+        _ = stop => tracing::info!("shutting down"),
+        r = &mut Box::pin(async { shutdown.cancelled().await }) => r,
+    }
+    shutdown.cancel();
+    node.sessions.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, node.sessions.wait()).await.is_err() {
+        tracing::warn!("some sessions did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Err(_) => tracing::warn!("HTTP server did not stop within {DRAIN_TIMEOUT:?}"),
+        _ => {}
+    }
+    store.flush().await.context("final flush of the store")?;
+    drop(node);
+    drop(store);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, flusher).await;
+    tracing::info!("stopped");
+    Ok(())
+}

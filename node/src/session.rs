@@ -1,0 +1,329 @@
+//! One device session, whatever the transport: authentication, the frame loop, heartbeat
+//! timeout, rate limit, and the writer. WebSocket (and later QUIC) only adapt their socket to
+//! a stream of [`Inbound`] and a sink of [`OutFrame`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client_proto::codec::{self, Codec, DecodeError};
+use client_proto::limits::AUTH_TIMEOUT_MS;
+use client_proto::{ClientFrame, ErrorCode, ServerFrame};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::accounts::Identity;
+use crate::error::ApiError;
+use crate::hub::{Outbound, OUTBOUND_QUEUE};
+use crate::node::Node;
+use crate::ratelimit::TokenBucket;
+
+/// Sends of one connection being stored at once; past this the session stops reading.
+const MAX_INFLIGHT_SENDS: usize = 64;
+
+/// What a transport hands the session.
+#[derive(Debug)]
+pub enum Inbound {
+    /// One frame's bytes and the codec they are in.
+    Data(Codec, bytes::Bytes),
+    /// The peer sent a frame over the protocol's size limit.
+    TooLarge,
+    /// The peer closed or the transport failed.
+    Closed,
+}
+
+/// What the session hands the transport.
+#[derive(Debug)]
+pub enum OutFrame {
+    Data(Codec, Vec<u8>),
+    /// Close with a WebSocket close code and reason.
+    Close(u16, String),
+}
+
+/// Runs one connection to its end.
+pub async fn run<R, W>(node: Arc<Node>, peer: SocketAddr, mut reader: R, mut writer: W)
+where
+    R: Stream<Item = Inbound> + Unpin + Send,
+    W: Sink<OutFrame> + Unpin + Send,
+{
+    let span = tracing::info_span!("conn", %peer, user = tracing::field::Empty, device = tracing::field::Empty);
+    async move {
+        let Some((who, codec)) = authenticate(&node, &mut reader, &mut writer).await else {
+            return;
+        };
+        tracing::Span::current().record("user", tracing::field::display(who.user));
+        tracing::Span::current().record("device", tracing::field::display(who.device));
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let kick = node.shutdown.child_token();
+        let registration = node.hub.register(who.user, who.device, tx.clone(), kick.clone());
+        let ready = ServerFrame::Ready {
+            user_id: who.user,
+            device_id: who.device,
+            node_id: node.cfg.node_id,
+            heartbeat_interval_ms: node.cfg.heartbeat_interval.as_millis() as u64,
+        };
+        if writer.send(OutFrame::Data(codec, codec::encode(codec, &ready))).await.is_err() {
+            return;
+        }
+        tracing::debug!("session ready");
+        let session = Session {
+            node: node.clone(),
+            who,
+            conn_id: registration.conn_id(),
+            bucket: TokenBucket::new(node.cfg.rate_limit_per_sec, node.cfg.rate_limit_burst, Instant::now()),
+            out: tx,
+        };
+        let writing = write_loop(rx, writer, codec, kick.clone());
+        let reading = async {
+            session.read_loop(reader, &kick).await;
+            // Unregister so that the hub's sender goes; the writer ends once the queue drains.
+            drop(registration);
+        };
+        tokio::join!(reading, writing);
+        tracing::debug!("session ended");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Waits for the `auth` frame. On failure tells the client why and closes (1008).
+async fn authenticate<R, W>(node: &Node, reader: &mut R, writer: &mut W) -> Option<(Identity, Codec)>
+where
+    R: Stream<Item = Inbound> + Unpin,
+    W: Sink<OutFrame> + Unpin,
+{
+    let first = tokio::time::timeout(Duration::from_millis(AUTH_TIMEOUT_MS), reader.next()).await;
+    let refuse = |codec: Codec, e: ApiError| {
+        let frame = ServerFrame::error(e.code, e.message, None);
+        (OutFrame::Data(codec, codec::encode(codec, &frame)), e.code)
+    };
+    let (codec, bytes) = match first {
+        Err(_) => {
+            let _ = writer
+                .send(OutFrame::Close(1008, "authenticate within 10 s".into()))
+                .await;
+            return None;
+        }
+        Ok(Some(Inbound::Data(codec, bytes))) => (codec, bytes),
+        Ok(Some(Inbound::TooLarge)) => {
+            let _ = writer.send(OutFrame::Close(1009, "frame too large".into())).await;
+            return None;
+        }
+        Ok(Some(Inbound::Closed)) | Ok(None) => return None,
+    };
+    let result = match codec::decode::<ClientFrame>(codec, &bytes) {
+        Ok(ClientFrame::Auth { token }) => node.accounts.authenticate(&token),
+        Ok(other) => Err(ApiError::unauthorized(format!(
+            "the first frame must be auth, not {}",
+            other.kind()
+        ))),
+        Err(e) => Err(ApiError::new(ErrorCode::InvalidFrame, e.to_string())),
+    };
+    match result {
+        Ok(who) => Some((who, codec)),
+        Err(e) => {
+            tracing::debug!(error = %e, "authentication refused");
+            let (frame, _) = refuse(codec, e);
+            let _ = writer.send(frame).await;
+            let _ = writer.send(OutFrame::Close(1008, "authentication failed".into())).await;
+            None
+        }
+    }
+}
+
+/// Drains the outbound queue into the transport until it closes or the session is kicked.
+async fn write_loop<W>(mut rx: mpsc::Receiver<Outbound>, mut writer: W, codec: Codec, kick: CancellationToken)
+where
+    W: Sink<OutFrame> + Unpin,
+{
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = rx.recv() => next,
+            _ = kick.cancelled() => {
+                // Shutdown or a kicked slow consumer: say goodbye if the socket still takes it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(OutFrame::Close(1001, "going away".into()))).await;
+                return;
+            }
+        };
+        let out = match next {
+            None => return,
+            Some(Outbound::Frame(f)) => OutFrame::Data(codec, codec::encode(codec, &f)),
+            Some(Outbound::Close(code, reason)) => {
+                let _ = writer.send(OutFrame::Close(code, reason)).await;
+                kick.cancel();
+                return;
+            }
+        };
+        if writer.send(out).await.is_err() {
+            kick.cancel();
+            return;
+        }
+    }
+}
+
+struct Session {
+    node: Arc<Node>,
+    who: Identity,
+    conn_id: u64,
+    bucket: TokenBucket,
+    out: mpsc::Sender<Outbound>,
+}
+
+impl Session {
+    async fn read_loop<R>(mut self, mut reader: R, kick: &CancellationToken)
+    where
+        R: Stream<Item = Inbound> + Unpin,
+    {
+        let timeout = self.node.cfg.heartbeat_timeout;
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut inflight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                _ = kick.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::info!("no heartbeat within {timeout:?}; dropping the device");
+                    self.emit(Outbound::Close(1001, "heartbeat timeout".into())).await;
+                    break;
+                }
+                Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                item = reader.next(), if inflight.len() < MAX_INFLIGHT_SENDS => {
+                    match item {
+                        None | Some(Inbound::Closed) => break,
+                        Some(Inbound::TooLarge) => {
+                            self.emit(Outbound::Close(1009, "frame too large".into())).await;
+                            break;
+                        }
+                        Some(Inbound::Data(codec, bytes)) => {
+                            deadline = tokio::time::Instant::now() + timeout;
+                            match codec::decode::<ClientFrame>(codec, &bytes) {
+                                Ok(frame) => {
+                                    if let Some(fut) = self.handle(frame).await {
+                                        inflight.push(fut);
+                                    }
+                                }
+                                Err(e) => {
+                                    let code = match e {
+                                        DecodeError::TooLarge(_) => {
+                                            self.emit(Outbound::Close(1009, "frame too large".into())).await;
+                                            break;
+                                        }
+                                        _ => ErrorCode::InvalidFrame,
+                                    };
+                                    self.error(ApiError::new(code, e.to_string()), None).await;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Sends already accepted finish (and are acked if the socket still takes it).
+        while inflight.next().await.is_some() {}
+    }
+
+    async fn emit(&self, out: Outbound) {
+        let _ = self.out.send(out).await; // fails only when the writer has gone
+    }
+
+    async fn error(&self, e: ApiError, reference: Option<String>) {
+        self.emit(Outbound::Frame(ServerFrame::error(e.code, e.message, reference))).await;
+    }
+
+    /// Handles one frame. A `send` becomes a future that runs alongside further frames.
+    async fn handle(&mut self, frame: ClientFrame) -> Option<BoxFuture<'static, ()>> {
+        match frame {
+            ClientFrame::Send { id, to, body } => {
+                if let Err(e) = crate::chat::validate_send(&id, &body) {
+                    self.error(e, Some(id)).await;
+                    return None;
+                }
+                if !self.bucket.try_take(Instant::now()) {
+                    metrics::counter!("gateway_rate_limited_total").increment(1);
+                    self.error(ApiError::new(ErrorCode::RateLimited, "too many sends; slow down"), Some(id))
+                        .await;
+                    return None;
+                }
+                let node = self.node.clone();
+                let out = self.out.clone();
+                let (who, conn) = (self.who, self.conn_id);
+                let span = tracing::debug_span!("send", client_id = %id);
+                Some(Box::pin(
+                    async move {
+                        let frame = match node.chat.send(who, Some(conn), id.clone(), to, body).await {
+                            Ok(m) => ServerFrame::Ack {
+                                reference: id,
+                                message_id: m.message_id,
+                                conversation: m.conversation,
+                                ts: m.ts,
+                            },
+                            Err(e) => ServerFrame::error(e.code, e.message, Some(id)),
+                        };
+                        let _ = out.send(Outbound::Frame(frame)).await;
+                    }
+                    .instrument(span),
+                ))
+            }
+            ClientFrame::Sync { after, limit } => {
+                self.sync(after, limit).await;
+                None
+            }
+            ClientFrame::History { conversation, before, limit } => {
+                let frame = match self.node.chat.history(self.who.user, conversation, before, limit) {
+                    Ok(page) => ServerFrame::History {
+                        conversation,
+                        messages: page.messages,
+                        next_before: page.next_before,
+                    },
+                    Err(e) => ServerFrame::error(e.code, e.message, None),
+                };
+                self.emit(Outbound::Frame(frame)).await;
+                None
+            }
+            ClientFrame::Heartbeat => None,
+            ClientFrame::Auth { .. } => {
+                self.error(ApiError::new(ErrorCode::InvalidFrame, "already authenticated"), None).await;
+                None
+            }
+            ClientFrame::SubscribePresence { .. } | ClientFrame::UnsubscribePresence { .. } => {
+                self.error(
+                    ApiError::new(ErrorCode::InvalidFrame, "presence is not served by this node version"),
+                    None,
+                )
+                .await;
+                None
+            }
+        }
+    }
+
+    /// Streams the inbox after the cursor (minus the overlap) in batches until done.
+    async fn sync(&self, after: Option<client_proto::MessageId>, limit: Option<u32>) {
+        let mut from = self.node.chat.sync_start(after);
+        let mut cursor = after;
+        loop {
+            let page = match self.node.chat.sync_page(self.who.user, from, limit) {
+                Ok(p) => p,
+                Err(e) => return self.error(e, None).await,
+            };
+            if let Some(last) = page.messages.last() {
+                from = client_proto::MessageId(last.message_id.0 + 1);
+                cursor = Some(cursor.map_or(last.message_id, |c| c.max(last.message_id)));
+            }
+            let done = !page.more;
+            self.emit(Outbound::Frame(ServerFrame::SyncBatch {
+                messages: page.messages,
+                cursor,
+                done,
+                gap: false,
+            }))
+            .await;
+            if done {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Messages: conversation history, inboxes (the message sync queue) and idempotency records.
+
+use client_proto::ids::{ConversationId, MessageId, UserId};
+use client_proto::Message;
+
+use super::records::{decode, encode};
+use super::{keys, Store, StoreError, Table, WriteBatch};
+
+/// What storing a send did.
+#[derive(Debug)]
+pub enum SendOutcome {
+    /// The message is new and now durable.
+    New(Message),
+    /// The sender already sent this client id: the first message is returned (and made
+    /// durable again, in case the first attempt died halfway).
+    Duplicate(Message),
+}
+
+/// Part of an inbox, ascending.
+#[derive(Debug, Default)]
+pub struct SyncPage {
+    pub messages: Vec<Message>,
+    /// Whether the inbox holds more after the last message returned.
+    pub more: bool,
+}
+
+/// Part of a conversation's history, newest first.
+#[derive(Debug, Default)]
+pub struct HistoryPage {
+    pub messages: Vec<Message>,
+    /// Where the next (older) page starts, if there is one.
+    pub next_before: Option<MessageId>,
+}
+
+/// Rough encoded size of a message, for keeping frames under the protocol limit.
+fn weight(m: &Message) -> usize {
+    m.body.len() + m.client_id.len() + 200
+}
+
+impl Store {
+    /// The message an earlier send with this client id stored, if any.
+    pub fn sent_before(&self, sender: UserId, client_id: &str) -> Result<Option<Message>, StoreError> {
+        self.get(Table::Idempotency, &keys::user(sender), &keys::idempotency(sender, client_id))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Stores a new message: the idempotency record (claimed first, so that two racing sends
+    /// of one client id store one message), the conversation's history entry and an inbox
+    /// entry for each of `inboxes`. Returns once all of it is durable.
+    pub async fn store_message(&self, msg: Message, inboxes: &[UserId]) -> Result<SendOutcome, StoreError> {
+        let idem_key = keys::idempotency(msg.from, &msg.client_id);
+        let encoded = encode(&msg);
+        // The claim need not be durable on its own: the flush below covers it, and a claim
+        // that reached disk without the records is repaired by the retry (Duplicate path).
+        let claimed = self
+            .tree(Table::Idempotency)
+            .compare_and_swap(&idem_key, None::<&[u8]>, Some(encoded.clone()))?;
+        let (outcome, encoded) = match claimed {
+            Ok(()) => (SendOutcome::New(msg), encoded),
+            Err(e) => {
+                let current = e.current.ok_or(StoreError::Contention)?;
+                let first: Message = decode(&current)?;
+                (SendOutcome::Duplicate(first), current.to_vec())
+            }
+        };
+        let stored = match &outcome {
+            SendOutcome::New(m) | SendOutcome::Duplicate(m) => m,
+        };
+        let mut batch = WriteBatch::default();
+        let conv_key = keys::conversation(&stored.conversation);
+        batch.put(self, Table::History, &conv_key, keys::history(&stored.conversation, stored.message_id), encoded.clone());
+        for user in inboxes {
+            batch.put(self, Table::Inbox, &keys::user(*user), keys::inbox(*user, stored.message_id), encoded.clone());
+        }
+        self.write(batch).await?;
+        Ok(outcome)
+    }
+
+    /// Up to `limit` messages of `user`'s inbox with ids from `from` on (inclusive), in id
+    /// order, within a byte budget (at least one message).
+    pub fn inbox_page(&self, user: UserId, from: MessageId, limit: usize, budget: usize) -> Result<SyncPage, StoreError> {
+        let mut page = SyncPage::default();
+        let mut used = 0;
+        let range = keys::inbox(user, from).to_vec()..=keys::inbox(user, MessageId(u64::MAX)).to_vec();
+        self.scan(Table::Inbox, &keys::user(user), range, false, |_, v| {
+            let m: Message = decode(v)?;
+            if page.messages.len() >= limit || (!page.messages.is_empty() && used + weight(&m) > budget) {
+                page.more = true;
+                return Ok(false);
+            }
+            used += weight(&m);
+            page.messages.push(m);
+            Ok(true)
+        })?;
+        Ok(page)
+    }
+
+    /// Up to `limit` messages of a conversation older than `before` (all when `None`), newest
+    /// first, within a byte budget (at least one message).
+    pub fn history_page(
+        &self,
+        conv: &ConversationId,
+        before: Option<MessageId>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        let mut page = HistoryPage::default();
+        let upper = match before {
+            Some(MessageId(0)) => return Ok(page),
+            Some(b) => MessageId(b.0 - 1),
+            None => MessageId(u64::MAX),
+        };
+        let mut used = 0;
+        let range = keys::history(conv, MessageId(0))..=keys::history(conv, upper);
+        self.scan(Table::History, &keys::conversation(conv), range, true, |_, v| {
+            let m: Message = decode(v)?;
+            if page.messages.len() >= limit || (!page.messages.is_empty() && used + weight(&m) > budget) {
+                page.next_before = page.messages.last().map(|m| m.message_id);
+                return Ok(false);
+            }
+            used += weight(&m);
+            page.messages.push(m);
+            Ok(true)
+        })?;
+        Ok(page)
+    }
+}
