@@ -81,7 +81,11 @@ impl HttpClient {
         body: Option<&(impl serde::Serialize + ?Sized)>,
     ) -> Result<T, ClientError> {
         let text = self.request_raw(method, path, token, body).await?;
-        let text = if text.is_empty() { "null".to_string() } else { text };
+        let text = if text.is_empty() {
+            "null".to_string()
+        } else {
+            text
+        };
         serde_json::from_str(&text).map_err(|e| ClientError::Unexpected(format!("{e}: {text}")))
     }
 
@@ -100,9 +104,15 @@ impl HttpClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
         if (200..300).contains(&status) {
             return Ok(text);
         }
@@ -112,13 +122,18 @@ impl HttpClient {
         }
     }
 
-    pub async fn signup(&self, username: &str, password: &str) -> Result<SignupResponse, ClientError> {
+    pub async fn signup(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<SignupResponse, ClientError> {
         let req = SignupRequest {
             username: username.into(),
             password: password.into(),
             display_name: None,
         };
-        self.request(reqwest::Method::POST, "/v1/signup", None, Some(&req)).await
+        self.request(reqwest::Method::POST, "/v1/signup", None, Some(&req))
+            .await
     }
 
     pub async fn login(
@@ -133,22 +148,30 @@ impl HttpClient {
             device_id,
             device_name: None,
         };
-        self.request(reqwest::Method::POST, "/v1/login", None, Some(&req)).await
+        self.request(reqwest::Method::POST, "/v1/login", None, Some(&req))
+            .await
     }
 
     pub async fn logout(&self, token: &str) -> Result<(), ClientError> {
-        self.request_raw(reqwest::Method::POST, "/v1/logout", Some(token), None::<&()>)
-            .await
-            .map(|_| ())
+        self.request_raw(
+            reqwest::Method::POST,
+            "/v1/logout",
+            Some(token),
+            None::<&()>,
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn me(&self, token: &str) -> Result<UserProfile, ClientError> {
-        self.request(reqwest::Method::GET, "/v1/me", Some(token), None::<&()>).await
+        self.request(reqwest::Method::GET, "/v1/me", Some(token), None::<&()>)
+            .await
     }
 
     pub async fn user(&self, token: &str, username: &str) -> Result<UserProfile, ClientError> {
         let path = format!("/v1/users/{username}");
-        self.request(reqwest::Method::GET, &path, Some(token), None::<&()>).await
+        self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
+            .await
     }
 
     /// One page of a conversation's history, newest first.
@@ -166,7 +189,8 @@ impl HttpClient {
         if let Some(l) = limit {
             path.push_str(&format!("limit={l}"));
         }
-        self.request(reqwest::Method::GET, &path, Some(token), None::<&()>).await
+        self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
+            .await
     }
 }
 
@@ -213,7 +237,10 @@ impl WsConnection {
             node_id: 0,
             heartbeat_interval_ms: 0,
         };
-        conn.send(&ClientFrame::Auth { token: token.into() }).await?;
+        conn.send(&ClientFrame::Auth {
+            token: token.into(),
+        })
+        .await?;
         match conn.next_frame(WAIT).await? {
             ServerFrame::Ready {
                 user_id,
@@ -293,7 +320,10 @@ impl WsConnection {
         mut pick: impl FnMut(&ServerFrame) -> Option<T>,
     ) -> Result<T, ClientError> {
         if let Some(pos) = self.pending.iter().position(|f| pick(f).is_some()) {
-            let f = self.pending.remove(pos).ok_or(ClientError::Timeout("a frame"))?;
+            let f = self
+                .pending
+                .remove(pos)
+                .ok_or(ClientError::Timeout("a frame"))?;
             return pick(&f).ok_or(ClientError::Timeout("a frame"));
         }
         let deadline = tokio::time::Instant::now() + timeout;

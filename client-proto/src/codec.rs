@@ -25,7 +25,8 @@ pub enum DecodeError {
     Malformed(String),
 }
 
-type BinConfig = Configuration<bincode::config::BigEndian, bincode::config::Varint, Limit<MAX_FRAME_BYTES>>;
+type BinConfig =
+    Configuration<bincode::config::BigEndian, bincode::config::Varint, Limit<MAX_FRAME_BYTES>>;
 
 fn bin_config() -> BinConfig {
     bincode::config::standard()
@@ -103,7 +104,13 @@ mod tests {
             }
         );
         let f: ClientFrame = decode(Codec::Json, br#"{"type":"sync","after":null}"#).unwrap();
-        assert_eq!(f, ClientFrame::Sync { after: None, limit: None });
+        assert_eq!(
+            f,
+            ClientFrame::Sync {
+                after: None,
+                limit: None
+            }
+        );
         let f: ClientFrame = decode(Codec::Json, br#"{"type":"heartbeat"}"#).unwrap();
         assert_eq!(f, ClientFrame::Heartbeat);
 
@@ -150,7 +157,11 @@ mod tests {
         };
         let bytes = encode(Codec::Binary, &f);
         assert_eq!(decode::<ClientFrame>(Codec::Binary, &bytes).unwrap(), f);
-        for garbage in [&b""[..], b"\xff\xff\xff\xff\xff", b"\x01\xfd\xff\xff\xff\xff\xff\xff\xff\x7f"] {
+        for garbage in [
+            &b""[..],
+            b"\xff\xff\xff\xff\xff",
+            b"\x01\xfd\xff\xff\xff\xff\xff\xff\xff\x7f",
+        ] {
             assert!(decode::<ClientFrame>(Codec::Binary, garbage).is_err());
         }
     }

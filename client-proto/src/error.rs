@@ -4,7 +4,16 @@ use serde::{Deserialize, Serialize};
 
 /// A machine-readable error code (PROTOCOL.md, "Conventions").
 #[derive(
-    Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Debug,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {

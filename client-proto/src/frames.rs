@@ -11,7 +11,9 @@ use crate::error::ErrorCode;
 use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
 
 /// Where a `send` goes: `{"user": id}` or `{"group": id}`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Recipient {
     User(UserId),
@@ -88,7 +90,9 @@ pub struct Message {
 }
 
 /// A user's presence.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PresenceStatus {
     Online,

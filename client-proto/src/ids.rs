@@ -23,7 +23,8 @@ mod decimal {
                 f.write_str("a 64-bit id as a decimal string")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<u64, E> {
-                s.parse().map_err(|_| E::custom(format!("invalid id {s:?}")))
+                s.parse()
+                    .map_err(|_| E::custom(format!("invalid id {s:?}")))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
                 Ok(v)
@@ -236,8 +237,13 @@ mod tests {
         let c = ConversationId::direct(UserId(9), UserId(3));
         assert_eq!(c.to_string(), "d:3:9");
         assert_eq!("d:3:9".parse::<ConversationId>().unwrap(), c);
-        assert_eq!("g:42".parse::<ConversationId>().unwrap(), ConversationId::Group(GroupId(42)));
-        for bad in ["d:9:3", "d:3", "d:3:9:1", "g:", "g:01", "x:1", "", "d:+3:9", "g:1:2"] {
+        assert_eq!(
+            "g:42".parse::<ConversationId>().unwrap(),
+            ConversationId::Group(GroupId(42))
+        );
+        for bad in [
+            "d:9:3", "d:3", "d:3:9:1", "g:", "g:01", "x:1", "", "d:+3:9", "g:1:2",
+        ] {
             assert!(bad.parse::<ConversationId>().is_err(), "{bad}");
         }
     }

@@ -31,9 +31,9 @@ pub const FRAME_PAYLOAD_BUDGET: usize = 110_000;
 /// Whether `name` is a valid username: 3 to 32 chars of `a-z 0-9 _ . -`.
 pub fn valid_username(name: &str) -> bool {
     USERNAME_LEN.contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        })
 }
 
 #[cfg(test)]

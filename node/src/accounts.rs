@@ -53,7 +53,13 @@ fn check_display_name(name: &str) -> Result<(), ApiError> {
 }
 
 impl Accounts {
-    pub fn new(store: Store, tokens: Tokens, ids: Arc<IdGen>, hub: Hub, token_ttl: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        tokens: Tokens,
+        ids: Arc<IdGen>,
+        hub: Hub,
+        token_ttl: Duration,
+    ) -> Self {
         Accounts {
             store,
             tokens,
@@ -65,7 +71,9 @@ impl Accounts {
 
     pub async fn signup(&self, req: SignupRequest) -> Result<UserProfile, ApiError> {
         if !valid_username(&req.username) {
-            return Err(ApiError::bad_request("username must be 3 to 32 characters of a-z 0-9 _ . -"));
+            return Err(ApiError::bad_request(
+                "username must be 3 to 32 characters of a-z 0-9 _ . -",
+            ));
         }
         if !PASSWORD_LEN.contains(&req.password.len()) {
             return Err(ApiError::bad_request("password must be 8 to 1024 bytes"));
@@ -73,7 +81,10 @@ impl Accounts {
         let display_name = req.display_name.unwrap_or_else(|| req.username.clone());
         check_display_name(&display_name)?;
         if self.store.user_id_by_name(&req.username)?.is_some() {
-            return Err(ApiError::new(client_proto::ErrorCode::Conflict, "that username is taken"));
+            return Err(ApiError::new(
+                client_proto::ErrorCode::Conflict,
+                "that username is taken",
+            ));
         }
         let password_hash = hash_password(req.password)
             .await
@@ -90,22 +101,34 @@ impl Accounts {
         };
         let out = profile(&rec);
         if !self.store.create_user(rec).await? {
-            return Err(ApiError::new(client_proto::ErrorCode::Conflict, "that username is taken"));
+            return Err(ApiError::new(
+                client_proto::ErrorCode::Conflict,
+                "that username is taken",
+            ));
         }
         metrics::counter!("accounts_signups_total").increment(1);
         Ok(out)
     }
 
-    pub async fn login(&self, req: LoginRequest, node: NodeInfo) -> Result<LoginResponse, ApiError> {
+    pub async fn login(
+        &self,
+        req: LoginRequest,
+        node: NodeInfo,
+    ) -> Result<LoginResponse, ApiError> {
         let refused = || ApiError::unauthorized("wrong username or password");
         if !valid_username(&req.username) || !PASSWORD_LEN.contains(&req.password.len()) {
             return Err(refused());
         }
         let device_name = req.device_name.unwrap_or_default();
         if device_name.len() > MAX_DEVICE_NAME_BYTES {
-            return Err(ApiError::bad_request("device_name must be at most 64 bytes"));
+            return Err(ApiError::bad_request(
+                "device_name must be at most 64 bytes",
+            ));
         }
-        let user_id = self.store.user_id_by_name(&req.username)?.ok_or_else(refused)?;
+        let user_id = self
+            .store
+            .user_id_by_name(&req.username)?
+            .ok_or_else(refused)?;
         let rec = self.store.user(user_id)?.ok_or_else(refused)?;
         if !verify_password(req.password, rec.password_hash.clone()).await {
             return Err(refused());
@@ -124,7 +147,9 @@ impl Accounts {
                 if rec.devices.len() >= MAX_DEVICES {
                     return Err(ApiError::new(
                         client_proto::ErrorCode::Conflict,
-                        format!("at most {MAX_DEVICES} devices may be logged in; log one out first"),
+                        format!(
+                            "at most {MAX_DEVICES} devices may be logged in; log one out first"
+                        ),
                     ));
                 }
                 rec.devices.push(DeviceRecord {
@@ -194,7 +219,10 @@ impl Accounts {
     }
 
     pub fn profile(&self, user: UserId) -> Result<UserProfile, ApiError> {
-        let rec = self.store.user(user)?.ok_or_else(|| ApiError::not_found("no such user"))?;
+        let rec = self
+            .store
+            .user(user)?
+            .ok_or_else(|| ApiError::not_found("no such user"))?;
         Ok(profile(&rec))
     }
 
@@ -209,7 +237,11 @@ impl Accounts {
         self.profile(id)
     }
 
-    pub async fn set_display_name(&self, who: Identity, name: String) -> Result<UserProfile, ApiError> {
+    pub async fn set_display_name(
+        &self,
+        who: Identity,
+        name: String,
+    ) -> Result<UserProfile, ApiError> {
         check_display_name(&name)?;
         let rec = self
             .store

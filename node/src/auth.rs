@@ -4,7 +4,9 @@
 //! the cluster secret checks the signature and expiry without a lookup; revocation (logout)
 //! is checked against the user record's device list (see `accounts`).
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
@@ -50,7 +52,8 @@ impl Tokens {
     }
 
     pub fn issue(&self, claims: &Claims) -> String {
-        let payload = bincode::encode_to_vec(claims, bincode::config::standard()).unwrap_or_default();
+        let payload =
+            bincode::encode_to_vec(claims, bincode::config::standard()).unwrap_or_default();
         let mut mac = self.mac.clone();
         mac.update(&payload);
         let sig = mac.finalize().into_bytes();
@@ -66,9 +69,11 @@ impl Tokens {
         let sig = B64.decode(sig).map_err(|_| TokenError::Malformed)?;
         let mut mac = self.mac.clone();
         mac.update(&payload);
-        mac.verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
+        mac.verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
         let (claims, _): (Claims, _) =
-            bincode::decode_from_slice(&payload, bincode::config::standard()).map_err(|_| TokenError::Malformed)?;
+            bincode::decode_from_slice(&payload, bincode::config::standard())
+                .map_err(|_| TokenError::Malformed)?;
         if claims.expires_at <= now_ms {
             return Err(TokenError::Expired);
         }
@@ -92,7 +97,11 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 pub async fn verify_password(password: String, hash: String) -> bool {
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
-            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
     .await
@@ -115,7 +124,10 @@ mod tests {
         let tok = t.issue(&c);
         assert_eq!(t.verify(&tok, 999), Ok(c));
         assert_eq!(t.verify(&tok, 1_000), Err(TokenError::Expired));
-        assert_eq!(Tokens::new(b"other").verify(&tok, 0), Err(TokenError::BadSignature));
+        assert_eq!(
+            Tokens::new(b"other").verify(&tok, 0),
+            Err(TokenError::BadSignature)
+        );
         let mut forged = tok.clone();
         forged.replace_range(0..1, if &tok[0..1] == "A" { "B" } else { "A" });
         assert!(t.verify(&forged, 0).is_err());

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use client_proto::ids::{ConversationId, MessageId, UserId};
 use client_proto::limits::{
-    DEFAULT_HISTORY_LIMIT, FRAME_PAYLOAD_BUDGET, MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES, MAX_HISTORY_LIMIT,
-    MAX_SYNC_LIMIT,
+    DEFAULT_HISTORY_LIMIT, FRAME_PAYLOAD_BUDGET, MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES,
+    MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT,
 };
 use client_proto::{ErrorCode, Message, Recipient, ServerFrame};
 
@@ -38,7 +38,10 @@ pub fn validate_send(client_id: &str, body: &str) -> Result<(), ApiError> {
     if body.len() > MAX_BODY_BYTES {
         return Err(ApiError::new(
             ErrorCode::MessageTooLarge,
-            format!("body is {} bytes; the limit is {MAX_BODY_BYTES}", body.len()),
+            format!(
+                "body is {} bytes; the limit is {MAX_BODY_BYTES}",
+                body.len()
+            ),
         ));
     }
     Ok(())
@@ -134,9 +137,16 @@ impl Chat {
     }
 
     /// One batch of `user`'s inbox from `from` (inclusive).
-    pub fn sync_page(&self, user: UserId, from: MessageId, limit: Option<u32>) -> Result<SyncPage, ApiError> {
+    pub fn sync_page(
+        &self,
+        user: UserId,
+        from: MessageId,
+        limit: Option<u32>,
+    ) -> Result<SyncPage, ApiError> {
         let limit = limit.unwrap_or(MAX_SYNC_LIMIT).clamp(1, MAX_SYNC_LIMIT) as usize;
-        Ok(self.store.inbox_page(user, from, limit, FRAME_PAYLOAD_BUDGET)?)
+        Ok(self
+            .store
+            .inbox_page(user, from, limit, FRAME_PAYLOAD_BUDGET)?)
     }
 
     /// A page of a conversation's history, newest first; only for participants.
@@ -161,7 +171,9 @@ impl Chat {
             ConversationId::Group(_) => false,
         };
         if !allowed {
-            return Err(ApiError::forbidden("only participants may read a conversation"));
+            return Err(ApiError::forbidden(
+                "only participants may read a conversation",
+            ));
         }
         Ok(self
             .store

@@ -152,7 +152,8 @@ impl Config {
             None => FileConfig::default(),
         };
         let addr = |a: Option<SocketAddr>, f: Option<SocketAddr>, d: &str| {
-            a.or(f).unwrap_or_else(|| d.parse().unwrap_or(([127, 0, 0, 1], 0).into()))
+            a.or(f)
+                .unwrap_or_else(|| d.parse().unwrap_or(([127, 0, 0, 1], 0).into()))
         };
         let data_dir = args
             .data_dir
@@ -173,17 +174,38 @@ impl Config {
                 .advertise_host
                 .or(file.advertise_host)
                 .unwrap_or_else(|| http_addr.ip().to_string()),
-            seeds: if args.seeds.is_empty() { file.seeds } else { args.seeds },
-            replication_factor: args.replication_factor.or(file.replication_factor).unwrap_or(3),
+            seeds: if args.seeds.is_empty() {
+                file.seeds
+            } else {
+                args.seeds
+            },
+            replication_factor: args
+                .replication_factor
+                .or(file.replication_factor)
+                .unwrap_or(3),
             partitions: args.partitions.or(file.partitions).unwrap_or(1024),
-            heartbeat_interval: ms(args.heartbeat_interval_ms.or(file.heartbeat_interval_ms), 5_000),
-            heartbeat_timeout: ms(args.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms), 30_000),
-            rate_limit_per_sec: args.rate_limit_per_sec.or(file.rate_limit_per_sec).unwrap_or(50.0),
-            rate_limit_burst: args.rate_limit_burst.or(file.rate_limit_burst).unwrap_or(100),
+            heartbeat_interval: ms(
+                args.heartbeat_interval_ms.or(file.heartbeat_interval_ms),
+                5_000,
+            ),
+            heartbeat_timeout: ms(
+                args.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms),
+                30_000,
+            ),
+            rate_limit_per_sec: args
+                .rate_limit_per_sec
+                .or(file.rate_limit_per_sec)
+                .unwrap_or(50.0),
+            rate_limit_burst: args
+                .rate_limit_burst
+                .or(file.rate_limit_burst)
+                .unwrap_or(100),
             write_timeout: ms(args.write_timeout_ms.or(file.write_timeout_ms), 2_000),
             sync_overlap: ms(args.sync_overlap_ms.or(file.sync_overlap_ms), 3_000),
             token_ttl: Duration::from_secs(
-                args.token_ttl_secs.or(file.token_ttl_secs).unwrap_or(30 * 24 * 3600),
+                args.token_ttl_secs
+                    .or(file.token_ttl_secs)
+                    .unwrap_or(30 * 24 * 3600),
             ),
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
             data_dir,
@@ -195,7 +217,10 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::Invalid(s));
         if self.node_id >= 1024 {
-            return bad(format!("--node-id is {}; it must be between 0 and 1023", self.node_id));
+            return bad(format!(
+                "--node-id is {}; it must be between 0 and 1023",
+                self.node_id
+            ));
         }
         if self.replication_factor == 0 || self.replication_factor > 7 {
             return bad(format!(
@@ -204,7 +229,10 @@ impl Config {
             ));
         }
         if self.partitions == 0 || self.partitions > 65_536 {
-            return bad(format!("--partitions is {}; it must be between 1 and 65536", self.partitions));
+            return bad(format!(
+                "--partitions is {}; it must be between 1 and 65536",
+                self.partitions
+            ));
         }
         if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
             return bad(format!(
@@ -213,7 +241,9 @@ impl Config {
                 self.heartbeat_interval.as_millis()
             ));
         }
-        if !(self.rate_limit_per_sec > 0.0 && self.rate_limit_per_sec.is_finite()) || self.rate_limit_burst == 0 {
+        if !(self.rate_limit_per_sec > 0.0 && self.rate_limit_per_sec.is_finite())
+            || self.rate_limit_burst == 0
+        {
             return bad("--rate-limit-per-sec and --rate-limit-burst must be above 0".into());
         }
         if self.write_timeout < Duration::from_millis(100) {
@@ -230,7 +260,11 @@ impl Config {
 
     /// The WebSocket URL clients of this node use.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}:{}/v1/ws", self.advertise_host, self.http_addr.port())
+        format!(
+            "ws://{}:{}/v1/ws",
+            self.advertise_host,
+            self.http_addr.port()
+        )
     }
 
     /// The client QUIC address clients of this node use.
@@ -281,13 +315,21 @@ mod tests {
         assert_eq!(c.heartbeat_timeout, Duration::from_millis(9000));
 
         std::fs::write(&path, "nod_id = 7\n").unwrap();
-        let err = Config::resolve(ServeArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        let err = Config::resolve(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("nod_id"), "{err}");
     }
 
     #[test]
     fn bad_settings_are_refused_with_a_sentence() {
-        let err = Config::resolve(ServeArgs { node_id: Some(1024), ..Default::default() }).unwrap_err();
+        let err = Config::resolve(ServeArgs {
+            node_id: Some(1024),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("between 0 and 1023"));
         let err = Config::resolve(ServeArgs {
             heartbeat_timeout_ms: Some(10),

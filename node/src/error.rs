@@ -45,7 +45,10 @@ impl From<StoreError> for ApiError {
             }
             other => {
                 tracing::error!(error = %other, "store failure");
-                ApiError::new(ErrorCode::Internal, "the node could not read or write its store")
+                ApiError::new(
+                    ErrorCode::Internal,
+                    "the node could not read or write its store",
+                )
             }
         }
     }
@@ -53,7 +56,8 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, axum::Json(ErrorBody::new(self.code, self.message))).into_response()
     }
 }

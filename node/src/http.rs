@@ -74,7 +74,10 @@ impl FromRequestParts<Arc<Node>> for Caller {
     }
 }
 
-async fn signup(State(node): AppState, Body(req): Body<SignupRequest>) -> Result<Response, ApiError> {
+async fn signup(
+    State(node): AppState,
+    Body(req): Body<SignupRequest>,
+) -> Result<Response, ApiError> {
     let p = node.accounts.signup(req).await?;
     let body = serde_json::json!({"user_id": p.user_id, "username": p.username});
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -105,7 +108,11 @@ async fn patch_me(
     Ok(Json(profile).into_response())
 }
 
-async fn user(State(node): AppState, Caller(_): Caller, Path(username): Path<String>) -> Result<Response, ApiError> {
+async fn user(
+    State(node): AppState,
+    Caller(_): Caller,
+    Path(username): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(node.accounts.by_username(&username)?).into_response())
 }
 
@@ -121,9 +128,12 @@ async fn history(
     Path(conversation): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
-    let conversation: ConversationId = conversation
-        .parse()
-        .map_err(|e: client_proto::ids::InvalidConversationId| ApiError::bad_request(e.to_string()))?;
+    let conversation: ConversationId =
+        conversation
+            .parse()
+            .map_err(|e: client_proto::ids::InvalidConversationId| {
+                ApiError::bad_request(e.to_string())
+            })?;
     let before = q
         .before
         .map(|b| b.parse::<MessageId>())
@@ -173,7 +183,10 @@ async fn metrics(State(node): AppState) -> Response {
     metrics::gauge!("store_disk_bytes").set(node.store.size_on_disk() as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        node.metrics.as_ref().map(|m| m.render()).unwrap_or_default(),
+        node.metrics
+            .as_ref()
+            .map(|m| m.render())
+            .unwrap_or_default(),
     )
         .into_response()
 }

@@ -85,12 +85,17 @@ impl Hub {
         kick: CancellationToken,
     ) -> Registration {
         let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.inner.users.write().entry(user).or_default().push(DeviceConn {
-            conn_id,
-            device_id,
-            tx,
-            kick,
-        });
+        self.inner
+            .users
+            .write()
+            .entry(user)
+            .or_default()
+            .push(DeviceConn {
+                conn_id,
+                device_id,
+                tx,
+                kick,
+            });
         self.inner.connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("gateway_connections").increment(1.0);
         Registration {
@@ -102,7 +107,12 @@ impl Hub {
 
     /// Queues `frame` for every connected device of `users`, except the connection
     /// `except_conn`. Returns how many devices it was queued for.
-    pub fn deliver(&self, users: &[UserId], frame: &ServerFrame, except_conn: Option<u64>) -> usize {
+    pub fn deliver(
+        &self,
+        users: &[UserId],
+        frame: &ServerFrame,
+        except_conn: Option<u64>,
+    ) -> usize {
         let map = self.inner.users.read();
         let mut delivered = 0;
         for user in users {
@@ -128,8 +138,17 @@ impl Hub {
     /// Closes every connection of `user`'s `device` (logout).
     pub fn close_device(&self, user: UserId, device: DeviceId, reason: &str) {
         let map = self.inner.users.read();
-        for dev in map.get(&user).into_iter().flatten().filter(|d| d.device_id == device) {
-            if dev.tx.try_send(Outbound::Close(1008, reason.to_string())).is_err() {
+        for dev in map
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .filter(|d| d.device_id == device)
+        {
+            if dev
+                .tx
+                .try_send(Outbound::Close(1008, reason.to_string()))
+                .is_err()
+            {
                 dev.kick.cancel();
             }
         }

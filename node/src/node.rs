@@ -63,14 +63,20 @@ fn cluster_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
             .with_context(|| format!("cannot read the cluster secret {}", path.display()))?;
         let secret = decode_hex(hex.trim())
             .with_context(|| format!("the cluster secret {} is not hex", path.display()))?;
-        anyhow::ensure!(secret.len() >= 16, "the cluster secret {} is shorter than 16 bytes", path.display());
+        anyhow::ensure!(
+            secret.len() >= 16,
+            "the cluster secret {} is shorter than 16 bytes",
+            path.display()
+        );
         return Ok(secret);
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the cluster dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the cluster dir {}", dir.display()))?;
     let mut secret = vec![0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut secret);
     let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&path, hex.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    write_private(&path, hex.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     tracing::info!(path = %path.display(), "made a new cluster secret");
     Ok(secret)
 }
@@ -111,17 +117,21 @@ fn metrics_recorder() -> Option<PrometheusHandle> {
 }
 
 /// Runs a node until `stop` resolves, then shuts it down.
-pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    mut cfg: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
     let secret = cluster_secret(&cfg.cluster_dir)?;
     let db_dir = cfg.data_dir.join("db");
-    let (store, flusher) = Store::open(&db_dir, cfg.partitions, cfg.write_timeout).with_context(|| {
-        format!(
-            "cannot open the store in {} (is another chatnode using this data dir?)",
-            db_dir.display()
-        )
-    })?;
+    let (store, flusher) =
+        Store::open(&db_dir, cfg.partitions, cfg.write_timeout).with_context(|| {
+            format!(
+                "cannot open the store in {} (is another chatnode using this data dir?)",
+                db_dir.display()
+            )
+        })?;
     let lease = store
         .meta_get(ID_LEASE_KEY)?
         .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -138,11 +148,18 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
         .await
         .with_context(|| format!("cannot listen on {} for HTTP and WebSocket", cfg.http_addr))?;
     let http_addr = listener.local_addr()?;
+    cfg.http_addr = http_addr; // port 0 means "any": advertise the real one
 
     let hub = Hub::default();
     let shutdown = CancellationToken::new();
     let node = Arc::new(Node {
-        accounts: Accounts::new(store.clone(), Tokens::new(&secret), ids.clone(), hub.clone(), cfg.token_ttl),
+        accounts: Accounts::new(
+            store.clone(),
+            Tokens::new(&secret),
+            ids.clone(),
+            hub.clone(),
+            cfg.token_ttl,
+        ),
         chat: Chat::new(store.clone(), ids, hub.clone(), cfg.sync_overlap),
         store: store.clone(),
         hub,
@@ -173,7 +190,10 @@ pub async fn serve(cfg: Config, stop: impl std::future::Future<Output = ()>) -> 
     }
     shutdown.cancel();
     node.sessions.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, node.sessions.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, node.sessions.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some sessions did not finish within {DRAIN_TIMEOUT:?}");
     }
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {

@@ -59,14 +59,20 @@ where
         tracing::Span::current().record("device", tracing::field::display(who.device));
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let kick = node.shutdown.child_token();
-        let registration = node.hub.register(who.user, who.device, tx.clone(), kick.clone());
+        let registration = node
+            .hub
+            .register(who.user, who.device, tx.clone(), kick.clone());
         let ready = ServerFrame::Ready {
             user_id: who.user,
             device_id: who.device,
             node_id: node.cfg.node_id,
             heartbeat_interval_ms: node.cfg.heartbeat_interval.as_millis() as u64,
         };
-        if writer.send(OutFrame::Data(codec, codec::encode(codec, &ready))).await.is_err() {
+        if writer
+            .send(OutFrame::Data(codec, codec::encode(codec, &ready)))
+            .await
+            .is_err()
+        {
             return;
         }
         tracing::debug!("session ready");
@@ -74,7 +80,11 @@ where
             node: node.clone(),
             who,
             conn_id: registration.conn_id(),
-            bucket: TokenBucket::new(node.cfg.rate_limit_per_sec, node.cfg.rate_limit_burst, Instant::now()),
+            bucket: TokenBucket::new(
+                node.cfg.rate_limit_per_sec,
+                node.cfg.rate_limit_burst,
+                Instant::now(),
+            ),
             out: tx,
         };
         let writing = write_loop(rx, writer, codec, kick.clone());
@@ -91,7 +101,11 @@ where
 }
 
 /// Waits for the `auth` frame. On failure tells the client why and closes (1008).
-async fn authenticate<R, W>(node: &Node, reader: &mut R, writer: &mut W) -> Option<(Identity, Codec)>
+async fn authenticate<R, W>(
+    node: &Node,
+    reader: &mut R,
+    writer: &mut W,
+) -> Option<(Identity, Codec)>
 where
     R: Stream<Item = Inbound> + Unpin,
     W: Sink<OutFrame> + Unpin,
@@ -110,7 +124,9 @@ where
         }
         Ok(Some(Inbound::Data(codec, bytes))) => (codec, bytes),
         Ok(Some(Inbound::TooLarge)) => {
-            let _ = writer.send(OutFrame::Close(1009, "frame too large".into())).await;
+            let _ = writer
+                .send(OutFrame::Close(1009, "frame too large".into()))
+                .await;
             return None;
         }
         Ok(Some(Inbound::Closed)) | Ok(None) => return None,
@@ -129,15 +145,21 @@ where
             tracing::debug!(error = %e, "authentication refused");
             let (frame, _) = refuse(codec, e);
             let _ = writer.send(frame).await;
-            let _ = writer.send(OutFrame::Close(1008, "authentication failed".into())).await;
+            let _ = writer
+                .send(OutFrame::Close(1008, "authentication failed".into()))
+                .await;
             None
         }
     }
 }
 
 /// Drains the outbound queue into the transport until it closes or the session is kicked.
-async fn write_loop<W>(mut rx: mpsc::Receiver<Outbound>, mut writer: W, codec: Codec, kick: CancellationToken)
-where
+async fn write_loop<W>(
+    mut rx: mpsc::Receiver<Outbound>,
+    mut writer: W,
+    codec: Codec,
+    kick: CancellationToken,
+) where
     W: Sink<OutFrame> + Unpin,
 {
     loop {
@@ -231,7 +253,10 @@ impl Session {
     }
 
     async fn error(&self, e: ApiError, reference: Option<String>) {
-        self.emit(Outbound::Frame(ServerFrame::error(e.code, e.message, reference))).await;
+        self.emit(Outbound::Frame(ServerFrame::error(
+            e.code, e.message, reference,
+        )))
+        .await;
     }
 
     /// Handles one frame. A `send` becomes a future that runs alongside further frames.
@@ -244,8 +269,11 @@ impl Session {
                 }
                 if !self.bucket.try_take(Instant::now()) {
                     metrics::counter!("gateway_rate_limited_total").increment(1);
-                    self.error(ApiError::new(ErrorCode::RateLimited, "too many sends; slow down"), Some(id))
-                        .await;
+                    self.error(
+                        ApiError::new(ErrorCode::RateLimited, "too many sends; slow down"),
+                        Some(id),
+                    )
+                    .await;
                     return None;
                 }
                 let node = self.node.clone();
@@ -254,15 +282,16 @@ impl Session {
                 let span = tracing::debug_span!("send", client_id = %id);
                 Some(Box::pin(
                     async move {
-                        let frame = match node.chat.send(who, Some(conn), id.clone(), to, body).await {
-                            Ok(m) => ServerFrame::Ack {
-                                reference: id,
-                                message_id: m.message_id,
-                                conversation: m.conversation,
-                                ts: m.ts,
-                            },
-                            Err(e) => ServerFrame::error(e.code, e.message, Some(id)),
-                        };
+                        let frame =
+                            match node.chat.send(who, Some(conn), id.clone(), to, body).await {
+                                Ok(m) => ServerFrame::Ack {
+                                    reference: id,
+                                    message_id: m.message_id,
+                                    conversation: m.conversation,
+                                    ts: m.ts,
+                                },
+                                Err(e) => ServerFrame::error(e.code, e.message, Some(id)),
+                            };
                         let _ = out.send(Outbound::Frame(frame)).await;
                     }
                     .instrument(span),
@@ -272,8 +301,16 @@ impl Session {
                 self.sync(after, limit).await;
                 None
             }
-            ClientFrame::History { conversation, before, limit } => {
-                let frame = match self.node.chat.history(self.who.user, conversation, before, limit) {
+            ClientFrame::History {
+                conversation,
+                before,
+                limit,
+            } => {
+                let frame = match self
+                    .node
+                    .chat
+                    .history(self.who.user, conversation, before, limit)
+                {
                     Ok(page) => ServerFrame::History {
                         conversation,
                         messages: page.messages,
@@ -286,12 +323,19 @@ impl Session {
             }
             ClientFrame::Heartbeat => None,
             ClientFrame::Auth { .. } => {
-                self.error(ApiError::new(ErrorCode::InvalidFrame, "already authenticated"), None).await;
+                self.error(
+                    ApiError::new(ErrorCode::InvalidFrame, "already authenticated"),
+                    None,
+                )
+                .await;
                 None
             }
             ClientFrame::SubscribePresence { .. } | ClientFrame::UnsubscribePresence { .. } => {
                 self.error(
-                    ApiError::new(ErrorCode::InvalidFrame, "presence is not served by this node version"),
+                    ApiError::new(
+                        ErrorCode::InvalidFrame,
+                        "presence is not served by this node version",
+                    ),
                     None,
                 )
                 .await;

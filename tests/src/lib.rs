@@ -1,1 +1,228 @@
+//! The test harness: starts real `chatnode` processes on loopback, waits for them to be ready,
+//! kills (SIGKILL) and restarts them, and shows their log when a test fails.
 
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use client_proto::client::{HttpClient, WsConnection};
+use client_proto::codec::Codec;
+use client_proto::http::LoginResponse;
+use client_proto::ids::UserId;
+
+pub use client_proto;
+
+/// The `chatnode` binary, brought up to date once per test process (`cargo build` is quick
+/// when nothing changed) so that tests never run a stale binary. `CHATNODE_BIN` overrides.
+pub fn chatnode_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("CHATNODE_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<test> -> target/<profile>/chatnode
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let bin = profile_dir.join("chatnode");
+        {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "chatnode", "--bin", "chatnode"]);
+            if profile_dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "cargo build of chatnode failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// One `chatnode serve` process with its own data dir.
+pub struct TestNode {
+    child: Option<Child>,
+    dir: Arc<tempfile::TempDir>,
+    args: Vec<String>,
+    log: PathBuf,
+    /// `http://127.0.0.1:PORT` of the running process.
+    pub http: String,
+}
+
+impl TestNode {
+    /// Starts a node on free loopback ports with `extra` flags.
+    pub fn start(extra: &[&str]) -> TestNode {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        let mut node = TestNode {
+            child: None,
+            log: dir.path().join("node.log"),
+            dir,
+            args,
+            http: String::new(),
+        };
+        node.spawn();
+        node
+    }
+
+    /// The node's data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(chatnode_bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--http-addr", "127.0.0.1:0", "--log", "info,chatnode=debug"])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start chatnode");
+        let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap(),
+        ));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let (tx, log) = (tx.clone(), log.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let _ = writeln!(log.lock().unwrap(), "{line}");
+                    if line.contains("chatnode ready") {
+                        if let Some(addr) = line
+                            .split("http=")
+                            .nth(1)
+                            .and_then(|s| s.split_whitespace().next())
+                        {
+                            let _ = tx.send(addr.to_string());
+                        }
+                    }
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("chatnode did not become ready:\n{}", self.log_text());
+            }
+        };
+        self.http = format!("http://{addr}");
+        self.child = Some(child);
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL: no shutdown, no final flush.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL on Unix
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for it to exit; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe_free_sigterm(c.id());
+        c.wait().ok()?.code()
+    }
+
+    /// Starts the process again on the same data dir (new ports).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn api(&self) -> HttpClient {
+        HttpClient::new(self.http.clone())
+    }
+
+    pub fn ws_url(&self) -> String {
+        self.api().ws_url()
+    }
+
+    /// Signs up `name` (password "password-<name>") and logs in one device.
+    pub async fn user(&self, name: &str) -> TestUser {
+        let api = self.api();
+        let password = format!("password-{name}");
+        let s = api.signup(name, &password).await.unwrap();
+        let login = api.login(name, &password, None).await.unwrap();
+        TestUser {
+            id: s.user_id,
+            name: name.into(),
+            password,
+            login,
+        }
+    }
+
+    /// Logs in another device of `user` and connects it over WebSocket (JSON).
+    pub async fn device(&self, user: &TestUser) -> (LoginResponse, WsConnection) {
+        let login = self
+            .api()
+            .login(&user.name, &user.password, None)
+            .await
+            .unwrap();
+        let ws = WsConnection::connect(&self.ws_url(), &login.token, Codec::Json)
+            .await
+            .unwrap();
+        (login, ws)
+    }
+
+    /// Connects with an existing login.
+    pub async fn connect(&self, login: &LoginResponse) -> WsConnection {
+        WsConnection::connect(&self.ws_url(), &login.token, Codec::Json)
+            .await
+            .unwrap()
+    }
+}
+
+/// Sends SIGTERM through `kill(1)`, keeping the harness free of unsafe code.
+fn unsafe_free_sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(80).collect();
+            eprintln!(
+                "---- last lines of the node log ({}) ----",
+                self.log.display()
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A signed-up user with one logged-in device.
+pub struct TestUser {
+    pub id: UserId,
+    pub name: String,
+    pub password: String,
+    pub login: LoginResponse,
+}

@@ -52,7 +52,9 @@ async fn flusher(db: sled::Db, mut rx: mpsc::Receiver<oneshot::Sender<FlushResul
         let result = match tokio::task::spawn_blocking(move || db2.flush()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(Arc::new(e)),
-            Err(e) => Err(Arc::new(sled::Error::ReportableBug(format!("flush task: {e}")))),
+            Err(e) => Err(Arc::new(sled::Error::ReportableBug(format!(
+                "flush task: {e}"
+            )))),
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "store flush failed; writes waiting on it fail");

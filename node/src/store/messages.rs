@@ -39,23 +39,37 @@ fn weight(m: &Message) -> usize {
 
 impl Store {
     /// The message an earlier send with this client id stored, if any.
-    pub fn sent_before(&self, sender: UserId, client_id: &str) -> Result<Option<Message>, StoreError> {
-        self.get(Table::Idempotency, &keys::user(sender), &keys::idempotency(sender, client_id))?
-            .map(|v| decode(&v))
-            .transpose()
+    pub fn sent_before(
+        &self,
+        sender: UserId,
+        client_id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        self.get(
+            Table::Idempotency,
+            &keys::user(sender),
+            &keys::idempotency(sender, client_id),
+        )?
+        .map(|v| decode(&v))
+        .transpose()
     }
 
     /// Stores a new message: the idempotency record (claimed first, so that two racing sends
     /// of one client id store one message), the conversation's history entry and an inbox
     /// entry for each of `inboxes`. Returns once all of it is durable.
-    pub async fn store_message(&self, msg: Message, inboxes: &[UserId]) -> Result<SendOutcome, StoreError> {
+    pub async fn store_message(
+        &self,
+        msg: Message,
+        inboxes: &[UserId],
+    ) -> Result<SendOutcome, StoreError> {
         let idem_key = keys::idempotency(msg.from, &msg.client_id);
         let encoded = encode(&msg);
         // The claim need not be durable on its own: the flush below covers it, and a claim
         // that reached disk without the records is repaired by the retry (Duplicate path).
-        let claimed = self
-            .tree(Table::Idempotency)
-            .compare_and_swap(&idem_key, None::<&[u8]>, Some(encoded.clone()))?;
+        let claimed = self.tree(Table::Idempotency).compare_and_swap(
+            &idem_key,
+            None::<&[u8]>,
+            Some(encoded.clone()),
+        )?;
         let (outcome, encoded) = match claimed {
             Ok(()) => (SendOutcome::New(msg), encoded),
             Err(e) => {
@@ -69,9 +83,21 @@ impl Store {
         };
         let mut batch = WriteBatch::default();
         let conv_key = keys::conversation(&stored.conversation);
-        batch.put(self, Table::History, &conv_key, keys::history(&stored.conversation, stored.message_id), encoded.clone());
+        batch.put(
+            self,
+            Table::History,
+            &conv_key,
+            keys::history(&stored.conversation, stored.message_id),
+            encoded.clone(),
+        );
         for user in inboxes {
-            batch.put(self, Table::Inbox, &keys::user(*user), keys::inbox(*user, stored.message_id), encoded.clone());
+            batch.put(
+                self,
+                Table::Inbox,
+                &keys::user(*user),
+                keys::inbox(*user, stored.message_id),
+                encoded.clone(),
+            );
         }
         self.write(batch).await?;
         Ok(outcome)
@@ -79,13 +105,22 @@ impl Store {
 
     /// Up to `limit` messages of `user`'s inbox with ids from `from` on (inclusive), in id
     /// order, within a byte budget (at least one message).
-    pub fn inbox_page(&self, user: UserId, from: MessageId, limit: usize, budget: usize) -> Result<SyncPage, StoreError> {
+    pub fn inbox_page(
+        &self,
+        user: UserId,
+        from: MessageId,
+        limit: usize,
+        budget: usize,
+    ) -> Result<SyncPage, StoreError> {
         let mut page = SyncPage::default();
         let mut used = 0;
-        let range = keys::inbox(user, from).to_vec()..=keys::inbox(user, MessageId(u64::MAX)).to_vec();
+        let range =
+            keys::inbox(user, from).to_vec()..=keys::inbox(user, MessageId(u64::MAX)).to_vec();
         self.scan(Table::Inbox, &keys::user(user), range, false, |_, v| {
             let m: Message = decode(v)?;
-            if page.messages.len() >= limit || (!page.messages.is_empty() && used + weight(&m) > budget) {
+            if page.messages.len() >= limit
+                || (!page.messages.is_empty() && used + weight(&m) > budget)
+            {
                 page.more = true;
                 return Ok(false);
             }
@@ -113,16 +148,24 @@ impl Store {
         };
         let mut used = 0;
         let range = keys::history(conv, MessageId(0))..=keys::history(conv, upper);
-        self.scan(Table::History, &keys::conversation(conv), range, true, |_, v| {
-            let m: Message = decode(v)?;
-            if page.messages.len() >= limit || (!page.messages.is_empty() && used + weight(&m) > budget) {
-                page.next_before = page.messages.last().map(|m| m.message_id);
-                return Ok(false);
-            }
-            used += weight(&m);
-            page.messages.push(m);
-            Ok(true)
-        })?;
+        self.scan(
+            Table::History,
+            &keys::conversation(conv),
+            range,
+            true,
+            |_, v| {
+                let m: Message = decode(v)?;
+                if page.messages.len() >= limit
+                    || (!page.messages.is_empty() && used + weight(&m) > budget)
+                {
+                    page.next_before = page.messages.last().map(|m| m.message_id);
+                    return Ok(false);
+                }
+                used += weight(&m);
+                page.messages.push(m);
+                Ok(true)
+            },
+        )?;
         Ok(page)
     }
 }

@@ -92,7 +92,14 @@ struct Op {
 
 impl WriteBatch {
     /// Adds `key = value` in `table`, in the partition of `partition_key`.
-    pub fn put(&mut self, store: &Store, table: Table, partition_key: &[u8], key: impl Into<Vec<u8>>, value: Vec<u8>) {
+    pub fn put(
+        &mut self,
+        store: &Store,
+        table: Table,
+        partition_key: &[u8],
+        key: impl Into<Vec<u8>>,
+        value: Vec<u8>,
+    ) {
         self.ops.push(Op {
             table,
             partition: store.partition(partition_key),
@@ -104,7 +111,11 @@ impl WriteBatch {
     /// How many distinct partitions this batch touches: the number of replica round trips
     /// it will cost once the store is replicated.
     pub fn partitions(&self) -> usize {
-        self.ops.iter().map(|o| o.partition).collect::<BTreeSet<_>>().len()
+        self.ops
+            .iter()
+            .map(|o| o.partition)
+            .collect::<BTreeSet<_>>()
+            .len()
     }
 }
 
@@ -125,7 +136,11 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`. The returned task is the group-commit flusher; it
     /// ends once every clone of the store is dropped.
-    pub fn open(dir: &Path, partitions: u32, write_timeout: Duration) -> Result<(Store, JoinHandle<()>), StoreError> {
+    pub fn open(
+        dir: &Path,
+        partitions: u32,
+        write_timeout: Duration,
+    ) -> Result<(Store, JoinHandle<()>), StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
@@ -209,7 +224,12 @@ impl Store {
     }
 
     /// Reads one record.
-    pub fn get(&self, table: Table, partition_key: &[u8], key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+    pub fn get(
+        &self,
+        table: Table,
+        partition_key: &[u8],
+        key: &[u8],
+    ) -> Result<Option<sled::IVec>, StoreError> {
         self.locate(partition_key);
         Ok(self.tree(table).get(key)?)
     }
@@ -226,8 +246,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.locate(partition_key);
         let iter = self.tree(table).range(range);
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            if descending { Box::new(iter.rev()) } else { Box::new(iter) };
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if descending {
+            Box::new(iter.rev())
+        } else {
+            Box::new(iter)
+        };
         for item in iter {
             let (k, v) = item?;
             if !visit(&k, &v)? {

@@ -16,10 +16,22 @@ impl Store {
         let name = rec.username.as_bytes();
         // Write the user record first: a claim must never point at a missing record.
         let mut batch = super::WriteBatch::default();
-        batch.put(self, Table::Users, &keys::user(rec.user_id), keys::user(rec.user_id).to_vec(), encode(&rec));
+        batch.put(
+            self,
+            Table::Users,
+            &keys::user(rec.user_id),
+            keys::user(rec.user_id).to_vec(),
+            encode(&rec),
+        );
         self.write(batch).await?;
         let claimed = self
-            .compare_and_swap(Table::Usernames, name, name, None, Some(rec.user_id.0.to_be_bytes().to_vec()))
+            .compare_and_swap(
+                Table::Usernames,
+                name,
+                name,
+                None,
+                Some(rec.user_id.0.to_be_bytes().to_vec()),
+            )
             .await?;
         Ok(claimed.is_ok())
     }
