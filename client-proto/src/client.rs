@@ -14,7 +14,7 @@ use crate::codec::{self, Codec};
 use crate::error::{ErrorBody, ErrorCode};
 use crate::frames::{ClientFrame, Recipient, ServerFrame};
 use crate::http::*;
-use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
 
 /// Anything that can go wrong talking to a node.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +172,56 @@ impl HttpClient {
         let path = format!("/v1/users/{username}");
         self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
             .await
+    }
+
+    pub async fn create_group(
+        &self,
+        token: &str,
+        name: &str,
+        members: &[UserId],
+    ) -> Result<GroupInfo, ClientError> {
+        let req = CreateGroupRequest {
+            name: name.into(),
+            members: members.to_vec(),
+        };
+        self.request(reqwest::Method::POST, "/v1/groups", Some(token), Some(&req))
+            .await
+    }
+
+    pub async fn groups(&self, token: &str) -> Result<Vec<GroupInfo>, ClientError> {
+        self.request(reqwest::Method::GET, "/v1/groups", Some(token), None::<&()>)
+            .await
+    }
+
+    pub async fn group(&self, token: &str, group: GroupId) -> Result<GroupInfo, ClientError> {
+        let path = format!("/v1/groups/{group}");
+        self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
+            .await
+    }
+
+    pub async fn add_member(
+        &self,
+        token: &str,
+        group: GroupId,
+        user: UserId,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/groups/{group}/members");
+        let req = AddMemberRequest { user_id: user };
+        self.request_raw(reqwest::Method::POST, &path, Some(token), Some(&req))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn remove_member(
+        &self,
+        token: &str,
+        group: GroupId,
+        user: UserId,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/groups/{group}/members/{user}");
+        self.request_raw(reqwest::Method::DELETE, &path, Some(token), None::<&()>)
+            .await
+            .map(|_| ())
     }
 
     /// One page of a conversation's history, newest first.

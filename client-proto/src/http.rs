@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::frames::Message;
-use crate::ids::{DeviceId, MessageId, UserId};
+use crate::frames::{Message, PresenceStatus};
+use crate::ids::{DeviceId, GroupId, MessageId, UserId};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SignupRequest {
@@ -65,4 +65,38 @@ pub struct PatchMeRequest {
 pub struct HistoryPage {
     pub messages: Vec<Message>,
     pub next_before: Option<MessageId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateGroupRequest {
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<UserId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddMemberRequest {
+    pub user_id: UserId,
+}
+
+/// A group as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub group_id: GroupId,
+    pub name: String,
+    pub owner: UserId,
+    /// Members in join order, the owner included.
+    pub members: Vec<UserId>,
+    /// Each member's presence (only on `GET /v1/groups/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<Vec<PresenceInfo>>,
+}
+
+/// One user's presence.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PresenceInfo {
+    pub user_id: UserId,
+    pub status: PresenceStatus,
+    /// Unix ms the user was last seen online, if ever.
+    pub last_seen: Option<u64>,
 }

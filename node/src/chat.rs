@@ -86,7 +86,14 @@ impl Chat {
                 (ConversationId::direct(sender.user, u), Some(u), None)
             }
             Recipient::Group(g) => {
-                return Err(ApiError::not_found(format!("no group {g}")));
+                let rec = self
+                    .store
+                    .group(g)?
+                    .ok_or_else(|| ApiError::not_found(format!("no group {g}")))?;
+                if rec.member(sender.user).is_none() {
+                    return Err(ApiError::forbidden("only members may send to a group"));
+                }
+                (ConversationId::Group(g), None, Some(g))
             }
         };
         let msg = Message {
@@ -115,12 +122,23 @@ impl Chat {
         }
     }
 
-    /// Whose inboxes a message goes to: the sender's and every recipient's.
+    /// Whose inboxes a message goes to: the sender's and every recipient's (for a group,
+    /// every current member's, the sender's included).
     fn inboxes_of(&self, msg: &Message) -> Result<Vec<UserId>, ApiError> {
         let mut users = vec![msg.from];
         if let Some(to) = msg.to {
             if to != msg.from {
                 users.push(to);
+            }
+        }
+        if let Some(g) = msg.group {
+            if let Some(rec) = self.store.group(g)? {
+                users.extend(
+                    rec.members
+                        .iter()
+                        .map(|m| m.user)
+                        .filter(|u| *u != msg.from),
+                );
             }
         }
         Ok(users)
@@ -166,17 +184,24 @@ impl Chat {
                 )))
             }
         };
-        let allowed = match conversation {
-            ConversationId::Direct { .. } => conversation.is_direct_participant(who),
-            ConversationId::Group(_) => false,
+        let forbidden = || ApiError::forbidden("only participants may read a conversation");
+        // Members read a group's history from when they joined.
+        let after = match conversation {
+            ConversationId::Direct { .. } if conversation.is_direct_participant(who) => {
+                MessageId(0)
+            }
+            ConversationId::Direct { .. } => return Err(forbidden()),
+            ConversationId::Group(g) => {
+                let rec = self.store.group(g)?.ok_or_else(forbidden)?;
+                rec.member(who).ok_or_else(forbidden)?.joined_at
+            }
         };
-        if !allowed {
-            return Err(ApiError::forbidden(
-                "only participants may read a conversation",
-            ));
-        }
-        Ok(self
-            .store
-            .history_page(&conversation, before, limit as usize, FRAME_PAYLOAD_BUDGET)?)
+        Ok(self.store.history_page(
+            &conversation,
+            after,
+            before,
+            limit as usize,
+            FRAME_PAYLOAD_BUDGET,
+        )?)
     }
 }

@@ -7,10 +7,12 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use client_proto::http::{HistoryPage, LoginRequest, PatchMeRequest, SignupRequest};
-use client_proto::ids::{ConversationId, MessageId};
+use client_proto::http::{
+    AddMemberRequest, CreateGroupRequest, HistoryPage, LoginRequest, PatchMeRequest, SignupRequest,
+};
+use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
 use serde::Deserialize;
 
 use crate::accounts::Identity;
@@ -30,6 +32,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/logout", post(logout))
         .route("/v1/me", get(me).patch(patch_me))
         .route("/v1/users/{username}", get(user))
+        .route("/v1/groups", post(create_group).get(list_groups))
+        .route("/v1/groups/{group}", get(get_group))
+        .route("/v1/groups/{group}/members", post(add_member))
+        .route("/v1/groups/{group}/members/{user}", delete(remove_member))
         .route("/v1/conversations/{conversation}/messages", get(history))
         .route("/v1/discover", get(discover))
         .route("/v1/cluster", get(cluster))
@@ -114,6 +120,64 @@ async fn user(
     Path(username): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(node.accounts.by_username(&username)?).into_response())
+}
+
+/// Parses an id from a path segment.
+fn path_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad_request(format!("{what} must be a decimal id")))
+}
+
+async fn create_group(
+    State(node): AppState,
+    Caller(who): Caller,
+    Body(req): Body<CreateGroupRequest>,
+) -> Result<Response, ApiError> {
+    let rec = node.groups.create(who.user, req.name, req.members).await?;
+    Ok((StatusCode::CREATED, Json(crate::groups::info(&rec))).into_response())
+}
+
+async fn list_groups(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
+    let groups: Vec<_> = node
+        .groups
+        .list(who.user)?
+        .iter()
+        .map(crate::groups::info)
+        .collect();
+    Ok(Json(groups).into_response())
+}
+
+async fn get_group(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path(group): Path<String>,
+) -> Result<Response, ApiError> {
+    let rec = node.groups.get(who.user, path_id(&group, "group id")?)?;
+    let mut info = crate::groups::info(&rec);
+    info.presence = Some(node.presence_of(&info.members));
+    Ok(Json(info).into_response())
+}
+
+async fn add_member(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path(group): Path<String>,
+    Body(req): Body<AddMemberRequest>,
+) -> Result<StatusCode, ApiError> {
+    let group: GroupId = path_id(&group, "group id")?;
+    node.groups.add(who.user, group, req.user_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_member(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path((group, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let group: GroupId = path_id(&group, "group id")?;
+    let user: UserId = path_id(&user, "user id")?;
+    node.groups.remove(who.user, group, user).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod groups;
 pub mod http;
 pub mod hub;
 pub mod ids;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use client_proto::http::NodeInfo;
+use client_proto::http::{NodeInfo, PresenceInfo};
+use client_proto::ids::UserId;
+use client_proto::PresenceStatus;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::RngCore;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +19,7 @@ use crate::accounts::Accounts;
 use crate::auth::Tokens;
 use crate::chat::Chat;
 use crate::config::Config;
+use crate::groups::Groups;
 use crate::hub::Hub;
 use crate::ids::IdGen;
 use crate::store::Store;
@@ -33,6 +36,7 @@ pub struct Node {
     pub hub: Hub,
     pub accounts: Accounts,
     pub chat: Chat,
+    pub groups: Groups,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     pub metrics: Option<PrometheusHandle>,
@@ -47,6 +51,22 @@ impl Node {
             ws_url: self.cfg.ws_url(),
             quic_addr: self.cfg.quic_url(),
         }
+    }
+
+    /// Presence of `users`, for group views.
+    pub fn presence_of(&self, users: &[UserId]) -> Vec<PresenceInfo> {
+        users
+            .iter()
+            .map(|&user_id| PresenceInfo {
+                user_id,
+                status: if self.hub.is_connected(user_id) {
+                    PresenceStatus::Online
+                } else {
+                    PresenceStatus::Offline
+                },
+                last_seen: None,
+            })
+            .collect()
     }
 
     /// Held by each live session so that shutdown can wait for them.
@@ -160,7 +180,8 @@ pub async fn serve(
             hub.clone(),
             cfg.token_ttl,
         ),
-        chat: Chat::new(store.clone(), ids, hub.clone(), cfg.sync_overlap),
+        chat: Chat::new(store.clone(), ids.clone(), hub.clone(), cfg.sync_overlap),
+        groups: Groups::new(store.clone(), ids),
         store: store.clone(),
         hub,
         shutdown: shutdown.clone(),

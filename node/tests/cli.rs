@@ -13,24 +13,39 @@ fn chatnode() -> Command {
 
 fn run_to_end(cmd: &mut Command) -> (i32, String) {
     let out = cmd.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     (out.status.code().unwrap_or(-1), text)
 }
 
 #[test]
 fn bad_settings_exit_non_zero_with_a_sentence() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, text) = run_to_end(chatnode().args(["serve", "--node-id", "5000"]).current_dir(dir.path()));
+    let (code, text) = run_to_end(
+        chatnode()
+            .args(["serve", "--node-id", "5000"])
+            .current_dir(dir.path()),
+    );
     assert_ne!(code, 0);
-    assert!(text.contains("--node-id is 5000; it must be between 0 and 1023"), "{text}");
+    assert!(
+        text.contains("--node-id is 5000; it must be between 0 and 1023"),
+        "{text}"
+    );
 
-    let (code, text) = run_to_end(chatnode().args(["serve", "--http-addr", "nonsense"]).current_dir(dir.path()));
+    let (code, text) = run_to_end(
+        chatnode()
+            .args(["serve", "--http-addr", "nonsense"])
+            .current_dir(dir.path()),
+    );
     assert_ne!(code, 0);
     assert!(text.contains("nonsense"), "{text}");
 
     let (code, text) = run_to_end(chatnode().args(["serve", "--config", "/nonexistent/node.toml"]));
     assert_ne!(code, 0);
-    assert!(text.contains("cannot read config file /nonexistent/node.toml"), "{text}");
+    assert!(
+        text.contains("cannot read config file /nonexistent/node.toml"),
+        "{text}"
+    );
 
     let (code, text) = run_to_end(
         chatnode()
@@ -39,7 +54,10 @@ fn bad_settings_exit_non_zero_with_a_sentence() {
             .current_dir(dir.path()),
     );
     assert_ne!(code, 0);
-    assert!(text.contains("--heartbeat-timeout-ms (100 ms) must be longer"), "{text}");
+    assert!(
+        text.contains("--heartbeat-timeout-ms (100 ms) must be longer"),
+        "{text}"
+    );
 }
 
 /// Starts a node on a free port and returns it with its HTTP address.
@@ -54,9 +72,19 @@ fn start(data: &std::path::Path) -> (std::process::Child, String) {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {
-        let line = lines.next().expect("the node exited before it was ready").unwrap();
+        let line = lines
+            .next()
+            .expect("the node exited before it was ready")
+            .unwrap();
         if let Some(rest) = line.split("chatnode ready").nth(1) {
-            break rest.split("http=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+            break rest
+                .split("http=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
         }
     };
     // Keep draining stdout so the node never blocks on a full pipe.
@@ -69,7 +97,11 @@ fn a_taken_port_or_data_dir_is_refused_and_sigterm_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let (mut first, addr) = start(&dir.path().join("a"));
 
-    let (code, text) = run_to_end(chatnode().args(["serve", "--http-addr", &addr, "--data-dir"]).arg(dir.path().join("b")));
+    let (code, text) = run_to_end(
+        chatnode()
+            .args(["serve", "--http-addr", &addr, "--data-dir"])
+            .arg(dir.path().join("b")),
+    );
     assert_ne!(code, 0);
     assert!(text.contains(&format!("cannot listen on {addr}")), "{text}");
 
@@ -79,16 +111,26 @@ fn a_taken_port_or_data_dir_is_refused_and_sigterm_stops_cleanly() {
             .arg(dir.path().join("a")),
     );
     assert_ne!(code, 0);
-    assert!(text.contains("is another chatnode using this data dir?"), "{text}");
+    assert!(
+        text.contains("is another chatnode using this data dir?"),
+        "{text}"
+    );
 
-    Command::new("kill").arg("-TERM").arg(first.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(first.id().to_string())
+        .status()
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = first.try_wait().unwrap() {
             assert!(status.success(), "{status:?}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "SIGTERM did not stop the node");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGTERM did not stop the node"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -173,6 +173,22 @@ impl TestNode {
         }
     }
 
+    /// Signs up `n` users named `<prefix><i, 3 digits>`, a few at a time.
+    pub async fn users(&self, prefix: &str, n: usize) -> Vec<TestUser> {
+        let mut out = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(8) {
+            let batch = chunk
+                .iter()
+                .map(|i| self.user_owned(format!("{prefix}{i:03}")));
+            out.extend(futures_util::future::join_all(batch).await);
+        }
+        out
+    }
+
+    async fn user_owned(&self, name: String) -> TestUser {
+        self.user(&name).await
+    }
+
     /// Logs in another device of `user` and connects it over WebSocket (JSON).
     pub async fn device(&self, user: &TestUser) -> (LoginResponse, WsConnection) {
         let login = self

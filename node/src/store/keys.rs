@@ -1,7 +1,7 @@
 //! Key encoders for every tree, written once. Ids are big-endian so that range scans return
 //! records in id order. Each function also names the record's partition key.
 
-use client_proto::ids::{ConversationId, MessageId, UserId};
+use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
 
 /// The bytes that identify a conversation; a prefix of its history keys and its partition key.
 pub fn conversation(conv: &ConversationId) -> Vec<u8> {
@@ -48,6 +48,19 @@ pub fn idempotency(sender: UserId, client_id: &str) -> Vec<u8> {
     k
 }
 
+/// A group record's key and partition key.
+pub fn group(group: GroupId) -> [u8; 8] {
+    group.0.to_be_bytes()
+}
+
+/// `user | group`: one entry of a user's group index.
+pub fn user_group(user: UserId, group: GroupId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&user.0.to_be_bytes());
+    k[8..].copy_from_slice(&group.0.to_be_bytes());
+    k
+}
+
 /// The message id at the end of a history or inbox key.
 pub fn message_id_suffix(key: &[u8]) -> Option<MessageId> {
     let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
@@ -57,7 +70,6 @@ pub fn message_id_suffix(key: &[u8]) -> Option<MessageId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use client_proto::ids::GroupId;
 
     #[test]
     fn keys_sort_by_message_id_within_their_prefix() {

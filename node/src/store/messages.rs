@@ -131,11 +131,12 @@ impl Store {
         Ok(page)
     }
 
-    /// Up to `limit` messages of a conversation older than `before` (all when `None`), newest
-    /// first, within a byte budget (at least one message).
+    /// Up to `limit` messages of a conversation newer than `after` and older than `before`
+    /// (no bound when `None`), newest first, within a byte budget (at least one message).
     pub fn history_page(
         &self,
         conv: &ConversationId,
+        after: MessageId,
         before: Option<MessageId>,
         limit: usize,
         budget: usize,
@@ -147,7 +148,10 @@ impl Store {
             None => MessageId(u64::MAX),
         };
         let mut used = 0;
-        let range = keys::history(conv, MessageId(0))..=keys::history(conv, upper);
+        if upper <= after {
+            return Ok(page);
+        }
+        let range = keys::history(conv, MessageId(after.0 + 1))..=keys::history(conv, upper);
         self.scan(
             Table::History,
             &keys::conversation(conv),

@@ -10,6 +10,7 @@
 //! `commit`), or fails with [`StoreError::Timeout`] after the write timeout.
 
 mod commit;
+mod groups;
 pub mod keys;
 mod messages;
 pub mod records;
@@ -37,15 +38,20 @@ pub enum Table {
     History,
     Inbox,
     Idempotency,
+    Groups,
+    /// `user | group`: the groups a user belongs to (an index; the group record decides).
+    UserGroups,
 }
 
-const TABLES: [Table; 6] = [
+const TABLES: [Table; 8] = [
     Table::Meta,
     Table::Users,
     Table::Usernames,
     Table::History,
     Table::Inbox,
     Table::Idempotency,
+    Table::Groups,
+    Table::UserGroups,
 ];
 
 impl Table {
@@ -57,6 +63,8 @@ impl Table {
             Table::History => "history",
             Table::Inbox => "inbox",
             Table::Idempotency => "idempotency",
+            Table::Groups => "groups",
+            Table::UserGroups => "user_groups",
         }
     }
 }
@@ -75,6 +83,9 @@ pub enum StoreError {
     #[error("too much contention on one record")]
     Contention,
 }
+
+/// How often a read-modify-write of one record retries under contention.
+const MAX_CAS_RETRIES: usize = 64;
 
 /// A set of writes to apply and make durable together. Each write names its partition key.
 #[derive(Default, Debug)]
@@ -105,6 +116,22 @@ impl WriteBatch {
             partition: store.partition(partition_key),
             key: key.into(),
             value: Some(value),
+        });
+    }
+
+    /// Removes `key` from `table`, in the partition of `partition_key`.
+    pub fn delete(
+        &mut self,
+        store: &Store,
+        table: Table,
+        partition_key: &[u8],
+        key: impl Into<Vec<u8>>,
+    ) {
+        self.ops.push(Op {
+            table,
+            partition: store.partition(partition_key),
+            key: key.into(),
+            value: None,
         });
     }
 
@@ -267,6 +294,36 @@ impl Store {
             Ok(Err(e)) => Err(StoreError::Flush(e)),
             Err(_) => Err(StoreError::Timeout(self.inner.write_timeout)),
         }
+    }
+
+    /// Applies `change` to the record at `key` atomically (compare-and-swap, retried on
+    /// contention) and durably. `change` returns `Err` to abort without writing, `Ok(None)` to
+    /// delete the record, `Ok(Some(new))` to replace it. Returns the new record (`None` when
+    /// deleted), or `Err` from `change`; a missing record is passed to `change` as `None`.
+    pub async fn update<T, E>(
+        &self,
+        table: Table,
+        partition_key: &[u8],
+        key: &[u8],
+        mut change: impl FnMut(Option<T>) -> Result<Option<T>, E>,
+    ) -> Result<Option<T>, E>
+    where
+        T: bincode::Encode + bincode::Decode<()>,
+        E: From<StoreError>,
+    {
+        for _ in 0..MAX_CAS_RETRIES {
+            let old = self.get(table, partition_key, key)?;
+            let current = old.as_ref().map(|v| records::decode::<T>(v)).transpose()?;
+            let new = change(current)?;
+            let encoded = new.as_ref().map(records::encode);
+            let swapped = self
+                .compare_and_swap(table, partition_key, key, old.as_deref(), encoded)
+                .await?;
+            if swapped.is_ok() {
+                return Ok(new);
+            }
+        }
+        Err(StoreError::Contention.into())
     }
 
     /// Reads a node-local value.

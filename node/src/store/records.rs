@@ -3,7 +3,7 @@
 //! decoder here (the migration path).
 
 use bincode::{Decode, Encode};
-use client_proto::ids::{DeviceId, UserId};
+use client_proto::ids::{DeviceId, GroupId, MessageId, UserId};
 
 use super::StoreError;
 
@@ -54,6 +54,37 @@ pub struct DeviceRecord {
     pub name: String,
     pub token_id: u64,
     pub created_at: u64,
+}
+
+/// A group conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct GroupRecord {
+    pub group_id: GroupId,
+    pub name: String,
+    pub owner: UserId,
+    /// Members in the order they joined; at most 100.
+    pub members: Vec<GroupMember>,
+    pub created_at: u64,
+}
+
+/// One member of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct GroupMember {
+    pub user: UserId,
+    /// An id issued when the member joined: the member reads only history after it.
+    pub joined_at: MessageId,
+}
+
+impl GroupRecord {
+    /// The member entry of `user`, if `user` is a member.
+    pub fn member(&self, user: UserId) -> Option<&GroupMember> {
+        self.members.iter().find(|m| m.user == user)
+    }
+
+    /// Member ids, in join order.
+    pub fn member_ids(&self) -> Vec<UserId> {
+        self.members.iter().map(|m| m.user).collect()
+    }
 }
 
 #[cfg(test)]

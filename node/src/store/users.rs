@@ -5,9 +5,6 @@ use client_proto::ids::UserId;
 use super::records::{decode, encode, UserRecord};
 use super::{keys, Store, StoreError, Table};
 
-/// How often a read-modify-write of one user record retries under contention.
-const MAX_CAS_RETRIES: usize = 64;
-
 impl Store {
     /// Claims `record.username` for `record.user_id` and stores the record. Returns false if
     /// the name is taken (the unclaimed record is left unreachable). The claim is a compare-and-swap, so two racing signups of one name
@@ -52,28 +49,23 @@ impl Store {
         }))
     }
 
-    /// Applies `change` to the user record atomically (compare-and-swap, retried on
-    /// contention) and durably. `change` returns `Err` to abort without writing. Returns the
-    /// new record, or `None` if the user does not exist.
+    /// Applies `change` to the user record atomically and durably (see [`Store::update`]).
+    /// Returns the new record, or `None` if the user does not exist.
     pub async fn update_user<E: From<StoreError>>(
         &self,
         id: UserId,
         mut change: impl FnMut(&mut UserRecord) -> Result<(), E>,
     ) -> Result<Option<UserRecord>, E> {
         let key = keys::user(id);
-        for _ in 0..MAX_CAS_RETRIES {
-            let Some(old) = self.get(Table::Users, &key, &key)? else {
-                return Ok(None);
-            };
-            let mut rec: UserRecord = decode(&old)?;
-            change(&mut rec)?;
-            let swapped = self
-                .compare_and_swap(Table::Users, &key, &key, Some(&old), Some(encode(&rec)))
-                .await?;
-            if swapped.is_ok() {
-                return Ok(Some(rec));
-            }
-        }
-        Err(StoreError::Contention.into())
+        self.update(
+            Table::Users,
+            &key,
+            &key,
+            |rec: Option<UserRecord>| match rec {
+                None => Ok(None),
+                Some(mut r) => change(&mut r).map(|()| Some(r)),
+            },
+        )
+        .await
     }
 }
