@@ -5,6 +5,8 @@
 
 pub mod certs;
 pub mod placement;
+pub mod transport;
 
 pub use certs::{ClusterSecret, NodeTls};
 pub use placement::{partition_of, replicas, NodeId, Partition};
+pub use transport::{PeerConfig, PeerEndpoint, PeerError, Request, Response, RpcHandler};
