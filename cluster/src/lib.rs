@@ -4,9 +4,11 @@
 //! these.
 
 pub mod certs;
+pub mod membership;
 pub mod placement;
 pub mod transport;
 
 pub use certs::{ClusterSecret, NodeTls};
+pub use membership::{Lifecycle, Member, Membership, MembershipConfig, NodeAddrs};
 pub use placement::{partition_of, replicas, NodeId, Partition};
 pub use transport::{PeerConfig, PeerEndpoint, PeerError, Request, Response, RpcHandler};

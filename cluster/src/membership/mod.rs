@@ -1,0 +1,368 @@
+//! Cluster membership over gossip (chitchat): who is in the cluster, where they serve, in
+//! which state, how loaded, and which users each live node holds (presence and
+//! user-to-node ownership).
+//!
+//! Each node publishes `node_id`, `http_addr`, `quic_addr`, `peer_addr`, `state`
+//! (`joining`/`active`/`leaving`), `load`, and one `u:<user id>` key per user with a device
+//! connected to it. A node the failure detector declares dead takes its user keys with it.
+//!
+//! Gossip is not encrypted or signed: it must run on a private network. The chitchat
+//! cluster id is derived from the cluster secret ([`cluster_id_for`]), so nodes of another
+//! cluster (or with another secret) are ignored, but that is a guard against mistakes, not
+//! authentication.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{
+    spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
+    ProtocolVersion,
+};
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::certs::ClusterSecret;
+use crate::placement::NodeId;
+
+mod view;
+
+use view::{keys, View};
+pub use view::{Lifecycle, Member, NodeAddrs, PresenceEvent};
+
+/// How a node joins and gossips. `Default` is not provided: addresses must be chosen.
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    /// This node's id; must be unique in the cluster (see [`Membership::duplicate`]).
+    pub node_id: NodeId,
+    /// Nodes gossip only with nodes of the same cluster id (see [`cluster_id_for`]).
+    pub cluster_id: String,
+    /// UDP address to bind for gossip.
+    pub listen_addr: SocketAddr,
+    /// Gossip address other nodes use to reach this one (often `listen_addr`).
+    pub advertise_addr: SocketAddr,
+    /// Other nodes' gossip addresses (`ip:port` or `host:port`, re-resolved periodically).
+    pub seeds: Vec<String>,
+    /// What this node serves on.
+    pub addrs: NodeAddrs,
+    /// Incarnation number; higher is newer. `None` uses the start time in milliseconds.
+    pub generation: Option<u64>,
+    /// Time between gossip rounds. Failure detection takes about 8 of them.
+    pub gossip_interval: Duration,
+    /// Phi-accrual threshold: a node is dead after about `phi_threshold` times its mean
+    /// heartbeat interval without news.
+    pub phi_threshold: f64,
+    /// How long a dead node's state is kept (so a flapping node is recognised).
+    pub dead_node_grace: Duration,
+    /// How long deleted keys (users gone offline) are remembered for peers that missed them.
+    pub tombstone_grace: Duration,
+    /// Presence events buffered per subscriber before it is told it lagged.
+    pub presence_buffer: usize,
+}
+
+impl MembershipConfig {
+    /// A configuration with the timing defaults (gossip every 250 ms, dead after ~2 s of
+    /// silence) for the given identity and addresses.
+    pub fn new(
+        node_id: NodeId,
+        cluster_id: String,
+        listen_addr: SocketAddr,
+        addrs: NodeAddrs,
+    ) -> Self {
+        Self {
+            node_id,
+            cluster_id,
+            listen_addr,
+            advertise_addr: listen_addr,
+            seeds: Vec::new(),
+            addrs,
+            generation: None,
+            gossip_interval: Duration::from_millis(250),
+            phi_threshold: 8.0,
+            dead_node_grace: Duration::from_secs(600),
+            tombstone_grace: Duration::from_secs(600),
+            presence_buffer: 8192,
+        }
+    }
+}
+
+/// The chitchat cluster id for a cluster secret: nodes with another secret do not merge.
+pub fn cluster_id_for(secret: &ClusterSecret) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"chat-gossip cluster id\0");
+    ctx.update(secret.as_bytes());
+    let digest = ctx.finish();
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("chat-{hex}")
+}
+
+/// Membership could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// Gossip could not start (typically: the UDP address is in use).
+    #[error("cannot start gossip on {addr}: {source}")]
+    Start {
+        /// The gossip listen address.
+        addr: SocketAddr,
+        /// The reason chitchat gave.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The gossip task ended with an error (its socket broke).
+    #[error("gossip stopped with an error: {0}")]
+    Stopped(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A presence subscriber fell behind by this many events; re-read what it needs with
+/// [`Membership::user_nodes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PresenceRecvError {
+    /// Events were dropped for this subscriber; its picture is stale.
+    #[error("presence subscriber lagged by {0} events")]
+    Lagged(u64),
+    /// Membership has shut down.
+    #[error("membership is shut down")]
+    Closed,
+}
+
+/// A stream of [`PresenceEvent`]s, from [`Membership::subscribe_presence`].
+pub struct PresenceEvents {
+    rx: broadcast::Receiver<PresenceEvent>,
+}
+
+impl PresenceEvents {
+    /// The next event. After [`PresenceRecvError::Lagged`] the stream goes on, but the
+    /// caller must resynchronise from [`Membership::user_nodes`].
+    pub async fn recv(&mut self) -> Result<PresenceEvent, PresenceRecvError> {
+        self.rx.recv().await.map_err(|e| match e {
+            broadcast::error::RecvError::Lagged(n) => PresenceRecvError::Lagged(n),
+            broadcast::error::RecvError::Closed => PresenceRecvError::Closed,
+        })
+    }
+}
+
+/// Another live instance claiming this node's id, from [`Membership::duplicate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Duplicate {
+    /// Its gossip address.
+    pub gossip_addr: SocketAddr,
+    /// Its generation.
+    pub generation: u64,
+}
+
+/// This node's membership: publishes its own state and reads everyone else's.
+pub struct Membership {
+    handle: ChitchatHandle,
+    self_id: ChitchatId,
+    node_id: NodeId,
+    view: Arc<Mutex<View>>,
+    members: watch::Receiver<Vec<Member>>,
+    events: broadcast::Sender<PresenceEvent>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Membership {
+    /// Binds the gossip socket, publishes this node (state `joining`, load 0) and starts
+    /// gossiping with the seeds.
+    pub async fn spawn(config: MembershipConfig) -> Result<Self, MembershipError> {
+        let generation = config.generation.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        });
+        let self_id = ChitchatId::new(
+            config.node_id.to_string(),
+            generation,
+            config.advertise_addr,
+        );
+        let interval = config.gossip_interval;
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: self_id.clone(),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: interval,
+            listen_addr: config.listen_addr,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: (interval * 40).max(Duration::from_secs(2)),
+                initial_interval: interval * 2,
+                dead_node_grace_period: config.dead_node_grace,
+            },
+            marked_for_deletion_grace_period: config.tombstone_grace,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V1,
+        };
+        let initial = vec![
+            (keys::NODE_ID.to_string(), config.node_id.to_string()),
+            (keys::HTTP_ADDR.to_string(), config.addrs.http.to_string()),
+            (keys::QUIC_ADDR.to_string(), config.addrs.quic.to_string()),
+            (keys::PEER_ADDR.to_string(), config.addrs.peer.to_string()),
+            (
+                keys::STATE.to_string(),
+                Lifecycle::Joining.as_str().to_string(),
+            ),
+            (keys::LOAD.to_string(), "0".to_string()),
+        ];
+        let handle = spawn_chitchat(chitchat_config, initial, &UdpTransport)
+            .await
+            .map_err(|e| MembershipError::Start {
+                addr: config.listen_addr,
+                source: e.into(),
+            })?;
+        let live_rx = handle.with_chitchat(|c| c.live_nodes_watcher()).await;
+        let (members_tx, members) = watch::channel(Vec::new());
+        let (events, _) = broadcast::channel(config.presence_buffer.max(16));
+        let view = Arc::new(Mutex::new(View::new(members_tx, events.clone())));
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(follow(live_rx, view.clone(), cancel.clone()));
+        Ok(Self {
+            handle,
+            self_id,
+            node_id: config.node_id,
+            view,
+            members,
+            events,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// This node's generation (incarnation number).
+    pub fn generation(&self) -> u64 {
+        self.self_id.generation_id
+    }
+
+    /// Every member gossip knows of, live or dead (dead ones until `dead_node_grace`), this
+    /// node included. Members whose keys are missing or malformed are left out.
+    pub async fn members(&self) -> Vec<Member> {
+        self.handle
+            .with_chitchat(|c| {
+                let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+                c.node_states()
+                    .iter()
+                    .filter_map(|(id, state)| Member::parse(id, state, live.contains(id)))
+                    .collect()
+            })
+            .await
+    }
+
+    /// The live members (this node included), updated after each gossip round that changed
+    /// something. Await `changed()` on it to follow membership.
+    pub fn watch_members(&self) -> watch::Receiver<Vec<Member>> {
+        self.members.clone()
+    }
+
+    /// The live nodes where `user` has a device, ascending, as of the last gossip round.
+    pub fn user_nodes(&self, user: u64) -> Vec<NodeId> {
+        self.view.lock().user_nodes(user)
+    }
+
+    /// Subscribes to presence changes from now on (combine with [`Membership::user_nodes`]
+    /// for the current picture).
+    pub fn subscribe_presence(&self) -> PresenceEvents {
+        PresenceEvents {
+            rx: self.events.subscribe(),
+        }
+    }
+
+    /// Publishes this node's lifecycle state.
+    pub async fn set_state(&self, state: Lifecycle) {
+        self.set(keys::STATE, state.as_str().to_string()).await;
+    }
+
+    /// Publishes this node's load (connected devices).
+    pub async fn set_load(&self, load: u64) {
+        self.set(keys::LOAD, load.to_string()).await;
+    }
+
+    /// Publishes that a device of `user` is connected here. Idempotent.
+    pub async fn set_user_online(&self, user: u64) {
+        self.set(&keys::user(user), "1".to_string()).await;
+    }
+
+    /// Withdraws `user` from this node (its last device here left). Idempotent.
+    pub async fn set_user_offline(&self, user: u64) {
+        let key = keys::user(user);
+        self.handle
+            .with_chitchat(|c| {
+                let state: &mut NodeState = c.self_node_state();
+                if state.get(&key).is_some() {
+                    state.delete(&key);
+                }
+            })
+            .await;
+    }
+
+    async fn set(&self, key: &str, value: String) {
+        self.handle
+            .with_chitchat(|c| c.self_node_state().set(key, &value))
+            .await;
+    }
+
+    /// Another live instance that claims this node's id, if gossip has seen one: one with a
+    /// different gossip address, or a newer generation on ours. An older generation on our
+    /// own address is our previous run, not a duplicate. Call it after a few gossip rounds.
+    pub async fn duplicate(&self) -> Option<Duplicate> {
+        let me = self.self_id.clone();
+        self.handle
+            .with_chitchat(|c| {
+                c.live_nodes()
+                    .find(|id| {
+                        id.node_id == me.node_id
+                            && **id != me
+                            && (id.gossip_advertise_addr != me.gossip_advertise_addr
+                                || id.generation_id > me.generation_id)
+                    })
+                    .map(|id| Duplicate {
+                        gossip_addr: id.gossip_advertise_addr,
+                        generation: id.generation_id,
+                    })
+            })
+            .await
+    }
+
+    /// Stops gossiping and waits for the tasks. Others see this node dead after their
+    /// failure-detection delay (publish [`Lifecycle::Leaving`] first for a planned stop).
+    pub async fn shutdown(self) -> Result<(), MembershipError> {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.handle
+            .shutdown()
+            .await
+            .map_err(|e| MembershipError::Stopped(e.into()))
+    }
+}
+
+/// Feeds chitchat's live-node snapshots into the view until cancelled.
+async fn follow(
+    mut live: watch::Receiver<std::collections::BTreeMap<ChitchatId, NodeState>>,
+    view: Arc<Mutex<View>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        {
+            let snapshot = live.borrow_and_update();
+            view.lock().apply(&snapshot);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            changed = live.changed() => if changed.is_err() { break },
+        }
+    }
+}

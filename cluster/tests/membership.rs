@@ -1,0 +1,227 @@
+#![allow(clippy::unwrap_used)]
+//! Gossip membership with real UDP on 127.0.0.1: discovery, failure detection, user keys,
+//! duplicate node ids.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cluster::membership::{
+    Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, PresenceEvent, PresenceEvents,
+};
+use cluster::NodeId;
+
+/// A free UDP port on 127.0.0.1: bind port 0, read it back, release it.
+fn free_udp_addr() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
+fn addrs(node: NodeId) -> NodeAddrs {
+    let port = 10_000 + node;
+    NodeAddrs {
+        http: format!("127.0.0.1:{port}").parse().unwrap(),
+        quic: format!("127.0.0.1:{}", port + 1000).parse().unwrap(),
+        peer: format!("127.0.0.1:{}", port + 2000).parse().unwrap(),
+    }
+}
+
+fn config(node: NodeId, gossip: SocketAddr, seeds: &[SocketAddr]) -> MembershipConfig {
+    let mut config = MembershipConfig::new(node, "test-cluster".into(), gossip, addrs(node));
+    config.seeds = seeds.iter().map(|s| s.to_string()).collect();
+    config.gossip_interval = Duration::from_millis(100);
+    config
+}
+
+async fn spawn(node: NodeId, seeds: &[SocketAddr]) -> (Membership, SocketAddr) {
+    let gossip = free_udp_addr();
+    let membership = Membership::spawn(config(node, gossip, seeds))
+        .await
+        .unwrap();
+    (membership, gossip)
+}
+
+/// Waits until the live members satisfy `ready`, or fails after `within`.
+async fn wait_members(
+    m: &Membership,
+    within: Duration,
+    ready: impl Fn(&[Member]) -> bool,
+) -> Vec<Member> {
+    let mut rx = m.watch_members();
+    let members = tokio::time::timeout(within, rx.wait_for(|members| ready(members)))
+        .await
+        .unwrap_or_else(|_| panic!("node {}: members never matched", m.node_id()))
+        .unwrap()
+        .clone();
+    members
+}
+
+fn ids(members: &[Member]) -> Vec<NodeId> {
+    let mut ids: Vec<NodeId> = members.iter().map(|m| m.node_id).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Waits for a condition that is read by polling (gossip-derived indexes), with a deadline.
+async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn next_event(events: &mut PresenceEvents) -> PresenceEvent {
+    tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("no presence event in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn three_members_see_each_other_and_a_stopped_one_dies() {
+    let (a, a_gossip) = spawn(1, &[]).await;
+    let (b, _) = spawn(2, &[a_gossip]).await;
+    let (c, _) = spawn(3, &[a_gossip]).await;
+    for m in [&a, &b, &c] {
+        let members = wait_members(m, Duration::from_secs(5), |ms| ids(ms) == [1, 2, 3]).await;
+        let three = members.iter().find(|m| m.node_id == 3).unwrap();
+        assert_eq!(three.addrs, addrs(3));
+        assert_eq!(three.state, Lifecycle::Joining);
+        assert!(three.live);
+    }
+
+    c.set_state(Lifecycle::Active).await;
+    c.set_load(17).await;
+    let members = wait_members(&a, Duration::from_secs(5), |ms| {
+        ms.iter()
+            .any(|m| m.node_id == 3 && m.state == Lifecycle::Active && m.load == 17)
+    })
+    .await;
+    assert_eq!(ids(&members), [1, 2, 3]);
+
+    let stopped = Instant::now();
+    c.shutdown().await.unwrap();
+    for m in [&a, &b] {
+        wait_members(m, Duration::from_secs(6), |ms| ids(ms) == [1, 2]).await;
+    }
+    let took = stopped.elapsed();
+    eprintln!("node 3 seen dead after {took:?}");
+    assert!(took < Duration::from_secs(5), "death took {took:?}");
+    let all = a.members().await;
+    let dead = all.iter().find(|m| m.node_id == 3).unwrap();
+    assert!(!dead.live);
+    assert!(all.iter().filter(|m| m.node_id != 3).all(|m| m.live));
+
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn user_keys_spread_and_vanish_with_their_node() {
+    let (a, a_gossip) = spawn(1, &[]).await;
+    let (b, _) = spawn(2, &[a_gossip]).await;
+    wait_members(&a, Duration::from_secs(5), |ms| ids(ms) == [1, 2]).await;
+    let mut events = a.subscribe_presence();
+
+    b.set_user_online(42).await;
+    b.set_user_online(42).await; // idempotent
+    eventually(Duration::from_secs(5), "user 42 on node 2", || {
+        a.user_nodes(42) == [2]
+    })
+    .await;
+    assert_eq!(
+        next_event(&mut events).await,
+        PresenceEvent::Online { user: 42, node: 2 }
+    );
+
+    // Online on two nodes at once.
+    a.set_user_online(42).await;
+    eventually(Duration::from_secs(5), "user 42 on nodes 1 and 2", || {
+        b.user_nodes(42) == [1, 2] && a.user_nodes(42) == [1, 2]
+    })
+    .await;
+    assert_eq!(
+        next_event(&mut events).await,
+        PresenceEvent::Online { user: 42, node: 1 }
+    );
+
+    a.set_user_offline(42).await;
+    a.set_user_offline(42).await; // idempotent
+    eventually(Duration::from_secs(5), "user 42 gone from node 1", || {
+        b.user_nodes(42) == [2]
+    })
+    .await;
+    assert_eq!(
+        next_event(&mut events).await,
+        PresenceEvent::Offline { user: 42, node: 1 }
+    );
+
+    b.set_user_online(7).await;
+    eventually(Duration::from_secs(5), "user 7 on node 2", || {
+        a.user_nodes(7) == [2]
+    })
+    .await;
+    assert_eq!(
+        next_event(&mut events).await,
+        PresenceEvent::Online { user: 7, node: 2 }
+    );
+
+    // Node 2 dies: its users go with it.
+    b.shutdown().await.unwrap();
+    eventually(Duration::from_secs(6), "node 2's users gone", || {
+        a.user_nodes(42).is_empty() && a.user_nodes(7).is_empty()
+    })
+    .await;
+    let mut gone = vec![next_event(&mut events).await, next_event(&mut events).await];
+    gone.sort_by_key(|e| match e {
+        PresenceEvent::Online { user, .. } | PresenceEvent::Offline { user, .. } => *user,
+    });
+    assert_eq!(
+        gone,
+        [
+            PresenceEvent::Offline { user: 7, node: 2 },
+            PresenceEvent::Offline { user: 42, node: 2 },
+        ]
+    );
+    a.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicate_node_id_is_detected() {
+    let (a, a_gossip) = spawn(1, &[]).await;
+    let (b, b_gossip) = spawn(2, &[a_gossip]).await;
+    let dup_gossip = free_udp_addr();
+    let mut dup_config = config(1, dup_gossip, &[a_gossip]);
+    dup_config.generation = Some(a.generation() + 1);
+    let dup = Membership::spawn(dup_config).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen_by_a = a.duplicate().await;
+        let seen_by_dup = dup.duplicate().await;
+        if let (Some(x), Some(y)) = (&seen_by_a, &seen_by_dup) {
+            assert_eq!(x.gossip_addr, dup_gossip);
+            assert_eq!(y.gossip_addr, a_gossip);
+            break;
+        }
+        assert!(Instant::now() < deadline, "duplicate never detected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.duplicate().await, None);
+    dup.shutdown().await.unwrap();
+
+    // A restart on the same address with a newer generation is not a duplicate of its
+    // previous run, even while others may still see that run alive.
+    let old_generation = b.generation();
+    b.shutdown().await.unwrap();
+    let mut again = config(2, b_gossip, &[a_gossip]);
+    again.generation = Some(old_generation + 1);
+    let b2 = Membership::spawn(again).await.unwrap();
+    wait_members(&b2, Duration::from_secs(5), |ms| ids(ms).contains(&1)).await;
+    for _ in 0..10 {
+        assert_eq!(b2.duplicate().await, None);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b2.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
