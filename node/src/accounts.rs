@@ -157,6 +157,7 @@ impl Accounts {
                     name: device_name.clone(),
                     token_id,
                     created_at: now,
+                    push_target: None,
                 });
                 Ok(())
             })
@@ -212,6 +213,30 @@ impl Accounts {
             user: claims.user,
             device: claims.device,
         })
+    }
+
+    /// Sets where `device` (one of the caller's devices) gets push notifications.
+    pub async fn set_push_target(
+        &self,
+        who: Identity,
+        device: DeviceId,
+        target: String,
+    ) -> Result<(), ApiError> {
+        crate::push::validate_target(&target)?;
+        self.store
+            .update_user(who.user, |rec| {
+                let dev = rec
+                    .devices
+                    .iter_mut()
+                    .find(|d| d.device_id == device)
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("you have no logged-in device {device}"))
+                    })?;
+                dev.push_target = Some(target.clone());
+                Ok::<_, ApiError>(())
+            })
+            .await?;
+        Ok(())
     }
 
     pub fn me(&self, who: Identity) -> Result<UserProfile, ApiError> {

@@ -15,6 +15,8 @@ use crate::accounts::Identity;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::ids::{now_unix_ms, IdGen};
+use crate::presence::Presence;
+use crate::push::Push;
 use crate::store::{HistoryPage, SendOutcome, Store, SyncPage};
 
 /// The chat service.
@@ -22,6 +24,8 @@ pub struct Chat {
     store: Store,
     ids: Arc<IdGen>,
     hub: Hub,
+    presence: Arc<Presence>,
+    push: Arc<Push>,
     sync_overlap: Duration,
 }
 
@@ -48,11 +52,20 @@ pub fn validate_send(client_id: &str, body: &str) -> Result<(), ApiError> {
 }
 
 impl Chat {
-    pub fn new(store: Store, ids: Arc<IdGen>, hub: Hub, sync_overlap: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        ids: Arc<IdGen>,
+        hub: Hub,
+        presence: Arc<Presence>,
+        push: Arc<Push>,
+        sync_overlap: Duration,
+    ) -> Self {
         Chat {
             store,
             ids,
             hub,
+            presence,
+            push,
             sync_overlap,
         }
     }
@@ -73,7 +86,7 @@ impl Chat {
         if let Some(first) = self.store.sent_before(sender.user, &client_id)? {
             // Make sure the first attempt's records are complete before acking again.
             let inboxes = self.inboxes_of(&first)?;
-            let stored = self.store.store_message(first, &inboxes).await?;
+            let stored = self.store.store_message(first, &inboxes, &[]).await?;
             return Ok(match stored {
                 SendOutcome::New(m) | SendOutcome::Duplicate(m) => m,
             });
@@ -107,7 +120,18 @@ impl Chat {
             client_id,
         };
         let inboxes = self.inboxes_of(&msg)?;
-        let outcome = self.store.store_message(msg, &inboxes).await?;
+        // Recipients with no device connected anywhere get a push notification, queued
+        // durably with the message.
+        let offline: Vec<UserId> = inboxes
+            .iter()
+            .copied()
+            .filter(|u| *u != msg.from && !self.presence.is_online(*u))
+            .collect();
+        let jobs = self.push.jobs_for(&msg, &offline)?;
+        let outcome = self.store.store_message(msg, &inboxes, &jobs).await?;
+        if !jobs.is_empty() {
+            self.push.wake();
+        }
         metrics::histogram!("chat_ack_latency_seconds").record(started.elapsed().as_secs_f64());
         match outcome {
             SendOutcome::New(m) => {

@@ -71,6 +71,18 @@ pub struct ServeArgs {
     /// Lifetime of a login token, seconds [default: 2592000, 30 days].
     #[arg(long, env = "CHATNODE_TOKEN_TTL_SECS")]
     pub token_ttl_secs: Option<u64>,
+    /// Whether push notifications carry a preview of the body (100 characters) [default: true].
+    #[arg(long, env = "CHATNODE_PUSH_PREVIEW", action = clap::ArgAction::Set)]
+    pub push_preview: Option<bool>,
+    /// Timeout of one webhook POST, ms [default: 5000].
+    #[arg(long, env = "CHATNODE_PUSH_TIMEOUT_MS")]
+    pub push_timeout_ms: Option<u64>,
+    /// First retry delay of a failed webhook POST, doubled per attempt, ms [default: 1000].
+    #[arg(long, env = "CHATNODE_PUSH_RETRY_BASE_MS")]
+    pub push_retry_base_ms: Option<u64>,
+    /// Attempts before a notification is dead-lettered [default: 8].
+    #[arg(long, env = "CHATNODE_PUSH_MAX_ATTEMPTS")]
+    pub push_max_attempts: Option<u32>,
     /// Log filter in tracing's EnvFilter syntax [default: info].
     #[arg(long, env = "CHATNODE_LOG")]
     pub log: Option<String>,
@@ -99,6 +111,10 @@ struct FileConfig {
     write_timeout_ms: Option<u64>,
     sync_overlap_ms: Option<u64>,
     token_ttl_secs: Option<u64>,
+    push_preview: Option<bool>,
+    push_timeout_ms: Option<u64>,
+    push_retry_base_ms: Option<u64>,
+    push_max_attempts: Option<u32>,
     log: Option<String>,
 }
 
@@ -123,6 +139,7 @@ pub struct Config {
     pub write_timeout: Duration,
     pub sync_overlap: Duration,
     pub token_ttl: Duration,
+    pub push: crate::push::PushConfig,
     pub log: String,
 }
 
@@ -207,6 +224,15 @@ impl Config {
                     .or(file.token_ttl_secs)
                     .unwrap_or(30 * 24 * 3600),
             ),
+            push: crate::push::PushConfig {
+                preview: args.push_preview.or(file.push_preview).unwrap_or(true),
+                timeout: ms(args.push_timeout_ms.or(file.push_timeout_ms), 5_000),
+                retry_base: ms(args.push_retry_base_ms.or(file.push_retry_base_ms), 1_000),
+                max_attempts: args
+                    .push_max_attempts
+                    .or(file.push_max_attempts)
+                    .unwrap_or(8),
+            },
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
             data_dir,
         };
@@ -251,6 +277,15 @@ impl Config {
         }
         if self.token_ttl < Duration::from_secs(60) {
             return bad("--token-ttl-secs must be at least 60".into());
+        }
+        if self.push.max_attempts == 0
+            || self.push.timeout.is_zero()
+            || self.push.retry_base.is_zero()
+        {
+            return bad(
+                "--push-max-attempts, --push-timeout-ms and --push-retry-base-ms must be above 0"
+                    .into(),
+            );
         }
         if self.advertise_host.is_empty() {
             return bad("--advertise-host must not be empty".into());

@@ -7,7 +7,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use client_proto::http::{
     AddMemberRequest, CreateGroupRequest, HistoryPage, LoginRequest, PatchMeRequest, SignupRequest,
@@ -32,6 +32,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/logout", post(logout))
         .route("/v1/me", get(me).patch(patch_me))
         .route("/v1/users/{username}", get(user))
+        .route("/v1/friends", get(list_friends))
+        .route("/v1/friends/{user}", put(add_friend).delete(remove_friend))
+        .route("/v1/devices/{device}/push", put(set_push))
         .route("/v1/groups", post(create_group).get(list_groups))
         .route("/v1/groups/{group}", get(get_group))
         .route("/v1/groups/{group}/members", post(add_member))
@@ -126,6 +129,54 @@ async fn user(
 fn path_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
     s.parse()
         .map_err(|_| ApiError::bad_request(format!("{what} must be a decimal id")))
+}
+
+#[derive(Deserialize)]
+struct PushRequest {
+    kind: String,
+    target: String,
+}
+
+async fn set_push(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path(device): Path<String>,
+    Body(req): Body<PushRequest>,
+) -> Result<StatusCode, ApiError> {
+    if req.kind != "webhook" {
+        return Err(ApiError::bad_request("kind must be \"webhook\""));
+    }
+    let device = path_id(&device, "device id")?;
+    node.accounts
+        .set_push_target(who, device, req.target)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_friends(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
+    Ok(Json(node.friends.list(who.user)?).into_response())
+}
+
+async fn add_friend(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path(user): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.friends
+        .add(who.user, path_id(&user, "user id")?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_friend(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path(user): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.friends
+        .remove(who.user, path_id(&user, "user id")?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn create_group(

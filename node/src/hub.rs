@@ -154,6 +154,19 @@ impl Hub {
         }
     }
 
+    /// The connections of `user` here: id, outbound queue, kick token.
+    pub fn connections_of(
+        &self,
+        user: UserId,
+    ) -> Vec<(u64, mpsc::Sender<Outbound>, CancellationToken)> {
+        let map = self.inner.users.read();
+        map.get(&user)
+            .into_iter()
+            .flatten()
+            .map(|d| (d.conn_id, d.tx.clone(), d.kick.clone()))
+            .collect()
+    }
+
     /// Whether `user` has a device connected here.
     pub fn is_connected(&self, user: UserId) -> bool {
         self.inner.users.read().contains_key(&user)

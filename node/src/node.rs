@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use client_proto::http::{NodeInfo, PresenceInfo};
 use client_proto::ids::UserId;
-use client_proto::PresenceStatus;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::RngCore;
 use tokio_util::sync::CancellationToken;
@@ -19,9 +18,12 @@ use crate::accounts::Accounts;
 use crate::auth::Tokens;
 use crate::chat::Chat;
 use crate::config::Config;
+use crate::friends::Friends;
 use crate::groups::Groups;
 use crate::hub::Hub;
 use crate::ids::IdGen;
+use crate::presence::{Feed, LocalDirectory, Presence};
+use crate::push::Push;
 use crate::store::Store;
 
 /// Meta key of the id generator's lease.
@@ -37,6 +39,8 @@ pub struct Node {
     pub accounts: Accounts,
     pub chat: Chat,
     pub groups: Groups,
+    pub presence: Arc<Presence>,
+    pub friends: Friends,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     pub metrics: Option<PrometheusHandle>,
@@ -55,18 +59,7 @@ impl Node {
 
     /// Presence of `users`, for group views.
     pub fn presence_of(&self, users: &[UserId]) -> Vec<PresenceInfo> {
-        users
-            .iter()
-            .map(|&user_id| PresenceInfo {
-                user_id,
-                status: if self.hub.is_connected(user_id) {
-                    PresenceStatus::Online
-                } else {
-                    PresenceStatus::Offline
-                },
-                last_seen: None,
-            })
-            .collect()
+        users.iter().map(|&u| self.presence.status(u)).collect()
     }
 
     /// Held by each live session so that shutdown can wait for them.
@@ -172,6 +165,15 @@ pub async fn serve(
 
     let hub = Hub::default();
     let shutdown = CancellationToken::new();
+    let feed = Arc::new(Feed::default());
+    let presence = Arc::new(Presence::new(
+        Arc::new(LocalDirectory::new(feed.clone())),
+        feed,
+        store.clone(),
+    ));
+    let fanout = presence.spawn_fanout(shutdown.clone());
+    let push = Arc::new(Push::new(store.clone(), ids.clone(), cfg.push.clone()));
+    let push_worker = push.spawn(shutdown.clone());
     let node = Arc::new(Node {
         accounts: Accounts::new(
             store.clone(),
@@ -180,8 +182,17 @@ pub async fn serve(
             hub.clone(),
             cfg.token_ttl,
         ),
-        chat: Chat::new(store.clone(), ids.clone(), hub.clone(), cfg.sync_overlap),
+        chat: Chat::new(
+            store.clone(),
+            ids.clone(),
+            hub.clone(),
+            presence.clone(),
+            push.clone(),
+            cfg.sync_overlap,
+        ),
         groups: Groups::new(store.clone(), ids),
+        friends: Friends::new(store.clone(), hub.clone(), presence.clone()),
+        presence,
         store: store.clone(),
         hub,
         shutdown: shutdown.clone(),
@@ -222,6 +233,8 @@ pub async fn serve(
         Err(_) => tracing::warn!("HTTP server did not stop within {DRAIN_TIMEOUT:?}"),
         _ => {}
     }
+    let _ = fanout.await;
+    let _ = push_worker.await;
     store.flush().await.context("final flush of the store")?;
     drop(node);
     drop(store);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client_proto::codec::{self, Codec, DecodeError};
-use client_proto::limits::AUTH_TIMEOUT_MS;
+use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_SUBSCRIBE_USERS};
 use client_proto::{ClientFrame, ErrorCode, ServerFrame};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -20,6 +20,7 @@ use crate::accounts::Identity;
 use crate::error::ApiError;
 use crate::hub::{Outbound, OUTBOUND_QUEUE};
 use crate::node::Node;
+use crate::presence::MAX_WATCHED_PER_CONNECTION;
 use crate::ratelimit::TokenBucket;
 
 /// Sends of one connection being stored at once; past this the session stops reading.
@@ -76,10 +77,20 @@ where
             return;
         }
         tracing::debug!("session ready");
+        node.presence.device_up(who.user);
+        match node.friends.ids(who.user) {
+            Ok(friends) => {
+                node.presence
+                    .watch(registration.conn_id(), &tx, &kick, &friends);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not load friends for presence"),
+        }
+        let conn_id = registration.conn_id();
         let session = Session {
             node: node.clone(),
             who,
-            conn_id: registration.conn_id(),
+            conn_id,
+            kick: kick.clone(),
             bucket: TokenBucket::new(
                 node.cfg.rate_limit_per_sec,
                 node.cfg.rate_limit_burst,
@@ -87,13 +98,17 @@ where
             ),
             out: tx,
         };
-        let writing = write_loop(rx, writer, codec, kick.clone());
+        let reader_done = CancellationToken::new();
+        let writing = write_loop(rx, writer, codec, kick.clone(), reader_done.clone());
         let reading = async {
             session.read_loop(reader, &kick).await;
-            // Unregister so that the hub's sender goes; the writer ends once the queue drains.
+            // Unregister everywhere, then let the writer drain what is queued and stop.
             drop(registration);
+            node.presence.forget(conn_id);
+            reader_done.cancel();
         };
         tokio::join!(reading, writing);
+        node.presence.device_down(who.user).await;
         tracing::debug!("session ended");
     }
     .instrument(span)
@@ -111,10 +126,7 @@ where
     W: Sink<OutFrame> + Unpin,
 {
     let first = tokio::time::timeout(Duration::from_millis(AUTH_TIMEOUT_MS), reader.next()).await;
-    let refuse = |codec: Codec, e: ApiError| {
-        let frame = ServerFrame::error(e.code, e.message, None);
-        (OutFrame::Data(codec, codec::encode(codec, &frame)), e.code)
-    };
+
     let (codec, bytes) = match first {
         Err(_) => {
             let _ = writer
@@ -143,8 +155,10 @@ where
         Ok(who) => Some((who, codec)),
         Err(e) => {
             tracing::debug!(error = %e, "authentication refused");
-            let (frame, _) = refuse(codec, e);
-            let _ = writer.send(frame).await;
+            let frame = ServerFrame::error(e.code, e.message, None);
+            let _ = writer
+                .send(OutFrame::Data(codec, codec::encode(codec, &frame)))
+                .await;
             let _ = writer
                 .send(OutFrame::Close(1008, "authentication failed".into()))
                 .await;
@@ -153,12 +167,14 @@ where
     }
 }
 
-/// Drains the outbound queue into the transport until it closes or the session is kicked.
+/// Drains the outbound queue into the transport until the session is kicked, or the reader
+/// is done and what was queued has been written.
 async fn write_loop<W>(
     mut rx: mpsc::Receiver<Outbound>,
     mut writer: W,
     codec: Codec,
     kick: CancellationToken,
+    reader_done: CancellationToken,
 ) where
     W: Sink<OutFrame> + Unpin,
 {
@@ -166,6 +182,7 @@ async fn write_loop<W>(
         let next = tokio::select! {
             biased;
             next = rx.recv() => next,
+            _ = reader_done.cancelled() => rx.try_recv().ok(),
             _ = kick.cancelled() => {
                 // Shutdown or a kicked slow consumer: say goodbye if the socket still takes it.
                 let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(OutFrame::Close(1001, "going away".into()))).await;
@@ -192,6 +209,7 @@ struct Session {
     node: Arc<Node>,
     who: Identity,
     conn_id: u64,
+    kick: CancellationToken,
     bucket: TokenBucket,
     out: mpsc::Sender<Outbound>,
 }
@@ -330,15 +348,30 @@ impl Session {
                 .await;
                 None
             }
-            ClientFrame::SubscribePresence { .. } | ClientFrame::UnsubscribePresence { .. } => {
-                self.error(
-                    ApiError::new(
-                        ErrorCode::InvalidFrame,
-                        "presence is not served by this node version",
-                    ),
-                    None,
-                )
-                .await;
+            ClientFrame::SubscribePresence { users } => {
+                if users.len() > MAX_SUBSCRIBE_USERS {
+                    let msg = format!("at most {MAX_SUBSCRIBE_USERS} users per subscribe_presence");
+                    self.error(ApiError::bad_request(msg), None).await;
+                } else if !self
+                    .node
+                    .presence
+                    .watch(self.conn_id, &self.out, &self.kick, &users)
+                {
+                    let msg = format!(
+                        "a connection may watch at most {MAX_WATCHED_PER_CONNECTION} users"
+                    );
+                    self.error(ApiError::bad_request(msg), None).await;
+                }
+                None
+            }
+            ClientFrame::UnsubscribePresence { users } => {
+                if users.len() > MAX_SUBSCRIBE_USERS {
+                    let msg =
+                        format!("at most {MAX_SUBSCRIBE_USERS} users per unsubscribe_presence");
+                    self.error(ApiError::bad_request(msg), None).await;
+                } else {
+                    self.node.presence.unwatch(self.conn_id, &users);
+                }
                 None
             }
         }

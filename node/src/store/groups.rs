@@ -74,8 +74,8 @@ impl Store {
             range,
             false,
             |k, _| {
-                if let Some(g) = keys::message_id_suffix(k) {
-                    out.push(GroupId(g.0));
+                if let Some(g) = keys::u64_suffix(k) {
+                    out.push(GroupId(g));
                 }
                 Ok(true)
             },

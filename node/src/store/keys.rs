@@ -55,16 +55,31 @@ pub fn group(group: GroupId) -> [u8; 8] {
 
 /// `user | group`: one entry of a user's group index.
 pub fn user_group(user: UserId, group: GroupId) -> [u8; 16] {
+    pair(user, UserId(group.0))
+}
+
+/// `user | other user`: one entry of a per-user set of users (friends).
+pub fn pair(user: UserId, other: UserId) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&user.0.to_be_bytes());
-    k[8..].copy_from_slice(&group.0.to_be_bytes());
+    k[8..].copy_from_slice(&other.0.to_be_bytes());
     k
+}
+
+/// `due ms | job id`: one pending push job, in due order.
+pub fn push_job(due_ms: u64, job: u64) -> [u8; 16] {
+    pair(UserId(due_ms), UserId(job))
+}
+
+/// The 64-bit id at the end of a key.
+pub fn u64_suffix(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
 }
 
 /// The message id at the end of a history or inbox key.
 pub fn message_id_suffix(key: &[u8]) -> Option<MessageId> {
-    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
-    Some(MessageId(u64::from_be_bytes(tail)))
+    u64_suffix(key).map(MessageId)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use client_proto::ids::{ConversationId, MessageId, UserId};
 use client_proto::Message;
 
-use super::records::{decode, encode};
+use super::records::{decode, encode, PushJob};
 use super::{keys, Store, StoreError, Table, WriteBatch};
 
 /// What storing a send did.
@@ -55,11 +55,13 @@ impl Store {
 
     /// Stores a new message: the idempotency record (claimed first, so that two racing sends
     /// of one client id store one message), the conversation's history entry and an inbox
-    /// entry for each of `inboxes`. Returns once all of it is durable.
+    /// entry for each of `inboxes`. Returns once all of it is durable. `push_jobs` go into the
+    /// push outbox in the same durable batch (only for a new message).
     pub async fn store_message(
         &self,
         msg: Message,
         inboxes: &[UserId],
+        push_jobs: &[PushJob],
     ) -> Result<SendOutcome, StoreError> {
         let idem_key = keys::idempotency(msg.from, &msg.client_id);
         let encoded = encode(&msg);
@@ -98,6 +100,11 @@ impl Store {
                 keys::inbox(*user, stored.message_id),
                 encoded.clone(),
             );
+        }
+        if matches!(outcome, SendOutcome::New(_)) {
+            for job in push_jobs {
+                self.queue_push(&mut batch, job, job.ts);
+            }
         }
         self.write(batch).await?;
         Ok(outcome)

@@ -10,9 +10,11 @@
 //! `commit`), or fails with [`StoreError::Timeout`] after the write timeout.
 
 mod commit;
+mod friends;
 mod groups;
 pub mod keys;
 mod messages;
+mod push;
 pub mod records;
 mod users;
 
@@ -41,9 +43,13 @@ pub enum Table {
     Groups,
     /// `user | group`: the groups a user belongs to (an index; the group record decides).
     UserGroups,
+    /// `user | friend`: friendships, written on both users.
+    Friends,
+    /// `due ms | job id`: pending push notifications. Node-local, not replicated.
+    PushOutbox,
 }
 
-const TABLES: [Table; 8] = [
+const TABLES: [Table; 10] = [
     Table::Meta,
     Table::Users,
     Table::Usernames,
@@ -52,6 +58,8 @@ const TABLES: [Table; 8] = [
     Table::Idempotency,
     Table::Groups,
     Table::UserGroups,
+    Table::Friends,
+    Table::PushOutbox,
 ];
 
 impl Table {
@@ -65,6 +73,8 @@ impl Table {
             Table::Idempotency => "idempotency",
             Table::Groups => "groups",
             Table::UserGroups => "user_groups",
+            Table::Friends => "friends",
+            Table::PushOutbox => "push_outbox",
         }
     }
 }

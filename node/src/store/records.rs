@@ -3,7 +3,7 @@
 //! decoder here (the migration path).
 
 use bincode::{Decode, Encode};
-use client_proto::ids::{DeviceId, GroupId, MessageId, UserId};
+use client_proto::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
 
 use super::StoreError;
 
@@ -54,6 +54,25 @@ pub struct DeviceRecord {
     pub name: String,
     pub token_id: u64,
     pub created_at: u64,
+    /// Webhook URL for this device's push notifications.
+    pub push_target: Option<String>,
+}
+
+/// A pending push notification for one target of one offline recipient.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct PushJob {
+    pub job_id: u64,
+    pub recipient: UserId,
+    pub device_id: DeviceId,
+    pub target: String,
+    pub conversation: ConversationId,
+    pub sender: UserId,
+    pub message_id: MessageId,
+    /// At most 100 characters of the body, unless previews are off.
+    pub preview: Option<String>,
+    pub ts: u64,
+    /// Failed deliveries so far.
+    pub attempts: u32,
 }
 
 /// A group conversation.
@@ -105,6 +124,7 @@ mod tests {
                 name: "phone".into(),
                 token_id: 5,
                 created_at: 6,
+                push_target: Some("http://x".into()),
             }],
             token_counter: 5,
         };

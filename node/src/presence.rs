@@ -1,0 +1,304 @@
+//! Presence: who is online, and the fan-out of status transitions to watching devices.
+//!
+//! A user is online while any of their devices is connected (and heartbeating) anywhere. This
+//! node counts its own devices per user and publishes the 0↔1 transitions to a [`Directory`].
+//! The directory decides who is online cluster-wide and reports changes into a [`Feed`]; one
+//! fan-out task turns the feed into `presence` frames for the local watchers only. The
+//! single-node directory ([`LocalDirectory`]) and a gossip-backed one feed the same fan-out,
+//! so subscribers see the same behaviour either way.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use client_proto::http::PresenceInfo;
+use client_proto::ids::UserId;
+use client_proto::{PresenceStatus, ServerFrame};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Outbound;
+use crate::ids::now_unix_ms;
+use crate::store::Store;
+
+/// Most users one connection may watch (friends included).
+pub const MAX_WATCHED_PER_CONNECTION: usize = 5_000;
+
+/// Where online users are known, cluster-wide.
+pub trait Directory: Send + Sync {
+    /// This node gained its first device of `user` (`true`) or lost its last one (`false`).
+    fn publish(&self, user: UserId, online: bool);
+    /// Whether `user` has a device connected to any live node.
+    fn is_online(&self, user: UserId) -> bool;
+}
+
+/// Status changes waiting for the fan-out, coalesced per user (only the latest matters), so
+/// the backlog is bounded by the number of users, not the number of changes.
+#[derive(Default)]
+pub struct Feed {
+    pending: Mutex<HashMap<UserId, (PresenceStatus, u64)>>,
+    wake: Notify,
+}
+
+impl Feed {
+    /// Records that `user` is now `status` (at `at`, Unix ms).
+    pub fn push(&self, user: UserId, status: PresenceStatus, at: u64) {
+        self.pending.lock().insert(user, (status, at));
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> HashMap<UserId, (PresenceStatus, u64)> {
+        std::mem::take(&mut *self.pending.lock())
+    }
+}
+
+/// The directory of a single node: online means connected here.
+pub struct LocalDirectory {
+    online: RwLock<HashSet<UserId>>,
+    feed: Arc<Feed>,
+}
+
+impl LocalDirectory {
+    pub fn new(feed: Arc<Feed>) -> Self {
+        LocalDirectory {
+            online: RwLock::default(),
+            feed,
+        }
+    }
+}
+
+impl Directory for LocalDirectory {
+    fn publish(&self, user: UserId, online: bool) {
+        let mut set = self.online.write();
+        let changed = if online {
+            set.insert(user)
+        } else {
+            set.remove(&user)
+        };
+        if changed {
+            let status = if online {
+                PresenceStatus::Online
+            } else {
+                PresenceStatus::Offline
+            };
+            self.feed.push(user, status, now_unix_ms());
+        }
+    }
+
+    fn is_online(&self, user: UserId) -> bool {
+        self.online.read().contains(&user)
+    }
+}
+
+struct Watcher {
+    tx: mpsc::Sender<Outbound>,
+    kick: CancellationToken,
+}
+
+#[derive(Default)]
+struct Watchers {
+    /// watched user → watching connection → its queue
+    by_user: HashMap<UserId, HashMap<u64, Watcher>>,
+    /// connection → users it watches
+    by_conn: HashMap<u64, HashSet<UserId>>,
+}
+
+/// The presence service.
+pub struct Presence {
+    directory: Arc<dyn Directory>,
+    feed: Arc<Feed>,
+    local_devices: Mutex<HashMap<UserId, usize>>,
+    watchers: RwLock<Watchers>,
+    store: Store,
+}
+
+impl Presence {
+    pub fn new(directory: Arc<dyn Directory>, feed: Arc<Feed>, store: Store) -> Self {
+        Presence {
+            directory,
+            feed,
+            local_devices: Mutex::default(),
+            watchers: RwLock::default(),
+            store,
+        }
+    }
+
+    /// A device of `user` connected to this node.
+    pub fn device_up(&self, user: UserId) {
+        let mut devices = self.local_devices.lock();
+        let n = devices.entry(user).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.directory.publish(user, true);
+        }
+    }
+
+    /// A device of `user` left this node (closed or timed out). When it was the last one, the
+    /// user's last_seen is stored.
+    pub async fn device_down(&self, user: UserId) {
+        let last = {
+            let mut devices = self.local_devices.lock();
+            let n = devices.entry(user).or_insert(1);
+            *n -= 1;
+            if *n == 0 {
+                devices.remove(&user);
+                self.directory.publish(user, false);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            let now = now_unix_ms();
+            let saved = self
+                .store
+                .update_user(user, |rec| {
+                    rec.last_seen = rec.last_seen.max(now);
+                    Ok::<_, crate::store::StoreError>(())
+                })
+                .await;
+            if let Err(e) = saved {
+                tracing::warn!(%user, error = %e, "could not store last_seen");
+            }
+        }
+    }
+
+    /// Whether `user` is online anywhere.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.directory.is_online(user)
+    }
+
+    /// The status of `user`, with last_seen from the user record.
+    pub fn status(&self, user: UserId) -> PresenceInfo {
+        let online = self.is_online(user);
+        let last_seen = self
+            .store
+            .user(user)
+            .ok()
+            .flatten()
+            .map(|r| r.last_seen)
+            .filter(|t| *t > 0);
+        PresenceInfo {
+            user_id: user,
+            status: if online {
+                PresenceStatus::Online
+            } else {
+                PresenceStatus::Offline
+            },
+            last_seen: if online {
+                Some(now_unix_ms())
+            } else {
+                last_seen
+            },
+        }
+    }
+
+    /// Connection `conn` watches `users`. Returns false (and watches none of them) if that
+    /// would pass the per-connection limit.
+    pub fn watch(
+        &self,
+        conn: u64,
+        tx: &mpsc::Sender<Outbound>,
+        kick: &CancellationToken,
+        users: &[UserId],
+    ) -> bool {
+        let mut w = self.watchers.write();
+        let current = w.by_conn.get(&conn).map_or(0, HashSet::len);
+        let new: Vec<UserId> = users
+            .iter()
+            .copied()
+            .filter(|u| !w.by_conn.get(&conn).is_some_and(|s| s.contains(u)))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if current + new.len() > MAX_WATCHED_PER_CONNECTION {
+            return false;
+        }
+        for u in new {
+            w.by_conn.entry(conn).or_default().insert(u);
+            w.by_user.entry(u).or_default().insert(
+                conn,
+                Watcher {
+                    tx: tx.clone(),
+                    kick: kick.clone(),
+                },
+            );
+        }
+        true
+    }
+
+    /// Connection `conn` stops watching `users`.
+    pub fn unwatch(&self, conn: u64, users: &[UserId]) {
+        let mut w = self.watchers.write();
+        for u in users {
+            if let Some(set) = w.by_conn.get_mut(&conn) {
+                set.remove(u);
+            }
+            remove_watcher(&mut w.by_user, *u, conn);
+        }
+    }
+
+    /// Connection `conn` is gone: drop all its watches.
+    pub fn forget(&self, conn: u64) {
+        let mut w = self.watchers.write();
+        for u in w.by_conn.remove(&conn).unwrap_or_default() {
+            remove_watcher(&mut w.by_user, u, conn);
+        }
+    }
+
+    /// Starts the fan-out task: feed → `presence` frames for local watchers, one per watching
+    /// connection per transition.
+    pub fn spawn_fanout(self: &Arc<Self>, shutdown: CancellationToken) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Users announced online (absent: offline), so only transitions go out.
+            let mut announced: HashSet<UserId> = HashSet::new();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = this.feed.wake.notified() => {}
+                }
+                for (user, (status, at)) in this.feed.take() {
+                    let online = status == PresenceStatus::Online;
+                    let changed = if online {
+                        announced.insert(user)
+                    } else {
+                        announced.remove(&user)
+                    };
+                    if changed {
+                        this.announce(user, status, at);
+                    }
+                }
+            }
+        })
+    }
+
+    fn announce(&self, user: UserId, status: PresenceStatus, at: u64) {
+        let frame = ServerFrame::Presence {
+            user_id: user,
+            status,
+            last_seen: Some(at),
+        };
+        let w = self.watchers.read();
+        let mut sent = 0u64;
+        for watcher in w.by_user.get(&user).into_iter().flat_map(HashMap::values) {
+            match watcher.tx.try_send(Outbound::Frame(frame.clone())) {
+                Ok(()) => sent += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => watcher.kick.cancel(),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        metrics::counter!("presence_transitions_total").increment(1);
+        metrics::counter!("presence_frames_total").increment(sent);
+    }
+}
+
+fn remove_watcher(by_user: &mut HashMap<UserId, HashMap<u64, Watcher>>, user: UserId, conn: u64) {
+    if let Some(m) = by_user.get_mut(&user) {
+        m.remove(&conn);
+        if m.is_empty() {
+            by_user.remove(&user);
+        }
+    }
+}
