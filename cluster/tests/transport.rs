@@ -261,3 +261,74 @@ async fn a_restarted_peer_is_reconnected_to() {
     assert!(matches!(err, PeerError::Closed), "{err}");
     b.shutdown().await;
 }
+
+/// A peer that dies without closing its connections and comes back on the same address:
+/// with the cluster secret as reset key, the stale connection is reset at once instead of
+/// lingering until the idle timeout.
+#[tokio::test]
+async fn a_crashed_and_restarted_peer_resets_stale_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster_dir(dir.path(), &["node-a", "node-b"]);
+    let secret = certs::load_secret(dir.path()).unwrap();
+    let config = PeerConfig {
+        reset_secret: Some(secret),
+        idle_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(8),
+        ..config()
+    };
+    let b_tls = certs::load(dir.path(), "node-b").unwrap();
+    let (a, _, _) = start(&certs::load(dir.path(), "node-a").unwrap(), config.clone());
+
+    // Node B runs on its own runtime, so that it can be killed without any goodbye.
+    let b_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = {
+        let _guard = b_runtime.enter();
+        PeerEndpoint::bind(
+            local(),
+            &b_tls,
+            config.clone(),
+            Arc::new(TestHandler::default()),
+        )
+        .unwrap()
+    };
+    let b_addr = b.local_addr().unwrap();
+    a.request(b_addr, "node-b", echo(b"before")).await.unwrap();
+    b_runtime.shutdown_background();
+    drop(b);
+
+    let handler = Arc::new(TestHandler::default());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let b = loop {
+        match PeerEndpoint::bind(b_addr, &b_tls, config.clone(), handler.clone()) {
+            Ok(b) => break b,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot rebind {b_addr}: {e}"),
+        }
+    };
+    let restarted = Instant::now();
+    let mut failures = 0;
+    loop {
+        match a.request(b_addr, "node-b", echo(b"after")).await {
+            Ok(reply) => {
+                assert_eq!(reply.body, b"after");
+                break;
+            }
+            Err(err) => {
+                assert!(err.is_connection_failure(), "{err}");
+                failures += 1;
+                assert!(failures < 5, "still failing: {err}");
+            }
+        }
+    }
+    let took = restarted.elapsed();
+    eprintln!("reconnected after {took:?} and {failures} failed request(s)");
+    assert!(took < Duration::from_secs(3), "reconnect took {took:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

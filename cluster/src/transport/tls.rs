@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn_proto::HashedConnectionIdGenerator;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, SupportedProtocolVersion};
 
@@ -84,17 +85,27 @@ pub(crate) fn client_config(
     Ok(client)
 }
 
-/// The endpoint configuration. With a cluster secret, stateless-reset tokens are derived
-/// from it, so a node restarted on the same address resets its peers' stale connections at
-/// once instead of leaving them to time out.
+/// The endpoint configuration. With a cluster secret, stateless-reset tokens and the keyed
+/// connection-id check are derived from it, so a node restarted on the same address
+/// recognises its previous run's connection ids and resets its peers' stale connections at
+/// the first packet, instead of leaving them to time out.
 pub(crate) fn endpoint_config(secret: Option<&ClusterSecret>) -> EndpointConfig {
-    match secret {
-        Some(secret) => {
-            let mut material = b"chat-peer stateless reset\0".to_vec();
-            material.extend_from_slice(secret.as_bytes());
-            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &material);
-            EndpointConfig::new(Arc::new(key))
-        }
-        None => EndpointConfig::default(),
-    }
+    let Some(secret) = secret else {
+        return EndpointConfig::default();
+    };
+    let derive = |label: &[u8]| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        ring::hmac::sign(&key, label)
+    };
+    let reset = derive(b"chat-peer stateless reset key");
+    let mut config = EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    let cid = derive(b"chat-peer connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    config
 }
