@@ -40,7 +40,8 @@ pub struct MembershipConfig {
     pub node_id: NodeId,
     /// Nodes gossip only with nodes of the same cluster id (see [`cluster_id_for`]).
     pub cluster_id: String,
-    /// UDP address to bind for gossip.
+    /// UDP address to bind for gossip (with a real port: chitchat advertises what it is
+    /// given, so port 0 cannot be used).
     pub listen_addr: SocketAddr,
     /// Gossip address other nodes use to reach this one (often `listen_addr`).
     pub advertise_addr: SocketAddr,

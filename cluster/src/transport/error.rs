@@ -22,6 +22,9 @@ pub enum BindError {
     /// The client-certificate verifier could not be built from the CA.
     #[error("cannot verify client certificates with the cluster CA: {0}")]
     Verifier(rustls::server::VerifierBuilderError),
+    /// `bind` was called outside a Tokio runtime.
+    #[error("the peer endpoint must be started inside a Tokio runtime")]
+    NoRuntime,
     /// The crypto provider lacks the cipher suite QUIC needs for its initial packets.
     #[error("the TLS provider has no cipher suite usable for QUIC")]
     NoQuicCipherSuite,

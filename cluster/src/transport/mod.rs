@@ -100,7 +100,7 @@ pub(crate) struct Shared {
 
 impl PeerEndpoint {
     /// Binds `addr` (UDP) and starts serving requests with `handler`. Must be called inside
-    /// a Tokio runtime.
+    /// a Tokio runtime, whose tasks then run the endpoint.
     ///
     /// With [`PeerConfig::reset_secret`] set to the cluster secret, every node derives the
     /// same stateless-reset key, so a node restarted on the same address makes its peers drop
@@ -111,6 +111,9 @@ impl PeerEndpoint {
         mut config: PeerConfig,
         handler: Arc<dyn RpcHandler>,
     ) -> Result<Self, BindError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(BindError::NoRuntime);
+        }
         config.max_frame = config.max_frame.min(HARD_MAX_FRAME);
         config.max_in_flight = config.max_in_flight.max(1);
         let server = tls::server_config(tls, &config)?;
