@@ -14,6 +14,7 @@ pub mod ids;
 pub mod node;
 pub mod presence;
 pub mod push;
+pub mod quic;
 pub mod ratelimit;
 pub mod session;
 pub mod store;

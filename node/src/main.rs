@@ -15,11 +15,54 @@ struct Cli {
 enum Command {
     /// Run a node (with no flags: a single-node cluster on 127.0.0.1 with data in ./chatnode-data).
     Serve(ServeArgs),
+    /// Make the cluster CA and secret, or a node certificate signed by it.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make the cluster CA (ca.pem, ca.key) and the cluster secret in a new cluster dir.
+    Init {
+        #[arg(long)]
+        cluster_dir: std::path::PathBuf,
+    },
+    /// Issue a certificate for node NAME (NAME.pem, NAME.key) signed by the cluster CA.
+    Node {
+        #[arg(long)]
+        cluster_dir: std::path::PathBuf,
+        /// The node's name; `chatnode serve --node-id N` uses `node-N`.
+        #[arg(long)]
+        name: String,
+        /// A host name or IP address the certificate is valid for (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+    },
+}
+
+fn certs(cmd: CertsCommand) -> std::process::ExitCode {
+    let result = match &cmd {
+        CertsCommand::Init { cluster_dir } => cluster::certs::init_cluster_dir(cluster_dir)
+            .map(|()| format!("made the cluster CA and secret in {}", cluster_dir.display())),
+        CertsCommand::Node { cluster_dir, name, hosts } => cluster::certs::issue_node_cert(cluster_dir, name, hosts)
+            .map(|()| format!("issued {name}.pem and {name}.key in {}", cluster_dir.display())),
+    };
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chatnode certs: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Certs(cmd) => certs(cmd),
         Command::Serve(args) => {
             let cfg = match Config::resolve(args) {
                 Ok(c) => c,

@@ -2,7 +2,6 @@
 //! down in order (stop accepting, tell sessions to drain, wait for them, flush the store).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,6 @@ use anyhow::Context;
 use client_proto::http::{NodeInfo, PresenceInfo};
 use client_proto::ids::UserId;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use rand::RngCore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
@@ -66,53 +64,11 @@ impl Node {
     pub fn connection_guard(&self) -> TaskTrackerToken {
         self.sessions.token()
     }
-}
 
-/// Reads the cluster secret from `dir`, making one on first start.
-fn cluster_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
-    let path = dir.join("secret");
-    if path.exists() {
-        let hex = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read the cluster secret {}", path.display()))?;
-        let secret = decode_hex(hex.trim())
-            .with_context(|| format!("the cluster secret {} is not hex", path.display()))?;
-        anyhow::ensure!(
-            secret.len() >= 16,
-            "the cluster secret {} is shorter than 16 bytes",
-            path.display()
-        );
-        return Ok(secret);
+    /// Runs a session task that shutdown waits for.
+    pub fn spawn_session(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.sessions.spawn(fut);
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the cluster dir {}", dir.display()))?;
-    let mut secret = vec![0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut secret);
-    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&path, hex.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tracing::info!(path = %path.display(), "made a new cluster secret");
-    Ok(secret)
-}
-
-fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    anyhow::ensure!(s.len().is_multiple_of(2), "odd length");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16).map_err(Into::into))
-        .collect()
-}
-
-/// Writes a file only its owner can read.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 /// Installs the Prometheus recorder once per process.
@@ -136,7 +92,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
-    let secret = cluster_secret(&cfg.cluster_dir)?;
+    let cert_name = format!("node-{}", cfg.node_id);
+    let hosts = vec![cfg.advertise_host.clone(), "localhost".into(), "127.0.0.1".into()];
+    let (tls, secret) = cluster::certs::ensure_node(&cfg.cluster_dir, &cert_name, &hosts)
+        .with_context(|| format!("cannot set up the cluster dir {}", cfg.cluster_dir.display()))?;
     let db_dir = cfg.data_dir.join("db");
     let (store, flusher) =
         Store::open(&db_dir, cfg.partitions, cfg.write_timeout).with_context(|| {
@@ -162,6 +121,8 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {} for HTTP and WebSocket", cfg.http_addr))?;
     let http_addr = listener.local_addr()?;
     cfg.http_addr = http_addr; // port 0 means "any": advertise the real one
+    let quic_endpoint = crate::quic::bind(cfg.quic_addr, &tls)?;
+    cfg.quic_addr = quic_endpoint.local_addr()?;
 
     let hub = Hub::default();
     let shutdown = CancellationToken::new();
@@ -177,7 +138,7 @@ pub async fn serve(
     let node = Arc::new(Node {
         accounts: Accounts::new(
             store.clone(),
-            Tokens::new(&secret),
+            Tokens::new(secret.as_bytes()),
             ids.clone(),
             hub.clone(),
             cfg.token_ttl,
@@ -201,6 +162,7 @@ pub async fn serve(
         cfg,
     });
 
+    let quic = crate::quic::spawn_accept(node.clone(), quic_endpoint, shutdown.clone());
     let app = crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let http_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -212,6 +174,7 @@ pub async fn serve(
     tracing::info!(
         node_id = node.cfg.node_id,
         http = %http_addr,
+        quic = %node.cfg.quic_addr,
         data_dir = %node.cfg.data_dir.display(),
         "chatnode ready"
     );
@@ -233,6 +196,7 @@ pub async fn serve(
         Err(_) => tracing::warn!("HTTP server did not stop within {DRAIN_TIMEOUT:?}"),
         _ => {}
     }
+    let _ = quic.await;
     let _ = fanout.await;
     let _ = push_worker.await;
     store.flush().await.context("final flush of the store")?;
