@@ -52,7 +52,8 @@ fn server_config(tls: &NodeTls) -> anyhow::Result<quinn::ServerConfig> {
         .with_single_cert(tls.chain.clone(), tls.key.clone_key())
         .context("the node certificate")?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS config")?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS config")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
@@ -95,11 +96,16 @@ impl Drop for PerIpGuard {
 /// Binds the client QUIC listener. Returns the bound address and the accept loop, which ends
 /// when `shutdown` is cancelled (sessions end with it, through the node's shutdown token).
 pub fn bind(addr: SocketAddr, tls: &NodeTls) -> anyhow::Result<Endpoint> {
-    Endpoint::server(server_config(tls)?, addr).with_context(|| format!("cannot listen on {addr} for client QUIC"))
+    Endpoint::server(server_config(tls)?, addr)
+        .with_context(|| format!("cannot listen on {addr} for client QUIC"))
 }
 
 /// Runs the accept loop of `endpoint` until shutdown.
-pub fn spawn_accept(node: Arc<Node>, endpoint: Endpoint, shutdown: CancellationToken) -> JoinHandle<()> {
+pub fn spawn_accept(
+    node: Arc<Node>,
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let per_ip = PerIp::default();
         loop {
@@ -148,7 +154,12 @@ async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
     let reader = FramedRead::new(recv, frame_codec())
         .map(|item| match item {
             Ok(b) => Inbound::Data(Codec::Binary, b.freeze()),
-            Err(e) if e.get_ref().is_some_and(|i| i.is::<LengthDelimitedCodecError>()) => Inbound::TooLarge,
+            Err(e)
+                if e.get_ref()
+                    .is_some_and(|i| i.is::<LengthDelimitedCodecError>()) =>
+            {
+                Inbound::TooLarge
+            }
             Err(_) => Inbound::Closed,
         })
         .boxed();
@@ -158,7 +169,12 @@ async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
             match out {
                 OutFrame::Data(_, bytes) => w.send(Bytes::from(bytes)).await?,
                 OutFrame::Close(code, reason) => {
-                    let _ = w.get_mut().finish();
+                    // Let queued frames (an error saying why) reach the client before the
+                    // close discards whatever is still unsent.
+                    let _ = SinkExt::<Bytes>::flush(&mut w).await;
+                    let stream = w.get_mut();
+                    let _ = stream.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.stopped()).await;
                     conn.close(VarInt::from_u32(u32::from(code)), reason.as_bytes());
                 }
             }

@@ -51,6 +51,10 @@ pub struct TestNode {
     log: PathBuf,
     /// `http://127.0.0.1:PORT` of the running process.
     pub http: String,
+    /// `quic://127.0.0.1:PORT` of the running process.
+    pub quic: String,
+    /// Listen addresses of the first start, reused by restarts so clients can reconnect.
+    addrs: Option<(String, String)>,
 }
 
 impl TestNode {
@@ -64,6 +68,8 @@ impl TestNode {
             dir,
             args,
             http: String::new(),
+            quic: String::new(),
+            addrs: None,
         };
         node.spawn();
         node
@@ -75,11 +81,16 @@ impl TestNode {
     }
 
     fn spawn(&mut self) {
+        let (http, quic) = self
+            .addrs
+            .clone()
+            .unwrap_or(("127.0.0.1:0".into(), "127.0.0.1:0".into()));
         let mut cmd = Command::new(chatnode_bin());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--http-addr", "127.0.0.1:0", "--log", "info,chatnode=debug"])
+            .args(["--http-addr", &http, "--quic-addr", &quic])
+            .args(["--log", "info,chatnode=debug"])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -103,25 +114,29 @@ impl TestNode {
                     let Ok(line) = line else { break };
                     let _ = writeln!(log.lock().unwrap(), "{line}");
                     if line.contains("chatnode ready") {
-                        if let Some(addr) = line
-                            .split("http=")
-                            .nth(1)
-                            .and_then(|s| s.split_whitespace().next())
-                        {
-                            let _ = tx.send(addr.to_string());
+                        let field = |name: &str| {
+                            line.split(name)
+                                .nth(1)
+                                .and_then(|s| s.split_whitespace().next())
+                                .map(str::to_string)
+                        };
+                        if let (Some(http), Some(quic)) = (field("http="), field("quic=")) {
+                            let _ = tx.send((http, quic));
                         }
                     }
                 }
             });
         }
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (http, quic) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
                 panic!("chatnode did not become ready:\n{}", self.log_text());
             }
         };
-        self.http = format!("http://{addr}");
+        self.http = format!("http://{http}");
+        self.quic = format!("quic://{quic}");
+        self.addrs = Some((http, quic));
         self.child = Some(child);
     }
 
@@ -145,7 +160,12 @@ impl TestNode {
         c.wait().ok()?.code()
     }
 
-    /// Starts the process again on the same data dir (new ports).
+    /// The cluster CA certificate (PEM) that QUIC clients trust.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.data_dir().join("cluster").join("ca.pem")).unwrap()
+    }
+
+    /// Starts the process again on the same data dir and the same ports.
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();

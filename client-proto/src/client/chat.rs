@@ -1,0 +1,403 @@
+//! [`ChatClient`]: a connection that heals itself. A driver task owns the connection; it
+//! reconnects with jittered exponential backoff (first retry within 1–5 s), sends `sync` from
+//! the stored cursor after every (re)connect, drops messages it has already delivered (by
+//! message id), heartbeats, and re-sends unacknowledged sends with their original client ids
+//! (the server acks a retried id without storing it twice).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{Ack, ConnectOptions, Connection};
+use super::ClientError;
+use crate::error::{ErrorBody, ErrorCode};
+use crate::frames::{ClientFrame, Message, PresenceStatus, Recipient, ServerFrame};
+use crate::ids::{MessageId, UserId};
+
+/// Message ids remembered for dedup; older ones are below the cursor and never resent.
+const DEDUP_WINDOW: usize = 20_000;
+/// Events waiting for the application; when full, the driver stops reading (backpressure).
+const EVENT_QUEUE: usize = 1024;
+
+/// What a [`ChatClient`] reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Connected (again) to node `node_id`.
+    Connected { node_id: u16 },
+    /// The connection was lost; the client reconnects by itself.
+    Disconnected { reason: String },
+    /// A message for this user, delivered once per message id.
+    Message(Message),
+    /// A watched user's status changed.
+    Presence {
+        user_id: UserId,
+        status: PresenceStatus,
+        last_seen: Option<u64>,
+    },
+    /// The server refused something that was not a send (sends report through their future).
+    Error(ErrorBody),
+}
+
+/// How a [`ChatClient`] connects.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// `ws://host:port/v1/ws` or `quic://host:port`.
+    pub url: String,
+    pub token: String,
+    pub connect: ConnectOptions,
+    /// The largest message id already seen (from an earlier run), to sync from.
+    pub cursor: Option<MessageId>,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+impl ClientOptions {
+    pub fn new(url: impl Into<String>, token: impl Into<String>) -> Self {
+        ClientOptions {
+            url: url.into(),
+            token: token.into(),
+            connect: ConnectOptions::default(),
+            cursor: None,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+struct PendingSend {
+    frame: ClientFrame,
+    reply: oneshot::Sender<Result<Ack, ClientError>>,
+}
+
+enum Cmd {
+    Send(String, PendingSend),
+    Frame(ClientFrame),
+}
+
+/// A self-healing chat connection. Dropping it stops the driver.
+pub struct ChatClient {
+    cmds: mpsc::Sender<Cmd>,
+    events: mpsc::Receiver<Event>,
+    cursor: Arc<AtomicU64>,
+    next_id: AtomicU64,
+    id_prefix: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ChatClient {
+    /// Starts the driver; it connects in the background (watch for [`Event::Connected`]).
+    pub fn start(opts: ClientOptions) -> Self {
+        let (cmds, cmd_rx) = mpsc::channel(256);
+        let (ev_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let cursor = Arc::new(AtomicU64::new(opts.cursor.map_or(0, |c| c.0)));
+        let stop = CancellationToken::new();
+        let driver = Driver {
+            opts,
+            cmds: cmd_rx,
+            events: ev_tx,
+            cursor: cursor.clone(),
+            unacked: HashMap::new(),
+            order: Vec::new(),
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            stop: stop.clone(),
+        };
+        let id_prefix = format!("{:016x}", rand::thread_rng().gen::<u64>());
+        ChatClient {
+            cmds,
+            events,
+            cursor,
+            next_id: AtomicU64::new(0),
+            id_prefix,
+            stop,
+            task: Some(tokio::spawn(driver.run())),
+        }
+    }
+
+    /// Sends a message with a fresh client id; resolves with the ack once it is durably
+    /// stored, retrying across reconnects.
+    pub async fn send(&self, to: Recipient, body: impl Into<String>) -> Result<Ack, ClientError> {
+        let id = format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        self.send_with_id(id, to, body).await
+    }
+
+    /// Sends with a client id of the caller's choosing (an id used before returns the first
+    /// message's ack).
+    pub async fn send_with_id(
+        &self,
+        client_id: String,
+        to: Recipient,
+        body: impl Into<String>,
+    ) -> Result<Ack, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        let frame = ClientFrame::Send {
+            id: client_id.clone(),
+            to,
+            body: body.into(),
+        };
+        self.cmds
+            .send(Cmd::Send(client_id, PendingSend { frame, reply }))
+            .await
+            .map_err(|_| ClientError::Closed(None))?;
+        rx.await.map_err(|_| ClientError::Closed(None))?
+    }
+
+    /// Sends any other frame (subscribe_presence, history...) on the current connection.
+    pub async fn send_frame(&self, frame: ClientFrame) -> Result<(), ClientError> {
+        self.cmds
+            .send(Cmd::Frame(frame))
+            .await
+            .map_err(|_| ClientError::Closed(None))
+    }
+
+    /// The next event; `None` once the client has stopped (bad token, or shut down).
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The largest message id seen so far: store it to resume after a restart.
+    pub fn cursor(&self) -> Option<MessageId> {
+        Some(MessageId(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0)
+    }
+
+    /// Stops the driver and closes the connection.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ChatClient {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct Driver {
+    opts: ClientOptions,
+    cmds: mpsc::Receiver<Cmd>,
+    events: mpsc::Sender<Event>,
+    cursor: Arc<AtomicU64>,
+    unacked: HashMap<String, PendingSend>,
+    /// Client ids of `unacked`, in send order (for re-sending in order).
+    order: Vec<String>,
+    seen: HashSet<MessageId>,
+    seen_order: VecDeque<MessageId>,
+    stop: CancellationToken,
+}
+
+/// Why a connected session ended.
+enum End {
+    Stop,
+    Lost(String),
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            let connected = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                c = Connection::connect_with(&self.opts.url, &self.opts.token, &self.opts.connect) => c,
+            };
+            match connected {
+                Ok(conn) => {
+                    failures = 0;
+                    let _ = self
+                        .events
+                        .send(Event::Connected {
+                            node_id: conn.node_id,
+                        })
+                        .await;
+                    match self.session(conn).await {
+                        End::Stop => return,
+                        End::Lost(reason) => {
+                            let _ = self.events.send(Event::Disconnected { reason }).await;
+                        }
+                    }
+                }
+                Err(ClientError::Refused(body)) if body.code == ErrorCode::Unauthorized => {
+                    let _ = self.events.send(Event::Error(body)).await;
+                    self.fail_all(|| ClientError::Closed(Some((1008, "unauthorized".into()))));
+                    return;
+                }
+                Err(_) => failures += 1,
+            }
+            // Jittered exponential backoff: 1–5 s first, doubling up to the cap.
+            let base = Duration::from_secs(1).saturating_mul(1 << failures.min(5));
+            let wait = base
+                .min(self.opts.max_backoff)
+                .mul_f64(rand::thread_rng().gen_range(1.0..5.0))
+                .min(self.opts.max_backoff);
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn fail_all(&mut self, err: impl Fn() -> ClientError) {
+        for (_, p) in self.unacked.drain() {
+            let _ = p.reply.send(Err(err()));
+        }
+        self.order.clear();
+    }
+
+    async fn session(&mut self, mut conn: Connection) -> End {
+        let after = Some(MessageId(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0);
+        if let Err(e) = conn.send(&ClientFrame::Sync { after, limit: None }).await {
+            return End::Lost(e.to_string());
+        }
+        for id in self.order.clone() {
+            if let Some(p) = self.unacked.get(&id) {
+                if let Err(e) = conn.send(&p.frame).await {
+                    return End::Lost(e.to_string());
+                }
+            }
+        }
+        let beat = Duration::from_millis(conn.heartbeat_interval_ms.max(100));
+        let mut next_beat = tokio::time::Instant::now() + beat;
+        loop {
+            let left = next_beat.saturating_duration_since(tokio::time::Instant::now());
+            let step = tokio::select! {
+                _ = self.stop.cancelled() => {
+                    conn.close().await;
+                    return End::Stop;
+                }
+                cmd = self.cmds.recv() => Step::Cmd(cmd),
+                frame = conn.recv(left) => Step::Frame(frame),
+            };
+            let sent = match step {
+                Step::Cmd(None) => {
+                    conn.close().await;
+                    return End::Stop;
+                }
+                Step::Cmd(Some(Cmd::Send(id, p))) => {
+                    let frame = p.frame.clone();
+                    if !self.unacked.contains_key(&id) {
+                        self.order.push(id.clone());
+                    }
+                    self.unacked.insert(id, p);
+                    conn.send(&frame).await
+                }
+                Step::Cmd(Some(Cmd::Frame(f))) => conn.send(&f).await,
+                Step::Frame(Err(ClientError::Timeout(_))) => {
+                    next_beat = tokio::time::Instant::now() + beat;
+                    conn.send(&ClientFrame::Heartbeat).await
+                }
+                Step::Frame(Err(e)) => return End::Lost(e.to_string()),
+                Step::Frame(Ok(f)) => match self.handle(f).await {
+                    Some(retry) => conn.send(&retry).await,
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = sent {
+                return End::Lost(e.to_string());
+            }
+        }
+    }
+
+    /// Handles one server frame; returns a frame to send when a send must be retried.
+    async fn handle(&mut self, frame: ServerFrame) -> Option<ClientFrame> {
+        match frame {
+            ServerFrame::Message { message } => self.deliver((*message).clone()).await,
+            ServerFrame::SyncBatch { messages, .. } => {
+                for m in messages {
+                    self.deliver(m).await;
+                }
+            }
+            ServerFrame::Ack {
+                reference,
+                message_id,
+                conversation,
+                ts,
+            } => {
+                if let Some(p) = self.unacked.remove(&reference) {
+                    self.order.retain(|id| *id != reference);
+                    let _ = p.reply.send(Ok(Ack {
+                        message_id,
+                        conversation,
+                        ts,
+                    }));
+                }
+            }
+            ServerFrame::Error {
+                code,
+                message,
+                reference: Some(r),
+            } => {
+                if matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited) {
+                    // Safe to retry with the same client id, after a pause.
+                    let pause = Duration::from_millis(rand::thread_rng().gen_range(200..1000));
+                    tokio::time::sleep(pause).await;
+                    return self.unacked.get(&r).map(|p| p.frame.clone());
+                }
+                if let Some(p) = self.unacked.remove(&r) {
+                    self.order.retain(|id| *id != r);
+                    let _ = p
+                        .reply
+                        .send(Err(ClientError::Refused(ErrorBody { code, message })));
+                }
+            }
+            ServerFrame::Error {
+                code,
+                message,
+                reference: None,
+            } => {
+                let _ = self
+                    .events
+                    .send(Event::Error(ErrorBody { code, message }))
+                    .await;
+            }
+            ServerFrame::Presence {
+                user_id,
+                status,
+                last_seen,
+            } => {
+                let _ = self
+                    .events
+                    .send(Event::Presence {
+                        user_id,
+                        status,
+                        last_seen,
+                    })
+                    .await;
+            }
+            ServerFrame::Ready { .. }
+            | ServerFrame::History { .. }
+            | ServerFrame::Draining { .. } => {}
+        }
+        None
+    }
+
+    async fn deliver(&mut self, m: Message) {
+        if !self.seen.insert(m.message_id) {
+            return;
+        }
+        self.seen_order.push_back(m.message_id);
+        if self.seen_order.len() > DEDUP_WINDOW {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.cursor.fetch_max(m.message_id.0, Ordering::Relaxed);
+        let _ = self.events.send(Event::Message(m)).await;
+    }
+}
+
+enum Step {
+    Cmd(Option<Cmd>),
+    Frame(Result<ServerFrame, ClientError>),
+}
