@@ -93,9 +93,18 @@ pub async fn serve(
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
     let cert_name = format!("node-{}", cfg.node_id);
-    let hosts = vec![cfg.advertise_host.clone(), "localhost".into(), "127.0.0.1".into()];
+    let hosts = vec![
+        cfg.advertise_host.clone(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
     let (tls, secret) = cluster::certs::ensure_node(&cfg.cluster_dir, &cert_name, &hosts)
-        .with_context(|| format!("cannot set up the cluster dir {}", cfg.cluster_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot set up the cluster dir {}",
+                cfg.cluster_dir.display()
+            )
+        })?;
     let db_dir = cfg.data_dir.join("db");
     let (store, flusher) =
         Store::open(&db_dir, cfg.partitions, cfg.write_timeout).with_context(|| {
