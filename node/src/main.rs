@@ -18,6 +18,8 @@ enum Command {
     /// Make the cluster CA and secret, or a node certificate signed by it.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The load generator: drive a node or a cluster and report throughput and latency.
+    Bench(chatnode::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -62,6 +64,7 @@ fn certs(cmd: CertsCommand) -> std::process::ExitCode {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => chatnode::bench::run(args),
         Command::Certs(cmd) => certs(cmd),
         Command::Serve(args) => {
             let cfg = match Config::resolve(args) {

@@ -1,0 +1,279 @@
+//! `connections`: open N authenticated WebSocket connections that heartbeat, hold them, and
+//! report the node's resident memory per connection (VmRSS from /proc before and after).
+//! Users are few (signup is argon2): each logs in once and its token serves many
+//! connections. Past one source address's ephemeral ports, sockets are bound to 127.0.0.2,
+//! 127.0.0.3, ...
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use client_proto::codec::Codec;
+use client_proto::ClientFrame;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::conn;
+use super::report::{int, Table};
+use super::{Account, Outcome, Target, TargetArgs};
+
+/// Connections per source address before the next 127.0.0.x is used.
+const PER_SOURCE: usize = 20_000;
+
+/// `chatnode bench connections`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Connections to open.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Users to sign up (each connection uses one user's token).
+    #[arg(long, default_value_t = 100)]
+    pub users: usize,
+    /// How long to hold the connections once all are open.
+    #[arg(long, default_value_t = 30)]
+    pub hold_secs: u64,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 200)]
+    pub concurrency: usize,
+}
+
+/// The scenario's figures.
+#[derive(Debug, Default, Serialize)]
+pub struct ConnectionsResult {
+    pub requested: usize,
+    pub opened: u64,
+    pub failed: u64,
+    pub dropped_while_held: u64,
+    pub open_secs: f64,
+    pub node_rss_before_kib: Option<u64>,
+    pub node_rss_after_kib: Option<u64>,
+    pub node_kib_per_connection: Option<f64>,
+    pub bench_rss_kib: Option<u64>,
+    pub first_error: Option<String>,
+}
+
+/// VmRSS of `pid` ("self" for this process), in KiB.
+fn vm_rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `chatnode bench connections`.
+pub async fn run(args: ConnectionsArgs) -> Result<Outcome> {
+    if args.users == 0 || args.connections == 0 {
+        bail!("--users and --connections must be at least 1");
+    }
+    let mut target = Target::open(&args.target)?;
+    let result = measure(&target, &args).await;
+    target.check_alive()?;
+    let r = result?;
+    let mut table = Table::new(
+        format!(
+            "connections: {} requested, held {} s",
+            int(r.requested as f64),
+            args.hold_secs
+        ),
+        &["figure", "value"],
+    );
+    let opt = |v: Option<u64>| v.map_or("-".into(), |v| int(v as f64));
+    table.row(vec!["opened".into(), int(r.opened as f64)]);
+    table.row(vec!["failed to open".into(), int(r.failed as f64)]);
+    table.row(vec![
+        "dropped while held".into(),
+        int(r.dropped_while_held as f64),
+    ]);
+    table.row(vec![
+        "time to open (s)".into(),
+        format!("{:.1}", r.open_secs),
+    ]);
+    table.row(vec![
+        "node VmRSS before (KiB)".into(),
+        opt(r.node_rss_before_kib),
+    ]);
+    table.row(vec![
+        "node VmRSS held (KiB)".into(),
+        opt(r.node_rss_after_kib),
+    ]);
+    table.row(vec![
+        "node KiB per connection".into(),
+        r.node_kib_per_connection
+            .map_or("-".into(), |v| format!("{v:.2}")),
+    ]);
+    table.row(vec!["bench VmRSS (KiB)".into(), opt(r.bench_rss_kib)]);
+    let mut failures = Vec::new();
+    if r.failed > 0 {
+        failures.push(format!(
+            "{} connections failed to open (first: {})",
+            r.failed,
+            r.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+    if r.dropped_while_held > 0 {
+        failures.push(format!(
+            "{} connections dropped while held",
+            r.dropped_while_held
+        ));
+    }
+    Ok(Outcome {
+        scenario: "connections",
+        tables: vec![table],
+        lost: 0,
+        json: serde_json::json!({ "result": r }),
+        failures,
+    })
+}
+
+#[derive(Default)]
+struct Shared {
+    opened: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+    first_error: parking_lot::Mutex<Option<String>>,
+}
+
+async fn measure(target: &Target, args: &ConnectionsArgs) -> Result<ConnectionsResult> {
+    let users = args.users.min(args.connections);
+    let accounts = target.endpoint.accounts(users, "bc").await?;
+    let pid = target.node_pid.map(|p| p.to_string());
+    let before = pid.as_deref().and_then(vm_rss_kib);
+    let shared = Arc::new(Shared::default());
+    let stop = CancellationToken::new();
+    let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let spread = args.connections > PER_SOURCE;
+    let mut tasks = JoinSet::new();
+    let started = Instant::now();
+    for i in 0..args.connections {
+        let account = accounts[i % accounts.len()].clone();
+        let source =
+            spread.then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8)));
+        tasks.spawn(hold(
+            account,
+            source,
+            target.codec,
+            gate.clone(),
+            shared.clone(),
+            stop.clone(),
+        ));
+    }
+    // Wait for every attempt, one progress line a second.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (o, f) = (
+            shared.opened.load(Ordering::Relaxed),
+            shared.failed.load(Ordering::Relaxed),
+        );
+        eprintln!(
+            "[connections] t={:>3}s opened {} failed {} of {}",
+            started.elapsed().as_secs(),
+            o,
+            f,
+            args.connections
+        );
+        if (o + f) as usize >= args.connections {
+            break;
+        }
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    let hold_start = Instant::now();
+    while hold_start.elapsed() < Duration::from_secs(args.hold_secs) {
+        tick.tick().await;
+        eprintln!(
+            "[connections] holding t={:>3}s open {} dropped {} node VmRSS {} KiB",
+            hold_start.elapsed().as_secs(),
+            shared.opened.load(Ordering::Relaxed) - shared.dropped.load(Ordering::Relaxed),
+            shared.dropped.load(Ordering::Relaxed),
+            pid.as_deref()
+                .and_then(vm_rss_kib)
+                .map_or("?".into(), |v| int(v as f64)),
+        );
+    }
+    let after = pid.as_deref().and_then(vm_rss_kib);
+    let bench_rss = vm_rss_kib("self");
+    stop.cancel();
+    while let Some(j) = tasks.join_next().await {
+        j.context("a connection task panicked")?;
+    }
+    let opened = shared.opened.load(Ordering::Relaxed);
+    let per_conn = match (before, after) {
+        (Some(b), Some(a)) if opened > 0 => Some(a.saturating_sub(b) as f64 / opened as f64),
+        _ => None,
+    };
+    let first_error = shared.first_error.lock().clone();
+    Ok(ConnectionsResult {
+        requested: args.connections,
+        opened,
+        failed: shared.failed.load(Ordering::Relaxed),
+        dropped_while_held: shared.dropped.load(Ordering::Relaxed),
+        open_secs,
+        node_rss_before_kib: before,
+        node_rss_after_kib: after,
+        node_kib_per_connection: per_conn,
+        bench_rss_kib: bench_rss,
+        first_error,
+    })
+}
+
+/// Opens one connection (at most `gate` at a time), then heartbeats until `stop`.
+async fn hold(
+    account: Account,
+    source: Option<IpAddr>,
+    codec: Codec,
+    gate: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let opened = {
+        let Ok(_permit) = gate.acquire().await else {
+            return;
+        };
+        match source {
+            Some(ip) => conn::connect_from(&account.ws_url, ip, &account.token, codec).await,
+            None => conn::connect(&account.ws_url, &account.token, codec).await,
+        }
+    };
+    let mut c = match opened {
+        Ok(c) => c,
+        Err(e) => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .first_error
+                .lock()
+                .get_or_insert_with(|| format!("{e:#}"));
+            return;
+        }
+    };
+    shared.opened.fetch_add(1, Ordering::Relaxed);
+    let every = Duration::from_millis(c.heartbeat_interval_ms.clamp(500, 60_000));
+    // Spread the heartbeats over the interval.
+    let offset = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
+    let mut hb = tokio::time::interval_at(Instant::now() + offset, every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = hb.tick() => {
+                if c.sink.send(conn::encode(codec, &ClientFrame::Heartbeat)).await.is_err() {
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            msg = c.stream.next() => {
+                if let Err(e) = conn::decode(msg) {
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    shared.first_error.lock().get_or_insert_with(|| format!("dropped: {e:#}"));
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
+}

@@ -1,0 +1,470 @@
+//! `group`: G groups of M members, every member connected. In each group the first S members
+//! send (together `--rate` msgs/s per group, or `max` with a window each); every member counts
+//! what it receives. A message's fan-out latency is the time until its *last* member got it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use client_proto::codec::Codec;
+use client_proto::ids::GroupId;
+use client_proto::{ClientFrame, Recipient, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::conn::{self, Conn};
+use super::report::{self, int, ms, ratio, Counters, Latency, Progress, Table};
+use super::{Outcome, Target, TargetArgs};
+
+/// `chatnode bench group`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Number of groups.
+    #[arg(long, default_value_t = 1)]
+    pub groups: usize,
+    /// Members per group (the protocol's limit is 100).
+    #[arg(long, default_value_t = 100)]
+    pub members: usize,
+    /// Members of each group that send.
+    #[arg(long, default_value_t = 10)]
+    pub senders: usize,
+    /// Messages/s into each group, or `max`; comma-separate for steps.
+    #[arg(long, value_delimiter = ',', default_value = "max")]
+    pub rate: Vec<String>,
+    /// Most unacked sends per sender at `max`.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Stop each sender after this many messages per step.
+    #[arg(long)]
+    pub messages: Option<u64>,
+    #[arg(long, default_value_t = 5)]
+    pub grace_secs: u64,
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+}
+
+/// One step's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GroupStep {
+    pub step: String,
+    pub messages_acked: u64,
+    pub deliveries: u64,
+    pub expected_deliveries: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub errors: u64,
+    pub acked_per_s: f64,
+    pub deliveries_per_s: f64,
+    pub delivery: Latency,
+    pub last_member: Latency,
+}
+
+struct Plan {
+    step: usize,
+    t0: Instant,
+    start: Instant,
+    rate_per_sender: Option<f64>,
+    window: usize,
+    send_end: Instant,
+    max_messages: Option<u64>,
+    grace: Duration,
+    body: String,
+    codec: Codec,
+    senders: usize,
+}
+
+/// Shared per group: how many messages were acked, how many senders finished.
+#[derive(Default)]
+struct GroupShared {
+    acked: AtomicU64,
+    senders_done: AtomicUsize,
+}
+
+struct MemberOut {
+    acked: Vec<u64>,
+    /// (message key, latency µs) for every delivery.
+    got: Vec<(u64, u32)>,
+    errors: u64,
+    delivery: Histogram<u64>,
+    last_delivery: Option<Instant>,
+    last_ack: Option<Instant>,
+}
+
+/// `chatnode bench group`.
+pub async fn run(args: GroupArgs) -> Result<Outcome> {
+    if args.members < 2 || args.senders == 0 || args.senders > args.members {
+        bail!("need --members ≥ 2 and 1 ≤ --senders ≤ --members");
+    }
+    let mut target = Target::open(&args.target)?;
+    let steps = measure(&target, &args).await;
+    target.check_alive()?;
+    let steps = steps?;
+    let baseline = if args.target.baseline {
+        Some(super::baseline(args.target.codec, args.duration_secs).await?)
+    } else {
+        None
+    };
+    let base = baseline.as_ref().map(|b| b.delivered_per_s);
+    let mut table = Table::new(
+        format!(
+            "group: {} group(s) of {} members, {} senders each (latencies in ms)",
+            args.groups, args.members, args.senders
+        ),
+        &[
+            "step",
+            "msgs acked/s",
+            "deliveries/s",
+            "vs relay",
+            "lost",
+            "dup",
+            "errors",
+            "dlv p50",
+            "dlv p99",
+            "last p50",
+            "last p99",
+            "last max",
+        ],
+    );
+    for s in &steps {
+        table.row(vec![
+            s.step.clone(),
+            int(s.acked_per_s),
+            int(s.deliveries_per_s),
+            ratio(s.deliveries_per_s, base),
+            s.lost.to_string(),
+            s.duplicated.to_string(),
+            s.errors.to_string(),
+            ms(s.delivery.p50_ms),
+            ms(s.delivery.p99_ms),
+            ms(s.last_member.p50_ms),
+            ms(s.last_member.p99_ms),
+            ms(s.last_member.max_ms),
+        ]);
+    }
+    if let Some(b) = &baseline {
+        table.row(vec![
+            "relay direct max".into(),
+            int(b.acked_per_s),
+            int(b.delivered_per_s),
+            "1.00x".into(),
+            b.lost.to_string(),
+            b.duplicated.to_string(),
+            b.errors.to_string(),
+            ms(b.delivery.p50_ms),
+            ms(b.delivery.p99_ms),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ]);
+    }
+    let mut failures = Vec::new();
+    let mut lost = 0;
+    for s in &steps {
+        lost += s.lost;
+        if s.lost > 0 {
+            failures.push(format!("step {}: {} deliveries missing", s.step, s.lost));
+        }
+        if s.errors > 0 {
+            failures.push(format!("step {}: {} sends refused", s.step, s.errors));
+        }
+    }
+    Ok(Outcome {
+        scenario: "group",
+        tables: vec![table],
+        json: serde_json::json!({ "steps": steps, "baseline": baseline }),
+        lost,
+        failures,
+    })
+}
+
+async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
+    let (g, m) = (args.groups, args.members);
+    let accounts = target.endpoint.accounts(g * m, "bg").await?;
+    let mut groups = Vec::with_capacity(g);
+    for (i, members) in accounts.chunks(m).enumerate() {
+        let owner = &members[0];
+        let api = target
+            .endpoint
+            .api(owner.server)
+            .context("no HTTP server")?;
+        let others: Vec<_> = members[1..].iter().map(|a| a.user_id).collect();
+        let info = api
+            .create_group(&owner.token, &format!("bench group {i}"), &others)
+            .await
+            .context("creating a group")?;
+        groups.push(info.group_id);
+    }
+    let conns = futures_util::stream::iter(accounts.iter())
+        .map(|a| conn::connect(&a.ws_url, &a.token, target.codec))
+        .buffered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let mut members: Vec<(usize, usize, Conn)> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (i / m, i % m, c))
+        .collect();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    for (step, raw) in args.rate.iter().enumerate() {
+        let rate = match raw.trim() {
+            "max" => None,
+            n => Some(
+                n.parse::<f64>()
+                    .ok()
+                    .filter(|v| *v > 0.0)
+                    .ok_or_else(|| anyhow!("--rate {n}: a positive number or `max`"))?,
+            ),
+        };
+        let name = rate.map_or("max".to_string(), |r| format!("{}/s", int(r)));
+        let start = Instant::now();
+        let plan = Arc::new(Plan {
+            step,
+            t0,
+            start,
+            rate_per_sender: rate.map(|r| r / args.senders as f64),
+            window: args.window.max(1),
+            send_end: start + Duration::from_secs(args.duration_secs),
+            max_messages: args.messages,
+            grace: Duration::from_secs(args.grace_secs),
+            body: "x".repeat(args.body_bytes),
+            codec: target.codec,
+            senders: args.senders,
+        });
+        let shared: Arc<Vec<GroupShared>> =
+            Arc::new((0..g).map(|_| GroupShared::default()).collect());
+        let counters = Arc::new(Counters::default());
+        let progress = Progress::start(format!("group {name}"), counters.clone());
+        let mut tasks = JoinSet::new();
+        for (gi, k, c) in members.drain(..) {
+            tasks.spawn(member_task(
+                gi,
+                k,
+                groups[gi],
+                c,
+                plan.clone(),
+                shared.clone(),
+                counters.clone(),
+            ));
+        }
+        let mut outs: Vec<(usize, usize, MemberOut)> = Vec::new();
+        let mut first_err = None;
+        while let Some(j) = tasks.join_next().await {
+            match j.context("a member task panicked")? {
+                Ok((gi, k, c, o)) => {
+                    members.push((gi, k, c));
+                    outs.push((gi, k, o));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        progress.stop().await;
+        if let Some(e) = first_err {
+            return Err(e.context(format!("step {name}")));
+        }
+        out.push(summarize(name, m, &plan, outs));
+    }
+    for (_, _, mut c) in members {
+        let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
+    }
+    Ok(out)
+}
+
+/// Message key inside a group: sender index and sequence number.
+fn key(sender: usize, seq: u64) -> u64 {
+    ((sender as u64) << 40) | seq
+}
+
+/// `step.group.sender.seq.sent_us` → (step, group, key, sent_us).
+fn parse_id(id: &str) -> Option<(usize, usize, u64, u64)> {
+    let mut it = id.split('.');
+    let step = it.next()?.parse().ok()?;
+    let group = it.next()?.parse().ok()?;
+    let sender: usize = it.next()?.parse().ok()?;
+    let seq: u64 = it.next()?.parse().ok()?;
+    let sent = it.next()?.parse().ok()?;
+    Some((step, group, key(sender, seq), sent))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn member_task(
+    gi: usize,
+    k: usize,
+    group: GroupId,
+    mut c: Conn,
+    plan: Arc<Plan>,
+    shared: Arc<Vec<GroupShared>>,
+    counters: Arc<Counters>,
+) -> Result<(usize, usize, Conn, MemberOut)> {
+    let mine = &shared[gi];
+    let sender = k < plan.senders;
+    let mut o = MemberOut {
+        acked: Vec::new(),
+        got: Vec::new(),
+        errors: 0,
+        delivery: report::histogram(),
+        last_delivery: None,
+        last_ack: None,
+    };
+    let (mut seq, mut in_flight, mut done_sending) = (0u64, 0usize, !sender);
+    let hb_every = Duration::from_millis(c.heartbeat_interval_ms.clamp(500, 60_000));
+    let mut hb = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
+    let mut check = tokio::time::interval(Duration::from_millis(50));
+    let grace_end = plan.send_end + plan.grace;
+    let due = |seq: u64| match plan.rate_per_sender {
+        None => plan.start,
+        Some(r) => plan.start + Duration::from_secs_f64(seq as f64 / r),
+    };
+    loop {
+        let now = Instant::now();
+        if !done_sending
+            && (now >= plan.send_end || matches!(plan.max_messages, Some(m) if seq >= m))
+            && in_flight == 0
+        {
+            done_sending = true;
+            mine.senders_done.fetch_add(1, Ordering::SeqCst);
+        }
+        if done_sending && mine.senders_done.load(Ordering::SeqCst) >= plan.senders {
+            let expected = mine.acked.load(Ordering::SeqCst) - o.acked.len() as u64;
+            if o.got.len() as u64 >= expected || now >= grace_end {
+                break;
+            }
+        }
+        if now >= grace_end + plan.grace {
+            break;
+        }
+        let can_send = sender
+            && !done_sending
+            && now < plan.send_end
+            && in_flight < plan.window
+            && !matches!(plan.max_messages, Some(m) if seq >= m);
+        tokio::select! {
+            _ = tokio::time::sleep_until(due(seq)), if can_send => {
+                let now = Instant::now();
+                let mut n = 0;
+                while in_flight < plan.window && due(seq) <= now && n < 64
+                    && !matches!(plan.max_messages, Some(m) if seq >= m)
+                {
+                    let sched = if plan.rate_per_sender.is_some() { due(seq) } else { now };
+                    let id = format!("{}.{gi}.{k}.{seq}.{}", plan.step, sched.saturating_duration_since(plan.t0).as_micros());
+                    let f = ClientFrame::Send { id, to: Recipient::Group(group), body: plan.body.clone() };
+                    c.sink.feed(conn::encode(plan.codec, &f)).await.context("sending")?;
+                    seq += 1;
+                    in_flight += 1;
+                    n += 1;
+                }
+                c.sink.flush().await.context("sending")?;
+                Counters::add(&counters.sent, n);
+            }
+            msg = c.stream.next() => match conn::decode(msg).context("member connection")? {
+                Some(ServerFrame::Ack { reference, .. }) => {
+                    if let Some((step, _, key, _)) = parse_id(&reference) {
+                        if step == plan.step {
+                            in_flight = in_flight.saturating_sub(1);
+                            o.acked.push(key);
+                            o.last_ack = Some(Instant::now());
+                            mine.acked.fetch_add(1, Ordering::SeqCst);
+                            Counters::add(&counters.acked, 1);
+                        }
+                    }
+                }
+                Some(ServerFrame::Error { reference: Some(r), .. }) => {
+                    if parse_id(&r).is_some_and(|(s, ..)| s == plan.step) {
+                        in_flight = in_flight.saturating_sub(1);
+                        o.errors += 1;
+                        Counters::add(&counters.errors, 1);
+                    }
+                }
+                Some(ServerFrame::Message { message }) => {
+                    if let Some((step, g2, key, sent)) = parse_id(&message.client_id) {
+                        if step == plan.step && g2 == gi {
+                            let now = Instant::now();
+                            let lat = now.saturating_duration_since(plan.t0).saturating_sub(Duration::from_micros(sent));
+                            report::record(&mut o.delivery, lat);
+                            o.got.push((key, lat.as_micros().min(u32::MAX as u128) as u32));
+                            o.last_delivery = Some(now);
+                            Counters::add(&counters.delivered, 1);
+                        }
+                    }
+                }
+                _ => {}
+            },
+            _ = hb.tick() => {
+                c.sink.send(conn::encode(plan.codec, &ClientFrame::Heartbeat)).await.context("heartbeat")?;
+            }
+            _ = check.tick() => {}
+        }
+    }
+    Ok((gi, k, c, o))
+}
+
+fn summarize(
+    step: String,
+    members: usize,
+    plan: &Plan,
+    outs: Vec<(usize, usize, MemberOut)>,
+) -> GroupStep {
+    let mut s = GroupStep {
+        step,
+        ..GroupStep::default()
+    };
+    // (group, key) → (receivers, slowest latency µs)
+    let mut per_msg: HashMap<(usize, u64), (u64, u32)> = HashMap::new();
+    let mut delivery = report::histogram();
+    let (mut last_ack, mut last_dlv) = (plan.start, plan.start);
+    for (g, _, o) in &outs {
+        s.errors += o.errors;
+        s.messages_acked += o.acked.len() as u64;
+        for key in &o.acked {
+            per_msg.entry((*g, *key)).or_insert((0, 0));
+        }
+    }
+    for (g, _, mut o) in outs {
+        let _ = delivery.add(&o.delivery);
+        last_ack = last_ack.max(o.last_ack.unwrap_or(plan.start));
+        last_dlv = last_dlv.max(o.last_delivery.unwrap_or(plan.start));
+        o.got.sort_unstable();
+        let before = o.got.len();
+        o.got.dedup_by_key(|(k, _)| *k);
+        s.duplicated += (before - o.got.len()) as u64;
+        s.deliveries += o.got.len() as u64;
+        for (key, lat) in o.got {
+            let e = per_msg.entry((g, key)).or_insert((0, 0));
+            e.0 += 1;
+            e.1 = e.1.max(lat);
+        }
+    }
+    let fan = members as u64 - 1;
+    s.expected_deliveries = s.messages_acked * fan;
+    let mut last = report::histogram();
+    for (count, lat) in per_msg.values() {
+        if *count >= fan {
+            report::record(&mut last, Duration::from_micros(u64::from(*lat)));
+        } else {
+            s.lost += fan - count;
+        }
+    }
+    let secs = |t: Instant| {
+        t.saturating_duration_since(plan.start)
+            .as_secs_f64()
+            .max(1e-3)
+    };
+    s.acked_per_s = s.messages_acked as f64 / secs(last_ack);
+    s.deliveries_per_s = s.deliveries as f64 / secs(last_dlv);
+    s.delivery = Latency::of(&delivery);
+    s.last_member = Latency::of(&last);
+    s
+}

@@ -1,0 +1,142 @@
+//! `--spawn-node`: a `chatnode serve` child process (this very executable) with a temporary
+//! data dir, free ports and rate limits high enough not to throttle the bench. It is killed
+//! when the bench ends.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// How long the node may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `chatnode serve` child.
+pub struct SpawnedNode {
+    child: Child,
+    dir: tempfile::TempDir,
+    pumps: Vec<JoinHandle<()>>,
+    /// `http://127.0.0.1:PORT`.
+    pub http: String,
+    /// The child's process id (for /proc/<pid>/status).
+    pub pid: u32,
+}
+
+impl SpawnedNode {
+    /// Starts the node with `extra` flags after the bench's own, and waits for its ready line.
+    pub fn start(extra: &[String]) -> Result<SpawnedNode> {
+        let exe = std::env::current_exe().context("finding the chatnode executable")?;
+        let dir = tempfile::Builder::new()
+            .prefix("chatnode-bench-")
+            .tempdir()
+            .context("creating a temporary data dir")?;
+        let log_path = dir.path().join("node.log");
+        let mut child = Command::new(exe)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+            .args([
+                "--rate-limit-per-sec",
+                "1000000",
+                "--rate-limit-burst",
+                "1000000",
+            ])
+            .args(["--log", "warn,chatnode::node=info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting chatnode serve")?;
+        let pid = child.id();
+        let log = std::fs::File::create(&log_path).context("creating the node log")?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(log));
+        let (tx, rx) = mpsc::channel();
+        let mut pumps = Vec::new();
+        let stdout = child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>);
+        for pipe in [stdout, stderr].into_iter().flatten() {
+            let (tx, log) = (tx.clone(), log.clone());
+            pumps.push(std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(mut f) = log.lock() {
+                        let _ = writeln!(f, "{line}");
+                    }
+                    if line.contains("chatnode ready") {
+                        if let Some(addr) = line
+                            .split("http=")
+                            .nth(1)
+                            .and_then(|s| s.split_whitespace().next())
+                        {
+                            let _ = tx.send(addr.to_string());
+                        }
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        let mut node = SpawnedNode {
+            child,
+            dir,
+            pumps,
+            http: String::new(),
+            pid,
+        };
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(addr) => {
+                node.http = format!("http://{addr}");
+                eprintln!("bench: spawned chatnode pid {pid} at {}", node.http);
+                Ok(node)
+            }
+            Err(_) => {
+                let tail = node.log_tail(30);
+                node.stop();
+                bail!("the spawned chatnode did not become ready:\n{tail}")
+            }
+        }
+    }
+
+    /// The last `n` lines of the node's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Whether the process is still running.
+    pub fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(anyhow!(
+                "the spawned chatnode exited ({status}):\n{}",
+                self.log_tail(30)
+            )),
+            Err(e) => Err(anyhow!("cannot check the spawned chatnode: {e}")),
+        }
+    }
+
+    /// Kills the node (SIGKILL) and waits for it and its log pumps.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for p in self.pumps.drain(..) {
+            let _ = p.join();
+        }
+    }
+}
+
+impl Drop for SpawnedNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

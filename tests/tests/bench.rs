@@ -1,0 +1,110 @@
+#![allow(clippy::unwrap_used)]
+//! `chatnode bench`: every scenario at a tiny size against a node it spawns itself, through
+//! the real binary. Checks the exit status and the `BENCH_JSON` line (no lost messages); no
+//! timing assertions.
+
+use std::process::Command;
+
+/// Runs `chatnode bench <args>` and returns the parsed `BENCH_JSON` object.
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(chat_tests::chatnode_bin())
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "chatnode bench {args:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH_JSON "))
+        .unwrap_or_else(|| panic!("no BENCH_JSON line in:\n{stdout}"));
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(json["lost"], 0, "{json}");
+    assert_eq!(json["failures"], serde_json::json!([]), "{json}");
+    json
+}
+
+#[test]
+fn direct_pairs_lose_nothing() {
+    let json = bench(&[
+        "direct",
+        "--spawn-node",
+        "--pairs",
+        "2",
+        "--messages",
+        "25",
+        "--rate",
+        "200,max",
+        "--duration-secs",
+        "5",
+    ]);
+    let steps = json["results"]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for s in steps {
+        assert_eq!(s["sent"], 50, "{s}");
+        assert_eq!(s["acked"], 50, "{s}");
+        assert_eq!(s["delivered"], 50, "{s}");
+    }
+}
+
+#[test]
+fn relay_baseline_runs() {
+    let json = bench(&[
+        "relay-baseline",
+        "--pairs",
+        "2",
+        "--messages",
+        "50",
+        "--duration-secs",
+        "5",
+    ]);
+    assert_eq!(json["results"]["steps"][0]["delivered"], 100, "{json}");
+}
+
+#[test]
+fn group_fan_out_reaches_every_member() {
+    let json = bench(&[
+        "group",
+        "--spawn-node",
+        "--members",
+        "5",
+        "--senders",
+        "2",
+        "--messages",
+        "10",
+        "--rate",
+        "100",
+    ]);
+    let step = &json["results"]["steps"][0];
+    assert_eq!(step["messages_acked"], 20, "{step}");
+    assert_eq!(step["deliveries"], 80, "{step}");
+}
+
+#[test]
+fn presence_changes_arrive() {
+    let json = bench(&["presence", "--spawn-node", "--pairs", "2", "--rounds", "2"]);
+    let r = &json["results"]["result"];
+    assert_eq!(r["changes"], 8, "{r}");
+}
+
+#[test]
+fn connections_are_held() {
+    let json = bench(&[
+        "connections",
+        "--spawn-node",
+        "--connections",
+        "20",
+        "--users",
+        "4",
+        "--hold-secs",
+        "1",
+    ]);
+    let r = &json["results"]["result"];
+    assert_eq!(r["opened"], 20, "{r}");
+    assert!(r["node_kib_per_connection"].is_number(), "{r}");
+}
