@@ -1,0 +1,802 @@
+//! The coordinator: runs one client-facing read or write against a partition's replicas.
+//!
+//! - **Write**: sent to every replica of the partition at once (this node's own replica
+//!   through [`LocalReplica`], no network hop); returns at `W = n/2 + 1` durable acks. The
+//!   sends go on in the background after that, and a replica that is down or fails gets a
+//!   hint ([`super::hints`]).
+//! - **Read**: asks `R = n - W + 1` replicas (this node first), asking the next one whenever
+//!   one fails, and merges: the newest copy of a key, a union by key for scans. Replicas that
+//!   answered with older copies are repaired in the background (read repair).
+//! - **Compare-and-swap**: runs on the partition's primary (see [`Coordinator::compare_and_swap`]).
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::error::{CasError, FailureReason, QuorumError, ReplicaFailure};
+use super::hints::{HintLimits, HintStore};
+use super::quorum::{
+    merge_reads, merge_scans, read_quorum, scan_repairs, stale_replicas, write_quorum, Decision,
+    WriteTally,
+};
+use super::record::{ReplicaOp, ScanEntry, TableId, Versioned};
+use super::replica::{LocalReplica, ReplicaClient};
+use super::rpc::{
+    ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome, ReadRequest, ScanReply,
+    ScanRequest,
+};
+use super::topology::{ReplicaNode, Topology};
+use crate::placement::{NodeId, Partition};
+
+/// Timers and limits of a [`Coordinator`].
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// How long a write waits for its quorum (also each replica's apply in the background).
+    pub write_timeout: Duration,
+    /// How long a read waits for its quorum.
+    pub read_timeout: Duration,
+    /// Bytes a replica puts in one scan answer (keep well under the transport's frame limit).
+    pub scan_max_bytes: u32,
+    /// Repair replicas that answered a read with older copies.
+    pub read_repair: bool,
+    /// Bounds on the hints kept per replica.
+    pub hints: HintLimits,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            write_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(2),
+            scan_max_bytes: 1 << 20,
+            read_repair: true,
+            hints: HintLimits::default(),
+        }
+    }
+}
+
+/// A write that reached its quorum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteAck {
+    /// The replicas whose durable acks made the quorum.
+    pub acked: Vec<NodeId>,
+}
+
+/// What to scan: `table` keys in `start..=end` of one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanSpec {
+    /// The table.
+    pub table: TableId,
+    /// Lowest key, inclusive.
+    pub start: Vec<u8>,
+    /// Highest key, inclusive.
+    pub end: Vec<u8>,
+    /// Continue strictly after this key (in scan direction): the last key of a previous page.
+    pub after: Option<Vec<u8>>,
+    /// Highest key first.
+    pub descending: bool,
+    /// Live records to return at most.
+    pub limit: usize,
+}
+
+/// A compare-and-swap of one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cas {
+    /// The table.
+    pub table: TableId,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value the key must hold for the swap (`None`: absent or deleted).
+    pub expected: Option<Vec<u8>>,
+    /// The value to store (`None`: delete).
+    pub new: Option<Vec<u8>>,
+    /// The lowest version to write at (the caller's clock); the primary uses at least one
+    /// more than the version it read.
+    pub min_version: u64,
+}
+
+/// The definite answer of a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The key held the expected value; the new one is stored at a write quorum.
+    Swapped {
+        /// The version it was stored at.
+        version: u64,
+    },
+    /// The key held something else (`current`, tombstones included); nothing was written.
+    Mismatch {
+        /// The newest copy a read quorum had.
+        current: Option<Versioned>,
+    },
+}
+
+/// Runs reads, writes and compare-and-swaps against replica quorums. Cheap to clone; all
+/// clones share one set of background tasks, stopped by [`Coordinator::shutdown`].
+pub struct Coordinator<L: LocalReplica, C: ReplicaClient> {
+    inner: Arc<Inner<L, C>>,
+}
+
+impl<L: LocalReplica, C: ReplicaClient> Clone for Coordinator<L, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Stripes of the primary's per-key compare-and-swap lock.
+const CAS_STRIPES: usize = 256;
+
+pub(crate) struct Inner<L, C> {
+    self_id: NodeId,
+    local: Arc<L>,
+    client: C,
+    config: CoordinatorConfig,
+    topology: RwLock<Arc<Topology>>,
+    hints: HintStore,
+    cas_locks: Vec<tokio::sync::Mutex<()>>,
+    replaying: Mutex<HashSet<NodeId>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
+    /// A coordinator for the node `topology.self_id()`, whose own replica is `local`, reaching
+    /// the others through `client`. Must be used inside a Tokio runtime.
+    pub fn new(local: Arc<L>, client: C, topology: Topology, config: CoordinatorConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                self_id: topology.self_id(),
+                local,
+                client,
+                hints: HintStore::new(config.hints),
+                config,
+                topology: RwLock::new(Arc::new(topology)),
+                cas_locks: (0..CAS_STRIPES)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
+                replaying: Mutex::new(HashSet::new()),
+                tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The topology operations use now.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.inner.topology()
+    }
+
+    /// Replaces the topology (after a membership change). Replicas that are live again and
+    /// have hints waiting get them replayed in the background.
+    pub fn set_topology(&self, topology: Topology) {
+        let revived: Vec<NodeId> = self
+            .inner
+            .hints
+            .nodes()
+            .into_iter()
+            .filter(|id| topology.node(*id).is_some_and(|n| n.live))
+            .collect();
+        *self.inner.topology.write() = Arc::new(topology);
+        for id in revived {
+            if !self.inner.replaying.lock().insert(id) {
+                continue;
+            }
+            let inner = self.inner.clone();
+            self.inner.tasks.spawn(async move {
+                tokio::select! {
+                    result = inner.replay(id) => match result {
+                        Ok(sent) => debug!(node = id, sent, "replayed hints"),
+                        Err(failure) => debug!(%failure, "hint replay stopped"),
+                    },
+                    _ = inner.cancel.cancelled() => {}
+                }
+                inner.replaying.lock().remove(&id);
+            });
+        }
+    }
+
+    /// Writes `ops` (all in `partition`) to its replicas; returns once `W` of them have made
+    /// them durable, or [`QuorumError::Unavailable`] naming every replica that failed.
+    pub async fn write(
+        &self,
+        partition: Partition,
+        ops: Vec<ReplicaOp>,
+    ) -> Result<WriteAck, QuorumError> {
+        let set = self.inner.replica_set(partition)?;
+        let batch = ApplyBatch::new(partition, ops);
+        let acked = self
+            .inner
+            .replicate(set, move |inner, node| {
+                let batch = batch.clone();
+                async move { inner.apply_job(node, batch).await }
+            })
+            .await?;
+        Ok(WriteAck { acked })
+    }
+
+    /// Writes several partitions' ops at once; succeeds when every partition reached its
+    /// quorum (the first failure is returned; the other writes go on regardless).
+    pub async fn write_all(
+        &self,
+        batches: Vec<(Partition, Vec<ReplicaOp>)>,
+    ) -> Result<(), QuorumError> {
+        let writes = batches
+            .into_iter()
+            .map(|(partition, ops)| self.write(partition, ops));
+        futures_util::future::try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// The newest copy of one key a read quorum has (tombstones included: a deleted key
+    /// reads as `Some` with no value; `None` when no replica has it).
+    pub async fn get(
+        &self,
+        partition: Partition,
+        table: TableId,
+        key: &[u8],
+    ) -> Result<Option<Versioned>, QuorumError> {
+        let inner = &self.inner;
+        let set = inner.replica_set(partition)?;
+        let request = ReadRequest {
+            partition: partition.0,
+            table,
+            key: key.to_vec(),
+        };
+        let answers = inner
+            .read_quorum_of(&set, |node| inner.read_on(node, request.clone()))
+            .await?;
+        let merged = merge_reads(&answers);
+        if let (true, Some(newest)) = (inner.config.read_repair, &merged) {
+            for stale in stale_replicas(&answers, Some(newest)) {
+                let op = ReplicaOp::from_record(table, key.to_vec(), newest.clone());
+                inner.repair(&set, stale, ApplyBatch::new(partition, vec![op]));
+            }
+        }
+        Ok(merged)
+    }
+
+    /// The live records of a range of one partition, merged from read quorums (union by key,
+    /// newest copy wins, deleted keys left out), in scan order, at most `spec.limit`. Page
+    /// on by passing the last key returned as `after`.
+    pub async fn scan(
+        &self,
+        partition: Partition,
+        spec: ScanSpec,
+    ) -> Result<Vec<ScanEntry>, QuorumError> {
+        let inner = &self.inner;
+        let set = inner.replica_set(partition)?;
+        let limit = spec.limit.max(1);
+        let mut out = Vec::new();
+        let mut after = spec.after;
+        loop {
+            let request = ScanRequest {
+                partition: partition.0,
+                table: spec.table,
+                start: spec.start.clone(),
+                end: spec.end.clone(),
+                after: after.take(),
+                descending: spec.descending,
+                limit: u32::try_from(limit - out.len()).unwrap_or(u32::MAX),
+                max_bytes: inner.config.scan_max_bytes,
+            };
+            if request.key_bounds().is_none() {
+                return Ok(out);
+            }
+            let answers = inner
+                .read_quorum_of(&set, |node| inner.scan_on(node, request.clone()))
+                .await?;
+            let merged = merge_scans(&answers, spec.descending);
+            if inner.config.read_repair {
+                for (node, entries) in scan_repairs(&answers, &merged) {
+                    let ops = entries
+                        .into_iter()
+                        .map(|e| ReplicaOp::from_record(spec.table, e.key, e.record))
+                        .collect();
+                    inner.repair(&set, node, ApplyBatch::new(partition, ops));
+                }
+            }
+            for entry in merged.entries {
+                if !entry.record.is_tombstone() {
+                    out.push(entry);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            match merged.frontier {
+                Some(frontier) => after = Some(frontier),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Sets a key to `cas.new` if it holds `cas.expected`, through the partition's primary
+    /// (its first live replica in rendezvous order), which serialises the compare-and-swaps
+    /// of a key, checks against a read quorum and writes the winner at `W` with a version
+    /// above the one it read.
+    ///
+    /// **Guarantee.** While every node agrees on the primary, the swaps of a key are
+    /// linearizable: of two racing claims of a free username, exactly one gets
+    /// [`CasOutcome::Swapped`]. When views differ for a moment (a membership change, a
+    /// primary declared dead while still running), two primaries may run at once; the
+    /// replicas then accept only writes made from the newest version they hold, so at most
+    /// one of the racing swaps reaches `W` and the other fails with [`CasError::Conflict`]
+    /// or [`CasError::Unavailable`]. Those failures are indeterminate: the losing value may
+    /// stay on a minority of replicas and could win a later merge if it carries the higher
+    /// version, so callers re-read before retrying. Plain [`Coordinator::write`]s to the same
+    /// key bypass all this (last writer wins): keep CAS keys CAS-only.
+    pub async fn compare_and_swap(
+        &self,
+        partition: Partition,
+        cas: Cas,
+    ) -> Result<CasOutcome, CasError> {
+        let inner = &self.inner;
+        let topology = inner.topology();
+        let primary = topology
+            .primary(partition)
+            .ok_or(CasError::NoPrimary(partition.0))?;
+        let request = CasRequest {
+            partition: partition.0,
+            table: cas.table,
+            key: cas.key,
+            expected: cas.expected,
+            new: cas.new,
+            min_version: cas.min_version,
+        };
+        let reply = if primary.id == inner.self_id {
+            inner.cas_as_primary(request).await
+        } else {
+            let limit = inner.config.read_timeout + inner.config.write_timeout;
+            match timeout(limit, inner.client.cas(&primary, request)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(error)) => {
+                    return Err(CasError::Forward {
+                        primary: primary.id,
+                        reason: FailureReason::failed(error),
+                    })
+                }
+                Err(_) => {
+                    return Err(CasError::Forward {
+                        primary: primary.id,
+                        reason: FailureReason::TimedOut,
+                    })
+                }
+            }
+        };
+        match reply {
+            CasReply::Swapped { version } => Ok(CasOutcome::Swapped { version }),
+            CasReply::Mismatch { current } => Ok(CasOutcome::Mismatch { current }),
+            CasReply::NotPrimary { primary: named } => Err(CasError::NotPrimary {
+                asked: primary.id,
+                named,
+            }),
+            CasReply::Conflict => Err(CasError::Conflict),
+            CasReply::Unavailable { acked, needed } => Err(CasError::Unavailable {
+                acked: acked as usize,
+                needed: needed as usize,
+            }),
+        }
+    }
+
+    /// Sends `node` its hints now (they are also replayed in the background when
+    /// [`Coordinator::set_topology`] sees it live again). Returns how many batches went.
+    pub async fn replay_hints(&self, node: NodeId) -> Result<usize, ReplicaFailure> {
+        self.inner.replay(node).await
+    }
+
+    /// Hint batches waiting for `node`.
+    pub fn hints_pending(&self, node: NodeId) -> usize {
+        self.inner.hints.pending(node)
+    }
+
+    /// Hint batches for `node` dropped at the limits (it needs anti-entropy to catch up).
+    pub fn hints_dropped(&self, node: NodeId) -> u64 {
+        self.inner.hints.dropped(node)
+    }
+
+    /// Waits until the background work started so far (writes past their quorum, read
+    /// repairs, hint replays) has finished. For tests and orderly shutdown.
+    pub async fn settle(&self) {
+        let tasks = &self.inner.tasks;
+        tasks.close();
+        tasks.wait().await;
+        if !self.inner.cancel.is_cancelled() {
+            tasks.reopen();
+        }
+    }
+
+    /// Stops the background work and waits for it. Hints still waiting are lost.
+    pub async fn shutdown(self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<Inner<L, C>> {
+        Arc::downgrade(&self.inner)
+    }
+}
+
+impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
+    fn topology(&self) -> Arc<Topology> {
+        self.topology.read().clone()
+    }
+
+    fn replica_set(&self, partition: Partition) -> Result<Vec<ReplicaNode>, QuorumError> {
+        let set = self.topology().replica_set(partition);
+        if set.is_empty() {
+            return Err(QuorumError::NoReplicas(partition.0));
+        }
+        Ok(set)
+    }
+
+    fn is_self(&self, node: &ReplicaNode) -> bool {
+        node.id == self.self_id
+    }
+
+    /// Sends `batch` to `node` (the local store when it is this node); a remote replica that
+    /// fails gets it as a hint.
+    async fn apply_job(&self, node: ReplicaNode, batch: ApplyBatch) -> Result<(), FailureReason> {
+        let result = if self.is_self(&node) {
+            bounded(self.config.write_timeout, self.local.apply(batch.clone())).await
+        } else if !node.live {
+            Err(FailureReason::NotLive)
+        } else {
+            bounded(
+                self.config.write_timeout,
+                self.client.apply(&node, batch.clone()),
+            )
+            .await
+        };
+        if result.is_err() && !self.is_self(&node) {
+            self.hints.record(node.id, batch);
+        }
+        result
+    }
+
+    /// A conditional apply on `node`; a transport failure leaves a (plain) hint.
+    async fn apply_if_job(
+        &self,
+        node: ReplicaNode,
+        request: ConditionalApply,
+    ) -> Result<(), FailureReason> {
+        let result = if self.is_self(&node) {
+            bounded(
+                self.config.write_timeout,
+                self.local.apply_if(request.clone()),
+            )
+            .await
+        } else if !node.live {
+            Err(FailureReason::NotLive)
+        } else {
+            bounded(
+                self.config.write_timeout,
+                self.client.apply_if(&node, request.clone()),
+            )
+            .await
+        };
+        match result {
+            Ok(ConditionalOutcome::Applied) => Ok(()),
+            Ok(ConditionalOutcome::Stale { .. }) => Err(FailureReason::Stale),
+            Err(reason) => {
+                if !self.is_self(&node) {
+                    let batch = ApplyBatch {
+                        partition: request.partition,
+                        ops: vec![request.op],
+                    };
+                    self.hints.record(node.id, batch);
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    async fn read_on(
+        &self,
+        node: ReplicaNode,
+        request: ReadRequest,
+    ) -> Result<Option<Versioned>, FailureReason> {
+        if self.is_self(&node) {
+            bounded(self.config.read_timeout, self.local.read(request)).await
+        } else {
+            bounded(self.config.read_timeout, self.client.read(&node, request)).await
+        }
+    }
+
+    async fn scan_on(
+        &self,
+        node: ReplicaNode,
+        request: ScanRequest,
+    ) -> Result<ScanReply, FailureReason> {
+        if self.is_self(&node) {
+            bounded(self.config.read_timeout, self.local.scan(request)).await
+        } else {
+            bounded(self.config.read_timeout, self.client.scan(&node, request)).await
+        }
+    }
+
+    /// Runs `job` for every replica of `set` in background tasks and waits for `W` of them
+    /// to succeed (or for that to become impossible, or the write timeout). The jobs left
+    /// running go on to the end.
+    async fn replicate<F, Fut>(
+        self: &Arc<Self>,
+        set: Vec<ReplicaNode>,
+        job: F,
+    ) -> Result<Vec<NodeId>, QuorumError>
+    where
+        F: Fn(Arc<Self>, ReplicaNode) -> Fut,
+        Fut: Future<Output = Result<(), FailureReason>> + Send + 'static,
+    {
+        let mut tally = WriteTally::new(set.len(), write_quorum(set.len()));
+        let (tx, mut rx) = mpsc::channel(set.len().max(1));
+        let mut pending: Vec<NodeId> = Vec::with_capacity(set.len());
+        for node in set {
+            let id = node.id;
+            pending.push(id);
+            let work = job(self.clone(), node);
+            let tx = tx.clone();
+            let cancel = self.cancel.clone();
+            self.tasks.spawn(async move {
+                let result = tokio::select! {
+                    result = work => result,
+                    _ = cancel.cancelled() => Err(FailureReason::ShutDown),
+                };
+                // Once the quorum is decided nobody listens any more; the job itself has
+                // already done what matters (the write, or the hint).
+                let _ = tx.send((id, result)).await;
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + self.config.write_timeout;
+        loop {
+            match tally.decision() {
+                Decision::Reached => return Ok(tally.acked().to_vec()),
+                Decision::Impossible => return Err(tally.unavailable([])),
+                Decision::Pending => {}
+            }
+            match timeout_at(deadline, rx.recv()).await {
+                Ok(Some((id, result))) => {
+                    pending.retain(|n| *n != id);
+                    match result {
+                        Ok(()) => tally.ack(id),
+                        Err(reason) => tally.fail(id, reason),
+                    };
+                }
+                Ok(None) | Err(_) => return Err(tally.unavailable(pending)),
+            }
+        }
+    }
+
+    /// Asks replicas of `set` (this node first, then live ones in rendezvous order) until
+    /// `R` have answered; a failed one is replaced by the next candidate.
+    async fn read_quorum_of<'a, T, F, Fut>(
+        &'a self,
+        set: &[ReplicaNode],
+        read: F,
+    ) -> Result<Vec<(NodeId, T)>, QuorumError>
+    where
+        F: Fn(ReplicaNode) -> Fut,
+        Fut: Future<Output = Result<T, FailureReason>> + 'a,
+    {
+        let needed = read_quorum(set.len());
+        let mut failed = Vec::new();
+        let mut candidates = VecDeque::with_capacity(set.len());
+        for node in set {
+            if self.is_self(node) {
+                candidates.push_front(node.clone());
+            } else if node.live {
+                candidates.push_back(node.clone());
+            } else {
+                failed.push(ReplicaFailure {
+                    node: node.id,
+                    reason: FailureReason::NotLive,
+                });
+            }
+        }
+        let start = |node: ReplicaNode| {
+            let id = node.id;
+            let call = read(node);
+            async move { (id, call.await) }
+        };
+        let mut running = FuturesUnordered::new();
+        let mut in_flight = Vec::new();
+        while running.len() < needed {
+            let Some(node) = candidates.pop_front() else {
+                break;
+            };
+            in_flight.push(node.id);
+            running.push(start(node));
+        }
+        let deadline = Instant::now() + self.config.read_timeout;
+        let mut answers = Vec::with_capacity(needed);
+        while answers.len() < needed {
+            match timeout_at(deadline, running.next()).await {
+                Ok(Some((id, result))) => {
+                    in_flight.retain(|n| *n != id);
+                    match result {
+                        Ok(answer) => answers.push((id, answer)),
+                        Err(reason) => {
+                            failed.push(ReplicaFailure { node: id, reason });
+                            if let Some(node) = candidates.pop_front() {
+                                in_flight.push(node.id);
+                                running.push(start(node));
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    failed.extend(in_flight.drain(..).map(|node| ReplicaFailure {
+                        node,
+                        reason: FailureReason::TimedOut,
+                    }));
+                    break;
+                }
+            }
+        }
+        if answers.len() >= needed {
+            Ok(answers)
+        } else {
+            Err(QuorumError::Unavailable {
+                acked: answers.len(),
+                needed,
+                failed,
+            })
+        }
+    }
+
+    /// Sends `batch` to `node` in the background, best effort (read repair).
+    fn repair(self: &Arc<Self>, set: &[ReplicaNode], node: NodeId, batch: ApplyBatch) {
+        let Some(target) = set.iter().find(|n| n.id == node).cloned() else {
+            return;
+        };
+        let inner = self.clone();
+        self.tasks.spawn(async move {
+            let result = tokio::select! {
+                result = inner.repair_on(target, batch) => result,
+                _ = inner.cancel.cancelled() => Ok(()),
+            };
+            if let Err(reason) = result {
+                debug!(node, %reason, "read repair failed");
+            }
+        });
+    }
+
+    async fn repair_on(&self, node: ReplicaNode, batch: ApplyBatch) -> Result<(), FailureReason> {
+        if self.is_self(&node) {
+            bounded(self.config.write_timeout, self.local.apply(batch)).await
+        } else {
+            bounded(self.config.write_timeout, self.client.apply(&node, batch)).await
+        }
+    }
+
+    /// Sends `id` its hints, oldest first, until they are gone or one fails (it is kept).
+    async fn replay(&self, id: NodeId) -> Result<usize, ReplicaFailure> {
+        let node = self.topology().node(id).cloned();
+        let Some(node) = node.filter(|n| n.live && !self.is_self(n)) else {
+            return Err(ReplicaFailure {
+                node: id,
+                reason: FailureReason::NotLive,
+            });
+        };
+        let mut sent = 0;
+        while let Some(batch) = self.hints.take(id) {
+            let result = bounded(
+                self.config.write_timeout,
+                self.client.apply(&node, batch.clone()),
+            )
+            .await;
+            if let Err(reason) = result {
+                self.hints.restore(id, batch);
+                return Err(ReplicaFailure { node: id, reason });
+            }
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    fn cas_lock(&self, table: TableId, key: &[u8]) -> &tokio::sync::Mutex<()> {
+        let mut buf = Vec::with_capacity(key.len() + 1);
+        buf.push(table);
+        buf.extend_from_slice(key);
+        &self.cas_locks[(xxh3_64(&buf) % CAS_STRIPES as u64) as usize]
+    }
+
+    /// Runs a compare-and-swap as the partition's primary (see
+    /// [`Coordinator::compare_and_swap`]).
+    pub(crate) async fn cas_as_primary(self: &Arc<Self>, request: CasRequest) -> CasReply {
+        let partition = Partition(request.partition);
+        let topology = self.topology();
+        match topology.primary(partition) {
+            Some(primary) if primary.id == self.self_id => {}
+            other => {
+                return CasReply::NotPrimary {
+                    primary: other.map(|p| p.id),
+                }
+            }
+        }
+        let _serialised = self.cas_lock(request.table, &request.key).lock().await;
+        let set = topology.replica_set(partition);
+        let read = ReadRequest {
+            partition: request.partition,
+            table: request.table,
+            key: request.key.clone(),
+        };
+        let answers = match self
+            .read_quorum_of(&set, |node| self.read_on(node, read.clone()))
+            .await
+        {
+            Ok(answers) => answers,
+            Err(error) => return unavailable_reply(&error),
+        };
+        let current = merge_reads(&answers);
+        if current.as_ref().and_then(|v| v.value.as_deref()) != request.expected.as_deref() {
+            return CasReply::Mismatch { current };
+        }
+        let observed = current.as_ref().map_or(0, |v| v.version);
+        let version = request.min_version.max(observed.saturating_add(1));
+        let conditional = ConditionalApply {
+            partition: request.partition,
+            op: ReplicaOp {
+                table: request.table,
+                key: request.key,
+                value: request.new,
+                version,
+            },
+            if_version_at_most: observed,
+        };
+        let result = self
+            .replicate(set, move |inner, node| {
+                let conditional = conditional.clone();
+                async move { inner.apply_if_job(node, conditional).await }
+            })
+            .await;
+        match result {
+            Ok(_) => CasReply::Swapped { version },
+            Err(QuorumError::Unavailable { failed, .. })
+                if failed
+                    .iter()
+                    .any(|f| matches!(f.reason, FailureReason::Stale)) =>
+            {
+                CasReply::Conflict
+            }
+            Err(error) => unavailable_reply(&error),
+        }
+    }
+}
+
+fn unavailable_reply(error: &QuorumError) -> CasReply {
+    match error {
+        QuorumError::Unavailable { acked, needed, .. } => CasReply::Unavailable {
+            acked: *acked as u32,
+            needed: *needed as u32,
+        },
+        QuorumError::NoReplicas(_) => CasReply::NotPrimary { primary: None },
+    }
+}
+
+/// Runs `call` for at most `limit`, mapping its error into a [`FailureReason`].
+async fn bounded<T, E>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, FailureReason>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(FailureReason::failed(error)),
+        Err(_) => Err(FailureReason::TimedOut),
+    }
+}

@@ -1,0 +1,50 @@
+//! Quorum replication: every record lives on the `n = min(RF, members)` replicas of its
+//! partition ([`crate::placement`]), is written at `W = n/2 + 1` durable acks and read from
+//! `R = n - W + 1` replicas, so every read quorum meets every write quorum and an acked
+//! write is seen by every later read.
+//!
+//! The parts, innermost first:
+//!
+//! - [`record`]: [`Versioned`] values and [`ReplicaOp`]s; one merge rule (highest version,
+//!   tombstones for deletes) that makes immutable records a union by key.
+//! - [`quorum`]: quorum sizes, the write tally and the read/scan merges. Pure, no I/O.
+//! - [`rpc`]: the replica messages and their request kinds (bincode 2).
+//! - [`replica`]: how a coordinator reaches replicas: [`LocalReplica`] (this node's store)
+//!   and [`ReplicaClient`] (other nodes; [`PeerReplicaClient`] over the QUIC transport).
+//! - [`coordinator`]: [`Coordinator`], which fans writes out, gathers read quorums, merges,
+//!   repairs, hints, and runs compare-and-swaps on a partition's primary.
+//! - [`service`]: [`ReplicaService`], the request handler other nodes' coordinators call.
+//! - [`hints`]: hinted handoff for replicas that missed writes.
+//! - [`memory`]: in-memory twins of the store and the network, for tests.
+//!
+//! Not here yet: anti-entropy between replicas (hints are in memory and bounded; a replica
+//! that missed more, or whose coordinator restarted, stays behind on keys nobody reads until
+//! read repair meets them), moving partitions when membership changes for good (placement
+//! counts down nodes as members, so failures move nothing, but a joined or removed node
+//! shifts replica sets with no streaming), and garbage collection of tombstones.
+
+pub mod coordinator;
+pub mod error;
+pub mod hints;
+pub mod memory;
+pub mod quorum;
+pub mod record;
+pub mod replica;
+pub mod rpc;
+pub mod service;
+pub mod topology;
+
+pub use coordinator::{Cas, CasOutcome, Coordinator, CoordinatorConfig, ScanSpec, WriteAck};
+pub use error::{CasError, FailureReason, QuorumError, ReplicaFailure};
+pub use hints::HintLimits;
+pub use quorum::{read_quorum, write_quorum};
+pub use record::{ReplicaOp, ScanEntry, TableId, Versioned};
+pub use replica::{
+    CallError, LocalReplica, PeerCall, PeerReplicaClient, ReplicaClient, RpcReplicaClient,
+};
+pub use rpc::{
+    is_replication_kind, ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome,
+    ReadRequest, ScanReply, ScanRequest,
+};
+pub use service::ReplicaService;
+pub use topology::{ReplicaNode, Topology};

@@ -1,0 +1,186 @@
+//! The two ways a coordinator reaches a replica: [`LocalReplica`] (this node's store, no
+//! network hop) and [`ReplicaClient`] (another node). [`RpcReplicaClient`] implements the
+//! latter over anything that carries a [`Request`] to a node ([`PeerCall`]): the QUIC
+//! [`PeerEndpoint`] in production, [`super::memory::MemoryNetwork`] in tests.
+
+use std::error::Error;
+use std::future::Future;
+
+use super::record::Versioned;
+use super::rpc::{
+    self, ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome, ReadRequest,
+    ScanReply, ScanRequest,
+};
+use super::topology::ReplicaNode;
+use crate::transport::{PeerEndpoint, PeerError, Request, Response};
+
+/// This node's own replica store. Implementations keep one [`Versioned`] per `(table, key)`
+/// (tombstones too) and apply by [`Versioned::should_store`].
+pub trait LocalReplica: Send + Sync + 'static {
+    /// What the store reports when it fails.
+    type Error: Error + Send + Sync + 'static;
+
+    /// Stores every op that supersedes the stored copy; returns once they are durable.
+    fn apply(&self, batch: ApplyBatch) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Atomically: if the stored copy's version is at most `if_version_at_most` (or there is
+    /// none), stores the op and returns [`ConditionalOutcome::Applied`] once durable;
+    /// otherwise returns the stored copy.
+    fn apply_if(
+        &self,
+        request: ConditionalApply,
+    ) -> impl Future<Output = Result<ConditionalOutcome, Self::Error>> + Send;
+
+    /// The stored copy of one key, tombstones included.
+    fn read(
+        &self,
+        request: ReadRequest,
+    ) -> impl Future<Output = Result<Option<Versioned>, Self::Error>> + Send;
+
+    /// A range of one table, tombstones included ([`ScanRequest::key_bounds`] and
+    /// [`ScanRequest::collect`] do the bookkeeping).
+    fn scan(
+        &self,
+        request: ScanRequest,
+    ) -> impl Future<Output = Result<ScanReply, Self::Error>> + Send;
+}
+
+/// Calls to the replicas on other nodes.
+pub trait ReplicaClient: Send + Sync + 'static {
+    /// Why a call failed.
+    type Error: Error + Send + Sync + 'static;
+
+    /// [`LocalReplica::apply`] on `to`.
+    fn apply(
+        &self,
+        to: &ReplicaNode,
+        batch: ApplyBatch,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// [`LocalReplica::apply_if`] on `to`.
+    fn apply_if(
+        &self,
+        to: &ReplicaNode,
+        request: ConditionalApply,
+    ) -> impl Future<Output = Result<ConditionalOutcome, Self::Error>> + Send;
+
+    /// [`LocalReplica::read`] on `to`.
+    fn read(
+        &self,
+        to: &ReplicaNode,
+        request: ReadRequest,
+    ) -> impl Future<Output = Result<Option<Versioned>, Self::Error>> + Send;
+
+    /// [`LocalReplica::scan`] on `to`.
+    fn scan(
+        &self,
+        to: &ReplicaNode,
+        request: ScanRequest,
+    ) -> impl Future<Output = Result<ScanReply, Self::Error>> + Send;
+
+    /// Asks `to`, the partition's primary, to run a compare-and-swap.
+    fn cas(
+        &self,
+        to: &ReplicaNode,
+        request: CasRequest,
+    ) -> impl Future<Output = Result<CasReply, Self::Error>> + Send;
+}
+
+/// Carries one request to a node and brings back its reply.
+pub trait PeerCall: Send + Sync + 'static {
+    /// Why a call failed.
+    type Error: Error + Send + Sync + 'static;
+
+    /// Sends `request` to `to` and waits for the reply.
+    fn call(
+        &self,
+        to: &ReplicaNode,
+        request: Request,
+    ) -> impl Future<Output = Result<Response, Self::Error>> + Send;
+}
+
+impl PeerCall for PeerEndpoint {
+    type Error = PeerError;
+
+    async fn call(&self, to: &ReplicaNode, request: Request) -> Result<Response, PeerError> {
+        self.request(to.addr, &to.server_name, request).await
+    }
+}
+
+/// A replica call over a [`PeerCall`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError<E: Error + 'static> {
+    /// The transport failed (or the peer answered with an error).
+    #[error(transparent)]
+    Transport(E),
+    /// The request could not be encoded.
+    #[error("cannot encode a replication request: {0}")]
+    Encode(bincode::error::EncodeError),
+    /// The reply could not be decoded.
+    #[error("undecodable replication reply: {0}")]
+    Decode(bincode::error::DecodeError),
+}
+
+/// [`ReplicaClient`] over a [`PeerCall`]: encodes each call as a [`Request`] of its
+/// replication kind.
+#[derive(Clone, Debug)]
+pub struct RpcReplicaClient<T> {
+    transport: T,
+}
+
+/// The production client: replica calls over the QUIC peer transport.
+pub type PeerReplicaClient = RpcReplicaClient<PeerEndpoint>;
+
+impl<T: PeerCall> RpcReplicaClient<T> {
+    /// A client sending over `transport`.
+    pub fn new(transport: T) -> Self {
+        Self { transport }
+    }
+
+    async fn call<Q: bincode::Encode, A: bincode::Decode<()>>(
+        &self,
+        to: &ReplicaNode,
+        kind: u16,
+        body: &Q,
+    ) -> Result<A, CallError<T::Error>> {
+        let body = rpc::encode(body).map_err(CallError::Encode)?;
+        let reply = self
+            .transport
+            .call(to, Request { kind, body })
+            .await
+            .map_err(CallError::Transport)?;
+        rpc::decode(&reply.body).map_err(CallError::Decode)
+    }
+}
+
+impl<T: PeerCall> ReplicaClient for RpcReplicaClient<T> {
+    type Error = CallError<T::Error>;
+
+    async fn apply(&self, to: &ReplicaNode, batch: ApplyBatch) -> Result<(), Self::Error> {
+        self.call(to, rpc::KIND_APPLY, &batch).await
+    }
+
+    async fn apply_if(
+        &self,
+        to: &ReplicaNode,
+        request: ConditionalApply,
+    ) -> Result<ConditionalOutcome, Self::Error> {
+        self.call(to, rpc::KIND_APPLY_IF, &request).await
+    }
+
+    async fn read(
+        &self,
+        to: &ReplicaNode,
+        request: ReadRequest,
+    ) -> Result<Option<Versioned>, Self::Error> {
+        self.call(to, rpc::KIND_READ, &request).await
+    }
+
+    async fn scan(&self, to: &ReplicaNode, request: ScanRequest) -> Result<ScanReply, Self::Error> {
+        self.call(to, rpc::KIND_SCAN, &request).await
+    }
+
+    async fn cas(&self, to: &ReplicaNode, request: CasRequest) -> Result<CasReply, Self::Error> {
+        self.call(to, rpc::KIND_CAS, &request).await
+    }
+}
