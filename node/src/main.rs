@@ -18,6 +18,8 @@ enum Command {
     /// Make the cluster CA and secret, or a node certificate signed by it.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// A terminal chat client.
+    Client(chatnode::client_cli::ClientArgs),
     /// The load generator: drive a node or a cluster and report throughput and latency.
     Bench(chatnode::bench::BenchArgs),
 }
@@ -44,10 +46,24 @@ enum CertsCommand {
 
 fn certs(cmd: CertsCommand) -> std::process::ExitCode {
     let result = match &cmd {
-        CertsCommand::Init { cluster_dir } => cluster::certs::init_cluster_dir(cluster_dir)
-            .map(|()| format!("made the cluster CA and secret in {}", cluster_dir.display())),
-        CertsCommand::Node { cluster_dir, name, hosts } => cluster::certs::issue_node_cert(cluster_dir, name, hosts)
-            .map(|()| format!("issued {name}.pem and {name}.key in {}", cluster_dir.display())),
+        CertsCommand::Init { cluster_dir } => {
+            cluster::certs::init_cluster_dir(cluster_dir).map(|()| {
+                format!(
+                    "made the cluster CA and secret in {}",
+                    cluster_dir.display()
+                )
+            })
+        }
+        CertsCommand::Node {
+            cluster_dir,
+            name,
+            hosts,
+        } => cluster::certs::issue_node_cert(cluster_dir, name, hosts).map(|()| {
+            format!(
+                "issued {name}.pem and {name}.key in {}",
+                cluster_dir.display()
+            )
+        }),
     };
     match result {
         Ok(done) => {
@@ -66,6 +82,7 @@ fn main() -> std::process::ExitCode {
     match cli.command {
         Command::Bench(args) => chatnode::bench::run(args),
         Command::Certs(cmd) => certs(cmd),
+        Command::Client(args) => client(args),
         Command::Serve(args) => {
             let cfg = match Config::resolve(args) {
                 Ok(c) => c,
@@ -90,6 +107,19 @@ fn main() -> std::process::ExitCode {
                     std::process::ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn client(args: chatnode::client_cli::ClientArgs) -> std::process::ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(chatnode::client_cli::run(args)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatnode client: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
 }
