@@ -445,13 +445,13 @@ async fn pair_task(
                         report::record(&mut st.ack, since(plan.t0, now, sent));
                         Counters::add(&counters.acked, 1);
                     }
-                    Some(ServerFrame::Error { code, message, reference: Some(reference) }) => {
-                        if parse_id(&reference).is_some_and(|(step, ..)| step == plan.step) {
-                            in_flight = in_flight.saturating_sub(1);
-                            st.errors += 1;
-                            st.first_error.get_or_insert_with(|| format!("{code}: {message}"));
-                            Counters::add(&counters.errors, 1);
-                        }
+                    Some(ServerFrame::Error { code, message, reference: Some(reference) })
+                        if parse_id(&reference).is_some_and(|(step, ..)| step == plan.step) =>
+                    {
+                        in_flight = in_flight.saturating_sub(1);
+                        st.errors += 1;
+                        st.first_error.get_or_insert_with(|| format!("{code}: {message}"));
+                        Counters::add(&counters.errors, 1);
                     }
                     _ => {}
                 }

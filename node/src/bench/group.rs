@@ -381,12 +381,12 @@ async fn member_task(
                         }
                     }
                 }
-                Some(ServerFrame::Error { reference: Some(r), .. }) => {
-                    if parse_id(&r).is_some_and(|(s, ..)| s == plan.step) {
-                        in_flight = in_flight.saturating_sub(1);
-                        o.errors += 1;
-                        Counters::add(&counters.errors, 1);
-                    }
+                Some(ServerFrame::Error { reference: Some(r), .. })
+                    if parse_id(&r).is_some_and(|(s, ..)| s == plan.step) =>
+                {
+                    in_flight = in_flight.saturating_sub(1);
+                    o.errors += 1;
+                    Counters::add(&counters.errors, 1);
                 }
                 Some(ServerFrame::Message { message }) => {
                     if let Some((step, g2, key, sent)) = parse_id(&message.client_id) {
