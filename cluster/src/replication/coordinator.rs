@@ -9,31 +9,23 @@
 //!   answered with older copies are repaired in the background (read repair).
 //! - **Compare-and-swap**: runs on the partition's primary (see [`Coordinator::compare_and_swap`]).
 
-use std::collections::{HashSet, VecDeque};
-use std::future::Future;
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::mpsc;
-use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
-use xxhash_rust::xxh3::xxh3_64;
 
-use super::error::{CasError, FailureReason, QuorumError, ReplicaFailure};
+use super::error::{FailureReason, QuorumError, ReplicaFailure};
+use super::fanout::bounded;
 use super::hints::{HintLimits, HintStore};
-use super::quorum::{
-    merge_reads, merge_scans, read_quorum, scan_repairs, stale_replicas, write_quorum, Decision,
-    WriteTally,
-};
+use super::quorum::{merge_reads, merge_scans, scan_repairs, stale_replicas};
 use super::record::{ReplicaOp, ScanEntry, TableId, Versioned};
 use super::replica::{LocalReplica, ReplicaClient};
 use super::rpc::{
-    ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome, ReadRequest, ScanReply,
-    ScanRequest,
+    ApplyBatch, ConditionalApply, ConditionalOutcome, ReadRequest, ScanReply, ScanRequest,
 };
 use super::topology::{ReplicaNode, Topology};
 use crate::placement::{NodeId, Partition};
@@ -89,41 +81,10 @@ pub struct ScanSpec {
     pub limit: usize,
 }
 
-/// A compare-and-swap of one key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cas {
-    /// The table.
-    pub table: TableId,
-    /// The key.
-    pub key: Vec<u8>,
-    /// The value the key must hold for the swap (`None`: absent or deleted).
-    pub expected: Option<Vec<u8>>,
-    /// The value to store (`None`: delete).
-    pub new: Option<Vec<u8>>,
-    /// The lowest version to write at (the caller's clock); the primary uses at least one
-    /// more than the version it read.
-    pub min_version: u64,
-}
-
-/// The definite answer of a compare-and-swap.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CasOutcome {
-    /// The key held the expected value; the new one is stored at a write quorum.
-    Swapped {
-        /// The version it was stored at.
-        version: u64,
-    },
-    /// The key held something else (`current`, tombstones included); nothing was written.
-    Mismatch {
-        /// The newest copy a read quorum had.
-        current: Option<Versioned>,
-    },
-}
-
 /// Runs reads, writes and compare-and-swaps against replica quorums. Cheap to clone; all
 /// clones share one set of background tasks, stopped by [`Coordinator::shutdown`].
 pub struct Coordinator<L: LocalReplica, C: ReplicaClient> {
-    inner: Arc<Inner<L, C>>,
+    pub(super) inner: Arc<Inner<L, C>>,
 }
 
 impl<L: LocalReplica, C: ReplicaClient> Clone for Coordinator<L, C> {
@@ -135,19 +96,20 @@ impl<L: LocalReplica, C: ReplicaClient> Clone for Coordinator<L, C> {
 }
 
 /// Stripes of the primary's per-key compare-and-swap lock.
-const CAS_STRIPES: usize = 256;
+pub(super) const CAS_STRIPES: usize = 256;
 
+/// The state all clones of a [`Coordinator`] share (and its background tasks hold).
 pub(crate) struct Inner<L, C> {
-    self_id: NodeId,
-    local: Arc<L>,
-    client: C,
-    config: CoordinatorConfig,
+    pub(super) self_id: NodeId,
+    pub(super) local: Arc<L>,
+    pub(super) client: C,
+    pub(super) config: CoordinatorConfig,
     topology: RwLock<Arc<Topology>>,
-    hints: HintStore,
-    cas_locks: Vec<tokio::sync::Mutex<()>>,
+    pub(super) hints: HintStore,
+    pub(super) cas_locks: Vec<tokio::sync::Mutex<()>>,
     replaying: Mutex<HashSet<NodeId>>,
-    tasks: TaskTracker,
-    cancel: CancellationToken,
+    pub(super) tasks: TaskTracker,
+    pub(super) cancel: CancellationToken,
 }
 
 impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
@@ -321,74 +283,6 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         }
     }
 
-    /// Sets a key to `cas.new` if it holds `cas.expected`, through the partition's primary
-    /// (its first live replica in rendezvous order), which serialises the compare-and-swaps
-    /// of a key, checks against a read quorum and writes the winner at `W` with a version
-    /// above the one it read.
-    ///
-    /// **Guarantee.** While every node agrees on the primary, the swaps of a key are
-    /// linearizable: of two racing claims of a free username, exactly one gets
-    /// [`CasOutcome::Swapped`]. When views differ for a moment (a membership change, a
-    /// primary declared dead while still running), two primaries may run at once; the
-    /// replicas then accept only writes made from the newest version they hold, so at most
-    /// one of the racing swaps reaches `W` and the other fails with [`CasError::Conflict`]
-    /// or [`CasError::Unavailable`]. Those failures are indeterminate: the losing value may
-    /// stay on a minority of replicas and could win a later merge if it carries the higher
-    /// version, so callers re-read before retrying. Plain [`Coordinator::write`]s to the same
-    /// key bypass all this (last writer wins): keep CAS keys CAS-only.
-    pub async fn compare_and_swap(
-        &self,
-        partition: Partition,
-        cas: Cas,
-    ) -> Result<CasOutcome, CasError> {
-        let inner = &self.inner;
-        let topology = inner.topology();
-        let primary = topology
-            .primary(partition)
-            .ok_or(CasError::NoPrimary(partition.0))?;
-        let request = CasRequest {
-            partition: partition.0,
-            table: cas.table,
-            key: cas.key,
-            expected: cas.expected,
-            new: cas.new,
-            min_version: cas.min_version,
-        };
-        let reply = if primary.id == inner.self_id {
-            inner.cas_as_primary(request).await
-        } else {
-            let limit = inner.config.read_timeout + inner.config.write_timeout;
-            match timeout(limit, inner.client.cas(&primary, request)).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(error)) => {
-                    return Err(CasError::Forward {
-                        primary: primary.id,
-                        reason: FailureReason::failed(error),
-                    })
-                }
-                Err(_) => {
-                    return Err(CasError::Forward {
-                        primary: primary.id,
-                        reason: FailureReason::TimedOut,
-                    })
-                }
-            }
-        };
-        match reply {
-            CasReply::Swapped { version } => Ok(CasOutcome::Swapped { version }),
-            CasReply::Mismatch { current } => Ok(CasOutcome::Mismatch { current }),
-            CasReply::NotPrimary { primary: named } => Err(CasError::NotPrimary {
-                asked: primary.id,
-                named,
-            }),
-            CasReply::Conflict => Err(CasError::Conflict),
-            CasReply::Unavailable { acked, needed } => Err(CasError::Unavailable {
-                acked: acked as usize,
-                needed: needed as usize,
-            }),
-        }
-    }
-
     /// Sends `node` its hints now (they are also replayed in the background when
     /// [`Coordinator::set_topology`] sees it live again). Returns how many batches went.
     pub async fn replay_hints(&self, node: NodeId) -> Result<usize, ReplicaFailure> {
@@ -429,11 +323,14 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
 }
 
 impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
-    fn topology(&self) -> Arc<Topology> {
+    pub(super) fn topology(&self) -> Arc<Topology> {
         self.topology.read().clone()
     }
 
-    fn replica_set(&self, partition: Partition) -> Result<Vec<ReplicaNode>, QuorumError> {
+    pub(super) fn replica_set(
+        &self,
+        partition: Partition,
+    ) -> Result<Vec<ReplicaNode>, QuorumError> {
         let set = self.topology().replica_set(partition);
         if set.is_empty() {
             return Err(QuorumError::NoReplicas(partition.0));
@@ -441,13 +338,17 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         Ok(set)
     }
 
-    fn is_self(&self, node: &ReplicaNode) -> bool {
+    pub(super) fn is_self(&self, node: &ReplicaNode) -> bool {
         node.id == self.self_id
     }
 
     /// Sends `batch` to `node` (the local store when it is this node); a remote replica that
     /// fails gets it as a hint.
-    async fn apply_job(&self, node: ReplicaNode, batch: ApplyBatch) -> Result<(), FailureReason> {
+    pub(super) async fn apply_job(
+        &self,
+        node: ReplicaNode,
+        batch: ApplyBatch,
+    ) -> Result<(), FailureReason> {
         let result = if self.is_self(&node) {
             bounded(self.config.write_timeout, self.local.apply(batch.clone())).await
         } else if !node.live {
@@ -466,7 +367,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
     }
 
     /// A conditional apply on `node`; a transport failure leaves a (plain) hint.
-    async fn apply_if_job(
+    pub(super) async fn apply_if_job(
         &self,
         node: ReplicaNode,
         request: ConditionalApply,
@@ -502,7 +403,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         }
     }
 
-    async fn read_on(
+    pub(super) async fn read_on(
         &self,
         node: ReplicaNode,
         request: ReadRequest,
@@ -514,7 +415,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         }
     }
 
-    async fn scan_on(
+    pub(super) async fn scan_on(
         &self,
         node: ReplicaNode,
         request: ScanRequest,
@@ -523,136 +424,6 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
             bounded(self.config.read_timeout, self.local.scan(request)).await
         } else {
             bounded(self.config.read_timeout, self.client.scan(&node, request)).await
-        }
-    }
-
-    /// Runs `job` for every replica of `set` in background tasks and waits for `W` of them
-    /// to succeed (or for that to become impossible, or the write timeout). The jobs left
-    /// running go on to the end.
-    async fn replicate<F, Fut>(
-        self: &Arc<Self>,
-        set: Vec<ReplicaNode>,
-        job: F,
-    ) -> Result<Vec<NodeId>, QuorumError>
-    where
-        F: Fn(Arc<Self>, ReplicaNode) -> Fut,
-        Fut: Future<Output = Result<(), FailureReason>> + Send + 'static,
-    {
-        let mut tally = WriteTally::new(set.len(), write_quorum(set.len()));
-        let (tx, mut rx) = mpsc::channel(set.len().max(1));
-        let mut pending: Vec<NodeId> = Vec::with_capacity(set.len());
-        for node in set {
-            let id = node.id;
-            pending.push(id);
-            let work = job(self.clone(), node);
-            let tx = tx.clone();
-            let cancel = self.cancel.clone();
-            self.tasks.spawn(async move {
-                let result = tokio::select! {
-                    result = work => result,
-                    _ = cancel.cancelled() => Err(FailureReason::ShutDown),
-                };
-                // Once the quorum is decided nobody listens any more; the job itself has
-                // already done what matters (the write, or the hint).
-                let _ = tx.send((id, result)).await;
-            });
-        }
-        drop(tx);
-        let deadline = Instant::now() + self.config.write_timeout;
-        loop {
-            match tally.decision() {
-                Decision::Reached => return Ok(tally.acked().to_vec()),
-                Decision::Impossible => return Err(tally.unavailable([])),
-                Decision::Pending => {}
-            }
-            match timeout_at(deadline, rx.recv()).await {
-                Ok(Some((id, result))) => {
-                    pending.retain(|n| *n != id);
-                    match result {
-                        Ok(()) => tally.ack(id),
-                        Err(reason) => tally.fail(id, reason),
-                    };
-                }
-                Ok(None) | Err(_) => return Err(tally.unavailable(pending)),
-            }
-        }
-    }
-
-    /// Asks replicas of `set` (this node first, then live ones in rendezvous order) until
-    /// `R` have answered; a failed one is replaced by the next candidate.
-    async fn read_quorum_of<'a, T, F, Fut>(
-        &'a self,
-        set: &[ReplicaNode],
-        read: F,
-    ) -> Result<Vec<(NodeId, T)>, QuorumError>
-    where
-        F: Fn(ReplicaNode) -> Fut,
-        Fut: Future<Output = Result<T, FailureReason>> + 'a,
-    {
-        let needed = read_quorum(set.len());
-        let mut failed = Vec::new();
-        let mut candidates = VecDeque::with_capacity(set.len());
-        for node in set {
-            if self.is_self(node) {
-                candidates.push_front(node.clone());
-            } else if node.live {
-                candidates.push_back(node.clone());
-            } else {
-                failed.push(ReplicaFailure {
-                    node: node.id,
-                    reason: FailureReason::NotLive,
-                });
-            }
-        }
-        let start = |node: ReplicaNode| {
-            let id = node.id;
-            let call = read(node);
-            async move { (id, call.await) }
-        };
-        let mut running = FuturesUnordered::new();
-        let mut in_flight = Vec::new();
-        while running.len() < needed {
-            let Some(node) = candidates.pop_front() else {
-                break;
-            };
-            in_flight.push(node.id);
-            running.push(start(node));
-        }
-        let deadline = Instant::now() + self.config.read_timeout;
-        let mut answers = Vec::with_capacity(needed);
-        while answers.len() < needed {
-            match timeout_at(deadline, running.next()).await {
-                Ok(Some((id, result))) => {
-                    in_flight.retain(|n| *n != id);
-                    match result {
-                        Ok(answer) => answers.push((id, answer)),
-                        Err(reason) => {
-                            failed.push(ReplicaFailure { node: id, reason });
-                            if let Some(node) = candidates.pop_front() {
-                                in_flight.push(node.id);
-                                running.push(start(node));
-                            }
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    failed.extend(in_flight.drain(..).map(|node| ReplicaFailure {
-                        node,
-                        reason: FailureReason::TimedOut,
-                    }));
-                    break;
-                }
-            }
-        }
-        if answers.len() >= needed {
-            Ok(answers)
-        } else {
-            Err(QuorumError::Unavailable {
-                acked: answers.len(),
-                needed,
-                failed,
-            })
         }
     }
 
@@ -704,99 +475,5 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
             sent += 1;
         }
         Ok(sent)
-    }
-
-    fn cas_lock(&self, table: TableId, key: &[u8]) -> &tokio::sync::Mutex<()> {
-        let mut buf = Vec::with_capacity(key.len() + 1);
-        buf.push(table);
-        buf.extend_from_slice(key);
-        &self.cas_locks[(xxh3_64(&buf) % CAS_STRIPES as u64) as usize]
-    }
-
-    /// Runs a compare-and-swap as the partition's primary (see
-    /// [`Coordinator::compare_and_swap`]).
-    pub(crate) async fn cas_as_primary(self: &Arc<Self>, request: CasRequest) -> CasReply {
-        let partition = Partition(request.partition);
-        let topology = self.topology();
-        match topology.primary(partition) {
-            Some(primary) if primary.id == self.self_id => {}
-            other => {
-                return CasReply::NotPrimary {
-                    primary: other.map(|p| p.id),
-                }
-            }
-        }
-        let _serialised = self.cas_lock(request.table, &request.key).lock().await;
-        let set = topology.replica_set(partition);
-        let read = ReadRequest {
-            partition: request.partition,
-            table: request.table,
-            key: request.key.clone(),
-        };
-        let answers = match self
-            .read_quorum_of(&set, |node| self.read_on(node, read.clone()))
-            .await
-        {
-            Ok(answers) => answers,
-            Err(error) => return unavailable_reply(&error),
-        };
-        let current = merge_reads(&answers);
-        if current.as_ref().and_then(|v| v.value.as_deref()) != request.expected.as_deref() {
-            return CasReply::Mismatch { current };
-        }
-        let observed = current.as_ref().map_or(0, |v| v.version);
-        let version = request.min_version.max(observed.saturating_add(1));
-        let conditional = ConditionalApply {
-            partition: request.partition,
-            op: ReplicaOp {
-                table: request.table,
-                key: request.key,
-                value: request.new,
-                version,
-            },
-            if_version_at_most: observed,
-        };
-        let result = self
-            .replicate(set, move |inner, node| {
-                let conditional = conditional.clone();
-                async move { inner.apply_if_job(node, conditional).await }
-            })
-            .await;
-        match result {
-            Ok(_) => CasReply::Swapped { version },
-            Err(QuorumError::Unavailable { failed, .. })
-                if failed
-                    .iter()
-                    .any(|f| matches!(f.reason, FailureReason::Stale)) =>
-            {
-                CasReply::Conflict
-            }
-            Err(error) => unavailable_reply(&error),
-        }
-    }
-}
-
-fn unavailable_reply(error: &QuorumError) -> CasReply {
-    match error {
-        QuorumError::Unavailable { acked, needed, .. } => CasReply::Unavailable {
-            acked: *acked as u32,
-            needed: *needed as u32,
-        },
-        QuorumError::NoReplicas(_) => CasReply::NotPrimary { primary: None },
-    }
-}
-
-/// Runs `call` for at most `limit`, mapping its error into a [`FailureReason`].
-async fn bounded<T, E>(
-    limit: Duration,
-    call: impl Future<Output = Result<T, E>>,
-) -> Result<T, FailureReason>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    match timeout(limit, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(FailureReason::failed(error)),
-        Err(_) => Err(FailureReason::TimedOut),
     }
 }

@@ -12,7 +12,7 @@
 //! - [`replica`]: how a coordinator reaches replicas: [`LocalReplica`] (this node's store)
 //!   and [`ReplicaClient`] (other nodes; [`PeerReplicaClient`] over the QUIC transport).
 //! - [`coordinator`]: [`Coordinator`], which fans writes out, gathers read quorums, merges,
-//!   repairs, hints, and runs compare-and-swaps on a partition's primary.
+//!   repairs and hints; compare-and-swaps run on a partition's primary ([`Cas`]).
 //! - [`service`]: [`ReplicaService`], the request handler other nodes' coordinators call.
 //! - [`hints`]: hinted handoff for replicas that missed writes.
 //! - [`memory`]: in-memory twins of the store and the network, for tests.
@@ -23,8 +23,10 @@
 //! counts down nodes as members, so failures move nothing, but a joined or removed node
 //! shifts replica sets with no streaming), and garbage collection of tombstones.
 
+mod cas;
 pub mod coordinator;
 pub mod error;
+mod fanout;
 pub mod hints;
 pub mod memory;
 pub mod quorum;
@@ -34,7 +36,8 @@ pub mod rpc;
 pub mod service;
 pub mod topology;
 
-pub use coordinator::{Cas, CasOutcome, Coordinator, CoordinatorConfig, ScanSpec, WriteAck};
+pub use cas::{Cas, CasOutcome};
+pub use coordinator::{Coordinator, CoordinatorConfig, ScanSpec, WriteAck};
 pub use error::{CasError, FailureReason, QuorumError, ReplicaFailure};
 pub use hints::HintLimits;
 pub use quorum::{read_quorum, write_quorum};
