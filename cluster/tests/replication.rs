@@ -189,6 +189,7 @@ async fn one_replica_down_writes_succeed_and_reads_see_them() {
         .unwrap();
     assert!(started.elapsed() < TIMEOUT);
 
+    // Reads fail over from the hung replica in time, wherever they start.
     for id in set.iter().copied().filter(|&id| id != c) {
         let got = cluster
             .coordinator(id)
@@ -203,6 +204,23 @@ async fn one_replica_down_writes_succeed_and_reads_see_them() {
             .unwrap();
         assert_eq!(keys_of(&scanned), ["m1", "m2", "m3"]);
     }
+    let outsider = Cluster::new(4, 3);
+    let p = outsider.partition_without(4);
+    let hung = outsider.replica_set(p)[0];
+    outsider.net.set_node(hung, Link::Hang);
+    let started = tokio::time::Instant::now();
+    outsider
+        .coordinator(4)
+        .write(p, vec![put(MESSAGES, "m", "x", 1)])
+        .await
+        .unwrap();
+    let got = outsider
+        .coordinator(4)
+        .get(p, MESSAGES, b"m")
+        .await
+        .unwrap();
+    assert!(got.is_some());
+    assert!(started.elapsed() < TIMEOUT);
     assert!(cluster.store(c).is_empty());
 }
 

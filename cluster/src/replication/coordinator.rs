@@ -35,7 +35,8 @@ use crate::placement::{NodeId, Partition};
 pub struct CoordinatorConfig {
     /// How long a write waits for its quorum (also each replica's apply in the background).
     pub write_timeout: Duration,
-    /// How long a read waits for its quorum.
+    /// How long a read waits for its quorum; each replica gets half of it before the next
+    /// candidate is asked in its place.
     pub read_timeout: Duration,
     /// Bytes a replica puts in one scan answer (keep well under the transport's frame limit).
     pub scan_max_bytes: u32,
@@ -338,6 +339,12 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         Ok(set)
     }
 
+    /// How long one replica may take to answer a read: half the read timeout, so a replica
+    /// that hangs (while membership still says it is live) leaves time to ask the next one.
+    fn replica_read_timeout(&self) -> Duration {
+        self.config.read_timeout / 2
+    }
+
     pub(super) fn is_self(&self, node: &ReplicaNode) -> bool {
         node.id == self.self_id
     }
@@ -409,9 +416,13 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         request: ReadRequest,
     ) -> Result<Option<Versioned>, FailureReason> {
         if self.is_self(&node) {
-            bounded(self.config.read_timeout, self.local.read(request)).await
+            bounded(self.replica_read_timeout(), self.local.read(request)).await
         } else {
-            bounded(self.config.read_timeout, self.client.read(&node, request)).await
+            bounded(
+                self.replica_read_timeout(),
+                self.client.read(&node, request),
+            )
+            .await
         }
     }
 
@@ -421,9 +432,13 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         request: ScanRequest,
     ) -> Result<ScanReply, FailureReason> {
         if self.is_self(&node) {
-            bounded(self.config.read_timeout, self.local.scan(request)).await
+            bounded(self.replica_read_timeout(), self.local.scan(request)).await
         } else {
-            bounded(self.config.read_timeout, self.client.scan(&node, request)).await
+            bounded(
+                self.replica_read_timeout(),
+                self.client.scan(&node, request),
+            )
+            .await
         }
     }
 
