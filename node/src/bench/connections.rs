@@ -73,7 +73,7 @@ pub async fn run(args: ConnectionsArgs) -> Result<Outcome> {
         bail!("--users and --connections must be at least 1");
     }
     let mut target = Target::open(&args.target)?;
-    let result = measure(&target, &args).await;
+    let result = measure(&mut target, &args).await;
     target.check_alive()?;
     let r = result?;
     let mut table = Table::new(
@@ -140,9 +140,21 @@ struct Shared {
     first_error: parking_lot::Mutex<Option<String>>,
 }
 
-async fn measure(target: &Target, args: &ConnectionsArgs) -> Result<ConnectionsResult> {
+async fn measure(target: &mut Target, args: &ConnectionsArgs) -> Result<ConnectionsResult> {
     let users = args.users.min(args.connections);
-    let accounts = target.endpoint.accounts(users, "bc").await?;
+    let mut accounts = target.endpoint.accounts(users, "bc").await?;
+    // Signups and logins run argon2, whose freed memory the allocator keeps and would later
+    // hand to connections; a spawned node is restarted so the baseline holds none of it.
+    if let Some(node) = target.node.as_mut() {
+        node.restart()?;
+        target.node_pid = Some(node.pid);
+        let ws_url = client_proto::client::HttpClient::new(node.http.clone()).ws_url();
+        for a in &mut accounts {
+            a.ws_url = ws_url.clone();
+        }
+        // Let the fresh process settle before the baseline reading.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let pid = target.node_pid.map(|p| p.to_string());
     let before = pid.as_deref().and_then(vm_rss_kib);
     let shared = Arc::new(Shared::default());

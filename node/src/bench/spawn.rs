@@ -15,8 +15,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running `chatnode serve` child.
 pub struct SpawnedNode {
-    child: Child,
+    child: Option<Child>,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
     pumps: Vec<JoinHandle<()>>,
     /// `http://127.0.0.1:PORT`.
     pub http: String,
@@ -27,17 +28,38 @@ pub struct SpawnedNode {
 impl SpawnedNode {
     /// Starts the node with `extra` flags after the bench's own, and waits for its ready line.
     pub fn start(extra: &[String]) -> Result<SpawnedNode> {
-        let exe = std::env::current_exe().context("finding the chatnode executable")?;
         let dir = tempfile::Builder::new()
             .prefix("chatnode-bench-")
             .tempdir()
             .context("creating a temporary data dir")?;
-        let log_path = dir.path().join("node.log");
+        let mut node = SpawnedNode {
+            child: None,
+            dir,
+            extra: extra.to_vec(),
+            pumps: Vec::new(),
+            http: String::new(),
+            pid: 0,
+        };
+        node.launch()?;
+        Ok(node)
+    }
+
+    /// Kills the node and starts it again on the same data dir (new port, new pid): a fresh
+    /// process whose memory holds nothing from the bench's setup (argon2 signups).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.launch()
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let exe = std::env::current_exe().context("finding the chatnode executable")?;
+        let log_path = self.dir.path().join("node.log");
         let mut child = Command::new(exe)
             .arg("serve")
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(self.dir.path().join("data"))
             .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+            .args(["--peer-addr", "127.0.0.1:0", "--gossip-addr", &free_gossip_addr()?])
             .args([
                 "--rate-limit-per-sec",
                 "1000000",
@@ -45,17 +67,20 @@ impl SpawnedNode {
                 "1000000",
             ])
             .args(["--log", "warn,chatnode::node=info"])
-            .args(extra)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting chatnode serve")?;
         let pid = child.id();
-        let log = std::fs::File::create(&log_path).context("creating the node log")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .context("opening the node log")?;
         let log = std::sync::Arc::new(std::sync::Mutex::new(log));
         let (tx, rx) = mpsc::channel();
-        let mut pumps = Vec::new();
         let stdout = child
             .stdout
             .take()
@@ -66,7 +91,7 @@ impl SpawnedNode {
             .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>);
         for pipe in [stdout, stderr].into_iter().flatten() {
             let (tx, log) = (tx.clone(), log.clone());
-            pumps.push(std::thread::spawn(move || {
+            self.pumps.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
                     if let Ok(mut f) = log.lock() {
@@ -85,22 +110,17 @@ impl SpawnedNode {
             }));
         }
         drop(tx);
-        let mut node = SpawnedNode {
-            child,
-            dir,
-            pumps,
-            http: String::new(),
-            pid,
-        };
+        self.child = Some(child);
+        self.pid = pid;
         match rx.recv_timeout(READY_TIMEOUT) {
             Ok(addr) => {
-                node.http = format!("http://{addr}");
-                eprintln!("bench: spawned chatnode pid {pid} at {}", node.http);
-                Ok(node)
+                self.http = format!("http://{addr}");
+                eprintln!("bench: spawned chatnode pid {pid} at {}", self.http);
+                Ok(())
             }
             Err(_) => {
-                let tail = node.log_tail(30);
-                node.stop();
+                let tail = self.log_tail(30);
+                self.stop();
                 bail!("the spawned chatnode did not become ready:\n{tail}")
             }
         }
@@ -115,7 +135,10 @@ impl SpawnedNode {
 
     /// Whether the process is still running.
     pub fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait() {
+        let Some(child) = self.child.as_mut() else {
+            bail!("the spawned chatnode is not running")
+        };
+        match child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(anyhow!(
                 "the spawned chatnode exited ({status}):\n{}",
@@ -127,8 +150,10 @@ impl SpawnedNode {
 
     /// Kills the node (SIGKILL) and waits for it and its log pumps.
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for p in self.pumps.drain(..) {
             let _ = p.join();
         }
@@ -139,4 +164,11 @@ impl Drop for SpawnedNode {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A loopback UDP address that was free a moment ago (gossip advertises its real port, so
+/// it cannot be 0).
+fn free_gossip_addr() -> Result<String> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free gossip port")?;
+    Ok(socket.local_addr().context("reading the gossip port")?.to_string())
 }
