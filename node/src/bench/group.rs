@@ -3,21 +3,17 @@
 //! what it receives. A message's fan-out latency is the time until its *last* member got it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use client_proto::codec::Codec;
-use client_proto::ids::GroupId;
-use client_proto::{ClientFrame, Recipient, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::conn::{self, Conn};
+use super::member::{member_task, GroupShared, MemberOut, Plan};
 use super::report::{self, int, ms, ratio, Counters, Latency, Progress, Table};
 use super::{Outcome, Target, TargetArgs};
 
@@ -66,37 +62,6 @@ pub struct GroupStep {
     pub deliveries_per_s: f64,
     pub delivery: Latency,
     pub last_member: Latency,
-}
-
-struct Plan {
-    step: usize,
-    t0: Instant,
-    start: Instant,
-    rate_per_sender: Option<f64>,
-    window: usize,
-    send_end: Instant,
-    max_messages: Option<u64>,
-    grace: Duration,
-    body: String,
-    codec: Codec,
-    senders: usize,
-}
-
-/// Shared per group: how many messages were acked, how many senders finished.
-#[derive(Default)]
-struct GroupShared {
-    acked: AtomicU64,
-    senders_done: AtomicUsize,
-}
-
-struct MemberOut {
-    acked: Vec<u64>,
-    /// (message key, latency µs) for every delivery.
-    got: Vec<(u64, u32)>,
-    errors: u64,
-    delivery: Histogram<u64>,
-    last_delivery: Option<Instant>,
-    last_ack: Option<Instant>,
 }
 
 /// `chatnode bench group`.
@@ -281,134 +246,6 @@ async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
         let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
     }
     Ok(out)
-}
-
-/// Message key inside a group: sender index and sequence number.
-fn key(sender: usize, seq: u64) -> u64 {
-    ((sender as u64) << 40) | seq
-}
-
-/// `step.group.sender.seq.sent_us` → (step, group, key, sent_us).
-fn parse_id(id: &str) -> Option<(usize, usize, u64, u64)> {
-    let mut it = id.split('.');
-    let step = it.next()?.parse().ok()?;
-    let group = it.next()?.parse().ok()?;
-    let sender: usize = it.next()?.parse().ok()?;
-    let seq: u64 = it.next()?.parse().ok()?;
-    let sent = it.next()?.parse().ok()?;
-    Some((step, group, key(sender, seq), sent))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn member_task(
-    gi: usize,
-    k: usize,
-    group: GroupId,
-    mut c: Conn,
-    plan: Arc<Plan>,
-    shared: Arc<Vec<GroupShared>>,
-    counters: Arc<Counters>,
-) -> Result<(usize, usize, Conn, MemberOut)> {
-    let mine = &shared[gi];
-    let sender = k < plan.senders;
-    let mut o = MemberOut {
-        acked: Vec::new(),
-        got: Vec::new(),
-        errors: 0,
-        delivery: report::histogram(),
-        last_delivery: None,
-        last_ack: None,
-    };
-    let (mut seq, mut in_flight, mut done_sending) = (0u64, 0usize, !sender);
-    let hb_every = Duration::from_millis(c.heartbeat_interval_ms.clamp(500, 60_000));
-    let mut hb = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
-    let mut check = tokio::time::interval(Duration::from_millis(50));
-    let grace_end = plan.send_end + plan.grace;
-    let due = |seq: u64| match plan.rate_per_sender {
-        None => plan.start,
-        Some(r) => plan.start + Duration::from_secs_f64(seq as f64 / r),
-    };
-    loop {
-        let now = Instant::now();
-        if !done_sending
-            && (now >= plan.send_end || matches!(plan.max_messages, Some(m) if seq >= m))
-            && in_flight == 0
-        {
-            done_sending = true;
-            mine.senders_done.fetch_add(1, Ordering::SeqCst);
-        }
-        if done_sending && mine.senders_done.load(Ordering::SeqCst) >= plan.senders {
-            let expected = mine.acked.load(Ordering::SeqCst) - o.acked.len() as u64;
-            if o.got.len() as u64 >= expected || now >= grace_end {
-                break;
-            }
-        }
-        if now >= grace_end + plan.grace {
-            break;
-        }
-        let can_send = sender
-            && !done_sending
-            && now < plan.send_end
-            && in_flight < plan.window
-            && !matches!(plan.max_messages, Some(m) if seq >= m);
-        tokio::select! {
-            _ = tokio::time::sleep_until(due(seq)), if can_send => {
-                let now = Instant::now();
-                let mut n = 0;
-                while in_flight < plan.window && due(seq) <= now && n < 64
-                    && !matches!(plan.max_messages, Some(m) if seq >= m)
-                {
-                    let sched = if plan.rate_per_sender.is_some() { due(seq) } else { now };
-                    let id = format!("{}.{gi}.{k}.{seq}.{}", plan.step, sched.saturating_duration_since(plan.t0).as_micros());
-                    let f = ClientFrame::Send { id, to: Recipient::Group(group), body: plan.body.clone() };
-                    c.sink.feed(conn::encode(plan.codec, &f)).await.context("sending")?;
-                    seq += 1;
-                    in_flight += 1;
-                    n += 1;
-                }
-                c.sink.flush().await.context("sending")?;
-                Counters::add(&counters.sent, n);
-            }
-            msg = c.stream.next() => match conn::decode(msg).context("member connection")? {
-                Some(ServerFrame::Ack { reference, .. }) => {
-                    if let Some((step, _, key, _)) = parse_id(&reference) {
-                        if step == plan.step {
-                            in_flight = in_flight.saturating_sub(1);
-                            o.acked.push(key);
-                            o.last_ack = Some(Instant::now());
-                            mine.acked.fetch_add(1, Ordering::SeqCst);
-                            Counters::add(&counters.acked, 1);
-                        }
-                    }
-                }
-                Some(ServerFrame::Error { reference: Some(r), .. })
-                    if parse_id(&r).is_some_and(|(s, ..)| s == plan.step) =>
-                {
-                    in_flight = in_flight.saturating_sub(1);
-                    o.errors += 1;
-                    Counters::add(&counters.errors, 1);
-                }
-                Some(ServerFrame::Message { message }) => {
-                    if let Some((step, g2, key, sent)) = parse_id(&message.client_id) {
-                        if step == plan.step && g2 == gi {
-                            let now = Instant::now();
-                            let lat = now.saturating_duration_since(plan.t0).saturating_sub(Duration::from_micros(sent));
-                            report::record(&mut o.delivery, lat);
-                            o.got.push((key, lat.as_micros().min(u32::MAX as u128) as u32));
-                            o.last_delivery = Some(now);
-                            Counters::add(&counters.delivered, 1);
-                        }
-                    }
-                }
-                _ => {}
-            },
-            _ = hb.tick() => {
-                c.sink.send(conn::encode(plan.codec, &ClientFrame::Heartbeat)).await.context("heartbeat")?;
-            }
-            _ = check.tick() => {}
-        }
-    }
-    Ok((gi, k, c, o))
 }
 
 fn summarize(

@@ -13,6 +13,8 @@ pub mod conn;
 pub mod connections;
 pub mod direct;
 pub mod group;
+mod member;
+mod pair;
 pub mod presence;
 pub mod relay;
 pub mod report;

@@ -59,7 +59,12 @@ impl SpawnedNode {
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
-            .args(["--peer-addr", "127.0.0.1:0", "--gossip-addr", &free_gossip_addr()?])
+            .args([
+                "--peer-addr",
+                "127.0.0.1:0",
+                "--gossip-addr",
+                &free_gossip_addr()?,
+            ])
             .args([
                 "--rate-limit-per-sec",
                 "1000000",
@@ -170,5 +175,8 @@ impl Drop for SpawnedNode {
 /// it cannot be 0).
 fn free_gossip_addr() -> Result<String> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free gossip port")?;
-    Ok(socket.local_addr().context("reading the gossip port")?.to_string())
+    Ok(socket
+        .local_addr()
+        .context("reading the gossip port")?
+        .to_string())
 }
