@@ -11,6 +11,7 @@ use crate::auth::{hash_password, verify_password, Claims, Tokens};
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::ids::{now_unix_ms, IdGen};
+use crate::mesh::Mesh;
 use crate::store::records::{DeviceRecord, UserRecord};
 use crate::store::Store;
 
@@ -32,6 +33,7 @@ pub struct Accounts {
     tokens: Tokens,
     ids: Arc<IdGen>,
     hub: Hub,
+    mesh: Arc<Mesh>,
     token_ttl: Duration,
 }
 
@@ -58,6 +60,7 @@ impl Accounts {
         tokens: Tokens,
         ids: Arc<IdGen>,
         hub: Hub,
+        mesh: Arc<Mesh>,
         token_ttl: Duration,
     ) -> Self {
         Accounts {
@@ -65,6 +68,7 @@ impl Accounts {
             tokens,
             ids,
             hub,
+            mesh,
             token_ttl,
         }
     }
@@ -80,7 +84,7 @@ impl Accounts {
         }
         let display_name = req.display_name.unwrap_or_else(|| req.username.clone());
         check_display_name(&display_name)?;
-        if self.store.user_id_by_name(&req.username)?.is_some() {
+        if self.store.user_id_by_name(&req.username).await?.is_some() {
             return Err(ApiError::new(
                 client_proto::ErrorCode::Conflict,
                 "that username is taken",
@@ -127,9 +131,10 @@ impl Accounts {
         }
         let user_id = self
             .store
-            .user_id_by_name(&req.username)?
+            .user_id_by_name(&req.username)
+            .await?
             .ok_or_else(refused)?;
-        let rec = self.store.user(user_id)?.ok_or_else(refused)?;
+        let rec = self.store.user(user_id).await?.ok_or_else(refused)?;
         if !verify_password(req.password, rec.password_hash.clone()).await {
             return Err(refused());
         }
@@ -189,18 +194,20 @@ impl Accounts {
             })
             .await?;
         self.hub.close_device(who.user, who.device, "logged out");
+        self.mesh.close_device(who.user, who.device);
         Ok(())
     }
 
     /// Checks a bearer token: signature, expiry, and that the device is still logged in.
-    pub fn authenticate(&self, token: &str) -> Result<Identity, ApiError> {
+    pub async fn authenticate(&self, token: &str) -> Result<Identity, ApiError> {
         let claims = self
             .tokens
             .verify(token, now_unix_ms())
             .map_err(|e| ApiError::unauthorized(e.to_string()))?;
         let rec = self
             .store
-            .user(claims.user)?
+            .user(claims.user)
+            .await?
             .ok_or_else(|| ApiError::unauthorized("the token's user does not exist"))?;
         let live = rec
             .devices
@@ -239,27 +246,29 @@ impl Accounts {
         Ok(())
     }
 
-    pub fn me(&self, who: Identity) -> Result<UserProfile, ApiError> {
-        self.profile(who.user)
+    pub async fn me(&self, who: Identity) -> Result<UserProfile, ApiError> {
+        self.profile(who.user).await
     }
 
-    pub fn profile(&self, user: UserId) -> Result<UserProfile, ApiError> {
+    pub async fn profile(&self, user: UserId) -> Result<UserProfile, ApiError> {
         let rec = self
             .store
-            .user(user)?
+            .user(user)
+            .await?
             .ok_or_else(|| ApiError::not_found("no such user"))?;
         Ok(profile(&rec))
     }
 
-    pub fn by_username(&self, username: &str) -> Result<UserProfile, ApiError> {
+    pub async fn by_username(&self, username: &str) -> Result<UserProfile, ApiError> {
         if !valid_username(username) {
             return Err(ApiError::not_found("no such user"));
         }
         let id = self
             .store
-            .user_id_by_name(username)?
+            .user_id_by_name(username)
+            .await?
             .ok_or_else(|| ApiError::not_found("no such user"))?;
-        self.profile(id)
+        self.profile(id).await
     }
 
     pub async fn set_display_name(

@@ -15,6 +15,7 @@ use crate::accounts::Identity;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::ids::{now_unix_ms, IdGen};
+use crate::mesh::Mesh;
 use crate::presence::Presence;
 use crate::push::Push;
 use crate::store::{HistoryPage, SendOutcome, Store, SyncPage};
@@ -26,6 +27,7 @@ pub struct Chat {
     hub: Hub,
     presence: Arc<Presence>,
     push: Arc<Push>,
+    mesh: Arc<Mesh>,
     sync_overlap: Duration,
 }
 
@@ -58,6 +60,7 @@ impl Chat {
         hub: Hub,
         presence: Arc<Presence>,
         push: Arc<Push>,
+        mesh: Arc<Mesh>,
         sync_overlap: Duration,
     ) -> Self {
         Chat {
@@ -66,6 +69,7 @@ impl Chat {
             hub,
             presence,
             push,
+            mesh,
             sync_overlap,
         }
     }
@@ -83,9 +87,9 @@ impl Chat {
     ) -> Result<Message, ApiError> {
         validate_send(&client_id, &body)?;
         let started = Instant::now();
-        if let Some(first) = self.store.sent_before(sender.user, &client_id)? {
+        if let Some(first) = self.store.sent_before(sender.user, &client_id).await? {
             // Make sure the first attempt's records are complete before acking again.
-            let inboxes = self.inboxes_of(&first)?;
+            let inboxes = self.inboxes_of(&first).await?;
             let stored = self.store.store_message(first, &inboxes, &[]).await?;
             return Ok(match stored {
                 SendOutcome::New(m) | SendOutcome::Duplicate(m) => m,
@@ -93,7 +97,7 @@ impl Chat {
         }
         let (conversation, to_user, group) = match to {
             Recipient::User(u) => {
-                if self.store.user(u)?.is_none() {
+                if self.store.user(u).await?.is_none() {
                     return Err(ApiError::not_found(format!("no user {u}")));
                 }
                 (ConversationId::direct(sender.user, u), Some(u), None)
@@ -101,7 +105,8 @@ impl Chat {
             Recipient::Group(g) => {
                 let rec = self
                     .store
-                    .group(g)?
+                    .group(g)
+                    .await?
                     .ok_or_else(|| ApiError::not_found(format!("no group {g}")))?;
                 if rec.member(sender.user).is_none() {
                     return Err(ApiError::forbidden("only members may send to a group"));
@@ -119,7 +124,7 @@ impl Chat {
             ts: now_unix_ms(),
             client_id,
         };
-        let inboxes = self.inboxes_of(&msg)?;
+        let inboxes = self.inboxes_of(&msg).await?;
         // Recipients with no device connected anywhere get a push notification, queued
         // durably with the message.
         let offline: Vec<UserId> = inboxes
@@ -127,7 +132,7 @@ impl Chat {
             .copied()
             .filter(|u| *u != msg.from && !self.presence.is_online(*u))
             .collect();
-        let jobs = self.push.jobs_for(&msg, &offline)?;
+        let jobs = self.push.jobs_for(&msg, &offline).await?;
         let outcome = self.store.store_message(msg, &inboxes, &jobs).await?;
         if !jobs.is_empty() {
             self.push.wake();
@@ -140,6 +145,7 @@ impl Chat {
                     message: Arc::new(m.clone()),
                 };
                 self.hub.deliver(&inboxes, &frame, sender_conn);
+                self.mesh.forward(&inboxes, &m);
                 Ok(m)
             }
             SendOutcome::Duplicate(m) => Ok(m),
@@ -148,7 +154,7 @@ impl Chat {
 
     /// Whose inboxes a message goes to: the sender's and every recipient's (for a group,
     /// every current member's, the sender's included).
-    fn inboxes_of(&self, msg: &Message) -> Result<Vec<UserId>, ApiError> {
+    async fn inboxes_of(&self, msg: &Message) -> Result<Vec<UserId>, ApiError> {
         let mut users = vec![msg.from];
         if let Some(to) = msg.to {
             if to != msg.from {
@@ -156,7 +162,7 @@ impl Chat {
             }
         }
         if let Some(g) = msg.group {
-            if let Some(rec) = self.store.group(g)? {
+            if let Some(rec) = self.store.group(g).await? {
                 users.extend(
                     rec.members
                         .iter()
@@ -179,7 +185,7 @@ impl Chat {
     }
 
     /// One batch of `user`'s inbox from `from` (inclusive).
-    pub fn sync_page(
+    pub async fn sync_page(
         &self,
         user: UserId,
         from: MessageId,
@@ -188,11 +194,12 @@ impl Chat {
         let limit = limit.unwrap_or(MAX_SYNC_LIMIT).clamp(1, MAX_SYNC_LIMIT) as usize;
         Ok(self
             .store
-            .inbox_page(user, from, limit, FRAME_PAYLOAD_BUDGET)?)
+            .inbox_page(user, from, limit, FRAME_PAYLOAD_BUDGET)
+            .await?)
     }
 
     /// A page of a conversation's history, newest first; only for participants.
-    pub fn history(
+    pub async fn history(
         &self,
         who: UserId,
         conversation: ConversationId,
@@ -216,16 +223,19 @@ impl Chat {
             }
             ConversationId::Direct { .. } => return Err(forbidden()),
             ConversationId::Group(g) => {
-                let rec = self.store.group(g)?.ok_or_else(forbidden)?;
+                let rec = self.store.group(g).await?.ok_or_else(forbidden)?;
                 rec.member(who).ok_or_else(forbidden)?.joined_at
             }
         };
-        Ok(self.store.history_page(
-            &conversation,
-            after,
-            before,
-            limit as usize,
-            FRAME_PAYLOAD_BUDGET,
-        )?)
+        Ok(self
+            .store
+            .history_page(
+                &conversation,
+                after,
+                before,
+                limit as usize,
+                FRAME_PAYLOAD_BUDGET,
+            )
+            .await?)
     }
 }

@@ -44,11 +44,11 @@ impl Friends {
         if who == other {
             return Err(ApiError::bad_request("you cannot befriend yourself"));
         }
-        if self.store.user(other)?.is_none() {
+        if self.store.user(other).await?.is_none() {
             return Err(ApiError::not_found(format!("no user {other}")));
         }
         for u in [who, other] {
-            if self.store.friends_of(u)?.len() >= MAX_FRIENDS {
+            if self.store.friends_of(u).await?.len() >= MAX_FRIENDS {
                 return Err(ApiError::new(
                     client_proto::ErrorCode::Conflict,
                     format!("user {u} already has {MAX_FRIENDS} friends"),
@@ -76,18 +76,18 @@ impl Friends {
     }
 
     /// The ids of `who`'s friends.
-    pub fn ids(&self, who: UserId) -> Result<Vec<UserId>, ApiError> {
-        Ok(self.store.friends_of(who)?)
+    pub async fn ids(&self, who: UserId) -> Result<Vec<UserId>, ApiError> {
+        Ok(self.store.friends_of(who).await?)
     }
 
     /// `who`'s friends with their status.
-    pub fn list(&self, who: UserId) -> Result<Vec<FriendInfo>, ApiError> {
+    pub async fn list(&self, who: UserId) -> Result<Vec<FriendInfo>, ApiError> {
         let mut out = Vec::new();
-        for id in self.store.friends_of(who)? {
-            let Some(rec) = self.store.user(id)? else {
+        for id in self.store.friends_of(who).await? {
+            let Some(rec) = self.store.user(id).await? else {
                 continue;
             };
-            let p = self.presence.status(id);
+            let p = self.presence.status(id).await;
             out.push(FriendInfo {
                 user_id: id,
                 username: rec.username,

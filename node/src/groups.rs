@@ -54,15 +54,15 @@ impl Groups {
         Groups { store, ids }
     }
 
-    fn check_user(&self, user: UserId) -> Result<(), ApiError> {
-        match self.store.user(user)? {
+    async fn check_user(&self, user: UserId) -> Result<(), ApiError> {
+        match self.store.user(user).await? {
             Some(_) => Ok(()),
             None => Err(ApiError::not_found(format!("no user {user}"))),
         }
     }
 
-    fn check_room(&self, user: UserId) -> Result<(), ApiError> {
-        if self.store.groups_of(user)?.len() >= MAX_GROUPS_PER_USER {
+    async fn check_room(&self, user: UserId) -> Result<(), ApiError> {
+        if self.store.groups_of(user).await?.len() >= MAX_GROUPS_PER_USER {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
                 format!("user {user} is already in {MAX_GROUPS_PER_USER} groups"),
@@ -96,8 +96,8 @@ impl Groups {
             }
         }
         for &m in &ids {
-            self.check_user(m)?;
-            self.check_room(m)?;
+            self.check_user(m).await?;
+            self.check_room(m).await?;
         }
         let joined_at = self.ids.next();
         let rec = GroupRecord {
@@ -122,8 +122,8 @@ impl Groups {
     }
 
     /// The group, if `who` is a member.
-    pub fn get(&self, who: UserId, id: GroupId) -> Result<GroupRecord, ApiError> {
-        let rec = self.store.group(id)?.ok_or_else(|| no_group(id))?;
+    pub async fn get(&self, who: UserId, id: GroupId) -> Result<GroupRecord, ApiError> {
+        let rec = self.store.group(id).await?.ok_or_else(|| no_group(id))?;
         if rec.member(who).is_none() {
             return Err(ApiError::forbidden("only members may see a group"));
         }
@@ -131,10 +131,10 @@ impl Groups {
     }
 
     /// The groups `who` is a member of.
-    pub fn list(&self, who: UserId) -> Result<Vec<GroupRecord>, ApiError> {
+    pub async fn list(&self, who: UserId) -> Result<Vec<GroupRecord>, ApiError> {
         let mut out = Vec::new();
-        for id in self.store.groups_of(who)? {
-            if let Some(rec) = self.store.group(id)? {
+        for id in self.store.groups_of(who).await? {
+            if let Some(rec) = self.store.group(id).await? {
                 if rec.member(who).is_some() {
                     out.push(rec);
                 }
@@ -145,8 +145,8 @@ impl Groups {
 
     /// `who` (a member) adds `user`. Adding a member twice is a no-op.
     pub async fn add(&self, who: UserId, id: GroupId, user: UserId) -> Result<(), ApiError> {
-        self.check_user(user)?;
-        self.check_room(user)?;
+        self.check_user(user).await?;
+        self.check_room(user).await?;
         let joined_at = self.ids.next();
         self.store
             .update_group(id, |old| {

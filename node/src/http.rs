@@ -79,7 +79,7 @@ impl FromRequestParts<Arc<Node>> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
-        node.accounts.authenticate(token.trim()).map(Caller)
+        node.accounts.authenticate(token.trim()).await.map(Caller)
     }
 }
 
@@ -93,7 +93,8 @@ async fn signup(
 }
 
 async fn login(State(node): AppState, Body(req): Body<LoginRequest>) -> Result<Response, ApiError> {
-    Ok(Json(node.accounts.login(req, node.node_info()).await?).into_response())
+    let recommended = node.recommended().await;
+    Ok(Json(node.accounts.login(req, recommended).await?).into_response())
 }
 
 async fn logout(State(node): AppState, Caller(who): Caller) -> Result<StatusCode, ApiError> {
@@ -102,7 +103,7 @@ async fn logout(State(node): AppState, Caller(who): Caller) -> Result<StatusCode
 }
 
 async fn me(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
-    Ok(Json(node.accounts.me(who)?).into_response())
+    Ok(Json(node.accounts.me(who).await?).into_response())
 }
 
 async fn patch_me(
@@ -112,7 +113,7 @@ async fn patch_me(
 ) -> Result<Response, ApiError> {
     let profile = match req.display_name {
         Some(name) => node.accounts.set_display_name(who, name).await?,
-        None => node.accounts.me(who)?,
+        None => node.accounts.me(who).await?,
     };
     Ok(Json(profile).into_response())
 }
@@ -122,7 +123,7 @@ async fn user(
     Caller(_): Caller,
     Path(username): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(node.accounts.by_username(&username)?).into_response())
+    Ok(Json(node.accounts.by_username(&username).await?).into_response())
 }
 
 /// Parses an id from a path segment.
@@ -154,7 +155,7 @@ async fn set_push(
 }
 
 async fn list_friends(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
-    Ok(Json(node.friends.list(who.user)?).into_response())
+    Ok(Json(node.friends.list(who.user).await?).into_response())
 }
 
 async fn add_friend(
@@ -191,7 +192,8 @@ async fn create_group(
 async fn list_groups(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
     let groups: Vec<_> = node
         .groups
-        .list(who.user)?
+        .list(who.user)
+        .await?
         .iter()
         .map(crate::groups::info)
         .collect();
@@ -203,9 +205,12 @@ async fn get_group(
     Caller(who): Caller,
     Path(group): Path<String>,
 ) -> Result<Response, ApiError> {
-    let rec = node.groups.get(who.user, path_id(&group, "group id")?)?;
+    let rec = node
+        .groups
+        .get(who.user, path_id(&group, "group id")?)
+        .await?;
     let mut info = crate::groups::info(&rec);
-    info.presence = Some(node.presence_of(&info.members));
+    info.presence = Some(node.presence_of(&info.members).await);
     Ok(Json(info).into_response())
 }
 
@@ -259,7 +264,10 @@ async fn history(
         .map(|l| l.parse::<u32>())
         .transpose()
         .map_err(|_| ApiError::bad_request("limit must be a number from 1 to 200"))?;
-    let page = node.chat.history(who.user, conversation, before, limit)?;
+    let page = node
+        .chat
+        .history(who.user, conversation, before, limit)
+        .await?;
     Ok(Json(HistoryPage {
         messages: page.messages,
         next_before: page.next_before,
@@ -268,22 +276,30 @@ async fn history(
 }
 
 async fn discover(State(node): AppState) -> Response {
-    Json(node.node_info()).into_response()
+    Json(node.recommended().await).into_response()
 }
 
 async fn cluster(State(node): AppState) -> Response {
-    let info = node.node_info();
-    Json(serde_json::json!({
-        "members": [{
-            "node_id": info.node_id,
-            "state": "active",
-            "live": true,
-            "load": node.hub.connections(),
-            "ws_url": info.ws_url,
-            "quic_addr": info.quic_addr,
-        }]
-    }))
-    .into_response()
+    let members: Vec<_> = node
+        .mesh
+        .members()
+        .await
+        .iter()
+        .map(|m| {
+            let info = crate::mesh::node_info(m);
+            serde_json::json!({
+                "node_id": m.node_id,
+                "state": if m.live { m.state.as_str() } else { "dead" },
+                "live": m.live,
+                "load": m.load,
+                "ws_url": info.ws_url,
+                "quic_addr": info.quic_addr,
+                "peer_addr": m.addrs.peer.to_string(),
+                "gossip_addr": m.gossip_addr.to_string(),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "node_id": node.cfg.node_id, "members": members })).into_response()
 }
 
 async fn ready(State(node): AppState) -> Response {

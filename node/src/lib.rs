@@ -13,6 +13,7 @@ pub mod groups;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod mesh;
 pub mod node;
 pub mod presence;
 pub mod push;

@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (with no flags: a single-node cluster on 127.0.0.1 with data in ./chatnode-data).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Make the cluster CA and secret, or a node certificate signed by it.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -84,7 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Certs(cmd) => certs(cmd),
         Command::Client(args) => client(args),
         Command::Serve(args) => {
-            let cfg = match Config::resolve(args) {
+            let cfg = match Config::resolve(*args) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("chatnode: {e}");

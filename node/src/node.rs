@@ -19,13 +19,11 @@ use crate::config::Config;
 use crate::friends::Friends;
 use crate::groups::Groups;
 use crate::hub::Hub;
-use crate::ids::IdGen;
-use crate::presence::{Feed, LocalDirectory, Presence};
+use crate::mesh::{GossipDirectory, Mesh};
+use crate::presence::{Feed, Presence};
 use crate::push::Push;
 use crate::store::Store;
 
-/// Meta key of the id generator's lease.
-const ID_LEASE_KEY: &str = "id_lease_ms";
 /// How long shutdown waits for sessions to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -39,6 +37,7 @@ pub struct Node {
     pub groups: Groups,
     pub presence: Arc<Presence>,
     pub friends: Friends,
+    pub mesh: Arc<Mesh>,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     pub metrics: Option<PrometheusHandle>,
@@ -46,6 +45,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// Where a new client should connect: the least-loaded live node, else this one.
+    pub async fn recommended(&self) -> NodeInfo {
+        self.mesh
+            .recommend()
+            .await
+            .unwrap_or_else(|| self.node_info())
+    }
+
     /// Where clients of this node connect.
     pub fn node_info(&self) -> NodeInfo {
         NodeInfo {
@@ -56,8 +63,12 @@ impl Node {
     }
 
     /// Presence of `users`, for group views.
-    pub fn presence_of(&self, users: &[UserId]) -> Vec<PresenceInfo> {
-        users.iter().map(|&u| self.presence.status(u)).collect()
+    pub async fn presence_of(&self, users: &[UserId]) -> Vec<PresenceInfo> {
+        let mut out = Vec::with_capacity(users.len());
+        for &u in users {
+            out.push(self.presence.status(u).await);
+        }
+        out
     }
 
     /// Held by each live session so that shutdown can wait for them.
@@ -106,24 +117,14 @@ pub async fn serve(
             )
         })?;
     let db_dir = cfg.data_dir.join("db");
-    let (store, flusher) =
-        Store::open(&db_dir, cfg.partitions, cfg.write_timeout).with_context(|| {
+    let (store, flusher) = Store::open(&db_dir, cfg.node_id, cfg.partitions, cfg.write_timeout)
+        .with_context(|| {
             format!(
                 "cannot open the store in {} (is another chatnode using this data dir?)",
                 db_dir.display()
             )
         })?;
-    let lease = store
-        .meta_get(ID_LEASE_KEY)?
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0);
-    let lease_store = store.clone();
-    let ids = Arc::new(IdGen::new(cfg.node_id, lease, move |ms| {
-        if let Err(e) = lease_store.meta_put(ID_LEASE_KEY, &ms.to_be_bytes()) {
-            tracing::error!(error = %e, "cannot persist the id lease");
-        }
-    }));
+    let ids = store.ids();
 
     let listener = tokio::net::TcpListener::bind(cfg.http_addr)
         .await
@@ -136,8 +137,20 @@ pub async fn serve(
     let hub = Hub::default();
     let shutdown = CancellationToken::new();
     let feed = Arc::new(Feed::default());
+    let started = Mesh::start(
+        &cfg,
+        &tls,
+        &secret,
+        &store,
+        hub.clone(),
+        feed.clone(),
+        shutdown.child_token(),
+    )
+    .await?;
+    cfg.peer_addr = started.peer_addr;
+    let mesh = started.mesh;
     let presence = Arc::new(Presence::new(
-        Arc::new(LocalDirectory::new(feed.clone())),
+        Arc::new(GossipDirectory::new(mesh.clone())),
         feed,
         store.clone(),
     ));
@@ -150,6 +163,7 @@ pub async fn serve(
             Tokens::new(secret.as_bytes()),
             ids.clone(),
             hub.clone(),
+            mesh.clone(),
             cfg.token_ttl,
         ),
         chat: Chat::new(
@@ -158,11 +172,13 @@ pub async fn serve(
             hub.clone(),
             presence.clone(),
             push.clone(),
+            mesh.clone(),
             cfg.sync_overlap,
         ),
         groups: Groups::new(store.clone(), ids),
         friends: Friends::new(store.clone(), hub.clone(), presence.clone()),
         presence,
+        mesh: mesh.clone(),
         store: store.clone(),
         hub,
         shutdown: shutdown.clone(),
@@ -184,6 +200,8 @@ pub async fn serve(
         node_id = node.cfg.node_id,
         http = %http_addr,
         quic = %node.cfg.quic_addr,
+        peer = %node.cfg.peer_addr,
+        gossip = %node.cfg.gossip_addr,
         data_dir = %node.cfg.data_dir.display(),
         "chatnode ready"
     );
@@ -206,6 +224,7 @@ pub async fn serve(
         _ => {}
     }
     let _ = quic.await;
+    mesh.shutdown().await;
     let _ = fanout.await;
     let _ = push_worker.await;
     store.flush().await.context("final flush of the store")?;

@@ -1,11 +1,12 @@
 //! Presence: who is online, and the fan-out of status transitions to watching devices.
 //!
 //! A user is online while any of their devices is connected (and heartbeating) anywhere. This
-//! node counts its own devices per user and publishes the 0↔1 transitions to a [`Directory`].
-//! The directory decides who is online cluster-wide and reports changes into a [`Feed`]; one
-//! fan-out task turns the feed into `presence` frames for the local watchers only. The
-//! single-node directory ([`LocalDirectory`]) and a gossip-backed one feed the same fan-out,
-//! so subscribers see the same behaviour either way.
+//! node counts its own devices per user and publishes the 0↔1 transitions to a [`Directory`]
+//! (gossip keys in the cluster), which knows who has devices on other nodes. Local
+//! transitions and the directory's reports of remote ones mark users in a [`Feed`]; one
+//! fan-out task re-reads each marked user's status and sends the transitions as `presence`
+//! frames to the local watchers only. Any directory (the gossip one, or a partitioned one
+//! later) plugs into the same fan-out.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,11 +30,12 @@ pub const MAX_WATCHED_PER_CONNECTION: usize = 5_000;
 pub trait Directory: Send + Sync {
     /// This node gained its first device of `user` (`true`) or lost its last one (`false`).
     fn publish(&self, user: UserId, online: bool);
-    /// Whether `user` has a device connected to any live node.
-    fn is_online(&self, user: UserId) -> bool;
+    /// Whether `user` has a device connected to another live node. (This node's own devices
+    /// are counted by [`Presence`] itself, without the directory's lag.)
+    fn online_elsewhere(&self, user: UserId) -> bool;
 }
 
-/// Status changes waiting for the fan-out, coalesced per user (only the latest matters), so
+/// Users whose status may have changed, coalesced per user (only the latest matters), so
 /// the backlog is bounded by the number of users, not the number of changes.
 #[derive(Default)]
 pub struct Feed {
@@ -48,46 +50,14 @@ impl Feed {
         self.wake.notify_one();
     }
 
-    fn take(&self) -> HashMap<UserId, (PresenceStatus, u64)> {
+    /// Takes everything pending.
+    pub fn take(&self) -> HashMap<UserId, (PresenceStatus, u64)> {
         std::mem::take(&mut *self.pending.lock())
     }
-}
 
-/// The directory of a single node: online means connected here.
-pub struct LocalDirectory {
-    online: RwLock<HashSet<UserId>>,
-    feed: Arc<Feed>,
-}
-
-impl LocalDirectory {
-    pub fn new(feed: Arc<Feed>) -> Self {
-        LocalDirectory {
-            online: RwLock::default(),
-            feed,
-        }
-    }
-}
-
-impl Directory for LocalDirectory {
-    fn publish(&self, user: UserId, online: bool) {
-        let mut set = self.online.write();
-        let changed = if online {
-            set.insert(user)
-        } else {
-            set.remove(&user)
-        };
-        if changed {
-            let status = if online {
-                PresenceStatus::Online
-            } else {
-                PresenceStatus::Offline
-            };
-            self.feed.push(user, status, now_unix_ms());
-        }
-    }
-
-    fn is_online(&self, user: UserId) -> bool {
-        self.online.read().contains(&user)
+    /// Resolves when something was pushed.
+    pub async fn notified(&self) {
+        self.wake.notified().await
     }
 }
 
@@ -131,6 +101,7 @@ impl Presence {
         *n += 1;
         if *n == 1 {
             self.directory.publish(user, true);
+            self.feed.push(user, PresenceStatus::Online, now_unix_ms());
         }
     }
 
@@ -144,6 +115,7 @@ impl Presence {
             if *n == 0 {
                 devices.remove(&user);
                 self.directory.publish(user, false);
+                self.feed.push(user, PresenceStatus::Offline, now_unix_ms());
                 true
             } else {
                 false
@@ -166,15 +138,17 @@ impl Presence {
 
     /// Whether `user` is online anywhere.
     pub fn is_online(&self, user: UserId) -> bool {
-        self.directory.is_online(user)
+        // This node's own devices count at once; the directory may lag (gossip).
+        self.local_devices.lock().contains_key(&user) || self.directory.online_elsewhere(user)
     }
 
     /// The status of `user`, with last_seen from the user record.
-    pub fn status(&self, user: UserId) -> PresenceInfo {
+    pub async fn status(&self, user: UserId) -> PresenceInfo {
         let online = self.is_online(user);
         let last_seen = self
             .store
             .user(user)
+            .await
             .ok()
             .flatten()
             .map(|r| r.last_seen)
@@ -259,8 +233,14 @@ impl Presence {
                     _ = shutdown.cancelled() => return,
                     _ = this.feed.wake.notified() => {}
                 }
-                for (user, (status, at)) in this.feed.take() {
-                    let online = status == PresenceStatus::Online;
+                // The feed says who may have changed; the current state decides.
+                for (user, (_, at)) in this.feed.take() {
+                    let online = this.is_online(user);
+                    let status = if online {
+                        PresenceStatus::Online
+                    } else {
+                        PresenceStatus::Offline
+                    };
                     let changed = if online {
                         announced.insert(user)
                     } else {

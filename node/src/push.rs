@@ -93,14 +93,18 @@ impl Push {
 
     /// One job per registered target of each of `offline` (who get `msg` but have no device
     /// connected).
-    pub fn jobs_for(&self, msg: &Message, offline: &[UserId]) -> Result<Vec<PushJob>, ApiError> {
+    pub async fn jobs_for(
+        &self,
+        msg: &Message,
+        offline: &[UserId],
+    ) -> Result<Vec<PushJob>, ApiError> {
         let preview: Option<String> = self
             .cfg
             .preview
             .then(|| msg.body.chars().take(PREVIEW_CHARS).collect());
         let mut jobs = Vec::new();
         for &user in offline {
-            let Some(rec) = self.store.user(user)? else {
+            let Some(rec) = self.store.user(user).await? else {
                 continue;
             };
             for dev in &rec.devices {

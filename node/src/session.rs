@@ -69,22 +69,20 @@ where
             node_id: node.cfg.node_id,
             heartbeat_interval_ms: node.cfg.heartbeat_interval.as_millis() as u64,
         };
-        if writer
-            .send(OutFrame::Data(codec, codec::encode(codec, &ready)))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        tracing::debug!("session ready");
+        // Online (and watching friends) before `ready` goes out, so that whatever the
+        // client does after `ready` already sees it connected. From here on every path ends
+        // in the cleanup below.
         node.presence.device_up(who.user);
-        match node.friends.ids(who.user) {
+        match node.friends.ids(who.user).await {
             Ok(friends) => {
                 node.presence
                     .watch(registration.conn_id(), &tx, &kick, &friends);
             }
             Err(e) => tracing::warn!(error = %e, "could not load friends for presence"),
         }
+        // The queue is new and empty: this cannot fail; the writer sends it first.
+        let _ = tx.try_send(Outbound::Frame(ready));
+        tracing::debug!("session ready");
         let conn_id = registration.conn_id();
         let session = Session {
             node: node.clone(),
@@ -144,7 +142,7 @@ where
         Ok(Some(Inbound::Closed)) | Ok(None) => return None,
     };
     let result = match codec::decode::<ClientFrame>(codec, &bytes) {
-        Ok(ClientFrame::Auth { token }) => node.accounts.authenticate(&token),
+        Ok(ClientFrame::Auth { token }) => node.accounts.authenticate(&token).await,
         Ok(other) => Err(ApiError::unauthorized(format!(
             "the first frame must be auth, not {}",
             other.kind()
@@ -328,6 +326,7 @@ impl Session {
                     .node
                     .chat
                     .history(self.who.user, conversation, before, limit)
+                    .await
                 {
                     Ok(page) => ServerFrame::History {
                         conversation,
@@ -382,7 +381,7 @@ impl Session {
         let mut from = self.node.chat.sync_start(after);
         let mut cursor = after;
         loop {
-            let page = match self.node.chat.sync_page(self.who.user, from, limit) {
+            let page = match self.node.chat.sync_page(self.who.user, from, limit).await {
                 Ok(p) => p,
                 Err(e) => return self.error(e, None).await,
             };

@@ -55,6 +55,18 @@ pub struct TestNode {
     pub quic: String,
     /// Listen addresses of the first start, reused by restarts so clients can reconnect.
     addrs: Option<(String, String)>,
+    /// Gossip (UDP) and peer (QUIC) addresses, fixed for the node's life.
+    pub gossip: String,
+    pub peer: String,
+}
+
+/// A loopback UDP port that was free a moment ago (gossip must advertise a real port).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl TestNode {
@@ -70,6 +82,8 @@ impl TestNode {
             http: String::new(),
             quic: String::new(),
             addrs: None,
+            gossip: format!("127.0.0.1:{}", free_udp_port()),
+            peer: format!("127.0.0.1:{}", free_udp_port()),
         };
         node.spawn();
         node
@@ -90,6 +104,7 @@ impl TestNode {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--http-addr", &http, "--quic-addr", &quic])
+            .args(["--gossip-addr", &self.gossip, "--peer-addr", &self.peer])
             .args(["--log", "info,chatnode=debug"])
             .args(&self.args)
             .stdin(Stdio::null())

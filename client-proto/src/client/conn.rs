@@ -362,6 +362,10 @@ impl Connection {
             Link::Quic(mut q) => {
                 let _ = q.send.get_mut().finish();
                 q.conn.close(quinn::VarInt::from_u32(1000), b"bye");
+                // Let the close reach the server before the endpoint goes away (a process
+                // that exits right after would otherwise leave the server to time out).
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), q.endpoint.wait_idle()).await;
             }
         }
     }

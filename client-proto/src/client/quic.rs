@@ -18,7 +18,7 @@ pub struct QuicLink {
     pub send: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
     pub recv: FramedRead<quinn::RecvStream, LengthDelimitedCodec>,
     /// Kept so the endpoint's driver lives as long as the connection.
-    _endpoint: quinn::Endpoint,
+    pub endpoint: quinn::Endpoint,
 }
 
 /// The length-prefix codec; server frames may be somewhat larger than client frames (JSON
@@ -105,7 +105,7 @@ pub async fn connect(url: &str, ca_pem: Option<&[u8]>) -> Result<QuicLink, Clien
         conn,
         send: FramedWrite::new(send, codec()),
         recv: FramedRead::new(recv, codec()),
-        _endpoint: endpoint,
+        endpoint,
     })
 }
 

@@ -34,14 +34,15 @@ impl Store {
     }
 
     /// The friends of `user`.
-    pub fn friends_of(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
+    pub async fn friends_of(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
         let mut out = Vec::new();
         let range =
             keys::pair(user, UserId(0)).to_vec()..=keys::pair(user, UserId(u64::MAX)).to_vec();
         self.scan(Table::Friends, &keys::user(user), range, false, |k, _| {
             out.push(UserId(keys::u64_suffix(k).unwrap_or(0)));
             Ok(true)
-        })?;
+        })
+        .await?;
         Ok(out)
     }
 }

@@ -8,9 +8,10 @@ use super::{keys, Store, StoreError, Table, WriteBatch};
 
 impl Store {
     /// The group with this id.
-    pub fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StoreError> {
+    pub async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StoreError> {
         let key = keys::group(id);
-        self.get(Table::Groups, &key, &key)?
+        self.get(Table::Groups, &key, &key)
+            .await?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -64,7 +65,7 @@ impl Store {
 
     /// The groups `user` belongs to. The index may briefly name a group the user just left
     /// (the group record is written first); callers check the record.
-    pub fn groups_of(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
+    pub async fn groups_of(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
         let mut out = Vec::new();
         let range = keys::user_group(user, GroupId(0)).to_vec()
             ..=keys::user_group(user, GroupId(u64::MAX)).to_vec();
@@ -79,7 +80,8 @@ impl Store {
                 }
                 Ok(true)
             },
-        )?;
+        )
+        .await?;
         Ok(out)
     }
 }

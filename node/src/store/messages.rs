@@ -39,24 +39,23 @@ fn weight(m: &Message) -> usize {
 
 impl Store {
     /// The message an earlier send with this client id stored, if any.
-    pub fn sent_before(
+    pub async fn sent_before(
         &self,
         sender: UserId,
         client_id: &str,
     ) -> Result<Option<Message>, StoreError> {
-        self.get(
-            Table::Idempotency,
-            &keys::user(sender),
-            &keys::idempotency(sender, client_id),
-        )?
-        .map(|v| decode(&v))
-        .transpose()
+        let key = keys::idempotency(sender, client_id);
+        self.get(Table::Idempotency, &keys::user(sender), &key)
+            .await?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
-    /// Stores a new message: the idempotency record (claimed first, so that two racing sends
-    /// of one client id store one message), the conversation's history entry and an inbox
-    /// entry for each of `inboxes`. Returns once all of it is durable. `push_jobs` go into the
-    /// push outbox in the same durable batch (only for a new message).
+    /// Stores a new message: the idempotency record (claimed first with a compare-and-swap,
+    /// so that two racing sends of one client id store one message), the conversation's
+    /// history entry and an inbox entry for each of `inboxes`. Returns once all of it is
+    /// durable. `push_jobs` go into the push outbox in the same batch (only for a new
+    /// message).
     pub async fn store_message(
         &self,
         msg: Message,
@@ -65,19 +64,23 @@ impl Store {
     ) -> Result<SendOutcome, StoreError> {
         let idem_key = keys::idempotency(msg.from, &msg.client_id);
         let encoded = encode(&msg);
-        // The claim need not be durable on its own: the flush below covers it, and a claim
-        // that reached disk without the records is repaired by the retry (Duplicate path).
-        let claimed = self.tree(Table::Idempotency).compare_and_swap(
-            &idem_key,
-            None::<&[u8]>,
-            Some(encoded.clone()),
-        )?;
+        let claimed = self
+            .compare_and_swap(
+                Table::Idempotency,
+                &keys::user(msg.from),
+                &idem_key,
+                None,
+                Some(encoded.clone()),
+            )
+            .await?;
         let (outcome, encoded) = match claimed {
             Ok(()) => (SendOutcome::New(msg), encoded),
-            Err(e) => {
-                let current = e.current.ok_or(StoreError::Contention)?;
+            Err(current) => {
+                // A claim that is there without its records (the first attempt died halfway)
+                // is completed below: the same keys, the same bytes.
+                let current = current.ok_or(StoreError::Contention)?;
                 let first: Message = decode(&current)?;
-                (SendOutcome::Duplicate(first), current.to_vec())
+                (SendOutcome::Duplicate(first), current)
             }
         };
         let stored = match &outcome {
@@ -85,21 +88,17 @@ impl Store {
         };
         let mut batch = WriteBatch::default();
         let conv_key = keys::conversation(&stored.conversation);
+        let history_key = keys::history(&stored.conversation, stored.message_id);
         batch.put(
             self,
             Table::History,
             &conv_key,
-            keys::history(&stored.conversation, stored.message_id),
+            history_key,
             encoded.clone(),
         );
         for user in inboxes {
-            batch.put(
-                self,
-                Table::Inbox,
-                &keys::user(*user),
-                keys::inbox(*user, stored.message_id),
-                encoded.clone(),
-            );
+            let key = keys::inbox(*user, stored.message_id);
+            batch.put(self, Table::Inbox, &keys::user(*user), key, encoded.clone());
         }
         if matches!(outcome, SendOutcome::New(_)) {
             for job in push_jobs {
@@ -112,7 +111,7 @@ impl Store {
 
     /// Up to `limit` messages of `user`'s inbox with ids from `from` on (inclusive), in id
     /// order, within a byte budget (at least one message).
-    pub fn inbox_page(
+    pub async fn inbox_page(
         &self,
         user: UserId,
         from: MessageId,
@@ -134,13 +133,14 @@ impl Store {
             used += weight(&m);
             page.messages.push(m);
             Ok(true)
-        })?;
+        })
+        .await?;
         Ok(page)
     }
 
     /// Up to `limit` messages of a conversation newer than `after` and older than `before`
     /// (no bound when `None`), newest first, within a byte budget (at least one message).
-    pub fn history_page(
+    pub async fn history_page(
         &self,
         conv: &ConversationId,
         after: MessageId,
@@ -154,10 +154,10 @@ impl Store {
             Some(b) => MessageId(b.0 - 1),
             None => MessageId(u64::MAX),
         };
-        let mut used = 0;
         if upper <= after {
             return Ok(page);
         }
+        let mut used = 0;
         let range = keys::history(conv, MessageId(after.0 + 1))..=keys::history(conv, upper);
         self.scan(
             Table::History,
@@ -176,7 +176,8 @@ impl Store {
                 page.messages.push(m);
                 Ok(true)
             },
-        )?;
+        )
+        .await?;
         Ok(page)
     }
 }

@@ -16,6 +16,7 @@ pub mod keys;
 mod messages;
 mod push;
 pub mod records;
+mod replica;
 mod users;
 
 use std::collections::BTreeSet;
@@ -24,11 +25,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cluster::replication::{
+    Cas, CasOutcome, Coordinator, PeerReplicaClient, QuorumError, ReplicaOp, ScanSpec,
+};
 use cluster::{partition_of, Partition};
+use std::sync::OnceLock;
 use tokio::task::JoinHandle;
+
+use crate::ids::IdGen;
 
 pub use commit::GroupCommit;
 pub use messages::{HistoryPage, SendOutcome, SyncPage};
+pub use replica::SledReplica;
 
 /// The sled trees, one per record kind (DESIGN.md, "Data and where it lives").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,7 +57,7 @@ pub enum Table {
     PushOutbox,
 }
 
-const TABLES: [Table; 10] = [
+pub(crate) const TABLES: [Table; 10] = [
     Table::Meta,
     Table::Users,
     Table::Usernames,
@@ -92,6 +100,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("too much contention on one record")]
     Contention,
+    #[error("the replicas needed are not reachable: {0}")]
+    Unavailable(String),
 }
 
 /// How often a read-modify-write of one record retries under contention.
@@ -156,12 +166,18 @@ impl WriteBatch {
     }
 }
 
+/// The replication coordinator the store writes and reads through.
+pub type Coord = Coordinator<SledReplica, PeerReplicaClient>;
+
 struct Inner {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     partitions: u32,
     commit: GroupCommit,
     write_timeout: Duration,
+    local: Arc<SledReplica>,
+    coord: OnceLock<Coord>,
+    ids: Arc<IdGen>,
 }
 
 /// The store handle; cheap to clone.
@@ -170,11 +186,18 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Meta key of the id generator's lease.
+const ID_LEASE_KEY: &str = "id_lease_ms";
+/// Live records fetched per page of a scan.
+const SCAN_PAGE: usize = 128;
+
 impl Store {
-    /// Opens (or creates) the store in `dir`. The returned task is the group-commit flusher; it
-    /// ends once every clone of the store is dropped.
+    /// Opens (or creates) the store in `dir` with this node's id generator (`node_id`). The
+    /// returned task is the group-commit flusher; it ends once every clone of the store is
+    /// dropped. Replicated reads and writes work once [`Store::attach`] gave it a coordinator.
     pub fn open(
         dir: &Path,
+        node_id: u16,
         partitions: u32,
         write_timeout: Duration,
     ) -> Result<(Store, JoinHandle<()>), StoreError> {
@@ -189,6 +212,24 @@ impl Store {
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
         let (commit, task) = GroupCommit::spawn(db.clone());
+        let meta = trees[0].clone();
+        let lease = meta
+            .get(ID_LEASE_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        // The lease is written before any id past it is handed out, and reaches disk with
+        // the flush that makes that id's record durable.
+        let ids = Arc::new(IdGen::new(node_id, lease, move |ms| {
+            if let Err(e) = meta.insert(ID_LEASE_KEY, &ms.to_be_bytes()) {
+                tracing::error!(error = %e, "cannot persist the id lease");
+            }
+        }));
+        let local = Arc::new(SledReplica::new(
+            trees.clone(),
+            commit.clone(),
+            write_timeout,
+        ));
         let store = Store {
             inner: Arc::new(Inner {
                 db,
@@ -196,13 +237,37 @@ impl Store {
                 partitions,
                 commit,
                 write_timeout,
+                local,
+                coord: OnceLock::new(),
+                ids,
             }),
         };
         Ok((store, task))
     }
 
+    /// This node's replica, for the replication service and the coordinator.
+    pub fn local_replica(&self) -> Arc<SledReplica> {
+        self.inner.local.clone()
+    }
+
+    /// Gives the store its coordinator (once, at start).
+    pub fn attach(&self, coord: Coord) {
+        let _ = self.inner.coord.set(coord);
+    }
+
+    fn coord(&self) -> Result<&Coord, StoreError> {
+        self.inner.coord.get().ok_or_else(|| {
+            StoreError::Unavailable("the store is not attached to the cluster yet".into())
+        })
+    }
+
+    /// The node's id generator (message, user, group ids and record versions).
+    pub fn ids(&self) -> Arc<IdGen> {
+        self.inner.ids.clone()
+    }
+
     fn tree(&self, t: Table) -> &sled::Tree {
-        &self.inner.trees[TABLES.iter().position(|x| *x == t).unwrap_or(0)]
+        &self.inner.trees[usize::from(t.id())]
     }
 
     /// The partition of a partition key.
@@ -210,37 +275,47 @@ impl Store {
         partition_of(partition_key, self.inner.partitions)
     }
 
-    /// Where a record lives. Every partition is local on a single node; the replicated store
-    /// routes by this.
-    fn locate(&self, partition_key: &[u8]) -> Partition {
-        self.partition(partition_key)
-    }
-
-    /// Applies `batch` and returns once it is durable.
+    /// Applies `batch` and returns once it is durable: node-local tables here, replicated
+    /// ones at a write quorum of each partition's replicas.
     pub async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         metrics::counter!("store_partition_writes_total").increment(batch.partitions() as u64);
-        let mut per_table: Vec<(Table, sled::Batch)> = Vec::new();
+        let version = self.inner.ids.next().0;
+        let mut local = false;
+        let mut per_partition: Vec<(Partition, Vec<ReplicaOp>)> = Vec::new();
         for op in batch.ops {
-            let idx = match per_table.iter().position(|(t, _)| *t == op.table) {
-                Some(i) => i,
-                None => {
-                    per_table.push((op.table, sled::Batch::default()));
-                    per_table.len() - 1
-                }
+            if !op.table.replicated() {
+                let tree = self.tree(op.table);
+                match op.value {
+                    Some(v) => tree.insert(op.key, v)?,
+                    None => tree.remove(op.key)?,
+                };
+                local = true;
+                continue;
+            }
+            let rop = match op.value {
+                Some(v) => ReplicaOp::put(op.table.id(), op.key, v, version),
+                None => ReplicaOp::delete(op.table.id(), op.key, version),
             };
-            match op.value {
-                Some(v) => per_table[idx].1.insert(op.key, v),
-                None => per_table[idx].1.remove(op.key),
+            match per_partition.iter_mut().find(|(p, _)| *p == op.partition) {
+                Some((_, ops)) => ops.push(rop),
+                None => per_partition.push((op.partition, vec![rop])),
             }
         }
-        for (table, b) in per_table {
-            self.tree(table).apply_batch(b)?;
+        if !per_partition.is_empty() {
+            self.coord()?
+                .write_all(per_partition)
+                .await
+                .map_err(quorum_failed)?;
         }
-        self.durable().await
+        if local {
+            self.durable().await?;
+        }
+        Ok(())
     }
 
-    /// Sets `key` to `new` if it currently holds `old` (`None`: absent), durably. Returns
-    /// `Ok(Err(current))` when the comparison failed.
+    /// Sets `key` to `new` if it currently holds `old` (`None`: absent), durably at a write
+    /// quorum (through the partition's primary). Returns `Ok(Err(current))` when the
+    /// comparison failed.
     pub async fn compare_and_swap(
         &self,
         table: Table,
@@ -248,32 +323,47 @@ impl Store {
         key: &[u8],
         old: Option<&[u8]>,
         new: Option<Vec<u8>>,
-    ) -> Result<Result<(), Option<sled::IVec>>, StoreError> {
-        self.locate(partition_key);
+    ) -> Result<Result<(), Option<Vec<u8>>>, StoreError> {
         metrics::counter!("store_partition_writes_total").increment(1);
-        match self.tree(table).compare_and_swap(key, old, new)? {
-            Ok(()) => {
-                self.durable().await?;
-                Ok(Ok(()))
-            }
-            Err(e) => Ok(Err(e.current)),
-        }
+        let cas = Cas {
+            table: table.id(),
+            key: key.to_vec(),
+            expected: old.map(<[u8]>::to_vec),
+            new,
+            min_version: self.inner.ids.next().0,
+        };
+        let outcome = self
+            .coord()?
+            .compare_and_swap(self.partition(partition_key), cas)
+            .await
+            .map_err(|e| {
+                metrics::counter!("store_quorum_failures_total").increment(1);
+                StoreError::Unavailable(e.to_string())
+            })?;
+        Ok(match outcome {
+            CasOutcome::Swapped { .. } => Ok(()),
+            CasOutcome::Mismatch { current } => Err(current.and_then(|v| v.value)),
+        })
     }
 
-    /// Reads one record.
-    pub fn get(
+    /// Reads one record from a read quorum.
+    pub async fn get(
         &self,
         table: Table,
         partition_key: &[u8],
         key: &[u8],
-    ) -> Result<Option<sled::IVec>, StoreError> {
-        self.locate(partition_key);
-        Ok(self.tree(table).get(key)?)
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let got = self
+            .coord()?
+            .get(self.partition(partition_key), table.id(), key)
+            .await
+            .map_err(quorum_failed)?;
+        Ok(got.and_then(|v| v.value))
     }
 
     /// Reads the records with keys in `range` (all in the partition of `partition_key`),
-    /// ascending or descending, calling `visit` until it returns false.
-    pub fn scan(
+    /// ascending or descending, from read quorums, calling `visit` until it returns false.
+    pub async fn scan(
         &self,
         table: Table,
         partition_key: &[u8],
@@ -281,14 +371,47 @@ impl Store {
         descending: bool,
         mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
-        self.locate(partition_key);
-        let iter = self.tree(table).range(range);
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if descending {
-            Box::new(iter.rev())
-        } else {
-            Box::new(iter)
-        };
-        for item in iter {
+        let partition = self.partition(partition_key);
+        let (start, end) = range.into_inner();
+        let mut after = None;
+        loop {
+            let spec = ScanSpec {
+                table: table.id(),
+                start: start.clone(),
+                end: end.clone(),
+                after: after.take(),
+                descending,
+                limit: SCAN_PAGE,
+            };
+            let page = self
+                .coord()?
+                .scan(partition, spec)
+                .await
+                .map_err(quorum_failed)?;
+            let full = page.len() >= SCAN_PAGE;
+            for entry in &page {
+                let Some(value) = &entry.record.value else {
+                    continue;
+                };
+                if !visit(&entry.key, value)? {
+                    return Ok(());
+                }
+            }
+            match page.last() {
+                Some(last) if full => after = Some(last.key.clone()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Scans a node-local table (no quorum), calling `visit` until it returns false.
+    fn scan_local(
+        &self,
+        table: Table,
+        range: RangeInclusive<Vec<u8>>,
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        for item in self.tree(table).range(range) {
             let (k, v) = item?;
             if !visit(&k, &v)? {
                 break;
@@ -322,8 +445,8 @@ impl Store {
         E: From<StoreError>,
     {
         for _ in 0..MAX_CAS_RETRIES {
-            let old = self.get(table, partition_key, key)?;
-            let current = old.as_ref().map(|v| records::decode::<T>(v)).transpose()?;
+            let old = self.get(table, partition_key, key).await?;
+            let current = old.as_deref().map(records::decode::<T>).transpose()?;
             let new = change(current)?;
             let encoded = new.as_ref().map(records::encode);
             let swapped = self
@@ -336,17 +459,6 @@ impl Store {
         Err(StoreError::Contention.into())
     }
 
-    /// Reads a node-local value.
-    pub fn meta_get(&self, key: &str) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self.tree(Table::Meta).get(key)?)
-    }
-
-    /// Writes a node-local value (durable with the next flush).
-    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.tree(Table::Meta).insert(key, value)?;
-        Ok(())
-    }
-
     /// Flushes everything to disk (used at shutdown).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.inner.commit.durable().await.map_err(StoreError::Flush)
@@ -356,4 +468,9 @@ impl Store {
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
     }
+}
+
+fn quorum_failed(e: QuorumError) -> StoreError {
+    metrics::counter!("store_quorum_failures_total").increment(1);
+    StoreError::Unavailable(e.to_string())
 }

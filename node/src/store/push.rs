@@ -19,7 +19,7 @@ impl Store {
     ) -> Result<Vec<(Vec<u8>, PushJob)>, StoreError> {
         let mut out = Vec::new();
         let range = keys::push_job(0, 0).to_vec()..=keys::push_job(now_ms, u64::MAX).to_vec();
-        self.scan(Table::PushOutbox, b"", range, false, |k, v| {
+        self.scan_local(Table::PushOutbox, range, |k, v| {
             out.push((k.to_vec(), decode(v)?));
             Ok(out.len() < limit)
         })?;
@@ -30,7 +30,7 @@ impl Store {
     pub fn next_push_due(&self) -> Result<Option<u64>, StoreError> {
         let mut due = None;
         let range = keys::push_job(0, 0).to_vec()..=keys::push_job(u64::MAX, u64::MAX).to_vec();
-        self.scan(Table::PushOutbox, b"", range, false, |k, _| {
+        self.scan_local(Table::PushOutbox, range, |k, _| {
             due = k
                 .get(..8)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())

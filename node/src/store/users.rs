@@ -10,17 +10,13 @@ impl Store {
     /// the name is taken (the unclaimed record is left unreachable). The claim is a compare-and-swap, so two racing signups of one name
     /// cannot both win.
     pub async fn create_user(&self, rec: UserRecord) -> Result<bool, StoreError> {
+        let key = keys::user(rec.user_id);
         let name = rec.username.as_bytes();
-        // Write the user record first: a claim must never point at a missing record.
-        let mut batch = super::WriteBatch::default();
-        batch.put(
-            self,
-            Table::Users,
-            &keys::user(rec.user_id),
-            keys::user(rec.user_id).to_vec(),
-            encode(&rec),
-        );
-        self.write(batch).await?;
+        // The user record first (a fresh id: the swap from "absent" cannot conflict), so a
+        // claim never points at a missing record. Both keys are only ever compare-and-swapped.
+        self.compare_and_swap(Table::Users, &key, &key, None, Some(encode(&rec)))
+            .await?
+            .map_err(|_| StoreError::Contention)?;
         let claimed = self
             .compare_and_swap(
                 Table::Usernames,
@@ -34,17 +30,18 @@ impl Store {
     }
 
     /// The user with this id.
-    pub fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        self.get(Table::Users, &keys::user(id), &keys::user(id))?
+    pub async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        self.get(Table::Users, &keys::user(id), &keys::user(id))
+            .await?
             .map(|v| decode(&v))
             .transpose()
     }
 
     /// The id that holds `username`.
-    pub fn user_id_by_name(&self, username: &str) -> Result<Option<UserId>, StoreError> {
+    pub async fn user_id_by_name(&self, username: &str) -> Result<Option<UserId>, StoreError> {
         let name = username.as_bytes();
-        Ok(self.get(Table::Usernames, name, name)?.and_then(|v| {
-            let b: [u8; 8] = v.as_ref().try_into().ok()?;
+        Ok(self.get(Table::Usernames, name, name).await?.and_then(|v| {
+            let b: [u8; 8] = v.as_slice().try_into().ok()?;
             Some(UserId(u64::from_be_bytes(b)))
         }))
     }

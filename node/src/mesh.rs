@@ -1,0 +1,398 @@
+//! The node's place in the cluster: gossip membership, the peer endpoint (replication and
+//! node-to-node delivery), the coordinator's view of the members, and the gossip-backed
+//! presence directory.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use client_proto::http::NodeInfo;
+use client_proto::ids::{DeviceId, UserId};
+use client_proto::{Message, PresenceStatus, ServerFrame};
+use cluster::replication::{
+    is_replication_kind, Coordinator, CoordinatorConfig, PeerReplicaClient, ReplicaService,
+    RpcReplicaClient, Topology,
+};
+use cluster::transport::{BoxFuture, RemoteError};
+use cluster::{
+    ClusterSecret, Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, NodeId, NodeTls,
+    PeerConfig, PeerEndpoint, Request, Response, RpcHandler,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::ids::now_unix_ms;
+use crate::presence::{Directory, Feed};
+use crate::store::{SledReplica, Store};
+
+/// Request kind: deliver a stored message to local devices of some users.
+const KIND_DELIVER: u16 = 0x0200;
+/// Request kind: close a device's connections (logout).
+const KIND_CLOSE_DEVICE: u16 = 0x0201;
+
+#[derive(bincode::Encode, bincode::Decode)]
+struct Deliver {
+    users: Vec<UserId>,
+    message: Message,
+}
+
+#[derive(bincode::Encode, bincode::Decode)]
+struct CloseDevice {
+    user: UserId,
+    device: DeviceId,
+}
+
+fn cert_name(node: NodeId) -> String {
+    format!("node-{node}")
+}
+
+/// Requests from other nodes: replication goes to the replica service, the rest is ours.
+struct Handler {
+    replication: ReplicaService<SledReplica, PeerReplicaClient>,
+    hub: Hub,
+}
+
+impl RpcHandler for Handler {
+    fn handle(
+        &self,
+        from: SocketAddr,
+        request: Request,
+    ) -> BoxFuture<'_, Result<Response, RemoteError>> {
+        if is_replication_kind(request.kind) {
+            return self.replication.handle(from, request);
+        }
+        Box::pin(async move {
+            let bad = |e: bincode::error::DecodeError| RemoteError::new(1, e.to_string());
+            let config = bincode::config::standard();
+            match request.kind {
+                KIND_DELIVER => {
+                    let (d, _): (Deliver, _) =
+                        bincode::decode_from_slice(&request.body, config).map_err(bad)?;
+                    let frame = ServerFrame::Message {
+                        message: Arc::new(d.message),
+                    };
+                    self.hub.deliver(&d.users, &frame, None);
+                }
+                KIND_CLOSE_DEVICE => {
+                    let (c, _): (CloseDevice, _) =
+                        bincode::decode_from_slice(&request.body, config).map_err(bad)?;
+                    self.hub.close_device(c.user, c.device, "logged out");
+                }
+                other => return Err(RemoteError::new(2, format!("unknown request kind {other}"))),
+            }
+            Ok(Response { body: Vec::new() })
+        })
+    }
+}
+
+/// The cluster side of a node.
+pub struct Mesh {
+    membership: Membership,
+    coord: Coordinator<SledReplica, PeerReplicaClient>,
+    endpoint: PeerEndpoint,
+    self_id: NodeId,
+    /// Forwarded deliveries and the watcher tasks.
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// What [`Mesh::start`] binds and learns.
+pub struct Started {
+    pub mesh: Arc<Mesh>,
+    pub peer_addr: SocketAddr,
+}
+
+impl Mesh {
+    /// Binds the peer endpoint, joins gossip, and attaches a coordinator to `store`.
+    pub async fn start(
+        cfg: &Config,
+        tls: &NodeTls,
+        secret: &ClusterSecret,
+        store: &Store,
+        hub: Hub,
+        feed: Arc<Feed>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Started> {
+        let replication = ReplicaService::new(store.local_replica());
+        let handler = Arc::new(Handler {
+            replication,
+            hub: hub.clone(),
+        });
+        let peer_config = PeerConfig {
+            reset_secret: Some(secret.clone()),
+            ..PeerConfig::default()
+        };
+        let endpoint = PeerEndpoint::bind(cfg.peer_addr, tls, peer_config, handler.clone())
+            .with_context(|| format!("cannot listen on {} for peers", cfg.peer_addr))?;
+        let peer_addr = endpoint.local_addr()?;
+        let self_node = cluster::replication::ReplicaNode {
+            id: cfg.node_id,
+            addr: peer_addr,
+            server_name: cert_name(cfg.node_id),
+            live: true,
+        };
+        let coord_config = CoordinatorConfig {
+            write_timeout: cfg.write_timeout,
+            read_timeout: cfg.write_timeout,
+            ..CoordinatorConfig::default()
+        };
+        let coord = Coordinator::new(
+            store.local_replica(),
+            RpcReplicaClient::new(endpoint.clone()),
+            Topology::new(cfg.node_id, cfg.replication_factor, [self_node]),
+            coord_config,
+        );
+        handler.replication.attach(&coord);
+        store.attach(coord.clone());
+
+        let addrs = NodeAddrs {
+            http: advertised(cfg, cfg.http_addr),
+            quic: advertised(cfg, cfg.quic_addr),
+            peer: advertised(cfg, peer_addr),
+        };
+        let gossip_advertise = advertised(cfg, cfg.gossip_addr);
+        let mut mc = MembershipConfig::new(
+            cfg.node_id,
+            cluster::membership::cluster_id_for(secret),
+            cfg.gossip_addr,
+            addrs,
+        );
+        mc.advertise_addr = gossip_advertise;
+        mc.seeds = cfg.seeds.clone();
+        let membership = Membership::spawn(mc)
+            .await
+            .with_context(|| format!("cannot start gossip on {}", cfg.gossip_addr))?;
+        if !cfg.seeds.is_empty() {
+            // Give gossip a few rounds to hear about a live node with our id.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            if let Some(dup) = membership.duplicate().await {
+                anyhow::bail!(
+                    "node id {} is already held by a live node ({dup:?}); give this node another --node-id",
+                    cfg.node_id
+                );
+            }
+        }
+        membership.set_state(Lifecycle::Active).await;
+
+        let mesh = Arc::new(Mesh {
+            membership,
+            coord: coord.clone(),
+            endpoint,
+            self_id: cfg.node_id,
+            tasks: TaskTracker::new(),
+            stop,
+        });
+        mesh.spawn_topology(coord, cfg.replication_factor, hub);
+        mesh.spawn_presence(feed);
+        Ok(Started { mesh, peer_addr })
+    }
+
+    /// Follows membership: the coordinator's topology and this node's load in gossip.
+    fn spawn_topology(
+        self: &Arc<Self>,
+        coord: Coordinator<SledReplica, PeerReplicaClient>,
+        rf: usize,
+        hub: Hub,
+    ) {
+        let this = self.clone();
+        let mut watch = self.membership.watch_members();
+        self.tasks.spawn(async move {
+            let mut load_tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    changed = watch.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let members = this.membership.members().await;
+                        metrics::gauge!("cluster_members_live").set(members.iter().filter(|m| m.live).count() as f64);
+                        let topo = Topology::from_members(this.self_id, rf, &members, |m| cert_name(m.node_id));
+                        coord.set_topology(topo);
+                    }
+                    _ = load_tick.tick() => this.membership.set_load(hub.connections()).await,
+                }
+            }
+        });
+    }
+
+    /// Publishes local presence transitions into gossip and turns gossip presence events
+    /// into the fan-out feed.
+    fn spawn_presence(self: &Arc<Self>, feed: Arc<Feed>) {
+        let this = self.clone();
+        let mut events = self.membership.subscribe_presence();
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    ev = events.recv() => {
+                        use cluster::membership::PresenceEvent;
+                        // Only other nodes' changes: this node's own are fed directly.
+                        let (user, status) = match ev {
+                            Ok(PresenceEvent::Online { user, node }) if node != this.self_id => {
+                                (user, PresenceStatus::Online)
+                            }
+                            Ok(PresenceEvent::Offline { user, node }) if node != this.self_id => {
+                                (user, PresenceStatus::Offline)
+                            }
+                            Ok(_) => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "presence events lagged");
+                                continue;
+                            }
+                        };
+                        feed.push(UserId(user), status, now_unix_ms());
+                    }
+                }
+            }
+        });
+    }
+
+    /// The live members, for `/v1/cluster`.
+    pub async fn members(&self) -> Vec<Member> {
+        self.membership.members().await
+    }
+
+    /// The least-loaded live active member.
+    pub async fn recommend(&self) -> Option<NodeInfo> {
+        let members = self.membership.members().await;
+        members
+            .iter()
+            .filter(|m| m.live && m.state == Lifecycle::Active)
+            .min_by_key(|m| (m.load, m.node_id))
+            .map(node_info)
+    }
+
+    /// Queues delivery of `message` to the devices of `users` on other nodes.
+    pub fn forward(self: &Arc<Self>, users: &[UserId], message: &Message) {
+        let mut per_node: HashMap<NodeId, Vec<UserId>> = HashMap::new();
+        for u in users {
+            for n in self.membership.user_nodes(u.0) {
+                if n != self.self_id {
+                    per_node.entry(n).or_default().push(*u);
+                }
+            }
+        }
+        for (node, users) in per_node {
+            let body = Deliver {
+                users,
+                message: message.clone(),
+            };
+            self.send(node, KIND_DELIVER, &body);
+        }
+    }
+
+    /// Tells every node holding `user`'s devices to close `device` (logout).
+    pub fn close_device(self: &Arc<Self>, user: UserId, device: DeviceId) {
+        for node in self.membership.user_nodes(user.0) {
+            if node != self.self_id {
+                self.send(node, KIND_CLOSE_DEVICE, &CloseDevice { user, device });
+            }
+        }
+    }
+
+    fn send<T: bincode::Encode>(self: &Arc<Self>, node: NodeId, kind: u16, body: &T) {
+        let Ok(body) = bincode::encode_to_vec(body, bincode::config::standard()) else {
+            return;
+        };
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let Some(addr) = this.peer_addr_of(node).await else { return };
+            let request = Request { kind, body };
+            if let Err(e) = this.endpoint.request(addr, &cert_name(node), request).await {
+                metrics::counter!("cluster_forward_failures_total").increment(1);
+                tracing::warn!(node, error = %e, "forwarding to a peer failed (its devices will sync)");
+            }
+        });
+    }
+
+    async fn peer_addr_of(&self, node: NodeId) -> Option<SocketAddr> {
+        self.membership
+            .members()
+            .await
+            .into_iter()
+            .find(|m| m.node_id == node && m.live)
+            .map(|m| m.addrs.peer)
+    }
+
+    /// Leaves the cluster: marks this node leaving, stops the tasks and the endpoint.
+    pub async fn shutdown(&self) {
+        self.membership.set_state(Lifecycle::Leaving).await;
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
+        self.coord.clone().shutdown().await;
+        self.endpoint.clone().shutdown().await;
+    }
+}
+
+/// `addr` with the advertised host instead of an unspecified listen IP.
+fn advertised(cfg: &Config, addr: SocketAddr) -> SocketAddr {
+    match cfg.advertise_host.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, addr.port()),
+        Err(_) => addr,
+    }
+}
+
+/// Where clients of member `m` connect.
+pub fn node_info(m: &Member) -> NodeInfo {
+    NodeInfo {
+        node_id: m.node_id,
+        ws_url: format!("ws://{}/v1/ws", m.addrs.http),
+        quic_addr: m.addrs.quic.to_string(),
+    }
+}
+
+/// The gossip-backed presence directory: a user is online while any live node publishes
+/// their key. Local transitions are coalesced in a feed and published by one task.
+pub struct GossipDirectory {
+    mesh: Arc<Mesh>,
+    outgoing: Arc<Feed>,
+}
+
+impl GossipDirectory {
+    /// Starts the publisher task (owned by the mesh's tracker).
+    pub fn new(mesh: Arc<Mesh>) -> Self {
+        let outgoing = Arc::new(Feed::default());
+        let (m, out) = (mesh.clone(), outgoing.clone());
+        mesh.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = m.stop.cancelled() => break,
+                    _ = out.notified() => {}
+                }
+                for (user, (status, _)) in out.take() {
+                    match status {
+                        PresenceStatus::Online => m.membership.set_user_online(user.0).await,
+                        PresenceStatus::Offline => m.membership.set_user_offline(user.0).await,
+                    }
+                }
+            }
+        });
+        GossipDirectory { mesh, outgoing }
+    }
+}
+
+impl Directory for GossipDirectory {
+    fn publish(&self, user: UserId, online: bool) {
+        let status = if online {
+            PresenceStatus::Online
+        } else {
+            PresenceStatus::Offline
+        };
+        self.outgoing.push(user, status, now_unix_ms());
+    }
+
+    fn online_elsewhere(&self, user: UserId) -> bool {
+        let me = self.mesh.self_id;
+        self.mesh
+            .membership
+            .user_nodes(user.0)
+            .iter()
+            .any(|n| *n != me)
+    }
+}

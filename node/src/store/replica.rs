@@ -1,0 +1,156 @@
+//! This node's replica of the partitions it holds: `cluster::replication::LocalReplica` over
+//! sled. Every replicated record is stored as a `Versioned` (value or tombstone with its
+//! version); an incoming copy replaces the stored one only if it is newer, so applying a
+//! batch twice or out of order is harmless. Durability comes from the group commit.
+
+use std::ops::Bound;
+use std::time::Duration;
+
+use cluster::replication::{
+    ApplyBatch, ConditionalApply, ConditionalOutcome, LocalReplica, ReadRequest, ReplicaOp,
+    ScanEntry, ScanReply, ScanRequest, TableId, Versioned,
+};
+
+use super::{GroupCommit, StoreError, Table, TABLES};
+
+/// The replicated trees of this node.
+pub struct SledReplica {
+    /// Indexed by `TableId` (the table's position in `TABLES`).
+    trees: Vec<sled::Tree>,
+    commit: GroupCommit,
+    write_timeout: Duration,
+}
+
+fn decode(bytes: &[u8]) -> Result<Versioned, StoreError> {
+    Versioned::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl SledReplica {
+    pub(super) fn new(
+        trees: Vec<sled::Tree>,
+        commit: GroupCommit,
+        write_timeout: Duration,
+    ) -> Self {
+        SledReplica {
+            trees,
+            commit,
+            write_timeout,
+        }
+    }
+
+    /// The tree of a replicated table; node-local tables are not reachable from peers.
+    fn tree(&self, table: TableId) -> Result<&sled::Tree, StoreError> {
+        match TABLES.get(usize::from(table)) {
+            Some(t) if t.replicated() => self
+                .trees
+                .get(usize::from(table))
+                .ok_or_else(|| StoreError::Corrupt(format!("no tree for table {table}"))),
+            _ => Err(StoreError::Corrupt(format!(
+                "table {table} is not replicated"
+            ))),
+        }
+    }
+
+    /// Stores `op` if it is newer than the stored copy (compare-and-swap, retried).
+    fn store_op(&self, op: &ReplicaOp) -> Result<(), StoreError> {
+        let tree = self.tree(op.table)?;
+        let incoming = op.record();
+        let bytes = incoming.to_bytes();
+        loop {
+            let old = tree.get(&op.key)?;
+            let stored = old.as_deref().map(decode).transpose()?;
+            if !Versioned::should_store(stored.as_ref(), &incoming) {
+                return Ok(());
+            }
+            if tree
+                .compare_and_swap(&op.key, old, Some(bytes.clone()))?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn durable(&self) -> Result<(), StoreError> {
+        match tokio::time::timeout(self.write_timeout, self.commit.durable()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Flush(e)),
+            Err(_) => Err(StoreError::Timeout(self.write_timeout)),
+        }
+    }
+}
+
+impl LocalReplica for SledReplica {
+    type Error = StoreError;
+
+    async fn apply(&self, batch: ApplyBatch) -> Result<(), StoreError> {
+        for op in &batch.ops {
+            self.store_op(op)?;
+        }
+        self.durable().await
+    }
+
+    async fn apply_if(&self, request: ConditionalApply) -> Result<ConditionalOutcome, StoreError> {
+        let tree = self.tree(request.op.table)?;
+        let bytes = request.op.record().to_bytes();
+        loop {
+            let old = tree.get(&request.op.key)?;
+            let stored = old.as_deref().map(decode).transpose()?;
+            if let Some(current) = stored.filter(|s| s.version > request.if_version_at_most) {
+                return Ok(ConditionalOutcome::Stale { current });
+            }
+            if tree
+                .compare_and_swap(&request.op.key, old, Some(bytes.clone()))?
+                .is_ok()
+            {
+                self.durable().await?;
+                return Ok(ConditionalOutcome::Applied);
+            }
+        }
+    }
+
+    async fn read(&self, request: ReadRequest) -> Result<Option<Versioned>, StoreError> {
+        self.tree(request.table)?
+            .get(&request.key)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    async fn scan(&self, request: ScanRequest) -> Result<ScanReply, StoreError> {
+        let tree = self.tree(request.table)?;
+        let Some((lower, upper)) = request.key_bounds() else {
+            return Ok(ScanReply::default());
+        };
+        let owned = |b: Bound<&[u8]>| match b {
+            Bound::Included(k) => Bound::Included(k.to_vec()),
+            Bound::Excluded(k) => Bound::Excluded(k.to_vec()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let range = tree.range::<Vec<u8>, _>((owned(lower), owned(upper)));
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            if request.descending {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            };
+        request.collect(iter.map(|item| {
+            let (k, v) = item?;
+            Ok(ScanEntry {
+                key: k.to_vec(),
+                record: decode(&v)?,
+            })
+        }))
+    }
+}
+
+impl Table {
+    /// Whether the table is replicated (the others are node-local).
+    pub fn replicated(self) -> bool {
+        !matches!(self, Table::Meta | Table::PushOutbox)
+    }
+
+    /// The table's id on the wire and in replica messages.
+    pub fn id(self) -> TableId {
+        TABLES.iter().position(|t| *t == self).unwrap_or(0) as TableId
+    }
+}
