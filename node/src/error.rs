@@ -39,7 +39,7 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Timeout(_) | StoreError::Contention => {
+            StoreError::Timeout(_) | StoreError::Contention | StoreError::Unavailable(_) => {
                 metrics::counter!("store_write_failures_total").increment(1);
                 ApiError::new(ErrorCode::Unavailable, format!("{e}; retrying is safe"))
             }

@@ -252,6 +252,11 @@ impl Mesh {
         });
     }
 
+    /// How many members are live, this node included.
+    pub fn live_members(&self) -> usize {
+        self.membership.watch_members().borrow().len()
+    }
+
     /// The live members, for `/v1/cluster`.
     pub async fn members(&self) -> Vec<Member> {
         self.membership.members().await

@@ -2,13 +2,15 @@
 //! timeout, rate limit, and the writer. WebSocket (and later QUIC) only adapt their socket to
 //! a stream of [`Inbound`] and a sink of [`OutFrame`].
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client_proto::codec::{self, Codec, DecodeError};
+use client_proto::ids::ID_EPOCH_MS;
 use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_SUBSCRIBE_USERS};
-use client_proto::{ClientFrame, ErrorCode, ServerFrame};
+use client_proto::{ClientFrame, ErrorCode, MessageId, ServerFrame};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -19,12 +21,52 @@ use tracing::Instrument;
 use crate::accounts::Identity;
 use crate::error::ApiError;
 use crate::hub::{Outbound, OUTBOUND_QUEUE};
+use crate::ids::now_unix_ms;
 use crate::node::Node;
 use crate::presence::MAX_WATCHED_PER_CONNECTION;
 use crate::ratelimit::TokenBucket;
 
 /// Sends of one connection being stored at once; past this the session stops reading.
 const MAX_INFLIGHT_SENDS: usize = 64;
+
+/// How long after connecting a session in a cluster re-reads its inbox: time for its
+/// presence key to reach every node (a few gossip rounds). A message stored by another node
+/// before that node learned where this device is was not forwarded here; the catch-up sends
+/// it. Without it such a message would wait for the device's next `sync`.
+const CATCH_UP_DELAY: Duration = Duration::from_secs(3);
+
+/// Message ids a connection was sent (live, in sync batches, or acked as its own) during its
+/// first moments, so that the catch-up sends each message at most once per device.
+#[derive(Clone, Default)]
+struct SentIds(Arc<parking_lot::Mutex<Option<HashSet<MessageId>>>>);
+
+impl SentIds {
+    fn recording() -> Self {
+        SentIds(Arc::new(parking_lot::Mutex::new(Some(HashSet::new()))))
+    }
+
+    fn record(&self, frame: &ServerFrame) {
+        let mut guard = self.0.lock();
+        let Some(set) = guard.as_mut() else { return };
+        match frame {
+            ServerFrame::Message { message } => {
+                set.insert(message.message_id);
+            }
+            ServerFrame::SyncBatch { messages, .. } => {
+                set.extend(messages.iter().map(|m| m.message_id))
+            }
+            ServerFrame::Ack { message_id, .. } => {
+                set.insert(*message_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops recording and returns what was recorded.
+    fn finish(&self) -> HashSet<MessageId> {
+        self.0.lock().take().unwrap_or_default()
+    }
+}
 
 /// What a transport hands the session.
 #[derive(Debug)]
@@ -84,6 +126,7 @@ where
         let _ = tx.try_send(Outbound::Frame(ready));
         tracing::debug!("session ready");
         let conn_id = registration.conn_id();
+        let sent = SentIds::recording();
         let session = Session {
             node: node.clone(),
             who,
@@ -95,9 +138,11 @@ where
                 Instant::now(),
             ),
             out: tx,
+            sent: sent.clone(),
+            connected_at: MessageId::from_parts(now_unix_ms().saturating_sub(ID_EPOCH_MS), 0, 0),
         };
         let reader_done = CancellationToken::new();
-        let writing = write_loop(rx, writer, codec, kick.clone(), reader_done.clone());
+        let writing = write_loop(rx, writer, codec, kick.clone(), reader_done.clone(), sent);
         let reading = async {
             session.read_loop(reader, &kick).await;
             // Unregister everywhere, then let the writer drain what is queued and stop.
@@ -173,6 +218,7 @@ async fn write_loop<W>(
     codec: Codec,
     kick: CancellationToken,
     reader_done: CancellationToken,
+    sent: SentIds,
 ) where
     W: Sink<OutFrame> + Unpin,
 {
@@ -189,7 +235,10 @@ async fn write_loop<W>(
         };
         let out = match next {
             None => return,
-            Some(Outbound::Frame(f)) => OutFrame::Data(codec, codec::encode(codec, &f)),
+            Some(Outbound::Frame(f)) => {
+                sent.record(&f);
+                OutFrame::Data(codec, codec::encode(codec, &f))
+            }
             Some(Outbound::Close(code, reason)) => {
                 let _ = writer.send(OutFrame::Close(code, reason)).await;
                 kick.cancel();
@@ -210,6 +259,9 @@ struct Session {
     kick: CancellationToken,
     bucket: TokenBucket,
     out: mpsc::Sender<Outbound>,
+    sent: SentIds,
+    /// The smallest message id issued when the session started.
+    connected_at: MessageId,
 }
 
 impl Session {
@@ -220,9 +272,15 @@ impl Session {
         let timeout = self.node.cfg.heartbeat_timeout;
         let mut deadline = tokio::time::Instant::now() + timeout;
         let mut inflight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+        let catch_up_at = tokio::time::Instant::now() + CATCH_UP_DELAY;
+        let mut caught_up = false;
         loop {
             tokio::select! {
                 _ = kick.cancelled() => break,
+                _ = tokio::time::sleep_until(catch_up_at), if !caught_up => {
+                    caught_up = true;
+                    self.catch_up().await;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::info!("no heartbeat within {timeout:?}; dropping the device");
                     self.emit(Outbound::Close(1001, "heartbeat timeout".into())).await;
@@ -372,6 +430,37 @@ impl Session {
                     self.node.presence.unwatch(self.conn_id, &users);
                 }
                 None
+            }
+        }
+    }
+
+    /// Sends what reached this user's inbox since the session started and was not sent to
+    /// this connection yet (only in a cluster: on one node every delivery is local).
+    async fn catch_up(&self) {
+        let sent = self.sent.finish();
+        if self.node.mesh.live_members() < 2 {
+            return;
+        }
+        let mut from = self.node.chat.sync_start(Some(self.connected_at));
+        loop {
+            let page = match self.node.chat.sync_page(self.who.user, from, None).await {
+                Ok(p) => p,
+                Err(e) => {
+                    return tracing::warn!(error = %e, "catch-up read failed; the client's next sync covers it")
+                }
+            };
+            for m in page.messages {
+                from = MessageId(m.message_id.0 + 1);
+                if !sent.contains(&m.message_id) {
+                    metrics::counter!("gateway_catch_up_messages_total").increment(1);
+                    self.emit(Outbound::Frame(ServerFrame::Message {
+                        message: Arc::new(m),
+                    }))
+                    .await;
+                }
+            }
+            if !page.more {
+                return;
             }
         }
     }

@@ -72,6 +72,11 @@ pub fn free_udp_port() -> u16 {
 impl TestNode {
     /// Starts a node on free loopback ports with `extra` flags.
     pub fn start(extra: &[&str]) -> TestNode {
+        Self::start_with_gossip(format!("127.0.0.1:{}", free_udp_port()), extra)
+    }
+
+    /// Starts a node whose gossip address is `gossip` (so others can name it as a seed).
+    pub fn start_with_gossip(gossip: String, extra: &[&str]) -> TestNode {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let args = extra.iter().map(|s| s.to_string()).collect();
         let mut node = TestNode {
@@ -82,7 +87,7 @@ impl TestNode {
             http: String::new(),
             quic: String::new(),
             addrs: None,
-            gossip: format!("127.0.0.1:{}", free_udp_port()),
+            gossip,
             peer: format!("127.0.0.1:{}", free_udp_port()),
         };
         node.spawn();
@@ -276,4 +281,93 @@ pub struct TestUser {
     pub name: String,
     pub password: String,
     pub login: LoginResponse,
+}
+
+/// N nodes of one cluster on loopback: one cluster dir (CA, secret, a certificate per node)
+/// made with `chatnode certs`, every node seeded with node 0's gossip address.
+pub struct TestCluster {
+    pub nodes: Vec<TestNode>,
+    /// Kept alive for the nodes' lifetime.
+    pub cluster_dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes (ids 0..n) with `extra` flags and waits until every node sees all
+    /// of them live and active.
+    pub async fn start(n: usize, extra: &[&str]) -> TestCluster {
+        let cluster_dir = tempfile::tempdir().unwrap();
+        let dir = cluster_dir.path().to_str().unwrap().to_string();
+        let run = |args: &[&str]| {
+            let out = Command::new(chatnode_bin()).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "chatnode {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["certs", "init", "--cluster-dir", &dir]);
+        let gossip: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_udp_port()))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, g) in gossip.iter().enumerate() {
+            let name = format!("node-{i}");
+            run(&[
+                "certs",
+                "node",
+                "--cluster-dir",
+                &dir,
+                "--name",
+                &name,
+                "--host",
+                "127.0.0.1",
+                "--host",
+                "localhost",
+            ]);
+            let id = i.to_string();
+            let mut args = vec![
+                "--node-id",
+                &id,
+                "--cluster-dir",
+                &dir,
+                "--seed",
+                &gossip[0],
+            ];
+            args.extend_from_slice(extra);
+            nodes.push(TestNode::start_with_gossip(g.clone(), &args));
+        }
+        let cluster = TestCluster { nodes, cluster_dir };
+        cluster.wait_members(n).await;
+        cluster
+    }
+
+    /// Waits until every running node lists `live` live active members.
+    pub async fn wait_members(&self, live: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            loop {
+                let view: serde_json::Value = node
+                    .api()
+                    .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
+                    .await
+                    .unwrap();
+                let n = view["members"]
+                    .as_array()
+                    .map(|m| {
+                        m.iter()
+                            .filter(|m| m["live"] == true && m["state"] == "active")
+                            .count()
+                    })
+                    .unwrap_or(0);
+                if n == live {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node sees {n} live members, not {live}: {view}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

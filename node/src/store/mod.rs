@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::replication::{
-    Cas, CasOutcome, Coordinator, PeerReplicaClient, QuorumError, ReplicaOp, ScanSpec,
+    Cas, CasError, CasOutcome, Coordinator, PeerReplicaClient, QuorumError, ReplicaOp, ScanSpec,
 };
 use cluster::{partition_of, Partition};
 use std::sync::OnceLock;
@@ -188,6 +188,8 @@ pub struct Store {
 
 /// Meta key of the id generator's lease.
 const ID_LEASE_KEY: &str = "id_lease_ms";
+/// Tries of a compare-and-swap that reached a node that was not (yet) the primary.
+const CAS_ATTEMPTS: u64 = 5;
 /// Live records fetched per page of a scan.
 const SCAN_PAGE: usize = 128;
 
@@ -332,14 +334,23 @@ impl Store {
             new,
             min_version: self.inner.ids.next().0,
         };
-        let outcome = self
-            .coord()?
-            .compare_and_swap(self.partition(partition_key), cas)
-            .await
-            .map_err(|e| {
-                metrics::counter!("store_quorum_failures_total").increment(1);
-                StoreError::Unavailable(e.to_string())
-            })?;
+        // Views of who is primary differ for a moment while membership changes; a swap the
+        // wrong node refused did nothing, so it is retried after a pause.
+        let partition = self.partition(partition_key);
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.coord()?.compare_and_swap(partition, cas.clone()).await {
+                Ok(o) => break o,
+                Err(CasError::NotPrimary { .. }) if attempt < CAS_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => {
+                    metrics::counter!("store_quorum_failures_total").increment(1);
+                    return Err(StoreError::Unavailable(e.to_string()));
+                }
+            }
+        };
         Ok(match outcome {
             CasOutcome::Swapped { .. } => Ok(()),
             CasOutcome::Mismatch { current } => Err(current.and_then(|v| v.value)),
