@@ -289,3 +289,162 @@ async fn two_nodes_racing_for_one_username_one_wins() {
         );
     }
 }
+
+#[tokio::test]
+async fn with_five_nodes_and_rf_3_every_acked_message_is_on_exactly_three() {
+    let mut cluster = TestCluster::start(
+        5,
+        &["--replication-factor", "3", "--rate-limit-burst", "1000"],
+    )
+    .await;
+    let alice = cluster.nodes[0].user("alice").await;
+    let bob = cluster.nodes[3].user("bob").await;
+    let mut a = cluster.nodes[1].connect(&alice.login).await;
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        acked.push(
+            a.send_message(&format!("r{i}"), to(bob.id), &format!("replicated {i}"))
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    drop(a);
+    // Stop every node cleanly (writes to the third replica finish in the background), then
+    // read their stores directly.
+    for node in cluster.nodes.iter_mut() {
+        assert_eq!(node.terminate(), Some(0));
+    }
+    let conv = client_proto::ConversationId::direct(alice.id, bob.id);
+    let mut conv_prefix = vec![b'd'];
+    if let client_proto::ConversationId::Direct { low, high } = conv {
+        conv_prefix.extend_from_slice(&low.0.to_be_bytes());
+        conv_prefix.extend_from_slice(&high.0.to_be_bytes());
+    }
+    let mut inbox_holders = 0;
+    let mut history_holders = 0;
+    for node in &cluster.nodes {
+        let db = sled::open(node.data_dir().join("db")).unwrap();
+        let ids_in = |tree: &str, prefix: &[u8]| -> HashSet<MessageId> {
+            db.open_tree(tree)
+                .unwrap()
+                .scan_prefix(prefix)
+                .keys()
+                .map(|k| {
+                    let k = k.unwrap();
+                    MessageId(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
+                })
+                .collect()
+        };
+        let inbox = ids_in("inbox", &bob.id.0.to_be_bytes());
+        let history = ids_in("history", &conv_prefix);
+        for (name, got, holders) in [
+            ("inbox", inbox, &mut inbox_holders),
+            ("history", history, &mut history_holders),
+        ] {
+            if !got.is_empty() {
+                *holders += 1;
+                let missing: Vec<_> = acked.iter().filter(|id| !got.contains(id)).collect();
+                assert!(missing.is_empty(), "a {name} replica lacks {missing:?}");
+            }
+        }
+    }
+    assert_eq!(
+        inbox_holders, 3,
+        "bob's inbox partition is on exactly 3 of 5 nodes"
+    );
+    assert_eq!(
+        history_holders, 3,
+        "the conversation's partition is on exactly 3 of 5 nodes"
+    );
+}
+
+/// A base port whose block of 400 (HTTP, QUIC, peer, gossip for up to 100 nodes) looks free.
+fn free_base_port() -> u16 {
+    for _ in 0..50 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let base = 20_000 + (nanos % 400) as u16 * 100;
+        let free = (0..3u16).all(|i| {
+            [base + i, base + 100 + i, base + 200 + i, base + 300 + i]
+                .iter()
+                .all(|p| {
+                    std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                        && std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok()
+                })
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free block of ports");
+}
+
+#[tokio::test]
+async fn the_deploy_script_brings_up_three_active_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster.sh");
+    let run = |args: &[&str]| {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .env("CHATNODE", chat_tests::chatnode_bin())
+            .output()
+            .unwrap()
+    };
+    let dir_s = dir.path().to_str().unwrap();
+    let out = run(&[
+        "start",
+        "3",
+        "--base-port",
+        &base.to_string(),
+        "--dir",
+        dir_s,
+    ]);
+    let stop = || run(&["stop", "--dir", dir_s]);
+    if !out.status.success() {
+        stop();
+        panic!(
+            "start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut ok = true;
+    for i in 0..3u16 {
+        let api = client_proto::client::HttpClient::new(format!("http://127.0.0.1:{}", base + i));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let view: serde_json::Value = api
+                .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
+                .await
+                .unwrap();
+            let active = view["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["state"] == "active" && m["live"] == true)
+                .count();
+            if active == 3 {
+                break;
+            }
+            if Instant::now() > deadline {
+                ok = false;
+                eprintln!("node {i} sees {active} active members: {view}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let stopped = stop();
+    assert!(ok);
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+}
