@@ -277,10 +277,9 @@ async fn two_nodes_racing_for_one_username_one_wins() {
             1,
             "round {round}: {x:?} {y:?}"
         );
-        let loser = if x.is_ok() {
-            y.unwrap_err()
-        } else {
-            x.unwrap_err()
+        let loser = match (x, y) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+            other => panic!("round {round}: {other:?}"),
         };
         assert_eq!(
             loser.code(),
