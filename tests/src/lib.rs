@@ -275,6 +275,24 @@ impl Drop for TestNode {
     }
 }
 
+/// How long the helpers wait for a frame.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Waits for the next `message` frame on `conn` (other frames are kept for later).
+pub async fn next_message(conn: &mut WsConnection) -> client_proto::Message {
+    conn.wait_for(WAIT, |f| match f {
+        client_proto::ServerFrame::Message { message } => Some((**message).clone()),
+        _ => None,
+    })
+    .await
+    .unwrap()
+}
+
+/// A direct-message recipient.
+pub fn to(user: UserId) -> client_proto::Recipient {
+    client_proto::Recipient::User(user)
+}
+
 /// A signed-up user with one logged-in device.
 pub struct TestUser {
     pub id: UserId,

@@ -6,20 +6,12 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use chat_tests::{next_message, to};
 use chat_tests::{TestCluster, TestNode, TestUser};
 use client_proto::client::Connection;
-use client_proto::{Message, MessageId, PresenceStatus, Recipient, ServerFrame, UserId};
+use client_proto::{MessageId, PresenceStatus, Recipient, ServerFrame, UserId};
 
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn next_message(c: &mut Connection) -> Message {
-    c.wait_for(WAIT, |f| match f {
-        ServerFrame::Message { message } => Some((**message).clone()),
-        _ => None,
-    })
-    .await
-    .unwrap()
-}
+use chat_tests::WAIT;
 
 /// Logs `user` in on `node` and connects there.
 async fn device_on(node: &TestNode, user: &TestUser) -> Connection {
@@ -53,10 +45,6 @@ async fn collect(
         *seen.entry(m).or_insert(0) += 1;
     }
     seen
-}
-
-fn to(u: UserId) -> Recipient {
-    Recipient::User(u)
 }
 
 #[tokio::test]

@@ -5,22 +5,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use chat_tests::next_message;
 use chat_tests::TestNode;
-use client_proto::client::WsConnection;
-use client_proto::{
-    ConversationId, ErrorCode, GroupId, Message, MessageId, Recipient, ServerFrame,
-};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn next_message(ws: &mut WsConnection) -> Message {
-    ws.wait_for(WAIT, |f| match f {
-        ServerFrame::Message { message } => Some((**message).clone()),
-        _ => None,
-    })
-    .await
-    .unwrap()
-}
+use client_proto::{ConversationId, ErrorCode, GroupId, MessageId, Recipient};
 
 fn group(g: GroupId) -> Recipient {
     Recipient::Group(g)

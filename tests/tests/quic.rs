@@ -6,14 +6,15 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use chat_tests::{next_message, to};
 use chat_tests::{TestNode, TestUser};
 use client_proto::client::{
     ChatClient, ClientError, ClientOptions, ConnectOptions, Connection, Event,
 };
 use client_proto::codec::{self, Codec};
-use client_proto::{ClientFrame, ErrorCode, Message, MessageId, Recipient, ServerFrame, UserId};
+use client_proto::{ClientFrame, ErrorCode, MessageId, ServerFrame, UserId};
 
-const WAIT: Duration = Duration::from_secs(20);
+use chat_tests::WAIT;
 
 fn quic_opts(node: &TestNode) -> ConnectOptions {
     ConnectOptions {
@@ -26,19 +27,6 @@ async fn quic(node: &TestNode, user: &TestUser) -> Connection {
     Connection::connect_with(&node.quic, &user.login.token, &quic_opts(node))
         .await
         .unwrap()
-}
-
-async fn next_message(c: &mut Connection) -> Message {
-    c.wait_for(WAIT, |f| match f {
-        ServerFrame::Message { message } => Some((**message).clone()),
-        _ => None,
-    })
-    .await
-    .unwrap()
-}
-
-fn to(u: UserId) -> Recipient {
-    Recipient::User(u)
 }
 
 #[tokio::test]

@@ -6,23 +6,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chat_tests::TestNode;
+use chat_tests::{next_message, to};
 use client_proto::client::{connect_raw, ClientError, WsConnection};
 use client_proto::codec::Codec;
-use client_proto::{ClientFrame, ErrorCode, Message, MessageId, Recipient, ServerFrame, UserId};
+use client_proto::{ClientFrame, ErrorCode, Message, MessageId, ServerFrame, UserId};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Waits for the next `message` frame.
-async fn next_message(ws: &mut WsConnection) -> Message {
-    ws.wait_for(WAIT, |f| match f {
-        ServerFrame::Message { message } => Some((**message).clone()),
-        _ => None,
-    })
-    .await
-    .unwrap()
-}
+use chat_tests::WAIT;
 
 /// Every `message` frame that arrives until one with `body == sentinel`, sentinel excluded.
 async fn messages_until(ws: &mut WsConnection, sentinel: &str) -> Vec<Message> {
@@ -34,10 +25,6 @@ async fn messages_until(ws: &mut WsConnection, sentinel: &str) -> Vec<Message> {
         }
         seen.push(m);
     }
-}
-
-fn to(user: UserId) -> Recipient {
-    Recipient::User(user)
 }
 
 #[tokio::test]
