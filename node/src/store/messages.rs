@@ -37,6 +37,39 @@ fn weight(m: &Message) -> usize {
     m.body.len() + m.client_id.len() + 200
 }
 
+/// Gathers messages up to a count and a byte budget; always takes the first one, so a
+/// single message at the body limit still makes a page.
+struct Collector {
+    messages: Vec<Message>,
+    used: usize,
+    limit: usize,
+    budget: usize,
+}
+
+impl Collector {
+    fn new(limit: usize, budget: usize) -> Self {
+        Collector {
+            messages: Vec::new(),
+            used: 0,
+            limit,
+            budget,
+        }
+    }
+
+    /// Takes `m` if it fits; false means the page is full (and `m` was not taken).
+    fn offer(&mut self, m: Message) -> bool {
+        let w = weight(&m);
+        if self.messages.len() >= self.limit
+            || (!self.messages.is_empty() && self.used + w > self.budget)
+        {
+            return false;
+        }
+        self.used += w;
+        self.messages.push(m);
+        true
+    }
+}
+
 impl Store {
     /// The message an earlier send with this client id stored, if any.
     pub async fn sent_before(
@@ -118,24 +151,19 @@ impl Store {
         limit: usize,
         budget: usize,
     ) -> Result<SyncPage, StoreError> {
-        let mut page = SyncPage::default();
-        let mut used = 0;
+        let mut page = Collector::new(limit, budget);
+        let mut more = false;
         let range =
             keys::inbox(user, from).to_vec()..=keys::inbox(user, MessageId(u64::MAX)).to_vec();
         self.scan(Table::Inbox, &keys::user(user), range, false, |_, v| {
-            let m: Message = decode(v)?;
-            if page.messages.len() >= limit
-                || (!page.messages.is_empty() && used + weight(&m) > budget)
-            {
-                page.more = true;
-                return Ok(false);
-            }
-            used += weight(&m);
-            page.messages.push(m);
-            Ok(true)
+            more = !page.offer(decode(v)?);
+            Ok(!more)
         })
         .await?;
-        Ok(page)
+        Ok(SyncPage {
+            messages: page.messages,
+            more,
+        })
     }
 
     /// Up to `limit` messages of a conversation newer than `after` and older than `before`
@@ -148,16 +176,16 @@ impl Store {
         limit: usize,
         budget: usize,
     ) -> Result<HistoryPage, StoreError> {
-        let mut page = HistoryPage::default();
         let upper = match before {
-            Some(MessageId(0)) => return Ok(page),
+            Some(MessageId(0)) => return Ok(HistoryPage::default()),
             Some(b) => MessageId(b.0 - 1),
             None => MessageId(u64::MAX),
         };
         if upper <= after {
-            return Ok(page);
+            return Ok(HistoryPage::default());
         }
-        let mut used = 0;
+        let mut page = Collector::new(limit, budget);
+        let mut full = false;
         let range = keys::history(conv, MessageId(after.0 + 1))..=keys::history(conv, upper);
         self.scan(
             Table::History,
@@ -165,19 +193,19 @@ impl Store {
             range,
             true,
             |_, v| {
-                let m: Message = decode(v)?;
-                if page.messages.len() >= limit
-                    || (!page.messages.is_empty() && used + weight(&m) > budget)
-                {
-                    page.next_before = page.messages.last().map(|m| m.message_id);
-                    return Ok(false);
-                }
-                used += weight(&m);
-                page.messages.push(m);
-                Ok(true)
+                full = !page.offer(decode(v)?);
+                Ok(!full)
             },
         )
         .await?;
-        Ok(page)
+        let next_before = if full {
+            page.messages.last().map(|m| m.message_id)
+        } else {
+            None
+        };
+        Ok(HistoryPage {
+            messages: page.messages,
+            next_before,
+        })
     }
 }
