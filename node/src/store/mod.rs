@@ -1,13 +1,14 @@
 //! The store: every record the node keeps, addressed by partition key.
 //!
-//! Chat logic calls the typed methods (in `messages` and `users`); they build [`WriteBatch`]es
-//! and reads that name each record's partition key. Today the node holds every partition in
-//! its own sled database; replication replaces the bodies of [`Store::write`],
-//! [`Store::compare_and_swap`], [`Store::get`] and [`Store::scan`] (send each partition's
-//! operations to its replicas, wait for a quorum) without touching chat logic.
+//! Chat logic calls the typed methods (`messages`, `users`, `groups`, `friends`, `push`); they
+//! build [`WriteBatch`]es and reads that name each record's partition key. [`Store::write`],
+//! [`Store::compare_and_swap`], [`Store::get`] and [`Store::scan`] go through the replication
+//! coordinator (`cluster::replication`): each partition's operations go to its replicas and
+//! return at a write quorum; reads merge a read quorum. This node's own replica is `replica`
+//! (sled). Node-local tables (`Meta`, `PushOutbox`) are written here directly.
 //!
-//! Durability: a write returns only after a group-committed flush that covers it (see
-//! `commit`), or fails with [`StoreError::Timeout`] after the write timeout.
+//! Durability: a write returns only after a group-committed flush covers it on a write quorum
+//! of replicas (see `commit`), or fails (`Timeout`, `Unavailable`) and is safe to retry.
 
 mod commit;
 mod friends;
