@@ -834,3 +834,56 @@ mod over_quic {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn multi_partition_writes_need_the_quorum_of_every_partition() {
+    let cluster = Cluster::new(5, 3);
+    let partitions: Vec<Partition> = (0..40).map(Partition).collect();
+    let batches = |tag: &str| {
+        partitions
+            .iter()
+            .map(|p| (*p, vec![put(MESSAGES, &format!("{tag}-{}", p.0), "v", 1)]))
+            .collect::<Vec<_>>()
+    };
+    // All up: every partition's replicas hold their ops (and only theirs).
+    cluster
+        .coordinator(1)
+        .write_all(batches("a"))
+        .await
+        .unwrap();
+    cluster.settle().await;
+    for p in &partitions {
+        for id in 1..=5 {
+            let got = cluster
+                .coordinator(id)
+                .get(*p, MESSAGES, format!("a-{}", p.0).as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(
+                got,
+                Some(Versioned::live(1, b"v".to_vec())),
+                "partition {p:?} read on {id}"
+            );
+        }
+    }
+    // One node down: every partition still has 2 of 3 replicas, so the write succeeds.
+    cluster.kill(5);
+    cluster.set_down(&[5]);
+    cluster
+        .coordinator(1)
+        .write_all(batches("b"))
+        .await
+        .unwrap();
+    // Two nodes down: some partition has only 1 of 3 replicas left: unavailable.
+    cluster.kill(4);
+    cluster.set_down(&[4, 5]);
+    let err = cluster
+        .coordinator(1)
+        .write_all(batches("c"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QuorumError::Unavailable { needed: 2, .. }),
+        "{err:?}"
+    );
+}

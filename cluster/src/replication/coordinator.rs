@@ -188,17 +188,14 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         Ok(WriteAck { acked })
     }
 
-    /// Writes several partitions' ops at once; succeeds when every partition reached its
-    /// quorum (the first failure is returned; the other writes go on regardless).
+    /// Writes several partitions' ops at once, with one apply per replica node (not per
+    /// partition); succeeds when every partition reached its quorum (the first partition that
+    /// cannot is reported; the applies go on regardless).
     pub async fn write_all(
         &self,
         batches: Vec<(Partition, Vec<ReplicaOp>)>,
     ) -> Result<(), QuorumError> {
-        let writes = batches
-            .into_iter()
-            .map(|(partition, ops)| self.write(partition, ops));
-        futures_util::future::try_join_all(writes).await?;
-        Ok(())
+        self.inner.replicate_grouped(batches).await
     }
 
     /// The newest copy of one key a read quorum has (tombstones included: a deleted key

@@ -27,6 +27,7 @@ mod cas;
 pub mod coordinator;
 pub mod error;
 mod fanout;
+mod grouped;
 pub mod hints;
 pub mod memory;
 pub mod quorum;
