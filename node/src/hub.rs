@@ -20,7 +20,9 @@ pub const OUTBOUND_QUEUE: usize = 256;
 /// Something for a connection's writer.
 #[derive(Debug)]
 pub enum Outbound {
-    Frame(ServerFrame),
+    /// Boxed so that a queue slot is small: each connection's queue allocates its slots in
+    /// blocks, and idle connections are what the node holds most of.
+    Frame(Box<ServerFrame>),
     /// Close with this WebSocket close code and reason.
     Close(u16, String),
 }
@@ -120,7 +122,7 @@ impl Hub {
                 if Some(dev.conn_id) == except_conn {
                     continue;
                 }
-                match dev.tx.try_send(Outbound::Frame(frame.clone())) {
+                match dev.tx.try_send(Outbound::Frame(Box::new(frame.clone()))) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(user = %user, device = %dev.device_id, "outbound queue full; disconnecting the slow device");

@@ -263,7 +263,10 @@ impl Presence {
         let w = self.watchers.read();
         let mut sent = 0u64;
         for watcher in w.by_user.get(&user).into_iter().flat_map(HashMap::values) {
-            match watcher.tx.try_send(Outbound::Frame(frame.clone())) {
+            match watcher
+                .tx
+                .try_send(Outbound::Frame(Box::new(frame.clone())))
+            {
                 Ok(()) => sent += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => watcher.kick.cancel(),
                 Err(mpsc::error::TrySendError::Closed(_)) => {}

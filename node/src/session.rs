@@ -123,7 +123,7 @@ where
             Err(e) => tracing::warn!(error = %e, "could not load friends for presence"),
         }
         // The queue is new and empty: this cannot fail; the writer sends it first.
-        let _ = tx.try_send(Outbound::Frame(ready));
+        let _ = tx.try_send(Outbound::Frame(Box::new(ready)));
         tracing::debug!("session ready");
         let conn_id = registration.conn_id();
         let sent = SentIds::recording();
@@ -327,9 +327,9 @@ impl Session {
     }
 
     async fn error(&self, e: ApiError, reference: Option<String>) {
-        self.emit(Outbound::Frame(ServerFrame::error(
+        self.emit(Outbound::Frame(Box::new(ServerFrame::error(
             e.code, e.message, reference,
-        )))
+        ))))
         .await;
     }
 
@@ -366,7 +366,7 @@ impl Session {
                                 },
                                 Err(e) => ServerFrame::error(e.code, e.message, Some(id)),
                             };
-                        let _ = out.send(Outbound::Frame(frame)).await;
+                        let _ = out.send(Outbound::Frame(Box::new(frame))).await;
                     }
                     .instrument(span),
                 ))
@@ -393,7 +393,7 @@ impl Session {
                     },
                     Err(e) => ServerFrame::error(e.code, e.message, None),
                 };
-                self.emit(Outbound::Frame(frame)).await;
+                self.emit(Outbound::Frame(Box::new(frame))).await;
                 None
             }
             ClientFrame::Heartbeat => None,
@@ -453,9 +453,9 @@ impl Session {
                 from = MessageId(m.message_id.0 + 1);
                 if !sent.contains(&m.message_id) {
                     metrics::counter!("gateway_catch_up_messages_total").increment(1);
-                    self.emit(Outbound::Frame(ServerFrame::Message {
+                    self.emit(Outbound::Frame(Box::new(ServerFrame::Message {
                         message: Arc::new(m),
-                    }))
+                    })))
                     .await;
                 }
             }
@@ -479,12 +479,12 @@ impl Session {
                 cursor = Some(cursor.map_or(last.message_id, |c| c.max(last.message_id)));
             }
             let done = !page.more;
-            self.emit(Outbound::Frame(ServerFrame::SyncBatch {
+            self.emit(Outbound::Frame(Box::new(ServerFrame::SyncBatch {
                 messages: page.messages,
                 cursor,
                 done,
                 gap: false,
-            }))
+            })))
             .await;
             if done {
                 return;
