@@ -95,12 +95,24 @@ impl Chat {
                 SendOutcome::New(m) | SendOutcome::Duplicate(m) => m,
             });
         }
-        let (conversation, to_user, group) = match to {
+        // Whose inboxes get the message: the sender's and every recipient's (for a group,
+        // every current member's).
+        let (conversation, to_user, group, inboxes) = match to {
             Recipient::User(u) => {
                 if self.store.user(u).await?.is_none() {
                     return Err(ApiError::not_found(format!("no user {u}")));
                 }
-                (ConversationId::direct(sender.user, u), Some(u), None)
+                let inboxes = if u == sender.user {
+                    vec![u]
+                } else {
+                    vec![sender.user, u]
+                };
+                (
+                    ConversationId::direct(sender.user, u),
+                    Some(u),
+                    None,
+                    inboxes,
+                )
             }
             Recipient::Group(g) => {
                 let rec = self
@@ -111,7 +123,7 @@ impl Chat {
                 if rec.member(sender.user).is_none() {
                     return Err(ApiError::forbidden("only members may send to a group"));
                 }
-                (ConversationId::Group(g), None, Some(g))
+                (ConversationId::Group(g), None, Some(g), rec.member_ids())
             }
         };
         let msg = Message {
@@ -124,7 +136,6 @@ impl Chat {
             ts: now_unix_ms(),
             client_id,
         };
-        let inboxes = self.inboxes_of(&msg).await?;
         // Recipients with no device connected anywhere get a push notification, queued
         // durably with the message.
         let offline: Vec<UserId> = inboxes
@@ -152,8 +163,8 @@ impl Chat {
         }
     }
 
-    /// Whose inboxes a message goes to: the sender's and every recipient's (for a group,
-    /// every current member's, the sender's included).
+    /// Whose inboxes an already stored message goes to (to complete a retried send): the
+    /// sender's and the recipient's, or every current member's for a group.
     async fn inboxes_of(&self, msg: &Message) -> Result<Vec<UserId>, ApiError> {
         let mut users = vec![msg.from];
         if let Some(to) = msg.to {
