@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chat_tests::{next_message, to};
 use chat_tests::{TestCluster, TestNode, TestUser};
-use client_proto::client::Connection;
+use client_proto::client::{ChatClient, ClientOptions as ChatClientOptions, Connection, Event};
 use client_proto::{MessageId, PresenceStatus, Recipient, ServerFrame, UserId};
 
 use chat_tests::WAIT;
@@ -175,8 +175,14 @@ async fn sigkill_of_one_node_loses_no_acked_message() {
         })
         .await
         .unwrap();
-    let mut c = cluster.nodes[2].connect(&carol.login).await;
-    let _ = c.recv(Duration::from_millis(10)).await;
+    // carol's client library is on node 3 and knows the other nodes for /v1/discover.
+    let mut options = ChatClientOptions::new(cluster.nodes[2].ws_url(), carol.login.token.clone());
+    options.discover = vec![cluster.nodes[0].http.clone(), cluster.nodes[1].http.clone()];
+    let mut carol_client = ChatClient::start(options);
+    assert!(matches!(
+        carol_client.next_event().await,
+        Some(Event::Connected { node_id: 2 })
+    ));
 
     let mut acked = Vec::new();
     for i in 0..30 {
@@ -248,21 +254,27 @@ async fn sigkill_of_one_node_loses_no_acked_message() {
         assert!(missing.is_empty(), "missing after the kill: {missing:?}");
     }
 
-    // carol's client finds a live node through /v1/discover and syncs there.
-    let found: client_proto::http::NodeInfo = cluster.nodes[0]
-        .api()
-        .request(reqwest::Method::GET, "/v1/discover", None, None::<&()>)
+    // carol's client finds a live node through /v1/discover by itself, reconnects there and
+    // syncs: a message sent to her after the kill reaches her event stream.
+    let for_carol = a
+        .send_message("c1", to(carol.id), "after the kill")
         .await
         .unwrap();
-    assert_ne!(found.node_id, 2, "the dead node is not recommended");
-    let survivor = &cluster.nodes[usize::from(found.node_id)];
-    let login = survivor
-        .api()
-        .login(&carol.name, &carol.password, None)
-        .await
-        .unwrap();
-    let mut c = survivor.connect(&login).await;
-    c.sync_all(None, None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut reconnected_to = None;
+    loop {
+        let ev = tokio::time::timeout_at(deadline.into(), carol_client.next_event())
+            .await
+            .expect("carol's client reconnects and syncs");
+        match ev {
+            Some(Event::Connected { node_id }) => reconnected_to = Some(node_id),
+            Some(Event::Message(m)) if m.message_id == for_carol.message_id => break,
+            Some(_) => {}
+            None => panic!("carol's client stopped"),
+        }
+    }
+    assert!(matches!(reconnected_to, Some(0 | 1)), "{reconnected_to:?}");
+    carol_client.shutdown().await;
 }
 
 #[tokio::test]

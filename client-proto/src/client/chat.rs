@@ -55,6 +55,10 @@ pub struct ClientOptions {
     pub cursor: Option<MessageId>,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
+    /// HTTP roots of nodes to ask `GET /v1/discover` when the current node cannot be
+    /// reached; the client then connects to the node they recommend (its WebSocket URL, or
+    /// its QUIC address when `url` is `quic://`). Empty: always reconnect to `url`.
+    pub discover: Vec<String>,
 }
 
 impl ClientOptions {
@@ -65,6 +69,7 @@ impl ClientOptions {
             connect: ConnectOptions::default(),
             cursor: None,
             max_backoff: Duration::from_secs(30),
+            discover: Vec::new(),
         }
     }
 }
@@ -233,7 +238,10 @@ impl Driver {
                     self.fail_all(|| ClientError::Closed(Some((1008, "unauthorized".into()))));
                     return;
                 }
-                Err(_) => failures += 1,
+                Err(_) => {
+                    failures += 1;
+                    self.rediscover().await;
+                }
             }
             // Jittered exponential backoff: 1–5 s first, doubling up to the cap.
             let base = Duration::from_secs(1).saturating_mul(1 << failures.min(5));
@@ -244,6 +252,23 @@ impl Driver {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Asks the discover nodes for a live node and points `url` at it.
+    async fn rediscover(&mut self) {
+        for base in self.opts.discover.clone() {
+            let api = super::HttpClient::new(base);
+            let found: Result<crate::http::NodeInfo, _> =
+                api.request(reqwest::Method::GET, "/v1/discover", None, None::<&()>).await;
+            if let Ok(node) = found {
+                self.opts.url = if self.opts.url.starts_with("quic://") {
+                    format!("quic://{}", node.quic_addr)
+                } else {
+                    node.ws_url
+                };
+                return;
             }
         }
     }
