@@ -101,19 +101,22 @@ where
         tracing::Span::current().record("user", tracing::field::display(who.user));
         tracing::Span::current().record("device", tracing::field::display(who.device));
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let kick = node.shutdown.child_token();
-        let registration = node
-            .hub
-            .register(who.user, who.device, tx.clone(), kick.clone());
+        // `ready` is the first frame in the queue, ahead of anything delivered once the
+        // connection is registered below; the queue is new and empty, so this cannot fail.
         let ready = ServerFrame::Ready {
             user_id: who.user,
             device_id: who.device,
             node_id: node.cfg.node_id,
             heartbeat_interval_ms: node.cfg.heartbeat_interval.as_millis() as u64,
         };
-        // Online (and watching friends) before `ready` goes out, so that whatever the
-        // client does after `ready` already sees it connected. From here on every path ends
-        // in the cleanup below.
+        let _ = tx.try_send(Outbound::Frame(Box::new(ready)));
+        let kick = node.shutdown.child_token();
+        let registration = node
+            .hub
+            .register(who.user, who.device, tx.clone(), kick.clone());
+        // Online (and watching friends) before the writer starts sending `ready`, so that
+        // whatever the client does after `ready` already sees it connected. From here on every
+        // path ends in the cleanup below.
         node.presence.device_up(who.user);
         match node.friends.ids(who.user).await {
             Ok(friends) => {
@@ -122,8 +125,6 @@ where
             }
             Err(e) => tracing::warn!(error = %e, "could not load friends for presence"),
         }
-        // The queue is new and empty: this cannot fail; the writer sends it first.
-        let _ = tx.try_send(Outbound::Frame(Box::new(ready)));
         tracing::debug!("session ready");
         let conn_id = registration.conn_id();
         let sent = SentIds::recording();
