@@ -122,6 +122,10 @@ async fn friends_see_transitions_once_per_watching_device() {
     })
     .await
     .unwrap();
+    // Frames are handled in order: once this ack is back, the subscription is in place.
+    a.send_message("barrier1", Recipient::User(alice.id), "barrier")
+        .await
+        .unwrap();
     let c = node.connect(&carol.login).await;
     assert_eq!(
         presence(&next_event(&mut a).await),
@@ -132,6 +136,9 @@ async fn friends_see_transitions_once_per_watching_device() {
     })
     .await
     .unwrap();
+    a.send_message("barrier2", Recipient::User(alice.id), "barrier")
+        .await
+        .unwrap();
     c.close().await;
     let b1 = node.connect(&bob.login).await;
     assert_eq!(
