@@ -260,8 +260,9 @@ impl Driver {
     async fn rediscover(&mut self) {
         for base in self.opts.discover.clone() {
             let api = super::HttpClient::new(base);
-            let found: Result<crate::http::NodeInfo, _> =
-                api.request(reqwest::Method::GET, "/v1/discover", None, None::<&()>).await;
+            let found: Result<crate::http::NodeInfo, _> = api
+                .request(reqwest::Method::GET, "/v1/discover", None, None::<&()>)
+                .await;
             if let Ok(node) = found {
                 self.opts.url = if self.opts.url.starts_with("quic://") {
                     format!("quic://{}", node.quic_addr)
