@@ -228,9 +228,11 @@ pub async fn serve(
     let _ = fanout.await;
     let _ = push_worker.await;
     store.flush().await.context("final flush of the store")?;
+    // Everything is on disk. The flusher would end only once every handle to the store is
+    // gone, and the replication service's peers may still hold one: stop it here.
+    flusher.abort();
     drop(node);
     drop(store);
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, flusher).await;
     tracing::info!("stopped");
     Ok(())
 }
