@@ -242,6 +242,12 @@ impl TestNode {
         (login, ws)
     }
 
+    /// Logs `user` in on a new device here and returns the ids of a whole `sync` from nothing.
+    pub async fn sync_on_new_device(&self, user: &TestUser) -> Vec<client_proto::MessageId> {
+        let (_, mut conn) = self.device(user).await;
+        conn.sync_all(None, None).await.unwrap().ids()
+    }
+
     /// Connects with an existing login.
     pub async fn connect(&self, login: &LoginResponse) -> WsConnection {
         WsConnection::connect(&self.ws_url(), &login.token, Codec::Json)

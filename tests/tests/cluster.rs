@@ -236,20 +236,7 @@ async fn sigkill_of_one_node_loses_no_acked_message() {
 
     // Every acked message is on the survivors, from either of them.
     for node in &cluster.nodes[..2] {
-        let login = node
-            .api()
-            .login(&bob.name, &bob.password, None)
-            .await
-            .unwrap();
-        let mut b = node.connect(&login).await;
-        let got: HashSet<MessageId> = b
-            .sync_all(None, None)
-            .await
-            .unwrap()
-            .messages
-            .iter()
-            .map(|m| m.message_id)
-            .collect();
+        let got: HashSet<MessageId> = node.sync_on_new_device(&bob).await.into_iter().collect();
         let missing: Vec<_> = acked.iter().filter(|id| !got.contains(id)).collect();
         assert!(missing.is_empty(), "missing after the kill: {missing:?}");
     }
@@ -491,19 +478,10 @@ async fn a_killed_node_rejoins_with_a_new_generation_and_serves_what_it_missed()
     // Same data dir, same addresses, a new gossip generation: it is live and active again.
     cluster.nodes[2].restart();
     cluster.wait_members(3).await;
-    let login = cluster.nodes[2]
-        .api()
-        .login(&bob.name, &bob.password, None)
+    let got: HashSet<MessageId> = cluster.nodes[2]
+        .sync_on_new_device(&bob)
         .await
-        .unwrap();
-    let mut b = cluster.nodes[2].connect(&login).await;
-    let got: HashSet<MessageId> = b
-        .sync_all(None, None)
-        .await
-        .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.message_id)
+        .into_iter()
         .collect();
     let missing: Vec<_> = acked.iter().filter(|id| !got.contains(id)).collect();
     assert!(

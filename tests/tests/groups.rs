@@ -151,9 +151,8 @@ async fn membership_rules() {
         .sync_all(None, None)
         .await
         .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.message_id)
+        .ids()
+        .into_iter()
         .collect();
     assert_eq!(c_sync, vec![after.message_id]);
     let b_history = api
@@ -178,9 +177,8 @@ async fn membership_rules() {
         .sync_all(None, None)
         .await
         .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.message_id)
+        .ids()
+        .into_iter()
         .collect();
     assert!(!c_sync.contains(&m3.message_id));
     let e = api

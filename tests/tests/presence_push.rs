@@ -34,6 +34,19 @@ fn presence(f: &ServerFrame) -> Option<(UserId, PresenceStatus)> {
     }
 }
 
+/// `GET /v1/friends` as `user` sees it.
+async fn friends_of(node: &TestNode, user: &TestUser) -> serde_json::Value {
+    node.api()
+        .request(
+            reqwest::Method::GET,
+            "/v1/friends",
+            Some(&user.login.token),
+            None::<&()>,
+        )
+        .await
+        .unwrap()
+}
+
 async fn befriend(node: &TestNode, a: &TestUser, b: &TestUser) {
     let path = format!("/v1/friends/{}", b.id);
     node.api()
@@ -55,16 +68,7 @@ async fn friends_see_transitions_once_per_watching_device() {
     let carol = node.user("carol").await;
     befriend(&node, &alice, &bob).await;
     // Mutual: bob sees alice in his list too.
-    let bobs: serde_json::Value = node
-        .api()
-        .request(
-            reqwest::Method::GET,
-            "/v1/friends",
-            Some(&bob.login.token),
-            None::<&()>,
-        )
-        .await
-        .unwrap();
+    let bobs: serde_json::Value = friends_of(&node, &bob).await;
     assert_eq!(bobs[0]["user_id"], alice.id.to_string());
 
     let mut a = node.connect(&alice.login).await;
@@ -73,16 +77,7 @@ async fn friends_see_transitions_once_per_watching_device() {
         presence(&next_event(&mut a).await),
         Some((bob.id, PresenceStatus::Online))
     );
-    let friends: serde_json::Value = node
-        .api()
-        .request(
-            reqwest::Method::GET,
-            "/v1/friends",
-            Some(&alice.login.token),
-            None::<&()>,
-        )
-        .await
-        .unwrap();
+    let friends: serde_json::Value = friends_of(&node, &alice).await;
     assert_eq!(friends[0]["status"], "online");
 
     // A second device, then closing it: bob stays online, alice hears nothing.
@@ -103,16 +98,7 @@ async fn friends_see_transitions_once_per_watching_device() {
         presence(&next_event(&mut a).await),
         Some((bob.id, PresenceStatus::Offline))
     );
-    let friends: serde_json::Value = node
-        .api()
-        .request(
-            reqwest::Method::GET,
-            "/v1/friends",
-            Some(&alice.login.token),
-            None::<&()>,
-        )
-        .await
-        .unwrap();
+    let friends: serde_json::Value = friends_of(&node, &alice).await;
     assert_eq!(friends[0]["status"], "offline");
     assert!(friends[0]["last_seen"].as_u64().unwrap() > 0);
 
@@ -158,16 +144,7 @@ async fn friends_see_transitions_once_per_watching_device() {
         )
         .await
         .unwrap();
-    let friends: serde_json::Value = node
-        .api()
-        .request(
-            reqwest::Method::GET,
-            "/v1/friends",
-            Some(&bob.login.token),
-            None::<&()>,
-        )
-        .await
-        .unwrap();
+    let friends: serde_json::Value = friends_of(&node, &bob).await;
     assert_eq!(friends, serde_json::json!([]));
 }
 

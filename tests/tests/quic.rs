@@ -146,9 +146,8 @@ async fn limits_and_bad_input_hold_over_quic() {
         .sync_all(None, None)
         .await
         .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.message_id)
+        .ids()
+        .into_iter()
         .collect();
     acked.sort();
     assert_eq!(stored, acked, "exactly the acked sends are stored");

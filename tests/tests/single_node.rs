@@ -136,20 +136,7 @@ async fn acked_messages_survive_sigkill() {
     }
     node.kill(); // SIGKILL right after the last ack: no shutdown flush
     node.restart();
-    let login = node
-        .api()
-        .login(&bob.name, &bob.password, None)
-        .await
-        .unwrap();
-    let mut b = node.connect(&login).await;
-    let synced: HashSet<MessageId> = b
-        .sync_all(None, None)
-        .await
-        .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.message_id)
-        .collect();
+    let synced: HashSet<MessageId> = node.sync_on_new_device(&bob).await.into_iter().collect();
     let missing: Vec<_> = acked.difference(&synced).collect();
     assert!(
         missing.is_empty(),
@@ -413,9 +400,8 @@ async fn a_burst_past_the_rate_limit_is_refused_and_not_stored() {
         .sync_all(None, None)
         .await
         .unwrap()
-        .messages
-        .iter()
-        .map(|m| m.message_id)
+        .ids()
+        .into_iter()
         .collect();
     acked.sort();
     assert_eq!(stored, acked, "only acked sends are stored");

@@ -387,3 +387,10 @@ pub struct SyncResult {
     pub batches: usize,
     pub gap: bool,
 }
+
+impl SyncResult {
+    /// The message ids, in the order they came.
+    pub fn ids(&self) -> Vec<MessageId> {
+        self.messages.iter().map(|m| m.message_id).collect()
+    }
+}
