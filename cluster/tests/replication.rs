@@ -887,3 +887,172 @@ async fn multi_partition_writes_need_the_quorum_of_every_partition() {
         "{err:?}"
     );
 }
+
+/// Partition count of the join tests (the memory replica maps a key to
+/// `partition_of(key, count)`).
+const JOIN_PARTITIONS: u32 = 64;
+
+fn part_of(key: &str) -> Partition {
+    cluster::placement::partition_of(key.as_bytes(), JOIN_PARTITIONS)
+}
+
+/// Gives every coordinator the same view: placement `members`, joining `pending`.
+fn set_view(cluster: &Cluster, members: &[NodeId], pending: &[NodeId]) {
+    for (&id, node) in &cluster.nodes {
+        let view = Topology::with_pending(
+            id,
+            cluster.rf,
+            members.iter().map(|&i| replica_node(i, true)),
+            pending.iter().map(|&i| replica_node(i, true)),
+        );
+        node.coordinator.set_topology(view);
+    }
+}
+
+/// Writes `count` keys `prefix0..` through node 1's coordinator, each to its partition.
+async fn write_keys(cluster: &Cluster, prefix: &str, count: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..count {
+        let key = format!("{prefix}{i}");
+        cluster
+            .coordinator(1)
+            .write(part_of(&key), vec![put(USERS, &key, "v", 1)])
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    keys
+}
+
+/// Node 4 joins a 3-node, RF=3 cluster: writes acked before (some while node 3 was down, so
+/// on two replicas only: hints are off, as after a coordinator restart) and during the join.
+/// Returns the cluster in its final view (4 members) and every acked key.
+async fn join_fourth_node(pull: bool) -> (Cluster, Vec<String>) {
+    let cluster = Cluster::with_config(
+        4,
+        3,
+        CoordinatorConfig {
+            read_repair: false,
+            hints: cluster::replication::HintLimits {
+                max_batches: 0,
+                max_bytes: 0,
+            },
+            ..config()
+        },
+    );
+    set_view(&cluster, &[1, 2, 3], &[]);
+    let mut acked = write_keys(&cluster, "a", 100).await;
+    cluster.net.set_node(3, Link::Down);
+    acked.extend(write_keys(&cluster, "b", 100).await);
+    cluster.net.heal();
+    cluster.settle().await;
+
+    // Node 4 is pending: every write needs a quorum of the current and the future set.
+    set_view(&cluster, &[1, 2, 3], &[4]);
+    acked.extend(write_keys(&cluster, "c", 100).await);
+    if pull {
+        let joiner = cluster.coordinator(4);
+        let view = joiner.topology();
+        let owned: Vec<Partition> = (0..JOIN_PARTITIONS)
+            .map(Partition)
+            .filter(|p| view.future_set(*p).iter().any(|n| n.id == 4))
+            .collect();
+        assert!(!owned.is_empty());
+        let plan = cluster::replication::PullPlan {
+            max_keys: 7, // many pages
+            ..cluster::replication::PullPlan::new(vec![USERS], JOIN_PARTITIONS)
+        };
+        let report = joiner
+            .pull(&owned, &plan, cluster::replication::PullMode::Join)
+            .await;
+        assert!(report.incomplete.is_empty(), "{report:?}");
+        assert_eq!(report.sources_done, 3);
+    }
+    cluster.settle().await;
+    set_view(&cluster, &[1, 2, 3, 4], &[]);
+    (cluster, acked)
+}
+
+/// Reads `key` through the one node outside its replica set with each replica down in turn
+/// (so through every read quorum); the keys some read quorum did not return.
+async fn missed_by_some_read_quorum(cluster: &Cluster, keys: &[String]) -> Vec<String> {
+    let mut missed = Vec::new();
+    for key in keys {
+        let p = part_of(key);
+        let set = cluster.replica_set(p);
+        assert_eq!(set.len(), 3);
+        let outsider = *cluster.ids.iter().find(|i| !set.contains(i)).unwrap();
+        for down in &set {
+            cluster.net.set_node(*down, Link::Down);
+            let got = cluster
+                .coordinator(outsider)
+                .get(p, USERS, key.as_bytes())
+                .await
+                .unwrap();
+            cluster.net.heal();
+            if got.is_none() {
+                missed.push(key.clone());
+                break;
+            }
+        }
+    }
+    missed
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joining_node_pulls_its_partitions_before_it_serves_them() {
+    let (cluster, acked) = join_fourth_node(true).await;
+    assert_eq!(acked.len(), 300);
+    let missed = missed_by_some_read_quorum(&cluster, &acked).await;
+    assert!(missed.is_empty(), "lost after the join: {missed:?}");
+    // The joined node holds what it owns, including writes made while it was pending.
+    for key in &acked {
+        if cluster.replica_set(part_of(key)).contains(&4) {
+            assert!(
+                cluster.store(4).record(USERS, key.as_bytes()).is_some(),
+                "{key}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_pull_a_joined_node_would_lose_acked_writes() {
+    // The control for the test above: the same history without the pull loses writes
+    // acked before the join (the ones that only two replicas got).
+    let (cluster, acked) = join_fourth_node(false).await;
+    let missed = missed_by_some_read_quorum(&cluster, &acked).await;
+    assert!(!missed.is_empty());
+    assert!(missed.iter().all(|k| !k.starts_with('c')), "{missed:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_a_node_joins_writes_need_both_quorums() {
+    let cluster = Cluster::new(4, 3);
+    set_view(&cluster, &[1, 2, 3], &[4]);
+    let view = cluster.coordinator(1).topology();
+    // A partition that moves to node 4: its future set drops one current replica.
+    let p = (0..JOIN_PARTITIONS)
+        .map(Partition)
+        .find(|p| view.quorums(*p).in_transition())
+        .unwrap();
+    let q = view.quorums(p);
+    assert_eq!(q.nodes.len(), 4);
+    // With node 4 and one more member of the future set down, the current set still has
+    // its quorum but the future one does not: the write must fail.
+    let other = *q.sets[1].iter().find(|id| **id != 4 && **id != 1).unwrap();
+    cluster.net.set_node(4, Link::Down);
+    cluster.net.set_node(other, Link::Down);
+    let err = cluster
+        .coordinator(1)
+        .write(p, vec![put(USERS, "x", "v", 1)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QuorumError::Unavailable { .. }), "{err:?}");
+    cluster.net.heal();
+    cluster
+        .coordinator(1)
+        .write(p, vec![put(USERS, "x", "v", 2)])
+        .await
+        .unwrap();
+}

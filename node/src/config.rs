@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// plus the allowed clock skew.
     #[arg(long, env = "CHATNODE_SYNC_OVERLAP_MS")]
     pub sync_overlap_ms: Option<u64>,
+    /// Seconds between anti-entropy passes: this node pulls its partitions from their other
+    /// replicas and keeps what it missed [default: 3600; 0: only once after a restart].
+    #[arg(long, env = "CHATNODE_ANTI_ENTROPY_SECS")]
+    pub anti_entropy_secs: Option<u64>,
     /// Lifetime of a login token, seconds [default: 2592000, 30 days].
     #[arg(long, env = "CHATNODE_TOKEN_TTL_SECS")]
     pub token_ttl_secs: Option<u64>,
@@ -109,6 +113,7 @@ struct FileConfig {
     rate_limit_per_sec: Option<f64>,
     rate_limit_burst: Option<u32>,
     write_timeout_ms: Option<u64>,
+    anti_entropy_secs: Option<u64>,
     sync_overlap_ms: Option<u64>,
     token_ttl_secs: Option<u64>,
     push_preview: Option<bool>,
@@ -137,6 +142,8 @@ pub struct Config {
     pub rate_limit_per_sec: f64,
     pub rate_limit_burst: u32,
     pub write_timeout: Duration,
+    /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
+    pub anti_entropy: Option<Duration>,
     pub sync_overlap: Duration,
     pub token_ttl: Duration,
     pub push: crate::push::PushConfig,
@@ -218,6 +225,14 @@ impl Config {
                 .or(file.rate_limit_burst)
                 .unwrap_or(100),
             write_timeout: ms(args.write_timeout_ms.or(file.write_timeout_ms), 2_000),
+            anti_entropy: match args
+                .anti_entropy_secs
+                .or(file.anti_entropy_secs)
+                .unwrap_or(3600)
+            {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
             sync_overlap: ms(args.sync_overlap_ms.or(file.sync_overlap_ms), 3_000),
             token_ttl: Duration::from_secs(
                 args.token_ttl_secs

@@ -12,13 +12,13 @@ use client_proto::http::NodeInfo;
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::{Message, PresenceStatus, ServerFrame};
 use cluster::replication::{
-    is_replication_kind, Coordinator, CoordinatorConfig, PeerReplicaClient, ReplicaService,
-    RpcReplicaClient, Topology,
+    is_replication_kind, Coordinator, CoordinatorConfig, PeerReplicaClient, PullMode, PullPlan,
+    ReplicaService, RpcReplicaClient, Topology,
 };
 use cluster::transport::{BoxFuture, RemoteError};
 use cluster::{
     ClusterSecret, Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, NodeId, NodeTls,
-    PeerConfig, PeerEndpoint, Request, Response, RpcHandler,
+    Partition, PeerConfig, PeerEndpoint, Request, Response, RpcHandler,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,7 +27,11 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::ids::now_unix_ms;
 use crate::presence::{Directory, Feed};
-use crate::store::{SledReplica, Store};
+use crate::store::{SledReplica, Store, TABLES};
+
+/// File in the data dir whose presence says this node has been a placement member (it holds
+/// partitions): it comes back as a member after a restart instead of joining again.
+const MEMBER_MARKER: &str = "placement-member";
 
 /// Request kind: deliver a stored message to local devices of some users.
 const KIND_DELIVER: u16 = 0x0200;
@@ -176,7 +180,29 @@ impl Mesh {
                 );
             }
         }
-        membership.set_state(Lifecycle::Active).await;
+        // A node that has held partitions comes back as a member (and catches up in the
+        // background); the first node of a new cluster starts as one; any other node joins:
+        // it stays pending until it has pulled the partitions it will hold.
+        let marker = cfg.data_dir.join(MEMBER_MARKER);
+        let was_member = marker.exists();
+        let members = membership.members().await;
+        let cluster_has_data = members.iter().any(|m| {
+            m.node_id != cfg.node_id && matches!(m.state, Lifecycle::Active | Lifecycle::Leaving)
+        });
+        let joining = !was_member && cluster_has_data;
+        if !joining {
+            write_marker(&marker)?;
+            membership.set_state(Lifecycle::Active).await;
+        }
+        // The first view, before any client is served (no operation may run on a view that
+        // knows only this node).
+        let members = membership.members().await;
+        let first = Topology::from_members(cfg.node_id, cfg.replication_factor, &members, |m| {
+            cert_name(m.node_id)
+        });
+        let pending: Vec<NodeId> = first.pending().map(|n| n.id).collect();
+        coord.set_topology(first);
+        membership.set_pending(&pending).await;
 
         let mesh = Arc::new(Mesh {
             membership,
@@ -186,9 +212,161 @@ impl Mesh {
             tasks: TaskTracker::new(),
             stop,
         });
-        mesh.spawn_topology(coord, cfg.replication_factor, hub);
+        mesh.spawn_topology(coord, cfg.replication_factor, hub, pending);
         mesh.spawn_presence(feed);
+        let plan = PullPlan::new(
+            TABLES
+                .iter()
+                .filter(|t| t.replicated())
+                .map(|t| t.id())
+                .collect(),
+            cfg.partitions,
+        );
+        if joining {
+            tracing::info!(
+                node = cfg.node_id,
+                "joining: pulling partitions before serving them"
+            );
+            mesh.spawn_join(plan.clone(), cfg.partitions, marker);
+        }
+        mesh.spawn_anti_entropy(plan, cfg.partitions, was_member, cfg.anti_entropy);
         Ok(Started { mesh, peer_addr })
+    }
+
+    /// The partitions this node is (or, while it joins, will be) a replica of.
+    fn own_partitions(&self, count: u32, future: bool) -> Vec<Partition> {
+        let view = self.coord.topology();
+        (0..count)
+            .map(Partition)
+            .filter(|p| {
+                let set = if future {
+                    view.future_set(*p)
+                } else {
+                    view.replica_set(*p)
+                };
+                set.iter().any(|n| n.id == self.self_id)
+            })
+            .collect()
+    }
+
+    /// Whether every live member that holds data treats this node as pending (and has
+    /// drained the operations of its older view), so no write can bypass it any more.
+    async fn join_barrier(&self) -> bool {
+        self.membership.members().await.iter().all(|m| {
+            m.node_id == self.self_id
+                || !m.live
+                || !matches!(m.state, Lifecycle::Active | Lifecycle::Leaving)
+                || m.pending.contains(&self.self_id)
+        })
+    }
+
+    /// Joins: waits for the barrier, pulls a read quorum of every partition this node will
+    /// hold, checks the barrier still holds (no member dropped it meanwhile), then turns
+    /// active. Retries until it succeeds or the node stops.
+    fn spawn_join(self: &Arc<Self>, plan: PullPlan, partitions: u32, marker: std::path::PathBuf) {
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                let pause = tokio::select! {
+                    _ = this.stop.cancelled() => return,
+                    pause = this.try_join(&plan, partitions) => pause,
+                };
+                let Some(pause) = pause else { break };
+                tokio::select! {
+                    _ = this.stop.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            if let Err(e) = write_marker(&marker) {
+                tracing::error!(error = %e, "pulled every partition but cannot record membership; staying joining");
+                return;
+            }
+            this.membership.set_state(Lifecycle::Active).await;
+            tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "joined: active, serving reads of its partitions"
+            );
+        });
+    }
+
+    /// One join attempt: `None` when done, or how long to wait before the next.
+    async fn try_join(&self, plan: &PullPlan, partitions: u32) -> Option<Duration> {
+        if !self.join_barrier().await {
+            return Some(Duration::from_millis(100));
+        }
+        let owned = self.own_partitions(partitions, true);
+        let report = self.coord.pull(&owned, plan, PullMode::Join).await;
+        metrics::counter!("cluster_pulled_records_total").increment(report.records);
+        if !report.incomplete.is_empty() {
+            tracing::warn!(
+                incomplete = report.incomplete.len(),
+                failed_sources = report.sources_failed,
+                "join: some partitions lack a read quorum of complete answers; pulling again"
+            );
+            return Some(Duration::from_secs(2));
+        }
+        if !self.join_barrier().await {
+            tracing::info!("join: a member's view changed during the pull; pulling again");
+            return Some(Duration::from_millis(100));
+        }
+        tracing::info!(
+            partitions = report.partitions,
+            records = report.records,
+            sources = report.sources_done,
+            "join: every partition pulled"
+        );
+        None
+    }
+
+    /// Anti-entropy: after a restart, one catch-up pass over this node's partitions (it
+    /// missed writes while down, and hints live in memory), then one pass every `every`.
+    fn spawn_anti_entropy(
+        self: &Arc<Self>,
+        plan: PullPlan,
+        partitions: u32,
+        restarted: bool,
+        every: Option<Duration>,
+    ) {
+        if !restarted && every.is_none() {
+            return;
+        }
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            // Let gossip find the other replicas first.
+            let mut wait = if restarted {
+                Duration::from_secs(3)
+            } else {
+                every.unwrap_or(Duration::from_secs(3600))
+            };
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                let is_member = this.coord.topology().is_member(this.self_id);
+                if is_member && this.live_members() > 1 {
+                    let owned = this.own_partitions(partitions, false);
+                    let started = std::time::Instant::now();
+                    let report = tokio::select! {
+                        _ = this.stop.cancelled() => return,
+                        r = this.coord.pull(&owned, &plan, PullMode::CatchUp) => r,
+                    };
+                    metrics::counter!("cluster_pulled_records_total").increment(report.records);
+                    tracing::info!(
+                        partitions = report.partitions,
+                        records = report.records,
+                        incomplete = report.incomplete.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "anti-entropy pass done"
+                    );
+                }
+                match every {
+                    Some(every) => wait = every,
+                    None => return,
+                }
+            }
+        });
     }
 
     /// Follows membership: the coordinator's topology and this node's load in gossip.
@@ -197,6 +375,7 @@ impl Mesh {
         coord: Coordinator<SledReplica, PeerReplicaClient>,
         rf: usize,
         hub: Hub,
+        mut published: Vec<NodeId>,
     ) {
         let this = self.clone();
         let mut watch = self.membership.watch_members();
@@ -212,7 +391,13 @@ impl Mesh {
                         let members = this.membership.members().await;
                         metrics::gauge!("cluster_members_live").set(members.iter().filter(|m| m.live).count() as f64);
                         let topo = Topology::from_members(this.self_id, rf, &members, |m| cert_name(m.node_id));
-                        coord.set_topology(topo);
+                        let pending: Vec<NodeId> = topo.pending().map(|n| n.id).collect();
+                        // Published only once operations of the older view have ended: the
+                        // joining nodes' barrier.
+                        if coord.set_topology_drained(topo).await && pending != published {
+                            this.membership.set_pending(&pending).await;
+                            published = pending;
+                        }
                     }
                     _ = load_tick.tick() => this.membership.set_load(hub.connections()).await,
                 }
@@ -333,6 +518,21 @@ impl Mesh {
         self.coord.clone().shutdown().await;
         self.endpoint.clone().shutdown().await;
     }
+}
+
+/// Records, durably, that this node holds partitions.
+fn write_marker(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(
+        b"this node holds partitions; delete the whole data dir to make it join anew\n",
+    )?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// `addr` with the advertised host instead of an unspecified listen IP.

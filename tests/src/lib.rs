@@ -307,6 +307,16 @@ pub struct TestUser {
     pub login: LoginResponse,
 }
 
+/// Runs `chatnode args` to completion and checks that it succeeded.
+fn run_chatnode(args: &[&str]) {
+    let out = Command::new(chatnode_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "chatnode {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// N nodes of one cluster on loopback: one cluster dir (CA, secret, a certificate per node)
 /// made with `chatnode certs`, every node seeded with node 0's gossip address.
 pub struct TestCluster {
@@ -321,48 +331,53 @@ impl TestCluster {
     pub async fn start(n: usize, extra: &[&str]) -> TestCluster {
         let cluster_dir = tempfile::tempdir().unwrap();
         let dir = cluster_dir.path().to_str().unwrap().to_string();
-        let run = |args: &[&str]| {
-            let out = Command::new(chatnode_bin()).args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "chatnode {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        run_chatnode(&["certs", "init", "--cluster-dir", &dir]);
+        let mut cluster = TestCluster {
+            nodes: Vec::new(),
+            cluster_dir,
         };
-        run(&["certs", "init", "--cluster-dir", &dir]);
-        let gossip: Vec<String> = (0..n)
-            .map(|_| format!("127.0.0.1:{}", free_udp_port()))
-            .collect();
-        let mut nodes = Vec::new();
-        for (i, g) in gossip.iter().enumerate() {
-            let name = format!("node-{i}");
-            run(&[
-                "certs",
-                "node",
-                "--cluster-dir",
-                &dir,
-                "--name",
-                &name,
-                "--host",
-                "127.0.0.1",
-                "--host",
-                "localhost",
-            ]);
-            let id = i.to_string();
-            let mut args = vec![
-                "--node-id",
-                &id,
-                "--cluster-dir",
-                &dir,
-                "--seed",
-                &gossip[0],
-            ];
-            args.extend_from_slice(extra);
-            nodes.push(TestNode::start_with_gossip(g.clone(), &args));
+        let seed = format!("127.0.0.1:{}", free_udp_port());
+        for _ in 0..n {
+            cluster.start_node(&seed, extra);
         }
-        let cluster = TestCluster { nodes, cluster_dir };
         cluster.wait_members(n).await;
         cluster
+    }
+
+    /// Starts one more node (the next id) seeded with node 0 and returns its index; it joins
+    /// the running cluster. Does not wait for it to become active.
+    pub fn add_node(&mut self, extra: &[&str]) -> usize {
+        let seed = self.nodes[0].gossip.clone();
+        self.start_node(&seed, extra);
+        self.nodes.len() - 1
+    }
+
+    /// Makes node `nodes.len()`'s certificate and starts it; the first node gossips on `seed`.
+    fn start_node(&mut self, seed: &str, extra: &[&str]) {
+        let dir = self.cluster_dir.path().to_str().unwrap().to_string();
+        let i = self.nodes.len();
+        let name = format!("node-{i}");
+        run_chatnode(&[
+            "certs",
+            "node",
+            "--cluster-dir",
+            &dir,
+            "--name",
+            &name,
+            "--host",
+            "127.0.0.1",
+            "--host",
+            "localhost",
+        ]);
+        let gossip = if i == 0 {
+            seed.to_string()
+        } else {
+            format!("127.0.0.1:{}", free_udp_port())
+        };
+        let id = i.to_string();
+        let mut args = vec!["--node-id", &id, "--cluster-dir", &dir, "--seed", seed];
+        args.extend_from_slice(extra);
+        self.nodes.push(TestNode::start_with_gossip(gossip, &args));
     }
 
     /// Waits until every running node lists `live` live active members.

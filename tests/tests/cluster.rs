@@ -489,3 +489,94 @@ async fn a_killed_node_rejoins_with_a_new_generation_and_serves_what_it_missed()
         "the rejoined node's sync misses {missing:?}"
     );
 }
+
+/// Sends one message from each user to the next (by index) with client ids `<tag>-<i>`,
+/// retrying `unavailable` with the same client id; records each acked id for both ends.
+async fn send_round(
+    conns: &mut [Connection],
+    users: &[TestUser],
+    tag: &str,
+    acked: &mut std::collections::HashMap<UserId, Vec<MessageId>>,
+) {
+    for i in 0..users.len() {
+        let to_user = &users[(i + 1) % users.len()];
+        let client_id = format!("{tag}-{i}");
+        let deadline = Instant::now() + WAIT;
+        let ack = loop {
+            match conns[i].send_message(&client_id, to(to_user.id), tag).await {
+                Ok(ack) => break ack,
+                Err(e) if e.code() == Some(client_proto::ErrorCode::Unavailable) => {
+                    assert!(Instant::now() < deadline, "still unavailable: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        acked.entry(users[i].id).or_default().push(ack.message_id);
+        acked.entry(to_user.id).or_default().push(ack.message_id);
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_joins_pulls_its_partitions_before_serving_them() {
+    // RF=2, so W=2 and R=1, and a read asks this node first: a node that joined without
+    // pulling would answer sync for the partitions it took over from its own empty store.
+    // With 8 users, some inbox partition moves to the new node but for odds of 1 in 3^8.
+    let extra = ["--replication-factor", "2", "--rate-limit-burst", "1000"];
+    let mut cluster = TestCluster::start(2, &extra).await;
+    let users = cluster.nodes[0].users("joiner", 8).await;
+    let mut conns = Vec::new();
+    for u in &users {
+        conns.push(cluster.nodes[0].connect(&u.login).await);
+    }
+    let mut acked = std::collections::HashMap::new();
+    for round in 0..5 {
+        send_round(&mut conns, &users, &format!("before{round}"), &mut acked).await;
+    }
+
+    // Node 2 joins while messages keep being sent (those need the quorums of the current
+    // and the future replica sets).
+    let started = Instant::now();
+    let joiner = cluster.add_node(&extra);
+    let mut during = 0;
+    loop {
+        send_round(&mut conns, &users, &format!("during{during}"), &mut acked).await;
+        during += 1;
+        let view: serde_json::Value = cluster.nodes[joiner]
+            .api()
+            .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
+            .await
+            .unwrap();
+        let active = view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "active" && m["live"] == true)
+            .count();
+        if active == 3 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "joined in {:?}, {during} rounds sent meanwhile",
+        started.elapsed()
+    );
+    cluster.wait_members(3).await;
+    send_round(&mut conns, &users, "after", &mut acked).await;
+
+    // Every acked message, before, during and after the join, is returned by sync on the
+    // node that joined.
+    for u in &users {
+        let got: HashSet<MessageId> = cluster.nodes[joiner]
+            .sync_on_new_device(u)
+            .await
+            .into_iter()
+            .collect();
+        let missing: Vec<_> = acked[&u.id].iter().filter(|id| !got.contains(id)).collect();
+        assert!(missing.is_empty(), "{} misses {missing:?}", u.name);
+    }
+    let log = cluster.nodes[joiner].log_text();
+    assert!(log.contains("join: every partition pulled"), "{log}");
+}

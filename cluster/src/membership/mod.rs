@@ -56,7 +56,10 @@ pub struct MembershipConfig {
     /// Phi-accrual threshold: a node is dead after about `phi_threshold` times its mean
     /// heartbeat interval without news.
     pub phi_threshold: f64,
-    /// How long a dead node's state is kept (so a flapping node is recognised).
+    /// How long a dead node's state is kept. A dead placement member keeps its partitions
+    /// (its replicas are just down) for this long; after it, gossip forgets it and its
+    /// partitions move to other nodes *without* their data being streamed, so keep it longer
+    /// than any outage you expect to repair by restarting the node (default: 7 days).
     pub dead_node_grace: Duration,
     /// How long deleted keys (users gone offline) are remembered for peers that missed them.
     pub tombstone_grace: Duration,
@@ -83,7 +86,7 @@ impl MembershipConfig {
             generation: None,
             gossip_interval: Duration::from_millis(250),
             phi_threshold: 8.0,
-            dead_node_grace: Duration::from_secs(600),
+            dead_node_grace: Duration::from_secs(7 * 24 * 3600),
             tombstone_grace: Duration::from_secs(600),
             presence_buffer: 8192,
         }
@@ -249,9 +252,11 @@ impl Membership {
     }
 
     /// Every member gossip knows of, live or dead (dead ones until `dead_node_grace`), this
-    /// node included. Members whose keys are missing or malformed are left out.
+    /// node included, by node id; of a restarted node only its newest generation. Members
+    /// whose keys are missing or malformed are left out.
     pub async fn members(&self) -> Vec<Member> {
-        self.handle
+        let all: Vec<Member> = self
+            .handle
             .with_chitchat(|c| {
                 let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
                 c.node_states()
@@ -259,7 +264,8 @@ impl Membership {
                     .filter_map(|(id, state)| Member::parse(id, state, live.contains(id)))
                     .collect()
             })
-            .await
+            .await;
+        newest_generations(all)
     }
 
     /// The live members (this node included), updated after each gossip round that changed
@@ -284,6 +290,13 @@ impl Membership {
     /// Publishes this node's lifecycle state.
     pub async fn set_state(&self, state: Lifecycle) {
         self.set(keys::STATE, state.as_str().to_string()).await;
+    }
+
+    /// Publishes the joining nodes this node's coordinator treats as pending (see
+    /// [`crate::replication::Coordinator::set_topology_drained`]).
+    pub async fn set_pending(&self, pending: &[NodeId]) {
+        let ids: Vec<String> = pending.iter().map(ToString::to_string).collect();
+        self.set(keys::PENDING, ids.join(",")).await;
     }
 
     /// Publishes this node's load (connected devices).
@@ -348,6 +361,21 @@ impl Membership {
             .await
             .map_err(|e| MembershipError::Stopped(e.into()))
     }
+}
+
+/// Of several generations of one node id (a restarted node, its dead predecessor), keeps
+/// only the newest.
+fn newest_generations(members: Vec<Member>) -> Vec<Member> {
+    let mut newest: std::collections::BTreeMap<NodeId, Member> = std::collections::BTreeMap::new();
+    for m in members {
+        match newest.get(&m.node_id) {
+            Some(seen) if seen.generation >= m.generation => {}
+            _ => {
+                newest.insert(m.node_id, m);
+            }
+        }
+    }
+    newest.into_values().collect()
 }
 
 /// Feeds chitchat's live-node snapshots into the view until cancelled.

@@ -18,6 +18,9 @@ pub(crate) mod keys {
     pub const PEER_ADDR: &str = "peer_addr";
     pub const STATE: &str = "state";
     pub const LOAD: &str = "load";
+    /// The joining nodes this node's coordinator treats as pending, comma-separated ids,
+    /// published once no operation of its older view still runs (the join barrier).
+    pub const PENDING: &str = "pending";
     /// Prefix of per-user keys: `u:<user id in decimal>`, set while a device of that user is
     /// connected to the node.
     pub const USER_PREFIX: &str = "u:";
@@ -90,6 +93,8 @@ pub struct Member {
     pub live: bool,
     /// Its published load (connected devices).
     pub load: u64,
+    /// The joining nodes it treats as pending (and has drained older operations for).
+    pub pending: Vec<NodeId>,
 }
 
 impl Member {
@@ -109,6 +114,10 @@ impl Member {
             state: state.get(keys::STATE)?.parse().ok()?,
             live,
             load: state.get(keys::LOAD)?.parse().ok()?,
+            pending: state
+                .get(keys::PENDING)
+                .map(|v| v.split(',').filter_map(|id| id.parse().ok()).collect())
+                .unwrap_or_default(),
         })
     }
 }

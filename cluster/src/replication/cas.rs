@@ -138,14 +138,14 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
             }
         }
         let _serialised = self.cas_lock(request.table, &request.key).lock().await;
-        let set = topology.replica_set(partition);
+        let target = topology.quorums(partition);
         let read = ReadRequest {
             partition: request.partition,
             table: request.table,
             key: request.key.clone(),
         };
         let answers = match self
-            .read_quorum_of(&set, |node| self.read_on(node, read.clone()))
+            .read_quorum_of(&target, |node| self.read_on(node, read.clone()))
             .await
         {
             Ok(answers) => answers,
@@ -168,7 +168,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
             if_version_at_most: observed,
         };
         let result = self
-            .replicate(set, move |inner, node| {
+            .replicate(target, move |inner, node| {
                 let conditional = conditional.clone();
                 async move { inner.apply_if_job(node, conditional).await }
             })

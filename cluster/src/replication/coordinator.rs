@@ -27,7 +27,7 @@ use super::replica::{LocalReplica, ReplicaClient};
 use super::rpc::{
     ApplyBatch, ConditionalApply, ConditionalOutcome, ReadRequest, ScanReply, ScanRequest,
 };
-use super::topology::{ReplicaNode, Topology};
+use super::topology::{Quorums, ReplicaNode, Topology};
 use crate::placement::{NodeId, Partition};
 
 /// Timers and limits of a [`Coordinator`].
@@ -140,9 +140,10 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         self.inner.topology()
     }
 
-    /// Replaces the topology (after a membership change). Replicas that are live again and
-    /// have hints waiting get them replayed in the background.
-    pub fn set_topology(&self, topology: Topology) {
+    /// Replaces the topology (after a membership change) and returns the one it replaced.
+    /// Replicas that are live again and have hints waiting get them replayed in the
+    /// background.
+    pub fn set_topology(&self, topology: Topology) -> Arc<Topology> {
         let revived: Vec<NodeId> = self
             .inner
             .hints
@@ -150,7 +151,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
             .into_iter()
             .filter(|id| topology.node(*id).is_some_and(|n| n.live))
             .collect();
-        *self.inner.topology.write() = Arc::new(topology);
+        let old = std::mem::replace(&mut *self.inner.topology.write(), Arc::new(topology));
         for id in revived {
             if !self.inner.replaying.lock().insert(id) {
                 continue;
@@ -167,6 +168,25 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
                 inner.replaying.lock().remove(&id);
             });
         }
+        old
+    }
+
+    /// Replaces the topology if it differs from the current one, then waits (at most the
+    /// read plus write timeout) until no operation still runs under the old one. Returns
+    /// whether it changed. A joining node relies on this: once every member has published
+    /// that it sees the node pending, no write that bypasses the node is still in flight.
+    pub async fn set_topology_drained(&self, topology: Topology) -> bool {
+        if *self.topology() == topology {
+            return false;
+        }
+        let old = Arc::downgrade(&self.set_topology(topology));
+        let deadline = tokio::time::Instant::now()
+            + self.inner.config.read_timeout
+            + self.inner.config.write_timeout;
+        while old.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// Writes `ops` (all in `partition`) to its replicas; returns once `W` of them have made
@@ -176,16 +196,18 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         partition: Partition,
         ops: Vec<ReplicaOp>,
     ) -> Result<WriteAck, QuorumError> {
-        let set = self.inner.replica_set(partition)?;
+        let (_view, target) = self.inner.quorums(partition)?;
         let batch = ApplyBatch::new(partition, ops);
-        let acked = self
+        let tally = self
             .inner
-            .replicate(set, move |inner, node| {
+            .replicate(target, move |inner, node| {
                 let batch = batch.clone();
                 async move { inner.apply_job(node, batch).await }
             })
             .await?;
-        Ok(WriteAck { acked })
+        Ok(WriteAck {
+            acked: tally.acked(),
+        })
     }
 
     /// Writes several partitions' ops at once, with one apply per replica node (not per
@@ -207,7 +229,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         key: &[u8],
     ) -> Result<Option<Versioned>, QuorumError> {
         let inner = &self.inner;
-        let set = inner.replica_set(partition)?;
+        let (_view, set) = inner.quorums(partition)?;
         let request = ReadRequest {
             partition: partition.0,
             table,
@@ -220,7 +242,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         if let (true, Some(newest)) = (inner.config.read_repair, &merged) {
             for stale in stale_replicas(&answers, Some(newest)) {
                 let op = ReplicaOp::from_record(table, key.to_vec(), newest.clone());
-                inner.repair(&set, stale, ApplyBatch::new(partition, vec![op]));
+                inner.repair(&set.nodes, stale, ApplyBatch::new(partition, vec![op]));
             }
         }
         Ok(merged)
@@ -235,7 +257,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         spec: ScanSpec,
     ) -> Result<Vec<ScanEntry>, QuorumError> {
         let inner = &self.inner;
-        let set = inner.replica_set(partition)?;
+        let (_view, set) = inner.quorums(partition)?;
         let limit = spec.limit.max(1);
         let mut out = Vec::new();
         let mut after = spec.after;
@@ -263,7 +285,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
                         .into_iter()
                         .map(|e| ReplicaOp::from_record(spec.table, e.key, e.record))
                         .collect();
-                    inner.repair(&set, node, ApplyBatch::new(partition, ops));
+                    inner.repair(&set.nodes, node, ApplyBatch::new(partition, ops));
                 }
             }
             for entry in merged.entries {
@@ -325,15 +347,16 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         self.topology.read().clone()
     }
 
-    pub(super) fn replica_set(
+    /// The view an operation runs under and the replicas it must reach. The operation keeps
+    /// the view (`Arc`) until it has its quorum, so [`Coordinator::set_topology_drained`]
+    /// can wait for the operations of an older view to end.
+    pub(super) fn quorums(
         &self,
         partition: Partition,
-    ) -> Result<Vec<ReplicaNode>, QuorumError> {
-        let set = self.topology().replica_set(partition);
-        if set.is_empty() {
-            return Err(QuorumError::NoReplicas(partition.0));
-        }
-        Ok(set)
+    ) -> Result<(Arc<Topology>, Quorums), QuorumError> {
+        let view = self.topology();
+        let target = quorums_in(&view, partition)?;
+        Ok((view, target))
     }
 
     /// How long one replica may take to answer a read: half the read timeout, so a replica
@@ -488,4 +511,13 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         }
         Ok(sent)
     }
+}
+
+/// What an operation on `partition` must reach in `view`; an error when a set is empty.
+pub(super) fn quorums_in(view: &Topology, partition: Partition) -> Result<Quorums, QuorumError> {
+    let target = view.quorums(partition);
+    if target.nodes.is_empty() || target.sets.iter().any(Vec::is_empty) {
+        return Err(QuorumError::NoReplicas(partition.0));
+    }
+    Ok(target)
 }

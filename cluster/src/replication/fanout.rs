@@ -12,28 +12,28 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use super::coordinator::Inner;
 use super::error::{FailureReason, QuorumError, ReplicaFailure};
-use super::quorum::{read_quorum, write_quorum, Decision, WriteTally};
+use super::quorum::{read_quorum, Decision, JointTally};
 use super::replica::{LocalReplica, ReplicaClient};
-use super::topology::ReplicaNode;
+use super::topology::{Quorums, ReplicaNode};
 use crate::placement::NodeId;
 
 impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
-    /// Runs `job` for every replica of `set` in background tasks and waits for `W` of them
-    /// to succeed (or for that to become impossible, or the write timeout). The jobs left
-    /// running go on to the end.
+    /// Runs `job` for every replica of `target` in background tasks and waits for `W` of
+    /// each of its sets to succeed (or for that to become impossible, or the write timeout).
+    /// The jobs left running go on to the end.
     pub(super) async fn replicate<F, Fut>(
         self: &Arc<Self>,
-        set: Vec<ReplicaNode>,
+        target: Quorums,
         job: F,
-    ) -> Result<Vec<NodeId>, QuorumError>
+    ) -> Result<JointTally, QuorumError>
     where
         F: Fn(Arc<Self>, ReplicaNode) -> Fut,
         Fut: Future<Output = Result<(), FailureReason>> + Send + 'static,
     {
-        let mut tally = WriteTally::new(set.len(), write_quorum(set.len()));
-        let (tx, mut rx) = mpsc::channel(set.len().max(1));
-        let mut pending: Vec<NodeId> = Vec::with_capacity(set.len());
-        for node in set {
+        let mut tally = JointTally::new(&target.sets);
+        let (tx, mut rx) = mpsc::channel(target.nodes.len().max(1));
+        let mut pending: Vec<NodeId> = Vec::with_capacity(target.nodes.len());
+        for node in target.nodes {
             let id = node.id;
             pending.push(id);
             let work = job(self.clone(), node);
@@ -53,8 +53,8 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         let deadline = Instant::now() + self.config.write_timeout;
         loop {
             match tally.decision() {
-                Decision::Reached => return Ok(tally.acked().to_vec()),
-                Decision::Impossible => return Err(tally.unavailable([])),
+                Decision::Reached => return Ok(tally),
+                Decision::Impossible => return Err(tally.unavailable(&[])),
                 Decision::Pending => {}
             }
             match timeout_at(deadline, rx.recv()).await {
@@ -65,22 +65,27 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
                         Err(reason) => tally.fail(id, reason),
                     };
                 }
-                Ok(None) | Err(_) => return Err(tally.unavailable(pending)),
+                Ok(None) | Err(_) => return Err(tally.unavailable(&pending)),
             }
         }
     }
 
-    /// Asks replicas of `set` (this node first, then live ones in rendezvous order) until
-    /// `R` have answered; a failed one is replaced by the next candidate.
+    /// Asks replicas of `target` until `R` of each of its sets have answered. With one set:
+    /// this node first, then live ones in rendezvous order, a failed one replaced by the next
+    /// candidate. While a node joins (two sets): every live node of both, at once.
     pub(super) async fn read_quorum_of<'a, T, F, Fut>(
         &'a self,
-        set: &[ReplicaNode],
+        target: &Quorums,
         read: F,
     ) -> Result<Vec<(NodeId, T)>, QuorumError>
     where
         F: Fn(ReplicaNode) -> Fut,
         Fut: Future<Output = Result<T, FailureReason>> + 'a,
     {
+        if target.in_transition() {
+            return self.read_all_of(target, read).await;
+        }
+        let set = &target.nodes;
         let needed = read_quorum(set.len());
         let mut failed = Vec::new();
         let mut candidates = VecDeque::with_capacity(set.len());
@@ -147,6 +152,76 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
             })
         }
     }
+}
+
+impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
+    /// Reads every live node of `target` and checks that each set has `R` answers.
+    async fn read_all_of<'a, T, F, Fut>(
+        &'a self,
+        target: &Quorums,
+        read: F,
+    ) -> Result<Vec<(NodeId, T)>, QuorumError>
+    where
+        F: Fn(ReplicaNode) -> Fut,
+        Fut: Future<Output = Result<T, FailureReason>> + 'a,
+    {
+        let mut failed = Vec::new();
+        let mut running = FuturesUnordered::new();
+        for node in &target.nodes {
+            if node.live || self.is_self(node) {
+                let (id, call) = (node.id, read(node.clone()));
+                running.push(async move { (id, call.await) });
+            } else {
+                failed.push(ReplicaFailure {
+                    node: node.id,
+                    reason: FailureReason::NotLive,
+                });
+            }
+        }
+        let deadline = Instant::now() + self.config.read_timeout;
+        let mut answers = Vec::with_capacity(target.nodes.len());
+        let mut in_flight: Vec<NodeId> = target.nodes.iter().map(|n| n.id).collect();
+        in_flight.retain(|id| !failed.iter().any(|f: &ReplicaFailure| f.node == *id));
+        loop {
+            match timeout_at(deadline, running.next()).await {
+                Ok(Some((id, result))) => {
+                    in_flight.retain(|n| *n != id);
+                    match result {
+                        Ok(answer) => answers.push((id, answer)),
+                        Err(reason) => failed.push(ReplicaFailure { node: id, reason }),
+                    }
+                    if short_of(target, &answers).is_none() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    failed.extend(in_flight.drain(..).map(|node| ReplicaFailure {
+                        node,
+                        reason: FailureReason::TimedOut,
+                    }));
+                    break;
+                }
+            }
+        }
+        match short_of(target, &answers) {
+            None => Ok(answers),
+            Some((acked, needed)) => Err(QuorumError::Unavailable {
+                acked,
+                needed,
+                failed,
+            }),
+        }
+    }
+}
+
+/// The first set of `target` with fewer than `R` answers: `(answers, R)`.
+fn short_of<T>(target: &Quorums, answers: &[(NodeId, T)]) -> Option<(usize, usize)> {
+    target.sets.iter().find_map(|set| {
+        let needed = read_quorum(set.len());
+        let got = answers.iter().filter(|(id, _)| set.contains(id)).count();
+        (got < needed).then_some((got, needed))
+    })
 }
 
 /// Runs `call` for at most `limit`, mapping its error into a [`FailureReason`].

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
-use super::coordinator::Inner;
+use super::coordinator::{quorums_in, Inner};
 use super::error::{FailureReason, QuorumError};
-use super::quorum::{write_quorum, Decision, WriteTally};
+use super::quorum::{Decision, JointTally};
 use super::record::ReplicaOp;
 use super::replica::{LocalReplica, ReplicaClient};
 use super::rpc::ApplyBatch;
@@ -35,10 +35,12 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
     ) -> Result<(), QuorumError> {
         let mut tallies = Vec::with_capacity(batches.len());
         let mut shares: Vec<NodeShare> = Vec::new();
+        // One view for the whole write, held until it is decided (see `Inner::quorums`).
+        let view = self.topology();
         for (i, (partition, ops)) in batches.into_iter().enumerate() {
-            let set = self.replica_set(partition)?;
-            tallies.push(WriteTally::new(set.len(), write_quorum(set.len())));
-            for node in set {
+            let target = quorums_in(&view, partition)?;
+            tallies.push(JointTally::new(&target.sets));
+            for node in target.nodes {
                 match shares.iter_mut().find(|s| s.node.id == node.id) {
                     Some(share) => {
                         share.ops.extend(ops.iter().cloned());
@@ -78,7 +80,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
                 .iter()
                 .find(|t| t.decision() == Decision::Impossible)
             {
-                return Err(t.clone().unavailable([]));
+                return Err(t.clone().unavailable(&[]));
             }
             match timeout_at(deadline, rx.recv()).await {
                 Ok(Some((id, result))) => {
@@ -99,7 +101,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
                         .into_iter()
                         .find(|t| t.decision() != Decision::Reached)
                     {
-                        Some(stuck) => Err(stuck.unavailable(waiting)),
+                        Some(stuck) => Err(stuck.unavailable(&waiting)),
                         None => Ok(()),
                     };
                 }

@@ -17,10 +17,11 @@ use parking_lot::Mutex;
 use super::record::{ScanEntry, TableId, Versioned};
 use super::replica::{LocalReplica, PeerCall};
 use super::rpc::{
-    ApplyBatch, ConditionalApply, ConditionalOutcome, ReadRequest, ScanReply, ScanRequest,
+    ApplyBatch, ConditionalApply, ConditionalOutcome, PullReply, PullRequest, ReadRequest,
+    ScanReply, ScanRequest,
 };
 use super::topology::ReplicaNode;
-use crate::placement::NodeId;
+use crate::placement::{partition_of, NodeId};
 use crate::transport::{RemoteError, Request, Response, RpcHandler};
 
 /// The in-memory replica store was told to fail ([`MemoryReplica::set_failing`]).
@@ -111,6 +112,24 @@ impl LocalReplica for MemoryReplica {
     async fn read(&self, request: ReadRequest) -> Result<Option<Versioned>, MemoryStoreFailed> {
         self.check()?;
         Ok(self.record(request.table, &request.key))
+    }
+
+    /// Keys are their own partition keys here (`partition_of(key)`).
+    async fn pull(&self, request: PullRequest) -> Result<PullReply, MemoryStoreFailed> {
+        self.check()?;
+        let table = request.table;
+        let start = match &request.after {
+            Some(after) => Bound::Excluded((table, after.clone())),
+            None => Bound::Included((table, Vec::new())),
+        };
+        let records = self.records.lock();
+        let entries = records
+            .range((start, Bound::Unbounded))
+            .take_while(|((t, _), _)| *t == table)
+            .map(|((_, key), record)| Ok::<_, MemoryStoreFailed>((key.clone(), record.clone())));
+        request.collect(entries, |key| {
+            Some(partition_of(key, request.partition_count))
+        })
     }
 
     async fn scan(&self, request: ScanRequest) -> Result<ScanReply, MemoryStoreFailed> {

@@ -30,6 +30,7 @@ mod fanout;
 mod grouped;
 pub mod hints;
 pub mod memory;
+pub mod pull;
 pub mod quorum;
 pub mod record;
 pub mod replica;
@@ -41,6 +42,7 @@ pub use cas::{Cas, CasOutcome};
 pub use coordinator::{Coordinator, CoordinatorConfig, ScanSpec, WriteAck};
 pub use error::{CasError, FailureReason, QuorumError, ReplicaFailure};
 pub use hints::HintLimits;
+pub use pull::{PullMode, PullPlan, PullReport};
 pub use quorum::{read_quorum, write_quorum};
 pub use record::{ReplicaOp, ScanEntry, TableId, Versioned};
 pub use replica::{
@@ -48,7 +50,7 @@ pub use replica::{
 };
 pub use rpc::{
     is_replication_kind, ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome,
-    ReadRequest, ScanReply, ScanRequest,
+    PullReply, PullRequest, ReadRequest, ScanReply, ScanRequest,
 };
 pub use service::ReplicaService;
-pub use topology::{ReplicaNode, Topology};
+pub use topology::{Quorums, ReplicaNode, Topology};

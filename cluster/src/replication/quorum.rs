@@ -104,6 +104,103 @@ impl WriteTally {
     }
 }
 
+/// The tally of a write that needs its quorum in each of several replica sets (one set
+/// normally, two while a node joins: see [`super::topology::Quorums`]). A node's answer
+/// counts in every set it belongs to.
+#[derive(Clone, Debug)]
+pub struct JointTally {
+    parts: Vec<(Vec<NodeId>, WriteTally)>,
+}
+
+impl JointTally {
+    /// A tally needing `W = n/2 + 1` acks of each set of `n`.
+    pub fn new(sets: &[Vec<NodeId>]) -> Self {
+        Self {
+            parts: sets
+                .iter()
+                .map(|set| {
+                    (
+                        set.clone(),
+                        WriteTally::new(set.len(), write_quorum(set.len())),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Records an ack from `node`.
+    pub fn ack(&mut self, node: NodeId) -> Decision {
+        for (set, tally) in &mut self.parts {
+            if set.contains(&node) {
+                tally.ack(node);
+            }
+        }
+        self.decision()
+    }
+
+    /// Records that `node` failed.
+    pub fn fail(&mut self, node: NodeId, reason: FailureReason) -> Decision {
+        for (set, tally) in &mut self.parts {
+            if set.contains(&node) {
+                tally.fail(node, reason.clone());
+            }
+        }
+        self.decision()
+    }
+
+    /// Reached when every set reached its quorum; impossible as soon as one cannot.
+    pub fn decision(&self) -> Decision {
+        let mut all = Decision::Reached;
+        for (_, tally) in &self.parts {
+            match tally.decision() {
+                Decision::Impossible => return Decision::Impossible,
+                Decision::Pending => all = Decision::Pending,
+                Decision::Reached => {}
+            }
+        }
+        all
+    }
+
+    /// Every replica that acked so far, in ack order, no repeats.
+    pub fn acked(&self) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = Vec::new();
+        for (_, tally) in &self.parts {
+            for id in tally.acked() {
+                if !out.contains(id) {
+                    out.push(*id);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether any replica refused the write as stale.
+    pub fn any_stale(&self) -> bool {
+        self.parts.iter().any(|(_, t)| {
+            t.failed()
+                .iter()
+                .any(|f| matches!(f.reason, FailureReason::Stale))
+        })
+    }
+
+    /// The error for a write that ends now: the first set without its quorum, with its
+    /// replicas in `still_pending` reported as timed out.
+    pub fn unavailable(self, still_pending: &[NodeId]) -> QuorumError {
+        let mut fallback = None;
+        for (set, tally) in self.parts {
+            if tally.decision() != Decision::Reached {
+                let waiting = still_pending.iter().copied().filter(|n| set.contains(n));
+                return tally.unavailable(waiting);
+            }
+            fallback.get_or_insert(tally);
+        }
+        match fallback {
+            Some(tally) => tally.unavailable([]),
+            None => QuorumError::NoReplicas(0),
+        }
+    }
+}
+
 /// The newest copy among a read quorum's answers (`None` when no replica has the key).
 pub fn merge_reads(replies: &[(NodeId, Option<Versioned>)]) -> Option<Versioned> {
     replies

@@ -8,8 +8,8 @@ use std::future::Future;
 
 use super::record::Versioned;
 use super::rpc::{
-    self, ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome, ReadRequest,
-    ScanReply, ScanRequest,
+    self, ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome, PullReply,
+    PullRequest, ReadRequest, ScanReply, ScanRequest,
 };
 use super::topology::ReplicaNode;
 use crate::transport::{PeerEndpoint, PeerError, Request, Response};
@@ -43,6 +43,14 @@ pub trait LocalReplica: Send + Sync + 'static {
         &self,
         request: ScanRequest,
     ) -> impl Future<Output = Result<ScanReply, Self::Error>> + Send;
+
+    /// A page of the records of some partitions of one table, tombstones included
+    /// ([`PullRequest::collect`] does the bookkeeping; the store knows which partition a
+    /// key is in). Only called with a request that [`PullRequest::is_valid`].
+    fn pull(
+        &self,
+        request: PullRequest,
+    ) -> impl Future<Output = Result<PullReply, Self::Error>> + Send;
 }
 
 /// Calls to the replicas on other nodes.
@@ -77,6 +85,13 @@ pub trait ReplicaClient: Send + Sync + 'static {
         to: &ReplicaNode,
         request: ScanRequest,
     ) -> impl Future<Output = Result<ScanReply, Self::Error>> + Send;
+
+    /// [`LocalReplica::pull`] on `to`.
+    fn pull(
+        &self,
+        to: &ReplicaNode,
+        request: PullRequest,
+    ) -> impl Future<Output = Result<PullReply, Self::Error>> + Send;
 
     /// Asks `to`, the partition's primary, to run a compare-and-swap.
     fn cas(
@@ -178,6 +193,10 @@ impl<T: PeerCall> ReplicaClient for RpcReplicaClient<T> {
 
     async fn scan(&self, to: &ReplicaNode, request: ScanRequest) -> Result<ScanReply, Self::Error> {
         self.call(to, rpc::KIND_SCAN, &request).await
+    }
+
+    async fn pull(&self, to: &ReplicaNode, request: PullRequest) -> Result<PullReply, Self::Error> {
+        self.call(to, rpc::KIND_PULL, &request).await
     }
 
     async fn cas(&self, to: &ReplicaNode, request: CasRequest) -> Result<CasReply, Self::Error> {

@@ -27,6 +27,9 @@ pub const KIND_SCAN: u16 = 0x0103;
 /// `kind` of [`CasRequest`] (sent to the partition's primary); replies with a [`CasReply`].
 pub const KIND_CAS: u16 = 0x0104;
 
+/// `kind` of [`PullRequest`]; replies with a [`PullReply`].
+pub const KIND_PULL: u16 = 0x0105;
+
 /// True for request kinds the replication service handles.
 pub fn is_replication_kind(kind: u16) -> bool {
     (0x0100..=0x01ff).contains(&kind)
@@ -244,6 +247,87 @@ pub enum CasReply {
     },
 }
 
+/// Most partitions a cluster can be configured with (bounds [`PullRequest::partitions`]).
+pub const MAX_PARTITIONS: u32 = 1 << 16;
+
+/// Every record (tombstones too) of `table` whose key falls in one of `partitions`, for a
+/// node that takes partitions over or catches up ([`super::Coordinator::pull`]). The replica
+/// walks its table in key order strictly after `after`, looks at no more than `max_keys`
+/// keys, and stops at about `max_bytes` of entries.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct PullRequest {
+    /// The table.
+    pub table: TableId,
+    /// The cluster's partition count (how keys map to partitions).
+    pub partition_count: u32,
+    /// The partitions wanted, ascending, no repeats.
+    pub partitions: Vec<u32>,
+    /// Resume strictly after this key (from [`PullReply::next`]).
+    pub after: Option<Vec<u8>>,
+    /// Keys to look at, at most (0 is read as 1).
+    pub max_keys: u32,
+    /// Bytes of entries to return, about.
+    pub max_bytes: u32,
+}
+
+impl PullRequest {
+    /// Whether the request is well formed: a sane partition count, and `partitions`
+    /// ascending, unique and below it.
+    pub fn is_valid(&self) -> bool {
+        (1..=MAX_PARTITIONS).contains(&self.partition_count)
+            && self.partitions.windows(2).all(|w| w[0] < w[1])
+            && self
+                .partitions
+                .last()
+                .is_none_or(|p| *p < self.partition_count)
+    }
+
+    /// Whether `partition` is wanted.
+    pub fn wants(&self, partition: Partition) -> bool {
+        self.partitions.binary_search(&partition.0).is_ok()
+    }
+
+    /// Collects a reply from `(key, record)` pairs in key order after [`PullRequest::after`];
+    /// `partition_of_key` names a key's partition (`None`: not a replicated key, skipped).
+    pub fn collect<E>(
+        &self,
+        entries: impl IntoIterator<Item = Result<(Vec<u8>, Versioned), E>>,
+        partition_of_key: impl Fn(&[u8]) -> Option<Partition>,
+    ) -> Result<PullReply, E> {
+        let max_keys = self.max_keys.max(1) as usize;
+        let mut bytes = 0usize;
+        let mut reply = PullReply::default();
+        for (looked, entry) in entries.into_iter().enumerate() {
+            let (key, record) = entry?;
+            let full = looked + 1 >= max_keys;
+            if partition_of_key(&key).is_some_and(|p| self.wants(p)) {
+                bytes += key.len() + record.value.as_ref().map_or(0, Vec::len) + 16;
+                let stop = full || bytes >= self.max_bytes as usize;
+                if stop {
+                    reply.next = Some(key.clone());
+                }
+                reply.entries.push(ScanEntry { key, record });
+                if stop {
+                    return Ok(reply);
+                }
+            } else if full {
+                reply.next = Some(key);
+                return Ok(reply);
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// A replica's answer to a [`PullRequest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+pub struct PullReply {
+    /// The wanted entries among the keys looked at, in key order.
+    pub entries: Vec<ScanEntry>,
+    /// Where to resume (the last key looked at); `None` when the table is done.
+    pub next: Option<Vec<u8>>,
+}
+
 type WireConfig = Configuration<LittleEndian, Varint, Limit<HARD_MAX_FRAME>>;
 
 const fn wire_config() -> WireConfig {
@@ -364,5 +448,72 @@ mod tests {
         let reply = tiny.collect([entry("b"), entry("c")]).unwrap();
         assert_eq!(reply.entries.len(), 1);
         assert!(reply.truncated);
+    }
+}
+
+#[cfg(test)]
+mod pull_tests {
+    use super::*;
+
+    fn entries(n: u8) -> Vec<Result<(Vec<u8>, Versioned), ()>> {
+        (0..n)
+            .map(|i| Ok((vec![i], Versioned::live(1, vec![0; 10]))))
+            .collect()
+    }
+
+    #[test]
+    fn pull_pages_filter_by_partition_and_resume_after_the_last_key_looked_at() {
+        let request = PullRequest {
+            table: 1,
+            partition_count: 2,
+            partitions: vec![1],
+            after: None,
+            max_keys: 4,
+            max_bytes: 1 << 20,
+        };
+        assert!(request.is_valid());
+        let odd = |k: &[u8]| Some(Partition(u32::from(k[0] % 2)));
+        let reply = request.collect(entries(10), odd).unwrap();
+        let keys: Vec<u8> = reply.entries.iter().map(|e| e.key[0]).collect();
+        assert_eq!(keys, [1, 3]);
+        assert_eq!(reply.next, Some(vec![3]));
+        // The last page ends the table.
+        let reply = request.collect(entries(3), odd).unwrap();
+        assert_eq!(reply.next, None);
+        // The byte bound stops after the entry that crosses it.
+        let small = PullRequest {
+            max_keys: 100,
+            max_bytes: 30,
+            ..request.clone()
+        };
+        let reply = small.collect(entries(10), odd).unwrap();
+        assert_eq!(reply.entries.len(), 2);
+        assert_eq!(reply.next, Some(vec![3]));
+        // Malformed requests are refused before any work.
+        for bad in [
+            PullRequest {
+                partitions: vec![2, 1],
+                ..request.clone()
+            },
+            PullRequest {
+                partitions: vec![1, 1],
+                ..request.clone()
+            },
+            PullRequest {
+                partitions: vec![2],
+                ..request.clone()
+            },
+            PullRequest {
+                partition_count: 0,
+                partitions: vec![],
+                ..request.clone()
+            },
+            PullRequest {
+                partition_count: MAX_PARTITIONS + 1,
+                ..request.clone()
+            },
+        ] {
+            assert!(!bad.is_valid(), "{bad:?}");
+        }
     }
 }

@@ -58,6 +58,16 @@ impl<L: LocalReplica, C: ReplicaClient> ReplicaService<L, C> {
                 let scan = decode(&request.body)?;
                 encode(&self.local.scan(scan).await.map_err(storage)?)?
             }
+            rpc::KIND_PULL => {
+                let pull: rpc::PullRequest = decode(&request.body)?;
+                if !pull.is_valid() {
+                    return Err(RemoteError::new(
+                        codes::BAD_REQUEST,
+                        "pull: partitions must be ascending and below the partition count",
+                    ));
+                }
+                encode(&self.local.pull(pull).await.map_err(storage)?)?
+            }
             rpc::KIND_CAS => {
                 let cas = decode(&request.body)?;
                 let coordinator = self

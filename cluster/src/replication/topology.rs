@@ -3,9 +3,19 @@
 //!
 //! Placement is computed over every placement member, live or not: a replica that is down
 //! still owns its partitions (its writes are hinted, its reads go elsewhere in the set), so a
-//! failure detector's verdict never moves data. Only membership changes (a node added or
-//! removed for good) move partitions, and moving data for them is not done yet (see the
-//! module docs of [`super`]).
+//! failure detector's verdict never moves data.
+//!
+//! A node that joins is *pending* until it has streamed the partitions it will hold
+//! ([`super::pull`]). While it is pending, a partition whose replica set changes with it has
+//! two sets, the current one and the one it will have ([`Topology::quorums`]), and every read
+//! and write of that partition needs its quorum in **both**. So whichever set a node's view
+//! uses during the change, every acked write meets every read quorum:
+//!
+//! - a write acked with the old view has `W` in the current set, and the joining node pulls a
+//!   read quorum of the current set before it becomes active;
+//! - a write acked during the change has `W` in both sets;
+//! - a write acked with the new view has `W` in the new set, and a reader with the old
+//!   view also reads `R` of the new set.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,48 +36,107 @@ pub struct ReplicaNode {
     pub live: bool,
 }
 
-/// Placement members, this node's id, and the replication factor. Cheap to share behind an
-/// `Arc`; replace it whole when membership changes ([`super::Coordinator::set_topology`]).
-#[derive(Clone, Debug)]
+/// Placement members, pending (joining) nodes, this node's id, and the replication factor.
+/// Cheap to share behind an `Arc`; replace it whole when membership changes
+/// ([`super::Coordinator::set_topology`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     self_id: NodeId,
     rf: usize,
     nodes: BTreeMap<NodeId, ReplicaNode>,
     ids: Vec<NodeId>,
+    /// Live nodes that are joining: not placement members yet, but every write of a partition
+    /// they will hold reaches them too.
+    pending: BTreeMap<NodeId, ReplicaNode>,
+    /// `ids` plus the pending ones: placement once they are active.
+    future_ids: Vec<NodeId>,
+}
+
+/// The replicas one read or write of a partition must reach: its replica set, and while a
+/// node joins that changes it, also the set it will have (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quorums {
+    /// Every node of the sets, no repeats: the current set in rendezvous order first.
+    pub nodes: Vec<ReplicaNode>,
+    /// The sets, as node ids: one, or the current and the future set.
+    pub sets: Vec<Vec<NodeId>>,
+}
+
+impl Quorums {
+    /// True while the partition changes hands (two sets).
+    pub fn in_transition(&self) -> bool {
+        self.sets.len() > 1
+    }
 }
 
 impl Topology {
     /// A topology of `nodes` (placement members) as seen from `self_id`, with replication
     /// factor `rf` (at least 1). A later duplicate id replaces an earlier one.
     pub fn new(self_id: NodeId, rf: usize, nodes: impl IntoIterator<Item = ReplicaNode>) -> Self {
+        Self::with_pending(self_id, rf, nodes, [])
+    }
+
+    /// A topology of placement members `nodes` and joining nodes `pending` (a pending id
+    /// that is also a member is ignored).
+    pub fn with_pending(
+        self_id: NodeId,
+        rf: usize,
+        nodes: impl IntoIterator<Item = ReplicaNode>,
+        pending: impl IntoIterator<Item = ReplicaNode>,
+    ) -> Self {
         let nodes: BTreeMap<NodeId, ReplicaNode> = nodes.into_iter().map(|n| (n.id, n)).collect();
-        let ids = nodes.keys().copied().collect();
+        let pending: BTreeMap<NodeId, ReplicaNode> = pending
+            .into_iter()
+            .filter(|n| !nodes.contains_key(&n.id))
+            .map(|n| (n.id, n))
+            .collect();
+        let ids: Vec<NodeId> = nodes.keys().copied().collect();
+        let mut future_ids: Vec<NodeId> = ids.iter().chain(pending.keys()).copied().collect();
+        future_ids.sort_unstable();
         Self {
             self_id,
             rf: rf.max(1),
             nodes,
             ids,
+            pending,
+            future_ids,
         }
     }
 
-    /// The topology gossip describes: members that are `active` or `leaving` (a `joining`
-    /// node holds no data yet), with `server_name` naming each member's certificate.
+    /// The topology gossip describes: members that are `active` or `leaving` hold data; live
+    /// `joining` members are pending (a dead one is left out: it joins again when it comes
+    /// back). Of several generations of one node id, the newest counts. `server_name` names
+    /// each member's certificate.
     pub fn from_members(
         self_id: NodeId,
         rf: usize,
         members: &[Member],
         server_name: impl Fn(&Member) -> String,
     ) -> Self {
-        let nodes = members
-            .iter()
+        let mut newest: BTreeMap<NodeId, &Member> = BTreeMap::new();
+        for m in members {
+            match newest.get(&m.node_id) {
+                Some(seen) if seen.generation >= m.generation => {}
+                _ => {
+                    newest.insert(m.node_id, m);
+                }
+            }
+        }
+        let node = |m: &Member| ReplicaNode {
+            id: m.node_id,
+            addr: m.addrs.peer,
+            server_name: server_name(m),
+            live: m.live,
+        };
+        let nodes = newest
+            .values()
             .filter(|m| matches!(m.state, Lifecycle::Active | Lifecycle::Leaving))
-            .map(|m| ReplicaNode {
-                id: m.node_id,
-                addr: m.addrs.peer,
-                server_name: server_name(m),
-                live: m.live,
-            });
-        Self::new(self_id, rf, nodes)
+            .map(|m| node(m));
+        let pending = newest
+            .values()
+            .filter(|m| m.state == Lifecycle::Joining && (m.live || m.node_id == self_id))
+            .map(|m| node(m));
+        Self::with_pending(self_id, rf, nodes, pending)
     }
 
     /// This node's id.
@@ -80,9 +149,19 @@ impl Topology {
         self.rf
     }
 
-    /// A node by id.
+    /// A node by id, placement member or pending.
     pub fn node(&self, id: NodeId) -> Option<&ReplicaNode> {
-        self.nodes.get(&id)
+        self.nodes.get(&id).or_else(|| self.pending.get(&id))
+    }
+
+    /// Whether `id` is a placement member (holds data and serves reads).
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.nodes.contains_key(&id)
+    }
+
+    /// The joining nodes, by id.
+    pub fn pending(&self) -> impl Iterator<Item = &ReplicaNode> {
+        self.pending.values()
     }
 
     /// Every placement member, by id.
@@ -96,6 +175,38 @@ impl Topology {
             .into_iter()
             .filter_map(|id| self.nodes.get(&id).cloned())
             .collect()
+    }
+
+    /// The replica set `partition` will have once the pending nodes are active (the current
+    /// one when nothing is pending).
+    pub fn future_set(&self, partition: Partition) -> Vec<ReplicaNode> {
+        if self.pending.is_empty() {
+            return self.replica_set(partition);
+        }
+        replicas(partition, &self.future_ids, self.rf)
+            .into_iter()
+            .filter_map(|id| self.node(id).cloned())
+            .collect()
+    }
+
+    /// What a read or write of `partition` must reach (see [`Quorums`]).
+    pub fn quorums(&self, partition: Partition) -> Quorums {
+        let current = self.replica_set(partition);
+        let mut sets = vec![current.iter().map(|n| n.id).collect::<Vec<_>>()];
+        let mut nodes = current;
+        if !self.pending.is_empty() {
+            let future = self.future_set(partition);
+            let future_ids: Vec<NodeId> = future.iter().map(|n| n.id).collect();
+            if future_ids.iter().any(|id| !sets[0].contains(id)) {
+                for n in future {
+                    if !nodes.iter().any(|m| m.id == n.id) {
+                        nodes.push(n);
+                    }
+                }
+                sets.push(future_ids);
+            }
+        }
+        Quorums { nodes, sets }
     }
 
     /// The partition's primary: its first live replica in rendezvous order (this node counts
@@ -144,5 +255,35 @@ mod tests {
             1
         );
         assert!(Topology::new(1, 3, []).primary(Partition(0)).is_none());
+    }
+
+    #[test]
+    fn a_pending_node_adds_a_future_set_only_where_it_changes_one() {
+        let now = Topology::new(1, 3, (1..=3).map(|i| node(i, true)));
+        let joining = Topology::with_pending(1, 3, (1..=3).map(|i| node(i, true)), [node(4, true)]);
+        let after = Topology::new(1, 3, (1..=4).map(|i| node(i, true)));
+        assert!(joining.node(4).is_some() && !joining.is_member(4));
+        let (mut moved, mut kept) = (0, 0);
+        for p in (0..256).map(Partition) {
+            let q = joining.quorums(p);
+            let ids = |set: Vec<ReplicaNode>| set.into_iter().map(|n| n.id).collect::<Vec<_>>();
+            assert_eq!(q.sets[0], ids(now.replica_set(p)));
+            assert_eq!(joining.replica_set(p), now.replica_set(p));
+            assert_eq!(joining.future_set(p), after.replica_set(p));
+            if q.in_transition() {
+                moved += 1;
+                assert_eq!(q.sets[1], ids(after.replica_set(p)));
+                assert_eq!(q.nodes.len(), 4);
+            } else {
+                kept += 1;
+                assert_eq!(q.nodes.len(), 3);
+            }
+        }
+        // Node 4 takes about 3/4 of the partitions.
+        assert!(moved > 150 && kept > 20, "moved {moved}, kept {kept}");
+        // A pending id that is already a member is ignored.
+        let dup = Topology::with_pending(1, 3, (1..=3).map(|i| node(i, true)), [node(2, true)]);
+        assert_eq!(dup.pending().count(), 0);
+        assert_eq!(dup, now);
     }
 }

@@ -7,9 +7,10 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use cluster::replication::{
-    ApplyBatch, ConditionalApply, ConditionalOutcome, LocalReplica, ReadRequest, ReplicaOp,
-    ScanEntry, ScanReply, ScanRequest, TableId, Versioned,
+    ApplyBatch, ConditionalApply, ConditionalOutcome, LocalReplica, PullReply, PullRequest,
+    ReadRequest, ReplicaOp, ScanEntry, ScanReply, ScanRequest, TableId, Versioned,
 };
+use cluster::{partition_of, Partition};
 
 use super::{GroupCommit, StoreError, Table, TABLES};
 
@@ -116,6 +117,25 @@ impl LocalReplica for SledReplica {
             .transpose()
     }
 
+    async fn pull(&self, request: PullRequest) -> Result<PullReply, StoreError> {
+        let tree = self.tree(request.table)?;
+        let table = TABLES[usize::from(request.table)];
+        let start = match &request.after {
+            Some(after) => Bound::Excluded(after.clone()),
+            None => Bound::Unbounded,
+        };
+        let count = request.partition_count;
+        let iter = tree
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .map(|item| {
+                let (k, v) = item?;
+                Ok::<_, StoreError>((k.to_vec(), decode(&v)?))
+            });
+        request.collect(iter, |key| -> Option<Partition> {
+            Some(partition_of(table.partition_key(key)?, count))
+        })
+    }
+
     async fn scan(&self, request: ScanRequest) -> Result<ScanReply, StoreError> {
         let tree = self.tree(request.table)?;
         let Some((lower, upper)) = request.key_bounds() else {
@@ -144,6 +164,19 @@ impl LocalReplica for SledReplica {
 }
 
 impl Table {
+    /// The partition key inside a key of this table (see `keys`): the whole key for user,
+    /// username and group records, the conversation before the message id for history, the
+    /// owning user's 8 bytes for the per-user tables. `None` for node-local tables and keys
+    /// too short to be this table's.
+    pub fn partition_key(self, key: &[u8]) -> Option<&[u8]> {
+        match self {
+            Table::Users | Table::Usernames | Table::Groups => Some(key),
+            Table::History => key.get(..key.len().checked_sub(8).filter(|n| *n > 0)?),
+            Table::Inbox | Table::Idempotency | Table::UserGroups | Table::Friends => key.get(..8),
+            Table::Meta | Table::PushOutbox => None,
+        }
+    }
+
     /// Whether the table is replicated (the others are node-local).
     pub fn replicated(self) -> bool {
         !matches!(self, Table::Meta | Table::PushOutbox)
@@ -152,5 +185,62 @@ impl Table {
     /// The table's id on the wire and in replica messages.
     pub fn id(self) -> TableId {
         TABLES.iter().position(|t| *t == self).unwrap_or(0) as TableId
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
+
+    use super::super::keys;
+    use super::*;
+
+    #[test]
+    fn every_replicated_key_names_its_partition_key() {
+        let (u, v, m) = (UserId(7), UserId(9), MessageId(1 << 40));
+        let conv = ConversationId::direct(u, v);
+        let group = ConversationId::Group(GroupId(5));
+        let user = keys::user(u);
+        let cases: Vec<(Table, Vec<u8>, Vec<u8>)> = vec![
+            (Table::Users, user.to_vec(), user.to_vec()),
+            (Table::Usernames, b"alice".to_vec(), b"alice".to_vec()),
+            (
+                Table::History,
+                keys::history(&conv, m),
+                keys::conversation(&conv),
+            ),
+            (
+                Table::History,
+                keys::history(&group, m),
+                keys::conversation(&group),
+            ),
+            (Table::Inbox, keys::inbox(u, m).to_vec(), user.to_vec()),
+            (
+                Table::Idempotency,
+                keys::idempotency(u, "c-1"),
+                user.to_vec(),
+            ),
+            (
+                Table::Groups,
+                keys::group(GroupId(5)).to_vec(),
+                keys::group(GroupId(5)).to_vec(),
+            ),
+            (
+                Table::UserGroups,
+                keys::user_group(u, GroupId(5)).to_vec(),
+                user.to_vec(),
+            ),
+            (Table::Friends, keys::pair(u, v).to_vec(), user.to_vec()),
+        ];
+        for (table, key, partition_key) in cases {
+            assert_eq!(
+                table.partition_key(&key),
+                Some(&partition_key[..]),
+                "{table:?}"
+            );
+        }
+        assert_eq!(Table::Meta.partition_key(b"x"), None);
+        assert_eq!(Table::PushOutbox.partition_key(b"x"), None);
+        assert_eq!(Table::History.partition_key(&[1; 8]), None);
     }
 }
