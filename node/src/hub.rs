@@ -23,8 +23,16 @@ pub enum Outbound {
     /// Boxed so that a queue slot is small: each connection's queue allocates its slots in
     /// blocks, and idle connections are what the node holds most of.
     Frame(Box<ServerFrame>),
-    /// Close with this WebSocket close code and reason.
-    Close(u16, String),
+    /// Close with this WebSocket close code and reason (boxed for the same reason: a slot is
+    /// then two words).
+    Close(Box<(u16, String)>),
+}
+
+impl Outbound {
+    /// A close with this WebSocket close code and reason.
+    pub fn close(code: u16, reason: impl Into<String>) -> Self {
+        Outbound::Close(Box::new((code, reason.into())))
+    }
 }
 
 /// A connected device, as the hub sees it.
@@ -146,11 +154,7 @@ impl Hub {
             .flatten()
             .filter(|d| d.device_id == device)
         {
-            if dev
-                .tx
-                .try_send(Outbound::Close(1008, reason.to_string()))
-                .is_err()
-            {
+            if dev.tx.try_send(Outbound::close(1008, reason)).is_err() {
                 dev.kick.cancel();
             }
         }

@@ -95,7 +95,11 @@ where
 {
     let span = tracing::info_span!("conn", %peer, user = tracing::field::Empty, device = tracing::field::Empty);
     async move {
-        let Some((who, codec)) = authenticate(&node, &mut reader, &mut writer).await else {
+        // The rarely taken, deep paths below are boxed: an idle connection's task then holds
+        // only the state of the loops it waits in, not the largest of every future it might
+        // ever await (the state machine reserves room for that), which is per-connection memory.
+        let Some((who, codec)) = Box::pin(authenticate(&node, &mut reader, &mut writer)).await
+        else {
             return;
         };
         tracing::Span::current().record("user", tracing::field::display(who.user));
@@ -118,7 +122,7 @@ where
         // whatever the client does after `ready` already sees it connected. From here on every
         // path ends in the cleanup below.
         node.presence.device_up(who.user);
-        match node.friends.ids(who.user).await {
+        match Box::pin(node.friends.ids(who.user)).await {
             Ok(friends) => {
                 node.presence
                     .watch(registration.conn_id(), &tx, &kick, &friends);
@@ -152,7 +156,7 @@ where
             reader_done.cancel();
         };
         tokio::join!(reading, writing);
-        node.presence.device_down(who.user).await;
+        Box::pin(node.presence.device_down(who.user)).await;
         tracing::debug!("session ended");
     }
     .instrument(span)
@@ -230,7 +234,8 @@ async fn write_loop<W>(
             _ = reader_done.cancelled() => rx.try_recv().ok(),
             _ = kick.cancelled() => {
                 // Shutdown or a kicked slow consumer: say goodbye if the socket still takes it.
-                let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(OutFrame::Close(1001, "going away".into()))).await;
+                let bye = writer.send(OutFrame::Close(1001, "going away".into()));
+                let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), bye)).await;
                 return;
             }
         };
@@ -240,7 +245,8 @@ async fn write_loop<W>(
                 sent.record(&f);
                 OutFrame::Data(codec, codec::encode(codec, &f))
             }
-            Some(Outbound::Close(code, reason)) => {
+            Some(Outbound::Close(close)) => {
+                let (code, reason) = *close;
                 let _ = writer.send(OutFrame::Close(code, reason)).await;
                 kick.cancel();
                 return;
@@ -280,11 +286,11 @@ impl Session {
                 _ = kick.cancelled() => break,
                 _ = tokio::time::sleep_until(catch_up_at), if !caught_up => {
                     caught_up = true;
-                    self.catch_up().await;
+                    Box::pin(self.catch_up()).await;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::info!("no heartbeat within {timeout:?}; dropping the device");
-                    self.emit(Outbound::Close(1001, "heartbeat timeout".into())).await;
+                    self.emit(Outbound::close(1001, "heartbeat timeout")).await;
                     break;
                 }
                 Some(()) = inflight.next(), if !inflight.is_empty() => {}
@@ -292,21 +298,21 @@ impl Session {
                     match item {
                         None | Some(Inbound::Closed) => break,
                         Some(Inbound::TooLarge) => {
-                            self.emit(Outbound::Close(1009, "frame too large".into())).await;
+                            self.emit(Outbound::close(1009, "frame too large")).await;
                             break;
                         }
                         Some(Inbound::Data(codec, bytes)) => {
                             deadline = tokio::time::Instant::now() + timeout;
                             match codec::decode::<ClientFrame>(codec, &bytes) {
                                 Ok(frame) => {
-                                    if let Some(fut) = self.handle(frame).await {
+                                    if let Some(fut) = Box::pin(self.handle(frame)).await {
                                         inflight.push(fut);
                                     }
                                 }
                                 Err(e) => {
                                     let code = match e {
                                         DecodeError::TooLarge(_) => {
-                                            self.emit(Outbound::Close(1009, "frame too large".into())).await;
+                                            self.emit(Outbound::close(1009, "frame too large")).await;
                                             break;
                                         }
                                         _ => ErrorCode::InvalidFrame,

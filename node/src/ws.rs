@@ -16,7 +16,8 @@ use crate::session::{self, Inbound, OutFrame};
 
 /// Read buffer per connection. tungstenite's default is 128 KiB, which at 50,000 idle
 /// connections would be 6 GiB; frames larger than this are still read, in several chunks.
-const READ_BUFFER: usize = 4 * 1024;
+/// 2 KiB holds several typical frames per read and is most of an idle connection's memory.
+const READ_BUFFER: usize = 2 * 1024;
 /// Write buffer per connection before a flush is forced.
 const WRITE_BUFFER: usize = 4 * 1024;
 /// Most bytes queued for a slow reader before writes fail.
