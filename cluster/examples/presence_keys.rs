@@ -46,6 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut config = MembershipConfig::new(i as u16, "bench".into(), *g, addrs);
         config.seeds = vec![gossip[0].to_string()];
+        config.secret = Some(cluster::ClusterSecret::from_bytes([42; 32]));
         members.push(Membership::spawn(config).await?);
     }
     for m in &members {

@@ -225,3 +225,45 @@ async fn duplicate_node_id_is_detected() {
     b2.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+async fn spawn_sealed(
+    node: NodeId,
+    secret: Option<[u8; 32]>,
+    seeds: &[SocketAddr],
+) -> (Membership, SocketAddr) {
+    let gossip = free_udp_addr();
+    let mut config = config(node, gossip, seeds);
+    config.secret = secret.map(cluster::ClusterSecret::from_bytes);
+    (Membership::spawn(config).await.unwrap(), gossip)
+}
+
+#[tokio::test]
+async fn sealed_gossip_admits_only_holders_of_the_secret() {
+    // Same cluster id everywhere: only the seal tells them apart.
+    let (a, a_gossip) = spawn_sealed(1, Some([7; 32]), &[]).await;
+    let (b, _) = spawn_sealed(2, Some([7; 32]), &[a_gossip]).await;
+    let (wrong, _) = spawn_sealed(3, Some([8; 32]), &[a_gossip]).await;
+    let (plain, _) = spawn_sealed(4, None, &[a_gossip]).await;
+    wait_members(&a, Duration::from_secs(5), |ms| ids(ms) == [1, 2]).await;
+    b.set_user_online(42).await;
+    eventually(Duration::from_secs(5), "user 42 on node 2", || {
+        a.user_nodes(42) == [2]
+    })
+    .await;
+    // Give the intruders many gossip rounds: they never get in, and learn nothing.
+    wrong.set_user_online(666).await;
+    plain.set_user_online(667).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for m in [&a, &b] {
+        let all: Vec<NodeId> = m.members().await.iter().map(|m| m.node_id).collect();
+        assert_eq!(all, [1, 2]);
+        assert!(m.user_nodes(666).is_empty() && m.user_nodes(667).is_empty());
+    }
+    for intruder in [&wrong, &plain] {
+        let seen: Vec<NodeId> = intruder.members().await.iter().map(|m| m.node_id).collect();
+        assert_eq!(seen, [intruder.node_id()]);
+    }
+    for m in [a, b, wrong, plain] {
+        m.shutdown().await.unwrap();
+    }
+}

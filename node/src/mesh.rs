@@ -167,6 +167,7 @@ impl Mesh {
         );
         mc.advertise_addr = gossip_advertise;
         mc.seeds = cfg.seeds.clone();
+        mc.secret = Some(secret.clone());
         let membership = Membership::spawn(mc)
             .await
             .with_context(|| format!("cannot start gossip on {}", cfg.gossip_addr))?;

@@ -6,16 +6,17 @@
 //! (`joining`/`active`/`leaving`), `load`, and one `u:<user id>` key per user with a device
 //! connected to it. A node the failure detector declares dead takes its user keys with it.
 //!
-//! Gossip is not encrypted or signed: it must run on a private network. The chitchat
-//! cluster id is derived from the cluster secret ([`cluster_id_for`]), so nodes of another
-//! cluster (or with another secret) are ignored, but that is a guard against mistakes, not
-//! authentication.
+//! With [`MembershipConfig::secret`] set (the node always sets it), every gossip datagram is
+//! sealed with an HMAC keyed by the cluster secret ([`auth`]): a process without the secret
+//! can neither join nor alter anyone's state. Gossip is not encrypted (presence keys are
+//! readable on the wire), so it still belongs on a private network. The chitchat cluster id
+//! is derived from the secret too ([`cluster_id_for`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chitchat::transport::UdpTransport;
+use chitchat::transport::{Transport, UdpTransport};
 use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
     ProtocolVersion,
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::certs::ClusterSecret;
 use crate::placement::NodeId;
 
+pub mod auth;
 mod view;
 
 use view::{keys, View};
@@ -65,6 +67,9 @@ pub struct MembershipConfig {
     pub tombstone_grace: Duration,
     /// Presence events buffered per subscriber before it is told it lagged.
     pub presence_buffer: usize,
+    /// Seal every gossip datagram with this secret ([`auth`]); `None`: plain chitchat UDP
+    /// (tests and tools only).
+    pub secret: Option<ClusterSecret>,
 }
 
 impl MembershipConfig {
@@ -89,6 +94,7 @@ impl MembershipConfig {
             dead_node_grace: Duration::from_secs(7 * 24 * 3600),
             tombstone_grace: Duration::from_secs(600),
             presence_buffer: 8192,
+            secret: None,
         }
     }
 }
@@ -216,7 +222,11 @@ impl Membership {
             ),
             (keys::LOAD.to_string(), "0".to_string()),
         ];
-        let handle = spawn_chitchat(chitchat_config, initial, &UdpTransport)
+        let transport: Box<dyn Transport> = match &config.secret {
+            Some(secret) => Box::new(auth::AuthTransport::new(secret)),
+            None => Box::new(UdpTransport),
+        };
+        let handle = spawn_chitchat(chitchat_config, initial, transport.as_ref())
             .await
             .map_err(|e| MembershipError::Start {
                 addr: config.listen_addr,

@@ -1,0 +1,380 @@
+//! Authenticated gossip: a chitchat [`Transport`] whose datagrams carry an HMAC-SHA256 tag
+//! keyed by the cluster secret, so only nodes holding the secret can inject or alter
+//! membership, lifecycle or presence state.
+//!
+//! chitchat 0.13 keeps its wire encoding private, so this transport lets chitchat's own UDP
+//! socket do the encoding: an envelope to send is sent by a *codec* socket to a *tap*
+//! socket, both on loopback, and the bytes the tap receives are sealed and sent from the
+//! public socket; a verified datagram goes the other way, from the tap to the codec socket,
+//! which decodes it. Only one datagram is ever in flight between the two, and a leftover
+//! one (from a receive cancelled part-way) is drained before the next, so datagrams are
+//! never attributed to the wrong peer.
+//!
+//! A sealed datagram is `tag (32) | sent at, unix ms (8) | message id (4) | fragment index
+//! (1) | fragment count (1) | payload`. chitchat fills datagrams up to the UDP limit, so a
+//! message that does not fit with the header goes as two fragments. Datagrams more than
+//! [`MAX_SKEW`] away from this node's clock are refused (a bound on replays; nodes need
+//! clocks within that of each other).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as CodecSocket};
+use chitchat::ChitchatEnvelope;
+use ring::hmac;
+use tokio::net::UdpSocket;
+use tracing::warn;
+
+use crate::certs::ClusterSecret;
+
+/// Largest UDP payload over IPv4.
+const MAX_DATAGRAM: usize = 65_507;
+const TAG_LEN: usize = 32;
+const HEADER_LEN: usize = TAG_LEN + 8 + 4 + 1 + 1;
+/// Payload bytes per fragment.
+const FRAGMENT: usize = MAX_DATAGRAM - HEADER_LEN;
+/// How far a datagram's timestamp may be from this node's clock.
+pub const MAX_SKEW: Duration = Duration::from_secs(120);
+/// Partly received messages kept at once; the oldest go first.
+const MAX_PARTIAL: usize = 256;
+/// How long the loopback hop to or from chitchat's codec socket may take.
+const CODEC_HOP: Duration = Duration::from_secs(1);
+
+/// A chitchat transport that seals every datagram with the cluster secret.
+pub struct AuthTransport {
+    key: hmac::Key,
+}
+
+impl AuthTransport {
+    /// A transport keyed by `secret` (a key derived for gossip, not the secret itself).
+    pub fn new(secret: &ClusterSecret) -> Self {
+        let root = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+        let derived = hmac::sign(&root, b"chatnode gossip authentication v1");
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for AuthTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let public = UdpSocket::bind(listen_addr)
+            .await
+            .with_context(|| format!("failed to bind to {listen_addr}/UDP for gossip"))?;
+        let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let codec = CodecSocket::open(loopback).await?;
+        let codec_addr = codec.local_addr()?;
+        let tap = UdpSocket::bind(loopback)
+            .await
+            .context("failed to bind the gossip codec tap")?;
+        let tap_addr = tap.local_addr()?;
+        Ok(Box::new(AuthSocket {
+            public,
+            codec,
+            codec_addr,
+            tap,
+            tap_addr,
+            key: self.key.clone(),
+            buf: vec![0; MAX_DATAGRAM + 1].into_boxed_slice(),
+            next_id: rand::random(),
+            partial: HashMap::new(),
+            last_warning: None,
+        }))
+    }
+}
+
+/// A verified fragment, owned.
+struct Fragment {
+    id: u32,
+    index: u8,
+    count: u8,
+    payload: Vec<u8>,
+}
+
+struct Partial {
+    first_seen: Instant,
+    fragments: Vec<Option<Vec<u8>>>,
+}
+
+struct AuthSocket {
+    public: UdpSocket,
+    codec: CodecSocket,
+    codec_addr: SocketAddr,
+    tap: UdpSocket,
+    tap_addr: SocketAddr,
+    key: hmac::Key,
+    buf: Box<[u8]>,
+    next_id: u32,
+    partial: HashMap<(SocketAddr, u32), Partial>,
+    last_warning: Option<Instant>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `header | payload` with the tag over everything after it.
+pub(crate) fn seal(
+    key: &hmac::Key,
+    sent_ms: u64,
+    id: u32,
+    index: u8,
+    count: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&[0; TAG_LEN]);
+    out.extend_from_slice(&sent_ms.to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.push(index);
+    out.push(count);
+    out.extend_from_slice(payload);
+    let tag = hmac::sign(key, &out[TAG_LEN..]);
+    out[..TAG_LEN].copy_from_slice(tag.as_ref());
+    out
+}
+
+/// A verified fragment.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Opened<'a> {
+    pub sent_ms: u64,
+    pub id: u32,
+    pub index: u8,
+    pub count: u8,
+    pub payload: &'a [u8],
+}
+
+/// Why a datagram was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    Short,
+    BadTag,
+    Skewed(i64),
+    BadFragment,
+}
+
+/// Checks a sealed datagram's tag, clock and fragment fields.
+pub(crate) fn open<'a>(
+    key: &hmac::Key,
+    datagram: &'a [u8],
+    now_ms: u64,
+) -> Result<Opened<'a>, Refused> {
+    if datagram.len() < HEADER_LEN {
+        return Err(Refused::Short);
+    }
+    if hmac::verify(key, &datagram[TAG_LEN..], &datagram[..TAG_LEN]).is_err() {
+        return Err(Refused::BadTag);
+    }
+    let field = |at: usize, len: usize| &datagram[at..at + len];
+    let sent_ms = u64::from_be_bytes(field(TAG_LEN, 8).try_into().map_err(|_| Refused::Short)?);
+    let id = u32::from_be_bytes(
+        field(TAG_LEN + 8, 4)
+            .try_into()
+            .map_err(|_| Refused::Short)?,
+    );
+    let (index, count) = (datagram[TAG_LEN + 12], datagram[TAG_LEN + 13]);
+    let skew = sent_ms as i64 - now_ms as i64;
+    if skew.unsigned_abs() > MAX_SKEW.as_millis() as u64 {
+        return Err(Refused::Skewed(skew));
+    }
+    if count == 0 || index >= count || count > 2 {
+        return Err(Refused::BadFragment);
+    }
+    Ok(Opened {
+        sent_ms,
+        id,
+        index,
+        count,
+        payload: &datagram[HEADER_LEN..],
+    })
+}
+
+impl AuthSocket {
+    fn warn_refused(&mut self, from: SocketAddr, why: &Refused) {
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+        {
+            self.last_warning = Some(now);
+            warn!(%from, reason = ?why, "gossip datagram refused (not sealed with this cluster's secret, or clocks more than 2 min apart)");
+        }
+    }
+
+    /// A whole message once its last fragment is in.
+    fn reassemble(&mut self, from: SocketAddr, fragment: Fragment) -> Option<Vec<u8>> {
+        if fragment.count == 1 {
+            return Some(fragment.payload);
+        }
+        let now = Instant::now();
+        self.partial
+            .retain(|_, p| now.duration_since(p.first_seen) < Duration::from_secs(5));
+        if self.partial.len() >= MAX_PARTIAL {
+            let oldest = self
+                .partial
+                .iter()
+                .min_by_key(|(_, p)| p.first_seen)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.partial.remove(&k);
+            }
+        }
+        let entry = self
+            .partial
+            .entry((from, fragment.id))
+            .or_insert_with(|| Partial {
+                first_seen: now,
+                fragments: vec![None; usize::from(fragment.count)],
+            });
+        let slot = entry.fragments.get_mut(usize::from(fragment.index))?;
+        *slot = Some(fragment.payload);
+        if entry.fragments.iter().all(Option::is_some) {
+            let done = self.partial.remove(&(from, fragment.id))?;
+            Some(done.fragments.into_iter().flatten().flatten().collect())
+        } else {
+            None
+        }
+    }
+
+    /// Drops whatever a cancelled receive left in the codec socket.
+    async fn drain_codec(&mut self) {
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::ZERO, self.codec.recv()).await {}
+    }
+}
+
+#[async_trait]
+impl Socket for AuthSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.public
+            .local_addr()
+            .context("failed to get the gossip socket address")
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        while self.tap.try_recv_from(&mut self.buf).is_ok() {}
+        self.codec.send(self.tap_addr, envelope).await?;
+        let (len, from) = tokio::time::timeout(CODEC_HOP, self.tap.recv_from(&mut self.buf))
+            .await
+            .context("gossip codec hop timed out")??;
+        anyhow::ensure!(
+            from == self.codec_addr,
+            "unexpected datagram on the gossip tap"
+        );
+        let payload = &self.buf[..len];
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let chunks: Vec<&[u8]> = if payload.is_empty() {
+            vec![payload]
+        } else {
+            payload.chunks(FRAGMENT).collect()
+        };
+        let count = u8::try_from(chunks.len()).context("gossip message too large")?;
+        let sent_ms = now_ms();
+        let mut sent = 0;
+        for (index, chunk) in chunks.iter().enumerate() {
+            let datagram = seal(&self.key, sent_ms, id, index as u8, count, chunk);
+            match self.public.send_to(&datagram, to).await {
+                Ok(n) => sent += n,
+                // As chitchat's own socket: a peer that is gone is not a broken transport.
+                Err(e) => {
+                    warn!(%to, error = %e, "gossip send failed");
+                    break;
+                }
+            }
+        }
+        Ok(SendOutcome {
+            num_bytes_sent: sent,
+        })
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let (len, from) = match self.public.recv_from(&mut self.buf).await {
+                Ok(got) => got,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e).context("fatal gossip receive error"),
+            };
+            let fragment = match open(&self.key, &self.buf[..len], now_ms()) {
+                Ok(o) => Fragment {
+                    id: o.id,
+                    index: o.index,
+                    count: o.count,
+                    payload: o.payload.to_vec(),
+                },
+                Err(why) => {
+                    self.warn_refused(from, &why);
+                    continue;
+                }
+            };
+            let Some(message) = self.reassemble(from, fragment) else {
+                continue;
+            };
+            if message.len() > MAX_DATAGRAM {
+                continue;
+            }
+            self.drain_codec().await;
+            self.tap.send_to(&message, self.codec_addr).await?;
+            match tokio::time::timeout(CODEC_HOP, self.codec.recv()).await {
+                Ok(Ok(outcome)) => {
+                    return Ok(RecvOutcome {
+                        from_addr: from,
+                        envelope: outcome.envelope,
+                        num_bytes_received: len,
+                    })
+                }
+                Ok(Err(e)) => return Err(e),
+                // chitchat's socket dropped it as undecodable (and logged it).
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(byte: u8) -> hmac::Key {
+        AuthTransport::new(&ClusterSecret::from_bytes([byte; 32])).key
+    }
+
+    #[test]
+    fn only_the_right_key_and_an_untouched_datagram_open() {
+        let (k, other) = (key(1), key(2));
+        let sealed = seal(&k, 1_000_000, 7, 0, 1, b"hello");
+        let opened = open(&k, &sealed, 1_000_500).unwrap();
+        assert_eq!((opened.id, opened.payload), (7, &b"hello"[..]));
+        assert_eq!(open(&other, &sealed, 1_000_500), Err(Refused::BadTag));
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(open(&k, &bad, 1_000_500).is_err(), "byte {i}");
+        }
+        assert_eq!(open(&k, &sealed[..10], 1_000_500), Err(Refused::Short));
+        let late = 1_000_000 + MAX_SKEW.as_millis() as u64 + 1;
+        assert!(matches!(open(&k, &sealed, late), Err(Refused::Skewed(_))));
+        let bad_fragment = seal(&k, 1_000_000, 7, 2, 2, b"x");
+        assert_eq!(
+            open(&k, &bad_fragment, 1_000_000),
+            Err(Refused::BadFragment)
+        );
+    }
+}
