@@ -1056,3 +1056,43 @@ async fn while_a_node_joins_writes_need_both_quorums() {
         .await
         .unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_missed_writes_catches_up_by_pulling() {
+    // Node 3 is down while writes are acked by the other two, and the hints are gone (as
+    // after a coordinator restart): a catch-up pull from the other replicas restores them.
+    let cluster = Cluster::with_config(
+        3,
+        3,
+        CoordinatorConfig {
+            hints: cluster::replication::HintLimits {
+                max_batches: 0,
+                max_bytes: 0,
+            },
+            ..config()
+        },
+    );
+    set_view(&cluster, &[1, 2, 3], &[]);
+    cluster.net.set_node(3, Link::Down);
+    let missed = write_keys(&cluster, "m", 50).await;
+    cluster.net.heal();
+    cluster.settle().await;
+    assert!(missed
+        .iter()
+        .all(|k| cluster.store(3).record(USERS, k.as_bytes()).is_none()));
+    let all: Vec<Partition> = (0..JOIN_PARTITIONS).map(Partition).collect();
+    let plan = cluster::replication::PullPlan::new(vec![USERS], JOIN_PARTITIONS);
+    let report = cluster
+        .coordinator(3)
+        .pull(&all, &plan, cluster::replication::PullMode::CatchUp)
+        .await;
+    assert!(report.incomplete.is_empty(), "{report:?}");
+    // Each record came from both other replicas.
+    assert_eq!(report.records, 100);
+    for k in &missed {
+        assert_eq!(
+            cluster.store(3).record(USERS, k.as_bytes()),
+            Some(Versioned::live(1, b"v".to_vec()))
+        );
+    }
+}

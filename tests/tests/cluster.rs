@@ -488,6 +488,18 @@ async fn a_killed_node_rejoins_with_a_new_generation_and_serves_what_it_missed()
         missing.is_empty(),
         "the rejoined node's sync misses {missing:?}"
     );
+    // It came back as a member (no join) and caught up its partitions in the background.
+    let deadline = Instant::now() + WAIT;
+    while !cluster.nodes[2]
+        .log_text()
+        .contains("anti-entropy pass done")
+    {
+        assert!(Instant::now() < deadline, "no catch-up after the restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its log holds both runs: the first joined the new cluster, the restart did not.
+    let log = cluster.nodes[2].log_text();
+    assert_eq!(log.matches("joining: pulling").count(), 1, "{log}");
 }
 
 /// Sends one message from each user to the next (by index) with client ids `<tag>-<i>`,
