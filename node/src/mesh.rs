@@ -20,6 +20,7 @@ use cluster::{
     ClusterSecret, Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, NodeId, NodeTls,
     Partition, PeerConfig, PeerEndpoint, Request, Response, RpcHandler,
 };
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,10 +34,22 @@ use crate::store::{SledReplica, Store, TABLES};
 /// partitions): it comes back as a member after a restart instead of joining again.
 const MEMBER_MARKER: &str = "placement-member";
 
-/// Request kind: deliver a stored message to local devices of some users.
-const KIND_DELIVER: u16 = 0x0200;
 /// Request kind: close a device's connections (logout).
 const KIND_CLOSE_DEVICE: u16 = 0x0201;
+/// Request kind: deliver stored messages to local devices of some users (a batch of
+/// [`Deliver`]s, in the order they were sent).
+const KIND_DELIVER_BATCH: u16 = 0x0202;
+
+/// Deliveries queued for one peer; past that, new ones are dropped and counted (the devices
+/// get those messages at their next sync, as after any missed live delivery).
+const FORWARD_QUEUE: usize = 8192;
+/// Deliveries one request carries at most.
+const FORWARD_BATCH: usize = 256;
+
+/// The bincode configuration of this module's peer messages, bounded like a peer frame.
+fn peer_bincode() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ cluster::transport::HARD_MAX_FRAME }>()
+}
 
 #[derive(bincode::Encode, bincode::Decode)]
 struct Deliver {
@@ -71,15 +84,17 @@ impl RpcHandler for Handler {
         }
         Box::pin(async move {
             let bad = |e: bincode::error::DecodeError| RemoteError::new(1, e.to_string());
-            let config = bincode::config::standard();
+            let config = peer_bincode();
             match request.kind {
-                KIND_DELIVER => {
-                    let (d, _): (Deliver, _) =
+                KIND_DELIVER_BATCH => {
+                    let (batch, _): (Vec<Deliver>, _) =
                         bincode::decode_from_slice(&request.body, config).map_err(bad)?;
-                    let frame = ServerFrame::Message {
-                        message: Arc::new(d.message),
-                    };
-                    self.hub.deliver(&d.users, &frame, None);
+                    for d in batch {
+                        let frame = ServerFrame::Message {
+                            message: Arc::new(d.message),
+                        };
+                        self.hub.deliver(&d.users, &frame, None);
+                    }
                 }
                 KIND_CLOSE_DEVICE => {
                     let (c, _): (CloseDevice, _) =
@@ -99,7 +114,9 @@ pub struct Mesh {
     coord: Coordinator<SledReplica, PeerReplicaClient>,
     endpoint: PeerEndpoint,
     self_id: NodeId,
-    /// Forwarded deliveries and the watcher tasks.
+    /// One queue per peer, drained by that peer's forwarding task.
+    forwarders: parking_lot::Mutex<HashMap<NodeId, mpsc::Sender<Deliver>>>,
+    /// Forwarding tasks, requests and the watcher tasks.
     tasks: TaskTracker,
     stop: CancellationToken,
 }
@@ -210,6 +227,7 @@ impl Mesh {
             coord: coord.clone(),
             endpoint,
             self_id: cfg.node_id,
+            forwarders: parking_lot::Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             stop,
         });
@@ -469,12 +487,72 @@ impl Mesh {
             }
         }
         for (node, users) in per_node {
-            let body = Deliver {
+            let delivery = Deliver {
                 users,
                 message: message.clone(),
             };
-            self.send(node, KIND_DELIVER, &body);
+            self.queue_delivery(node, delivery);
         }
+    }
+
+    /// Hands `delivery` to `node`'s forwarding task (started on first use).
+    fn queue_delivery(self: &Arc<Self>, node: NodeId, delivery: Deliver) {
+        let tx = {
+            let mut forwarders = self.forwarders.lock();
+            forwarders
+                .entry(node)
+                .or_insert_with(|| self.spawn_forwarder(node))
+                .clone()
+        };
+        match tx.try_send(delivery) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("cluster_forward_dropped_total").increment(1);
+                tracing::debug!(node, "forward queue full; the devices will get it at sync");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // Shutting down.
+                self.forwarders.lock().remove(&node);
+            }
+        }
+    }
+
+    /// The task that sends `node` its deliveries, in order, many per request.
+    fn spawn_forwarder(self: &Arc<Self>, node: NodeId) -> mpsc::Sender<Deliver> {
+        let (tx, mut rx) = mpsc::channel::<Deliver>(FORWARD_QUEUE);
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let mut batch = Vec::with_capacity(FORWARD_BATCH);
+            loop {
+                let got = tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    got = rx.recv_many(&mut batch, FORWARD_BATCH) => got,
+                };
+                if got == 0 {
+                    break;
+                }
+                let sent = batch.len() as u64;
+                let body = bincode::encode_to_vec(&batch, peer_bincode());
+                batch.clear();
+                let Ok(body) = body else { continue };
+                let Some(addr) = this.peer_addr_of(node).await else {
+                    metrics::counter!("cluster_forward_failures_total").increment(sent);
+                    continue;
+                };
+                let request = Request {
+                    kind: KIND_DELIVER_BATCH,
+                    body,
+                };
+                match this.endpoint.request(addr, &cert_name(node), request).await {
+                    Ok(_) => metrics::counter!("cluster_forwarded_total").increment(sent),
+                    Err(e) => {
+                        metrics::counter!("cluster_forward_failures_total").increment(sent);
+                        tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed (its devices will sync)");
+                    }
+                }
+            }
+        });
+        tx
     }
 
     /// Tells every node holding `user`'s devices to close `device` (logout).
@@ -487,7 +565,7 @@ impl Mesh {
     }
 
     fn send<T: bincode::Encode>(self: &Arc<Self>, node: NodeId, kind: u16, body: &T) {
-        let Ok(body) = bincode::encode_to_vec(body, bincode::config::standard()) else {
+        let Ok(body) = bincode::encode_to_vec(body, peer_bincode()) else {
             return;
         };
         let this = self.clone();
