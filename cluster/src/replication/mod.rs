@@ -16,12 +16,13 @@
 //! - [`service`]: [`ReplicaService`], the request handler other nodes' coordinators call.
 //! - [`hints`]: hinted handoff for replicas that missed writes.
 //! - [`memory`]: in-memory twins of the store and the network, for tests.
+//! - [`pull`]: copying partitions from their replicas: a joining node before it counts
+//!   ([`topology`] explains the two quorums while it joins), a member catching up.
 //!
-//! Not here yet: anti-entropy between replicas (hints are in memory and bounded; a replica
-//! that missed more, or whose coordinator restarted, stays behind on keys nobody reads until
-//! read repair meets them), moving partitions when membership changes for good (placement
-//! counts down nodes as members, so failures move nothing, but a joined or removed node
-//! shifts replica sets with no streaming), and garbage collection of tombstones.
+//! Not here yet: removing a member for good (placement counts dead members, so failures move
+//! nothing; a decommission would stream a leaving node's partitions to their next replicas),
+//! digests to make anti-entropy cheaper than a full pull, and garbage collection of
+//! tombstones.
 
 mod cas;
 pub mod coordinator;
