@@ -218,7 +218,7 @@ impl Mesh {
         let first = Topology::from_members(cfg.node_id, cfg.replication_factor, &members, |m| {
             cert_name(m.node_id)
         });
-        let pending: Vec<NodeId> = first.pending().map(|n| n.id).collect();
+        let pending = first.joining_ids();
         coord.set_topology(first);
         membership.set_pending(&pending).await;
 
@@ -268,15 +268,15 @@ impl Mesh {
             .collect()
     }
 
-    /// Whether every live member that holds data treats this node as pending (and has
-    /// drained the operations of its older view), so no write can bypass it any more.
+    /// Whether every other live node (any node may coordinate writes, joining ones too)
+    /// treats this node as joining and has drained the operations of its older view, so no
+    /// write can count on this node's old place any more.
     async fn join_barrier(&self) -> bool {
-        self.membership.members().await.iter().all(|m| {
-            m.node_id == self.self_id
-                || !m.live
-                || !matches!(m.state, Lifecycle::Active | Lifecycle::Leaving)
-                || m.pending.contains(&self.self_id)
-        })
+        self.membership
+            .members()
+            .await
+            .iter()
+            .all(|m| m.node_id == self.self_id || !m.live || m.pending.contains(&self.self_id))
     }
 
     /// Joins: waits for the barrier, pulls a read quorum of every partition this node will
@@ -410,7 +410,7 @@ impl Mesh {
                         let members = this.membership.members().await;
                         metrics::gauge!("cluster_members_live").set(members.iter().filter(|m| m.live).count() as f64);
                         let topo = Topology::from_members(this.self_id, rf, &members, |m| cert_name(m.node_id));
-                        let pending: Vec<NodeId> = topo.pending().map(|n| n.id).collect();
+                        let pending = topo.joining_ids();
                         // Published only once operations of the older view have ended: the
                         // joining nodes' barrier.
                         if coord.set_topology_drained(topo).await && pending != published {
@@ -461,9 +461,9 @@ impl Mesh {
         self.membership.watch_members().borrow().len()
     }
 
-    /// The live members, for `/v1/cluster`.
+    /// The members, newest generation of each node id, for `/v1/cluster`.
     pub async fn members(&self) -> Vec<Member> {
-        self.membership.members().await
+        cluster::membership::newest_generations(self.membership.members().await)
     }
 
     /// The least-loaded live active member.

@@ -592,3 +592,54 @@ async fn a_node_that_joins_pulls_its_partitions_before_serving_them() {
     let log = cluster.nodes[joiner].log_text();
     assert!(log.contains("join: every partition pulled"), "{log}");
 }
+
+#[tokio::test]
+async fn a_node_restarted_on_an_empty_disk_joins_again_and_pulls_what_it_lost() {
+    let mut cluster = TestCluster::start(3, &["--rate-limit-burst", "1000"]).await;
+    let alice = cluster.nodes[0].user("alice").await;
+    let bob = cluster.nodes[1].user("bob").await;
+    let mut a = cluster.nodes[0].connect(&alice.login).await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let ack = a.send_message(&format!("k{i}"), to(bob.id), "kept").await;
+        acked.push(ack.unwrap().message_id);
+    }
+    // The disk of node 2 is lost: SIGKILL, wipe its data dir, restart it with the same id.
+    cluster.nodes[2].kill();
+    std::fs::remove_dir_all(cluster.nodes[2].data_dir()).unwrap();
+    cluster.wait_members(2).await;
+    for i in 0..10 {
+        let ack = a
+            .send_message(&format!("w{i}"), to(bob.id), "while down")
+            .await;
+        acked.push(ack.unwrap().message_id);
+    }
+    cluster.nodes[2].restart();
+    // It is no member's replica until it has pulled: meanwhile it counts as down, and sends
+    // keep being acked by the other two.
+    for i in 0..10 {
+        let ack = a
+            .send_message(&format!("j{i}"), to(bob.id), "while joining")
+            .await;
+        acked.push(ack.unwrap().message_id);
+    }
+    cluster.wait_members(3).await;
+    let log = cluster.nodes[2].log_text();
+    assert_eq!(log.matches("joined: active").count(), 2, "{log}");
+    // Its own store holds every acked message of bob's inbox: the 20 from before the loss
+    // can only have come from the pull (hints cover only what was sent while it was away).
+    assert_eq!(cluster.nodes[2].terminate(), Some(0));
+    let db = sled::open(cluster.nodes[2].data_dir().join("db")).unwrap();
+    let held: HashSet<MessageId> = db
+        .open_tree("inbox")
+        .unwrap()
+        .scan_prefix(bob.id.0.to_be_bytes())
+        .keys()
+        .map(|k| {
+            let k = k.unwrap();
+            MessageId(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
+        })
+        .collect();
+    let missing: Vec<_> = acked[..20].iter().filter(|id| !held.contains(id)).collect();
+    assert!(missing.is_empty(), "the rejoined node lacks {missing:?}");
+}

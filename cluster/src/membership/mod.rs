@@ -262,11 +262,11 @@ impl Membership {
     }
 
     /// Every member gossip knows of, live or dead (dead ones until `dead_node_grace`), this
-    /// node included, by node id; of a restarted node only its newest generation. Members
-    /// whose keys are missing or malformed are left out.
+    /// node included; a restarted node appears once per generation gossip still remembers
+    /// ([`newest_generations`] keeps the newest). Members whose keys are missing or malformed
+    /// are left out.
     pub async fn members(&self) -> Vec<Member> {
-        let all: Vec<Member> = self
-            .handle
+        self.handle
             .with_chitchat(|c| {
                 let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
                 c.node_states()
@@ -274,8 +274,7 @@ impl Membership {
                     .filter_map(|(id, state)| Member::parse(id, state, live.contains(id)))
                     .collect()
             })
-            .await;
-        newest_generations(all)
+            .await
     }
 
     /// The live members (this node included), updated after each gossip round that changed
@@ -375,7 +374,7 @@ impl Membership {
 
 /// Of several generations of one node id (a restarted node, its dead predecessor), keeps
 /// only the newest.
-fn newest_generations(members: Vec<Member>) -> Vec<Member> {
+pub fn newest_generations(members: Vec<Member>) -> Vec<Member> {
     let mut newest: std::collections::BTreeMap<NodeId, Member> = std::collections::BTreeMap::new();
     for m in members {
         match newest.get(&m.node_id) {

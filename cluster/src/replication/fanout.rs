@@ -90,7 +90,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         let mut failed = Vec::new();
         let mut candidates = VecDeque::with_capacity(set.len());
         for node in set {
-            if self.is_self(node) {
+            if self.is_self(node) && node.live {
                 candidates.push_front(node.clone());
             } else if node.live {
                 candidates.push_back(node.clone());
@@ -168,7 +168,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         let mut failed = Vec::new();
         let mut running = FuturesUnordered::new();
         for node in &target.nodes {
-            if node.live || self.is_self(node) {
+            if node.live {
                 let (id, call) = (node.id, read(node.clone()));
                 running.push(async move { (id, call.await) });
             } else {

@@ -17,7 +17,7 @@
 //! - a write acked with the new view has `W` in the new set, and a reader with the old
 //!   view also reads `R` of the new set.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use crate::membership::{Lifecycle, Member};
@@ -50,6 +50,8 @@ pub struct Topology {
     pending: BTreeMap<NodeId, ReplicaNode>,
     /// `ids` plus the pending ones: placement once they are active.
     future_ids: Vec<NodeId>,
+    /// Members that restarted empty and are joining again (held as down meanwhile).
+    rejoining: BTreeSet<NodeId>,
 }
 
 /// The replicas one read or write of a partition must reach: its replica set, and while a
@@ -100,21 +102,34 @@ impl Topology {
             ids,
             pending,
             future_ids,
+            rejoining: BTreeSet::new(),
         }
     }
 
-    /// The topology gossip describes: members that are `active` or `leaving` hold data; live
-    /// `joining` members are pending (a dead one is left out: it joins again when it comes
-    /// back). Of several generations of one node id, the newest counts. `server_name` names
-    /// each member's certificate.
+    /// The topology gossip describes, from every generation of every member gossip knows:
+    ///
+    /// - a node id whose newest generation is `active` or `leaving` is a placement member;
+    /// - a live `joining` node that no generation ever had in placement is pending;
+    /// - a `joining` node whose older generation was a member (restarted on an empty data
+    ///   dir) stays a member but counts as down (`live: false`) until it is active again:
+    ///   it is written to through hints and read from nowhere, so its emptiness is never
+    ///   mistaken for a replica's answer, and its partitions do not move meanwhile.
+    ///
+    /// A dead joining node is left out (it joins again when it comes back). `server_name`
+    /// names each member's certificate.
     pub fn from_members(
         self_id: NodeId,
         rf: usize,
         members: &[Member],
         server_name: impl Fn(&Member) -> String,
     ) -> Self {
+        let placed = |m: &Member| matches!(m.state, Lifecycle::Active | Lifecycle::Leaving);
         let mut newest: BTreeMap<NodeId, &Member> = BTreeMap::new();
+        let mut ever_placed = std::collections::BTreeSet::new();
         for m in members {
+            if placed(m) {
+                ever_placed.insert(m.node_id);
+            }
             match newest.get(&m.node_id) {
                 Some(seen) if seen.generation >= m.generation => {}
                 _ => {
@@ -122,21 +137,28 @@ impl Topology {
                 }
             }
         }
-        let node = |m: &Member| ReplicaNode {
+        let node = |m: &Member, live: bool| ReplicaNode {
             id: m.node_id,
             addr: m.addrs.peer,
             server_name: server_name(m),
-            live: m.live,
+            live,
         };
-        let nodes = newest
-            .values()
-            .filter(|m| matches!(m.state, Lifecycle::Active | Lifecycle::Leaving))
-            .map(|m| node(m));
-        let pending = newest
-            .values()
-            .filter(|m| m.state == Lifecycle::Joining && (m.live || m.node_id == self_id))
-            .map(|m| node(m));
-        Self::with_pending(self_id, rf, nodes, pending)
+        let mut nodes = Vec::new();
+        let mut pending = Vec::new();
+        let mut rejoining = BTreeSet::new();
+        for m in newest.values() {
+            if placed(m) {
+                nodes.push(node(m, m.live || m.node_id == self_id));
+            } else if ever_placed.contains(&m.node_id) {
+                rejoining.insert(m.node_id);
+                nodes.push(node(m, false));
+            } else if m.live || m.node_id == self_id {
+                pending.push(node(m, m.live || m.node_id == self_id));
+            }
+        }
+        let mut topology = Self::with_pending(self_id, rf, nodes, pending);
+        topology.rejoining = rejoining;
+        topology
     }
 
     /// This node's id.
@@ -162,6 +184,15 @@ impl Topology {
     /// The joining nodes, by id.
     pub fn pending(&self) -> impl Iterator<Item = &ReplicaNode> {
         self.pending.values()
+    }
+
+    /// Every node that is joining: pending ones and members joining again after a restart on
+    /// an empty data dir. What a member publishes for the join barrier.
+    pub fn joining_ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.pending.keys().copied().collect();
+        ids.extend(self.rejoining.iter().copied());
+        ids.sort_unstable();
+        ids
     }
 
     /// Every placement member, by id.
@@ -285,5 +316,54 @@ mod tests {
         let dup = Topology::with_pending(1, 3, (1..=3).map(|i| node(i, true)), [node(2, true)]);
         assert_eq!(dup.pending().count(), 0);
         assert_eq!(dup, now);
+    }
+
+    #[test]
+    fn gossip_members_become_members_pending_or_rejoining() {
+        use crate::membership::NodeAddrs;
+        let member = |id: NodeId, generation: u64, state: Lifecycle, live: bool| Member {
+            node_id: id,
+            generation,
+            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
+            addrs: NodeAddrs {
+                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
+                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
+                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id + generation as u16)),
+            },
+            state,
+            live,
+            load: 0,
+            pending: Vec::new(),
+        };
+        let members = [
+            member(1, 1, Lifecycle::Active, true),
+            // Node 2 restarted on its data dir: its newest generation is active.
+            member(2, 1, Lifecycle::Active, false),
+            member(2, 2, Lifecycle::Active, true),
+            // Node 3 restarted on an empty data dir and is joining again.
+            member(3, 1, Lifecycle::Active, false),
+            member(3, 2, Lifecycle::Joining, true),
+            // Node 4 is new; node 5 was joining and died.
+            member(4, 1, Lifecycle::Joining, true),
+            member(5, 1, Lifecycle::Joining, false),
+        ];
+        let t = Topology::from_members(1, 3, &members, |m| format!("node-{}", m.node_id));
+        let ids: Vec<NodeId> = t.nodes().map(|n| n.id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert!(t.node(2).unwrap().live);
+        assert_eq!(
+            t.node(2).unwrap().addr.port(),
+            8200 + 2 + 2,
+            "newest generation"
+        );
+        let three = t.node(3).unwrap();
+        assert!(!three.live, "a member joining again counts as down");
+        assert_eq!(three.addr.port(), 8200 + 3 + 2);
+        let pending: Vec<NodeId> = t.pending().map(|n| n.id).collect();
+        assert_eq!(pending, [4]);
+        assert_eq!(t.joining_ids(), [3, 4]);
+        // Seen from node 3 itself: it is a member that reads nothing from its own store.
+        let own = Topology::from_members(3, 3, &members, |m| format!("node-{}", m.node_id));
+        assert!(own.is_member(3) && !own.node(3).unwrap().live);
     }
 }
