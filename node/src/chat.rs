@@ -1,10 +1,11 @@
 //! Chat logic: sending, syncing and reading history. It validates, decides who a message is
 //! for, and calls the store and the hub; it never touches sled or sockets.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client_proto::ids::{ConversationId, MessageId, UserId};
+use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
 use client_proto::limits::{
     DEFAULT_HISTORY_LIMIT, FRAME_PAYLOAD_BUDGET, MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES,
     MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT,
@@ -29,6 +30,20 @@ pub struct Chat {
     push: Arc<Push>,
     mesh: Arc<Mesh>,
     sync_overlap: Duration,
+    /// Users known to exist (see [`Chat::user_exists`]).
+    known_users: parking_lot::Mutex<HashSet<UserId>>,
+}
+
+/// How many known users [`Chat::user_exists`] remembers before it starts over.
+const KNOWN_USERS: usize = 100_000;
+
+/// Who a new message is for (see [`Chat::recipients`]).
+struct Recipients {
+    conversation: ConversationId,
+    to_user: Option<UserId>,
+    group: Option<GroupId>,
+    /// The sender's and every recipient's inbox.
+    inboxes: Vec<UserId>,
 }
 
 /// Checks a `send` before any work is done.
@@ -71,6 +86,7 @@ impl Chat {
             push,
             mesh,
             sync_overlap,
+            known_users: parking_lot::Mutex::new(HashSet::new()),
         }
     }
 
@@ -87,43 +103,21 @@ impl Chat {
     ) -> Result<Message, ApiError> {
         validate_send(&client_id, &body)?;
         let started = Instant::now();
-        if let Some(first) = self.store.sent_before(sender.user, &client_id).await? {
-            // Make sure the first attempt's records are complete before acking again.
-            let inboxes = self.inboxes_of(&first).await?;
-            let stored = self.store.store_message(first, &inboxes, &[]).await?;
-            return Ok(match stored {
-                SendOutcome::New(m) | SendOutcome::Duplicate(m) => m,
-            });
-        }
-        // Whose inboxes get the message: the sender's and every recipient's (for a group,
-        // every current member's).
-        let (conversation, to_user, group, inboxes) = match to {
-            Recipient::User(u) => {
-                if self.store.user(u).await?.is_none() {
-                    return Err(ApiError::not_found(format!("no user {u}")));
+        // A retry is caught by the idempotency claim in `store_message`; only a refused send
+        // looks for an earlier attempt first, so that a retry of a send stored before the
+        // sender lost the right to send it (left the group) still gets its first ack.
+        let Recipients {
+            conversation,
+            to_user,
+            group,
+            inboxes,
+        } = match self.recipients(sender.user, to).await {
+            Ok(r) => r,
+            Err(refused) => {
+                return match self.store.sent_before(sender.user, &client_id).await? {
+                    Some(first) => self.complete(first).await,
+                    None => Err(refused),
                 }
-                let inboxes = if u == sender.user {
-                    vec![u]
-                } else {
-                    vec![sender.user, u]
-                };
-                (
-                    ConversationId::direct(sender.user, u),
-                    Some(u),
-                    None,
-                    inboxes,
-                )
-            }
-            Recipient::Group(g) => {
-                let rec = self
-                    .store
-                    .group(g)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found(format!("no group {g}")))?;
-                if rec.member(sender.user).is_none() {
-                    return Err(ApiError::forbidden("only members may send to a group"));
-                }
-                (ConversationId::Group(g), None, Some(g), rec.member_ids())
             }
         };
         let msg = Message {
@@ -145,22 +139,86 @@ impl Chat {
             .collect();
         let jobs = self.push.jobs_for(&msg, &offline).await?;
         let outcome = self.store.store_message(msg, &inboxes, &jobs).await?;
+        let m = match outcome {
+            SendOutcome::New(m) => m,
+            SendOutcome::Duplicate(first) => return self.complete(first).await,
+        };
         if !jobs.is_empty() {
             self.push.wake();
         }
         metrics::histogram!("chat_ack_latency_seconds").record(started.elapsed().as_secs_f64());
-        match outcome {
-            SendOutcome::New(m) => {
-                metrics::counter!("chat_messages_total").increment(1);
-                let frame = ServerFrame::Message {
-                    message: Arc::new(m.clone()),
+        metrics::counter!("chat_messages_total").increment(1);
+        let frame = ServerFrame::Message {
+            message: Arc::new(m.clone()),
+        };
+        self.hub.deliver(&inboxes, &frame, sender_conn);
+        self.mesh.forward(&inboxes, &m);
+        Ok(m)
+    }
+
+    /// Who a new message from `sender` to `to` is for: its conversation, its direct
+    /// recipient or group, and the inboxes it goes to (the sender's and every recipient's;
+    /// for a group, every current member's). Refuses unknown recipients and non-members.
+    async fn recipients(&self, sender: UserId, to: Recipient) -> Result<Recipients, ApiError> {
+        match to {
+            Recipient::User(u) => {
+                if !self.user_exists(u).await? {
+                    return Err(ApiError::not_found(format!("no user {u}")));
+                }
+                let inboxes = if u == sender {
+                    vec![u]
+                } else {
+                    vec![sender, u]
                 };
-                self.hub.deliver(&inboxes, &frame, sender_conn);
-                self.mesh.forward(&inboxes, &m);
-                Ok(m)
+                Ok(Recipients {
+                    conversation: ConversationId::direct(sender, u),
+                    to_user: Some(u),
+                    group: None,
+                    inboxes,
+                })
             }
-            SendOutcome::Duplicate(m) => Ok(m),
+            Recipient::Group(g) => {
+                let rec = self
+                    .store
+                    .group(g)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("no group {g}")))?;
+                if rec.member(sender).is_none() {
+                    return Err(ApiError::forbidden("only members may send to a group"));
+                }
+                Ok(Recipients {
+                    conversation: ConversationId::Group(g),
+                    to_user: None,
+                    group: Some(g),
+                    inboxes: rec.member_ids(),
+                })
+            }
         }
+    }
+
+    /// Whether user `u` exists. Accounts are never deleted, so a user once read stays known
+    /// (up to [`KNOWN_USERS`] ids) and is not read again for every message sent to them.
+    async fn user_exists(&self, u: UserId) -> Result<bool, ApiError> {
+        if self.known_users.lock().contains(&u) {
+            return Ok(true);
+        }
+        let exists = self.store.user(u).await?.is_some();
+        if exists {
+            let mut known = self.known_users.lock();
+            if known.len() >= KNOWN_USERS {
+                known.clear();
+            }
+            known.insert(u);
+        }
+        Ok(exists)
+    }
+
+    /// Acks a send whose client id was claimed before: makes sure the first message's
+    /// records are complete (the first attempt may have died halfway), stores nothing new.
+    async fn complete(&self, first: Message) -> Result<Message, ApiError> {
+        let inboxes = self.inboxes_of(&first).await?;
+        self.store.complete_message(&first, &inboxes).await?;
+        Ok(first)
     }
 
     /// Whose inboxes an already stored message goes to (to complete a retried send): the

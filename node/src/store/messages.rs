@@ -11,8 +11,9 @@ use super::{keys, Store, StoreError, Table, WriteBatch};
 pub enum SendOutcome {
     /// The message is new and now durable.
     New(Message),
-    /// The sender already sent this client id: the first message is returned (and made
-    /// durable again, in case the first attempt died halfway).
+    /// The sender already sent this client id: this is the first message, and nothing was
+    /// written for this attempt. Its records may be incomplete (the first attempt may have
+    /// died halfway): [`Store::complete_message`] writes them again.
     Duplicate(Message),
 }
 
@@ -85,10 +86,10 @@ impl Store {
     }
 
     /// Stores a new message: the idempotency record (claimed first with a compare-and-swap,
-    /// so that two racing sends of one client id store one message), the conversation's
-    /// history entry and an inbox entry for each of `inboxes`. Returns once all of it is
-    /// durable. `push_jobs` go into the push outbox in the same batch (only for a new
-    /// message).
+    /// so that two racing sends of one client id store one message), then the conversation's
+    /// history entry and an inbox entry for each of `inboxes`, with `push_jobs` in the push
+    /// outbox, in one batch. Returns once all of it is durable. When the client id was
+    /// claimed before, returns the first message and writes nothing.
     pub async fn store_message(
         &self,
         msg: Message,
@@ -106,40 +107,40 @@ impl Store {
                 Some(encoded.clone()),
             )
             .await?;
-        let (outcome, encoded) = match claimed {
-            Ok(()) => (SendOutcome::New(msg), encoded),
-            Err(current) => {
-                // A claim that is there without its records (the first attempt died halfway)
-                // is completed below: the same keys, the same bytes.
-                let current = current.ok_or(StoreError::Contention)?;
-                let first: Message = decode(&current)?;
-                (SendOutcome::Duplicate(first), current)
-            }
-        };
-        let stored = match &outcome {
-            SendOutcome::New(m) | SendOutcome::Duplicate(m) => m,
-        };
-        let mut batch = WriteBatch::default();
-        let conv_key = keys::conversation(&stored.conversation);
-        let history_key = keys::history(&stored.conversation, stored.message_id);
-        batch.put(
-            self,
-            Table::History,
-            &conv_key,
-            history_key,
-            encoded.clone(),
-        );
-        for user in inboxes {
-            let key = keys::inbox(*user, stored.message_id);
-            batch.put(self, Table::Inbox, &keys::user(*user), key, encoded.clone());
+        if let Err(current) = claimed {
+            let current = current.ok_or(StoreError::Contention)?;
+            return Ok(SendOutcome::Duplicate(decode(&current)?));
         }
-        if matches!(outcome, SendOutcome::New(_)) {
-            for job in push_jobs {
-                self.queue_push(&mut batch, job, job.ts);
-            }
+        let mut batch = self.message_batch(&msg, encoded, inboxes);
+        for job in push_jobs {
+            self.queue_push(&mut batch, job, job.ts);
         }
         self.write(batch).await?;
-        Ok(outcome)
+        Ok(SendOutcome::New(msg))
+    }
+
+    /// Writes an already claimed message's history and inbox entries (the same keys and bytes
+    /// as its first attempt, so writing them twice is harmless), durably.
+    pub async fn complete_message(
+        &self,
+        msg: &Message,
+        inboxes: &[UserId],
+    ) -> Result<(), StoreError> {
+        self.write(self.message_batch(msg, encode(msg), inboxes))
+            .await
+    }
+
+    /// The history entry and the inbox entries of a message.
+    fn message_batch(&self, msg: &Message, encoded: Vec<u8>, inboxes: &[UserId]) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        let history_key = keys::history(&msg.conversation, msg.message_id);
+        for user in inboxes {
+            let key = keys::inbox(*user, msg.message_id);
+            batch.put(self, Table::Inbox, &keys::user(*user), key, encoded.clone());
+        }
+        let conv_key = keys::conversation(&msg.conversation);
+        batch.put(self, Table::History, &conv_key, history_key, encoded);
+        batch
     }
 
     /// Up to `limit` messages of `user`'s inbox with ids from `from` on (inclusive), in id

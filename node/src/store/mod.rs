@@ -281,7 +281,6 @@ impl Store {
     /// Applies `batch` and returns once it is durable: node-local tables here, replicated
     /// ones at a write quorum of each partition's replicas.
     pub async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        metrics::counter!("store_partition_writes_total").increment(batch.partitions() as u64);
         let version = self.inner.ids.next().0;
         let mut local = false;
         let mut per_partition: Vec<(Partition, Vec<ReplicaOp>)> = Vec::new();
@@ -304,6 +303,7 @@ impl Store {
                 None => per_partition.push((op.partition, vec![rop])),
             }
         }
+        metrics::counter!("store_partition_writes_total").increment(per_partition.len() as u64);
         if !per_partition.is_empty() {
             self.coord()?
                 .write_all(per_partition)
