@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use client_proto::codec::{self, Codec};
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::ServerFrame;
 use parking_lot::RwLock;
@@ -23,6 +24,8 @@ pub enum Outbound {
     /// Boxed so that a queue slot is small: each connection's queue allocates its slots in
     /// blocks, and idle connections are what the node holds most of.
     Frame(Box<ServerFrame>),
+    /// A frame queued for several connections (a delivery), encoded once per codec.
+    Shared(Arc<SharedFrame>),
     /// Close with this WebSocket close code and reason (boxed for the same reason: a slot is
     /// then two words).
     Close(Box<(u16, String)>),
@@ -32,6 +35,39 @@ impl Outbound {
     /// A close with this WebSocket close code and reason.
     pub fn close(code: u16, reason: impl Into<String>) -> Self {
         Outbound::Close(Box::new((code, reason.into())))
+    }
+}
+
+/// A frame on its way to several connections: the first writer that needs it in a codec
+/// encodes it, the others copy those bytes (a group message is encoded once, not per member).
+#[derive(Debug)]
+pub struct SharedFrame {
+    frame: ServerFrame,
+    json: OnceLock<Vec<u8>>,
+    binary: OnceLock<Vec<u8>>,
+}
+
+impl SharedFrame {
+    pub fn new(frame: ServerFrame) -> Self {
+        SharedFrame {
+            frame,
+            json: OnceLock::new(),
+            binary: OnceLock::new(),
+        }
+    }
+
+    /// The frame itself.
+    pub fn frame(&self) -> &ServerFrame {
+        &self.frame
+    }
+
+    /// The frame's bytes in `codec`, encoded on first use.
+    pub fn encoded(&self, codec: Codec) -> &[u8] {
+        let cell = match codec {
+            Codec::Json => &self.json,
+            Codec::Binary => &self.binary,
+        };
+        cell.get_or_init(|| codec::encode(codec, &self.frame))
     }
 }
 
@@ -125,12 +161,16 @@ impl Hub {
     ) -> usize {
         let map = self.inner.users.read();
         let mut delivered = 0;
+        let mut shared: Option<Arc<SharedFrame>> = None;
         for user in users {
             for dev in map.get(user).into_iter().flatten() {
                 if Some(dev.conn_id) == except_conn {
                     continue;
                 }
-                match dev.tx.try_send(Outbound::Frame(Box::new(frame.clone()))) {
+                let shared = shared
+                    .get_or_insert_with(|| Arc::new(SharedFrame::new(frame.clone())))
+                    .clone();
+                match dev.tx.try_send(Outbound::Shared(shared)) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(user = %user, device = %dev.device_id, "outbound queue full; disconnecting the slow device");
