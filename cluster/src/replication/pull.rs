@@ -87,6 +87,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         mode: PullMode,
     ) -> PullReport {
         let inner = &self.inner;
+        // Not held during the pull: a long pull must not hold up `set_topology_drained`.
         let view = self.topology();
         let mut needed: BTreeMap<Partition, usize> = BTreeMap::new();
         let mut sources: BTreeMap<NodeId, (ReplicaNode, Vec<u32>)> = BTreeMap::new();
@@ -107,6 +108,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
                 }
             }
         }
+        drop(view);
         let mut report = PullReport {
             partitions: partitions.len(),
             ..PullReport::default()
