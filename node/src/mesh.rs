@@ -45,6 +45,8 @@ const KIND_DELIVER_BATCH: u16 = 0x0202;
 const FORWARD_QUEUE: usize = 8192;
 /// Deliveries one request carries at most.
 const FORWARD_BATCH: usize = 256;
+/// Bytes of messages one request carries, about (a bigger single message goes alone).
+const FORWARD_REQUEST_BYTES: usize = 1 << 20;
 
 /// The bincode configuration of this module's peer messages, bounded like a peer frame.
 fn peer_bincode() -> impl bincode::config::Config {
@@ -531,24 +533,19 @@ impl Mesh {
                 if got == 0 {
                     break;
                 }
-                let sent = batch.len() as u64;
-                let body = bincode::encode_to_vec(&batch, peer_bincode());
-                batch.clear();
-                let Ok(body) = body else { continue };
-                let Some(addr) = this.peer_addr_of(node).await else {
-                    metrics::counter!("cluster_forward_failures_total").increment(sent);
-                    continue;
-                };
-                let request = Request {
-                    kind: KIND_DELIVER_BATCH,
-                    body,
-                };
-                match this.endpoint.request(addr, &cert_name(node), request).await {
-                    Ok(_) => metrics::counter!("cluster_forwarded_total").increment(sent),
-                    Err(e) => {
-                        metrics::counter!("cluster_forward_failures_total").increment(sent);
-                        tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed (its devices will sync)");
-                    }
+                // Requests stay well under the peer frame limit: at most about 1 MiB each.
+                while !batch.is_empty() {
+                    let mut bytes = 0;
+                    let take = batch
+                        .iter()
+                        .take_while(|d| {
+                            bytes += d.message.body.len() + d.users.len() * 8 + 256;
+                            bytes <= FORWARD_REQUEST_BYTES
+                        })
+                        .count()
+                        .max(1);
+                    let part: Vec<Deliver> = batch.drain(..take).collect();
+                    this.forward_now(node, &part).await;
                 }
             }
         });
@@ -577,6 +574,30 @@ impl Mesh {
                 tracing::warn!(node, error = %e, "forwarding to a peer failed (its devices will sync)");
             }
         });
+    }
+
+    /// Sends `node` one request with `batch`; failures are counted and logged (the devices
+    /// get those messages at their next sync).
+    async fn forward_now(&self, node: NodeId, batch: &[Deliver]) {
+        let sent = batch.len() as u64;
+        let Ok(body) = bincode::encode_to_vec(batch, peer_bincode()) else {
+            return;
+        };
+        let Some(addr) = self.peer_addr_of(node).await else {
+            metrics::counter!("cluster_forward_failures_total").increment(sent);
+            return;
+        };
+        let request = Request {
+            kind: KIND_DELIVER_BATCH,
+            body,
+        };
+        match self.endpoint.request(addr, &cert_name(node), request).await {
+            Ok(_) => metrics::counter!("cluster_forwarded_total").increment(sent),
+            Err(e) => {
+                metrics::counter!("cluster_forward_failures_total").increment(sent);
+                tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed (its devices will sync)");
+            }
+        }
     }
 
     async fn peer_addr_of(&self, node: NodeId) -> Option<SocketAddr> {

@@ -140,8 +140,11 @@ async fn a_hundred_member_group_spread_over_three_nodes() {
         .send_message("g1", Recipient::Group(g), "hello all")
         .await
         .unwrap();
+    // The largest body allowed: its ~100 inbox copies make one replica's share of the write
+    // about 10 MB, sent as several requests under the peer frame limit.
+    let largest = "x".repeat(client_proto::limits::MAX_BODY_BYTES);
     let ack2 = devices[0]
-        .send_message("g2", Recipient::Group(g), "second")
+        .send_message("g2", Recipient::Group(g), &largest)
         .await
         .unwrap();
     let want = [ack.message_id, ack2.message_id];

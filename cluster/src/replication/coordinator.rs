@@ -44,6 +44,10 @@ pub struct CoordinatorConfig {
     pub read_repair: bool,
     /// Bounds on the hints kept per replica.
     pub hints: HintLimits,
+    /// Bytes of ops one apply request carries at most (a multi-partition write to a node is
+    /// split above it; keep it well under the transport's frame limit). A single op larger
+    /// than this still goes alone.
+    pub max_apply_bytes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -54,6 +58,7 @@ impl Default for CoordinatorConfig {
             scan_max_bytes: 1 << 20,
             read_repair: true,
             hints: HintLimits::default(),
+            max_apply_bytes: 1 << 20,
         }
     }
 }

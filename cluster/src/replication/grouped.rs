@@ -60,11 +60,23 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
         for share in shares {
             let id = share.node.id;
             pending.push((id, share.serves));
-            let batch = ApplyBatch::new(share.partition, share.ops);
+            let batches = split_ops(share.partition, share.ops, self.config.max_apply_bytes);
             let (inner, tx, cancel) = (self.clone(), tx.clone(), self.cancel.clone());
             self.tasks.spawn(async move {
+                // Every request is sent at once (a failed one leaves a hint); the node acks
+                // only if all of them were applied.
+                let all = async {
+                    let jobs = batches
+                        .into_iter()
+                        .map(|batch| inner.apply_job(share.node.clone(), batch));
+                    futures_util::future::join_all(jobs)
+                        .await
+                        .into_iter()
+                        .find(Result::is_err)
+                        .unwrap_or(Ok(()))
+                };
                 let result = tokio::select! {
-                    r = inner.apply_job(share.node, batch) => r,
+                    r = all => r,
                     _ = cancel.cancelled() => Err(FailureReason::ShutDown),
                 };
                 let _ = tx.send((id, result)).await; // nobody listens once decided
@@ -107,5 +119,47 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
                 }
             }
         }
+    }
+}
+
+/// `ops` as apply batches of at most about `max_bytes` each (an op larger than that alone).
+fn split_ops(partition: Partition, ops: Vec<ReplicaOp>, max_bytes: usize) -> Vec<ApplyBatch> {
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for op in ops {
+        let size = op.size();
+        if !current.is_empty() && bytes + size > max_bytes {
+            batches.push(ApplyBatch::new(partition, std::mem::take(&mut current)));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(op);
+    }
+    if !current.is_empty() || batches.is_empty() {
+        batches.push(ApplyBatch::new(partition, current));
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_shares_split_under_the_byte_bound() {
+        let op = |n: usize| ReplicaOp::put(1, vec![0; 8], vec![0; n], 1);
+        let sizes = |batches: &[ApplyBatch]| -> Vec<usize> {
+            batches.iter().map(|b| b.ops.len()).collect()
+        };
+        let ops: Vec<ReplicaOp> = (0..10).map(|_| op(100_000)).collect();
+        let one = op(100_000).size();
+        let batches = split_ops(Partition(3), ops, 3 * one);
+        assert_eq!(sizes(&batches), [3, 3, 3, 1]);
+        assert!(batches.iter().all(|b| b.partition == 3));
+        // An op over the bound goes alone; nothing is ever dropped.
+        let batches = split_ops(Partition(0), vec![op(10), op(500), op(10)], 100);
+        assert_eq!(sizes(&batches), [1, 1, 1]);
+        assert_eq!(sizes(&split_ops(Partition(0), Vec::new(), 100)), [0]);
     }
 }

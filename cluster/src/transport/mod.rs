@@ -65,7 +65,7 @@ impl Default for PeerConfig {
     fn default() -> Self {
         Self {
             max_frame: 4 << 20,
-            max_in_flight: 64,
+            max_in_flight: 512,
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(6),
