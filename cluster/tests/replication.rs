@@ -966,7 +966,9 @@ async fn join_fourth_node(pull: bool) -> (Cluster, Vec<String>) {
             .pull(&owned, &plan, cluster::replication::PullMode::Join)
             .await;
         assert!(report.incomplete.is_empty(), "{report:?}");
-        assert_eq!(report.sources_done, 3);
+        // A read quorum (2 of 3) per partition: the third source is asked only for the
+        // partitions the first two did not both hold.
+        assert!(report.sources_done >= 2, "{report:?}");
     }
     cluster.settle().await;
     set_view(&cluster, &[1, 2, 3, 4], &[]);
@@ -1087,8 +1089,9 @@ async fn a_replica_that_missed_writes_catches_up_by_pulling() {
         .pull(&all, &plan, cluster::replication::PullMode::CatchUp)
         .await;
     assert!(report.incomplete.is_empty(), "{report:?}");
-    // Each record came from both other replicas.
-    assert_eq!(report.records, 100);
+    // A member needs R - 1 = 1 other replica: every acked write it missed is on both others.
+    assert_eq!(report.records, 50);
+    assert_eq!(report.sources_done, 1);
     for k in &missed {
         assert_eq!(
             cluster.store(3).record(USERS, k.as_bytes()),

@@ -118,6 +118,15 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         for (i, (id, (node, mut wanted))) in sources.into_iter().enumerate() {
             wanted.sort_unstable();
             wanted.dedup();
+            // Only what still lacks complete answers: with R of n needed, the last sources
+            // of a partition are skipped.
+            wanted.retain(|p| {
+                let p = Partition(*p);
+                complete.get(&p).copied().unwrap_or(0) < needed.get(&p).copied().unwrap_or(0)
+            });
+            if wanted.is_empty() {
+                continue;
+            }
             let started = Instant::now();
             match self.pull_from(&node, &wanted, plan).await {
                 Ok(records) => {
