@@ -307,6 +307,23 @@ pub struct TestUser {
     pub login: LoginResponse,
 }
 
+/// How many live, active members a node's `GET /v1/cluster` lists, and the whole view.
+pub async fn live_active_members(api: &HttpClient) -> (usize, serde_json::Value) {
+    let view: serde_json::Value = api
+        .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
+        .await
+        .unwrap();
+    let n = view["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["live"] == true && m["state"] == "active")
+                .count()
+        })
+        .unwrap_or(0);
+    (n, view)
+}
+
 /// Runs `chatnode args` to completion and checks that it succeeded.
 fn run_chatnode(args: &[&str]) {
     let out = Command::new(chatnode_bin()).args(args).output().unwrap();
@@ -385,19 +402,7 @@ impl TestCluster {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             loop {
-                let view: serde_json::Value = node
-                    .api()
-                    .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
-                    .await
-                    .unwrap();
-                let n = view["members"]
-                    .as_array()
-                    .map(|m| {
-                        m.iter()
-                            .filter(|m| m["live"] == true && m["state"] == "active")
-                            .count()
-                    })
-                    .unwrap_or(0);
+                let (n, view) = live_active_members(&node.api()).await;
                 if n == live {
                     break;
                 }

@@ -423,16 +423,7 @@ async fn the_deploy_script_brings_up_three_active_nodes() {
         let api = client_proto::client::HttpClient::new(format!("http://127.0.0.1:{}", base + i));
         let deadline = Instant::now() + WAIT;
         loop {
-            let view: serde_json::Value = api
-                .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
-                .await
-                .unwrap();
-            let active = view["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|m| m["state"] == "active" && m["live"] == true)
-                .count();
+            let (active, view) = chat_tests::live_active_members(&api).await;
             if active == 3 {
                 break;
             }
@@ -557,17 +548,7 @@ async fn a_node_that_joins_pulls_its_partitions_before_serving_them() {
     loop {
         send_round(&mut conns, &users, &format!("during{during}"), &mut acked).await;
         during += 1;
-        let view: serde_json::Value = cluster.nodes[joiner]
-            .api()
-            .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
-            .await
-            .unwrap();
-        let active = view["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["state"] == "active" && m["live"] == true)
-            .count();
+        let (active, view) = chat_tests::live_active_members(&cluster.nodes[joiner].api()).await;
         if active == 3 {
             break;
         }
