@@ -2,7 +2,7 @@
 //! node-to-node delivery), the coordinator's view of the members, and the gossip-backed
 //! presence directory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -270,15 +270,23 @@ impl Mesh {
             .collect()
     }
 
-    /// Whether every other live node (any node may coordinate writes, joining ones too)
-    /// treats this node as joining and has drained the operations of its older view, so no
-    /// write can count on this node's old place any more.
-    async fn join_barrier(&self) -> bool {
-        self.membership
-            .members()
-            .await
-            .iter()
-            .all(|m| m.node_id == self.self_id || !m.live || m.pending.contains(&self.self_id))
+    /// The join barrier: `Some` when every other live node (any node coordinates writes,
+    /// joining ones too) treats this node as joining and has drained the operations of its
+    /// older view, so no write can count on this node's old place any more. The snapshot
+    /// (each such node's generation and the gossip version of its `pending` key) tells
+    /// whether the barrier stayed in place while the partitions were pulled.
+    async fn join_barrier(&self) -> Option<BTreeMap<NodeId, (u64, u64)>> {
+        let mut snapshot = BTreeMap::new();
+        for m in self.membership.members().await {
+            if m.node_id == self.self_id || !m.live {
+                continue;
+            }
+            if !m.pending.contains(&self.self_id) {
+                return None;
+            }
+            snapshot.insert(m.node_id, (m.generation, m.pending_version));
+        }
+        Some(snapshot)
     }
 
     /// Joins: waits for the barrier, pulls a read quorum of every partition this node will
@@ -313,9 +321,9 @@ impl Mesh {
 
     /// One join attempt: `None` when done, or how long to wait before the next.
     async fn try_join(&self, plan: &PullPlan, partitions: u32) -> Option<Duration> {
-        if !self.join_barrier().await {
+        let Some(barrier) = self.join_barrier().await else {
             return Some(Duration::from_millis(100));
-        }
+        };
         let owned = self.own_partitions(partitions, true);
         let report = self.coord.pull(&owned, plan, PullMode::Join).await;
         metrics::counter!("cluster_pulled_records_total").increment(report.records);
@@ -327,8 +335,8 @@ impl Mesh {
             );
             return Some(Duration::from_secs(2));
         }
-        if !self.join_barrier().await {
-            tracing::info!("join: a member's view changed during the pull; pulling again");
+        if self.join_barrier().await.as_ref() != Some(&barrier) {
+            tracing::info!("join: a node's view changed during the pull; pulling again");
             return Some(Duration::from_millis(100));
         }
         tracing::info!(

@@ -95,6 +95,9 @@ pub struct Member {
     pub load: u64,
     /// The joining nodes it treats as pending (and has drained older operations for).
     pub pending: Vec<NodeId>,
+    /// The gossip version of `pending`: it changes whenever the member republishes it, so a
+    /// joining node can tell that a view it relied on stayed in place.
+    pub pending_version: u64,
 }
 
 impl Member {
@@ -118,6 +121,7 @@ impl Member {
                 .get(keys::PENDING)
                 .map(|v| v.split(',').filter_map(|id| id.parse().ok()).collect())
                 .unwrap_or_default(),
+            pending_version: state.get_versioned(keys::PENDING).map_or(0, |v| v.version),
         })
     }
 }

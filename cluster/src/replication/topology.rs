@@ -334,6 +334,7 @@ mod tests {
             live,
             load: 0,
             pending: Vec::new(),
+            pending_version: 0,
         };
         let members = [
             member(1, 1, Lifecycle::Active, true),
