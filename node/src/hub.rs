@@ -223,3 +223,29 @@ impl Hub {
         self.inner.connections.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use client_proto::ErrorCode;
+
+    use super::*;
+
+    #[test]
+    fn a_queue_slot_is_two_words() {
+        // Every connection's queue allocates a block of 32 slots up front.
+        assert_eq!(
+            std::mem::size_of::<Outbound>(),
+            2 * std::mem::size_of::<usize>()
+        );
+    }
+
+    #[test]
+    fn a_shared_frame_encodes_like_the_frame() {
+        let frame = ServerFrame::error(ErrorCode::RateLimited, "slow down", Some("c1".into()));
+        let shared = SharedFrame::new(frame.clone());
+        for c in [Codec::Json, Codec::Binary] {
+            assert_eq!(shared.encoded(c), codec::encode(c, &frame).as_slice());
+            assert_eq!(shared.encoded(c), shared.encoded(c));
+        }
+    }
+}
