@@ -61,12 +61,24 @@ pub struct TestNode {
 }
 
 /// A loopback UDP port that was free a moment ago (gossip must advertise a real port).
+///
+/// Picked below the kernel's ephemeral range (32768 and up): a port the kernel hands out
+/// for `:0` binds (nodes bind several, and other test processes many) could otherwise be
+/// taken between this check and the node's bind.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(4099)) % 12_000) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port in 20000..32000");
 }
 
 impl TestNode {
