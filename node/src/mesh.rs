@@ -623,6 +623,8 @@ impl Mesh {
         self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
+        // Let writes past their quorum reach the remaining replicas before stopping them.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.coord.settle()).await;
         self.coord.clone().shutdown().await;
         self.endpoint.clone().shutdown().await;
     }

@@ -190,6 +190,12 @@ pub async fn serve(
     let quic = crate::quic::spawn_accept(node.clone(), quic_endpoint, shutdown.clone());
     let app = crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let http_shutdown = shutdown.clone();
+    // Frames are small and latency-bound: no Nagle delay on client sockets.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })

@@ -35,36 +35,53 @@ const MAX_INFLIGHT_SENDS: usize = 64;
 /// it. Without it such a message would wait for the device's next `sync`.
 const CATCH_UP_DELAY: Duration = Duration::from_secs(3);
 
+/// How long after the catch-up a connection still drops a live delivery of a message it
+/// was already sent: a forward from another node can arrive after the catch-up sent it.
+const DEDUP_AFTER_CATCH_UP: Duration = Duration::from_secs(30);
+/// Ids remembered per connection at most; past this it stops deduplicating (clients dedup
+/// by message id anyway).
+const MAX_DEDUP_IDS: usize = 4096;
+
 /// Message ids a connection was sent (live, in sync batches, or acked as its own) during its
-/// first moments, so that the catch-up sends each message at most once per device.
+/// first moments. The writer drops a `message` frame whose id is already here, so the
+/// catch-up and a late live delivery of the same message reach the device once.
 #[derive(Clone, Default)]
-struct SentIds(Arc<parking_lot::Mutex<Option<HashSet<MessageId>>>>);
+struct SentIds(Arc<parking_lot::Mutex<Option<Recorded>>>);
+
+/// The ids sent so far, and until when to keep recording them.
+type Recorded = (HashSet<MessageId>, tokio::time::Instant);
 
 impl SentIds {
     fn recording() -> Self {
-        SentIds(Arc::new(parking_lot::Mutex::new(Some(HashSet::new()))))
+        let until = tokio::time::Instant::now() + CATCH_UP_DELAY + DEDUP_AFTER_CATCH_UP;
+        SentIds(Arc::new(parking_lot::Mutex::new(Some((
+            HashSet::new(),
+            until,
+        )))))
     }
 
-    fn record(&self, frame: &ServerFrame) {
+    /// Records what `frame` sends; false when it is a message this connection already had.
+    fn pass(&self, frame: &ServerFrame) -> bool {
         let mut guard = self.0.lock();
-        let Some(set) = guard.as_mut() else { return };
+        let Some((set, until)) = guard.as_mut() else {
+            return true;
+        };
+        if tokio::time::Instant::now() > *until || set.len() > MAX_DEDUP_IDS {
+            *guard = None;
+            return true;
+        }
         match frame {
-            ServerFrame::Message { message } => {
-                set.insert(message.message_id);
-            }
+            ServerFrame::Message { message } => set.insert(message.message_id),
             ServerFrame::SyncBatch { messages, .. } => {
-                set.extend(messages.iter().map(|m| m.message_id))
+                set.extend(messages.iter().map(|m| m.message_id));
+                true
             }
             ServerFrame::Ack { message_id, .. } => {
                 set.insert(*message_id);
+                true
             }
-            _ => {}
+            _ => true,
         }
-    }
-
-    /// Stops recording and returns what was recorded.
-    fn finish(&self) -> HashSet<MessageId> {
-        self.0.lock().take().unwrap_or_default()
     }
 }
 
@@ -143,7 +160,6 @@ where
                 Instant::now(),
             ),
             out: tx,
-            sent: sent.clone(),
             connected_at: MessageId::from_parts(now_unix_ms().saturating_sub(ID_EPOCH_MS), 0, 0),
         };
         let reader_done = CancellationToken::new();
@@ -244,11 +260,17 @@ async fn write_loop<W>(
         let data = match next {
             None => return,
             Some(Outbound::Frame(f)) => {
-                sent.record(&f);
+                if !sent.pass(&f) {
+                    metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                    continue;
+                }
                 codec::encode(codec, &f)
             }
             Some(Outbound::Shared(shared)) => {
-                sent.record(shared.frame());
+                if !sent.pass(shared.frame()) {
+                    metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                    continue;
+                }
                 shared.encoded(codec).to_vec()
             }
             Some(Outbound::Close(close)) => {
@@ -272,7 +294,6 @@ struct Session {
     kick: CancellationToken,
     bucket: TokenBucket,
     out: mpsc::Sender<Outbound>,
-    sent: SentIds,
     /// The smallest message id issued when the session started.
     connected_at: MessageId,
 }
@@ -450,7 +471,6 @@ impl Session {
     /// Sends what reached this user's inbox since the session started and was not sent to
     /// this connection yet (only in a cluster: on one node every delivery is local).
     async fn catch_up(&self) {
-        let sent = self.sent.finish();
         if self.node.mesh.live_members() < 2 {
             return;
         }
@@ -462,15 +482,13 @@ impl Session {
                     return tracing::warn!(error = %e, "catch-up read failed; the client's next sync covers it")
                 }
             };
+            // The writer drops what this connection was already sent (`SentIds`).
             for m in page.messages {
                 from = MessageId(m.message_id.0 + 1);
-                if !sent.contains(&m.message_id) {
-                    metrics::counter!("gateway_catch_up_messages_total").increment(1);
-                    self.emit(Outbound::Frame(Box::new(ServerFrame::Message {
-                        message: Arc::new(m),
-                    })))
-                    .await;
-                }
+                self.emit(Outbound::Frame(Box::new(ServerFrame::Message {
+                    message: Arc::new(m),
+                })))
+                .await;
             }
             if !page.more {
                 return;
@@ -503,5 +521,51 @@ impl Session {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use client_proto::ids::{ConversationId, UserId};
+    use client_proto::Message;
+
+    use super::*;
+
+    fn message(id: u64) -> Message {
+        Message {
+            message_id: MessageId(id),
+            conversation: ConversationId::direct(UserId(1), UserId(2)),
+            from: UserId(1),
+            to: Some(UserId(2)),
+            group: None,
+            body: "hi".into(),
+            ts: 0,
+            client_id: format!("c{id}"),
+        }
+    }
+
+    fn live(id: u64) -> ServerFrame {
+        ServerFrame::Message {
+            message: Arc::new(message(id)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_reaches_a_connection_once_while_ids_are_recorded() {
+        let sent = SentIds::recording();
+        assert!(sent.pass(&live(1)));
+        assert!(!sent.pass(&live(1)), "a late second delivery is dropped");
+        // What a sync batch carried is not delivered again live; the batch itself always goes.
+        let batch = ServerFrame::SyncBatch {
+            messages: vec![message(2)],
+            cursor: None,
+            done: true,
+            gap: false,
+        };
+        assert!(sent.pass(&batch) && sent.pass(&batch));
+        assert!(!sent.pass(&live(2)));
+        // Long after the catch-up, recording stops and everything passes.
+        tokio::time::advance(CATCH_UP_DELAY + DEDUP_AFTER_CATCH_UP + Duration::from_secs(1)).await;
+        assert!(sent.pass(&live(1)) && sent.pass(&live(1)));
     }
 }

@@ -314,8 +314,9 @@ async fn with_five_nodes_and_rf_3_every_acked_message_is_on_exactly_three() {
         );
     }
     drop(a);
-    // Stop every node cleanly (writes to the third replica finish in the background), then
-    // read their stores directly.
+    // An ack needs 2 of 3 replicas; the third copy is written in the background right after.
+    // Give it a moment, stop every node cleanly, then read their stores directly.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     for node in cluster.nodes.iter_mut() {
         assert_eq!(node.terminate(), Some(0));
     }

@@ -52,22 +52,25 @@ impl SledReplica {
         }
     }
 
-    /// Stores `op` if it is newer than the stored copy (compare-and-swap, retried).
+    /// Stores `op` if it is newer than the stored copy (compare-and-swap, retried). Most
+    /// keys are new (history and inbox entries are written once), so the first try inserts
+    /// only if the key is absent, which saves reading it first.
     fn store_op(&self, op: &ReplicaOp) -> Result<(), StoreError> {
         let tree = self.tree(op.table)?;
         let incoming = op.record();
         let bytes = incoming.to_bytes();
+        let mut old = match tree.compare_and_swap(&op.key, None::<&[u8]>, Some(bytes.clone()))? {
+            Ok(()) => return Ok(()),
+            Err(conflict) => conflict.current,
+        };
         loop {
-            let old = tree.get(&op.key)?;
             let stored = old.as_deref().map(decode).transpose()?;
             if !Versioned::should_store(stored.as_ref(), &incoming) {
                 return Ok(());
             }
-            if tree
-                .compare_and_swap(&op.key, old, Some(bytes.clone()))?
-                .is_ok()
-            {
-                return Ok(());
+            match tree.compare_and_swap(&op.key, old, Some(bytes.clone()))? {
+                Ok(()) => return Ok(()),
+                Err(conflict) => old = conflict.current,
             }
         }
     }
