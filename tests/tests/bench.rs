@@ -93,18 +93,23 @@ fn presence_changes_arrive() {
 }
 
 #[test]
-fn connections_are_held() {
-    let json = bench(&[
-        "connections",
-        "--spawn-node",
-        "--connections",
-        "20",
-        "--users",
-        "4",
-        "--hold-secs",
-        "1",
-    ]);
-    let r = &json["results"]["result"];
-    assert_eq!(r["opened"], 20, "{r}");
-    assert!(r["node_kib_per_connection"].is_number(), "{r}");
+fn connections_are_held_over_websocket_and_quic() {
+    for transport in ["ws", "quic"] {
+        let json = bench(&[
+            "connections",
+            "--spawn-node",
+            "--transport",
+            transport,
+            "--connections",
+            "20",
+            "--users",
+            "4",
+            "--hold-secs",
+            "1",
+        ]);
+        let r = &json["results"]["result"];
+        assert_eq!(r["opened"], 20, "{r}");
+        assert_eq!(r["transport"], transport, "{r}");
+        assert!(r["node_kib_per_connection"].is_number(), "{r}");
+    }
 }

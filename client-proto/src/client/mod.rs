@@ -25,7 +25,7 @@
 mod chat;
 mod conn;
 mod http;
-mod quic;
+pub mod quic;
 
 pub use chat::{ChatClient, ClientOptions, Event};
 pub use conn::{connect_raw, Ack, ConnectOptions, Connection, SyncResult, WsConnection};

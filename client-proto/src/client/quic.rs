@@ -31,7 +31,10 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-fn client_config(ca_pem: Option<&[u8]>) -> Result<quinn::ClientConfig, ClientError> {
+/// The client configuration: TLS 1.3 with ALPN `chat/1`, trusting `ca_pem` (PEM, the cluster
+/// CA) or the public web roots; keep-alives every 10 s. Build it once to open many
+/// connections on one endpoint ([`connect_on`]).
+pub fn client_config(ca_pem: Option<&[u8]>) -> Result<quinn::ClientConfig, ClientError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let bad = |e: String| ClientError::Transport(format!("TLS setup: {e}"));
@@ -92,11 +95,22 @@ pub async fn connect(url: &str, ca_pem: Option<&[u8]>) -> Result<QuicLink, Clien
     let mut endpoint =
         quinn::Endpoint::client(bind).map_err(|e| ClientError::Transport(e.to_string()))?;
     endpoint.set_default_client_config(client_config(ca_pem)?);
+    connect_on(endpoint, addr, &host).await
+}
+
+/// Opens a connection to `addr` (whose certificate must name `server_name`) on `endpoint`,
+/// which has a default client configuration ([`client_config`]), and opens the stream. Many
+/// connections can share one endpoint (one UDP socket).
+pub async fn connect_on(
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<QuicLink, ClientError> {
     let conn = endpoint
-        .connect(addr, &host)
+        .connect(addr, server_name)
         .map_err(|e| ClientError::Transport(e.to_string()))?
         .await
-        .map_err(|e| ClientError::Transport(format!("QUIC handshake with {hostport}: {e}")))?;
+        .map_err(|e| ClientError::Transport(format!("QUIC handshake with {addr}: {e}")))?;
     let (send, recv) = conn
         .open_bi()
         .await

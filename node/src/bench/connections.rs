@@ -1,8 +1,9 @@
-//! `connections`: open N authenticated WebSocket connections that heartbeat, hold them, and
-//! report the node's resident memory per connection (VmRSS from /proc before and after).
-//! Users are few (signup is argon2): each logs in once and its token serves many
+//! `connections`: open N authenticated WebSocket (or QUIC) connections that heartbeat, hold
+//! them, and report the node's resident memory per connection (VmRSS from /proc before and
+//! after). Users are few (signup is argon2): each logs in once and its token serves many
 //! connections. Past one source address's ephemeral ports, sockets are bound to 127.0.0.2,
-//! 127.0.0.3, ...
+//! 127.0.0.3, ... QUIC connections share one UDP socket per source address (the node takes
+//! at most 10,000 QUIC connections from one address), so they need no file descriptor each.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,55 @@ pub struct ConnectionsArgs {
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
+    /// WebSocket (`--codec` applies) or client QUIC (binary frames).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub transport: Transport,
+    /// QUIC: the node's client QUIC address, `IP:port` [default with --spawn-node: the
+    /// spawned node's].
+    #[arg(long)]
+    pub quic_addr: Option<std::net::SocketAddr>,
+    /// QUIC: the cluster CA certificate (PEM) to trust [default with --spawn-node: the
+    /// spawned node's].
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// How the held connections reach the node.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket over TCP.
+    Ws,
+    /// The client protocol over QUIC.
+    Quic,
+}
+
+/// QUIC connections per source address (the node's per-address limit).
+const PER_QUIC_SOURCE: usize = 10_000;
+
+/// Where QUIC connections go, and the endpoints (one per source address) they share.
+#[derive(Clone)]
+struct QuicTarget {
+    addr: std::net::SocketAddr,
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+impl QuicTarget {
+    fn open(addr: std::net::SocketAddr, ca_pem: &[u8], connections: usize) -> Result<Self> {
+        let config = client_proto::client::quic::client_config(Some(ca_pem))
+            .map_err(|e| anyhow::anyhow!("QUIC client configuration: {e}"))?;
+        let sources = connections.div_ceil(PER_QUIC_SOURCE).max(1);
+        let endpoints = (0..sources)
+            .map(|k| {
+                let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + k as u8));
+                let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::new(ip, 0))
+                    .with_context(|| format!("binding a QUIC endpoint on {ip}"))?;
+                endpoint.set_default_client_config(config.clone());
+                Ok(endpoint)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { addr, endpoints })
+    }
 }
 
 /// The scenario's figures.
@@ -58,6 +108,7 @@ pub struct ConnectionsResult {
     pub node_kib_per_connection: Option<f64>,
     pub bench_rss_kib: Option<u64>,
     pub first_error: Option<String>,
+    pub transport: Option<Transport>,
 }
 
 /// VmRSS of `pid` ("self" for this process), in KiB.
@@ -155,6 +206,28 @@ async fn measure(target: &mut Target, args: &ConnectionsArgs) -> Result<Connecti
         // Let the fresh process settle before the baseline reading.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    let quic = match args.transport {
+        Transport::Ws => None,
+        Transport::Quic => {
+            let spawned = target.node.as_ref();
+            let addr = match (args.quic_addr, spawned) {
+                (Some(addr), _) => addr,
+                (None, Some(node)) => node
+                    .quic
+                    .parse()
+                    .context("the spawned node's QUIC address")?,
+                (None, None) => bail!("--transport quic against --server needs --quic-addr"),
+            };
+            let ca = match (&args.ca_file, spawned) {
+                (Some(path), _) => {
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+                }
+                (None, Some(node)) => node.ca_pem()?,
+                (None, None) => bail!("--transport quic against --server needs --ca-file"),
+            };
+            Some(QuicTarget::open(addr, &ca, args.connections)?)
+        }
+    };
     let pid = target.node_pid.map(|p| p.to_string());
     let before = pid.as_deref().and_then(vm_rss_kib);
     let shared = Arc::new(Shared::default());
@@ -165,16 +238,18 @@ async fn measure(target: &mut Target, args: &ConnectionsArgs) -> Result<Connecti
     let started = Instant::now();
     for i in 0..args.connections {
         let account = accounts[i % accounts.len()].clone();
-        let source =
-            spread.then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8)));
-        tasks.spawn(hold(
-            account,
-            source,
-            target.codec,
-            gate.clone(),
-            shared.clone(),
-            stop.clone(),
-        ));
+        let (gate, shared, stop) = (gate.clone(), shared.clone(), stop.clone());
+        match &quic {
+            Some(q) => {
+                let endpoint = q.endpoints[(i / PER_QUIC_SOURCE) % q.endpoints.len()].clone();
+                tasks.spawn(hold_quic(endpoint, q.addr, account, gate, shared, stop));
+            }
+            None => {
+                let source = spread
+                    .then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / PER_SOURCE) as u8)));
+                tasks.spawn(hold(account, source, target.codec, gate, shared, stop));
+            }
+        }
     }
     // Wait for every attempt, one progress line a second.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -232,6 +307,7 @@ async fn measure(target: &mut Target, args: &ConnectionsArgs) -> Result<Connecti
         node_kib_per_connection: per_conn,
         bench_rss_kib: bench_rss,
         first_error,
+        transport: Some(args.transport),
     })
 }
 
@@ -255,14 +331,7 @@ async fn hold(
     };
     let mut c = match opened {
         Ok(c) => c,
-        Err(e) => {
-            shared.failed.fetch_add(1, Ordering::Relaxed);
-            shared
-                .first_error
-                .lock()
-                .get_or_insert_with(|| format!("{e:#}"));
-            return;
-        }
+        Err(e) => return open_failed(&shared, format!("{e:#}")),
     };
     shared.opened.fetch_add(1, Ordering::Relaxed);
     let every = Duration::from_millis(c.heartbeat_interval_ms.clamp(500, 60_000));
@@ -288,4 +357,86 @@ async fn hold(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
+}
+
+/// Records a failed open.
+fn open_failed(shared: &Shared, error: String) {
+    shared.failed.fetch_add(1, Ordering::Relaxed);
+    shared.first_error.lock().get_or_insert(error);
+}
+
+/// Opens one QUIC connection on `endpoint` (at most `gate` at a time), authenticates, then
+/// heartbeats until `stop`.
+async fn hold_quic(
+    endpoint: quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    account: Account,
+    gate: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    use client_proto::ServerFrame;
+    let encode =
+        |frame: &ClientFrame| bytes::Bytes::from(client_proto::codec::encode(Codec::Binary, frame));
+    let opened = {
+        let Ok(_permit) = gate.acquire().await else {
+            return;
+        };
+        let open = async {
+            let mut link =
+                client_proto::client::quic::connect_on(endpoint, addr, &addr.ip().to_string())
+                    .await
+                    .map_err(|e| format!("{e}"))?;
+            let auth = ClientFrame::Auth {
+                token: account.token.clone(),
+            };
+            link.send
+                .send(encode(&auth))
+                .await
+                .map_err(|e| format!("sending auth: {e}"))?;
+            match link.recv.next().await {
+                Some(Ok(bytes)) => match client_proto::codec::decode(Codec::Binary, &bytes) {
+                    Ok(ServerFrame::Ready {
+                        heartbeat_interval_ms,
+                        ..
+                    }) => Ok((link, heartbeat_interval_ms)),
+                    Ok(other) => Err(format!("unexpected frame before ready: {other:?}")),
+                    Err(e) => Err(format!("undecodable frame: {e}")),
+                },
+                Some(Err(e)) => Err(format!("reading ready: {e}")),
+                None => Err("closed before ready".to_string()),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), open)
+            .await
+            .unwrap_or_else(|_| Err("QUIC connect and auth timed out".to_string()))
+    };
+    let (mut link, interval_ms) = match opened {
+        Ok(opened) => opened,
+        Err(e) => return open_failed(&shared, e),
+    };
+    shared.opened.fetch_add(1, Ordering::Relaxed);
+    let every = Duration::from_millis(interval_ms.clamp(500, 60_000));
+    let offset = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
+    let mut hb = tokio::time::interval_at(Instant::now() + offset, every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = hb.tick() => {
+                if link.send.send(encode(&ClientFrame::Heartbeat)).await.is_err() {
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            frame = link.recv.next() => {
+                let ok = matches!(&frame, Some(Ok(b)) if client_proto::codec::decode::<ServerFrame>(Codec::Binary, b).is_ok());
+                if !ok {
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    shared.first_error.lock().get_or_insert_with(|| format!("dropped: {frame:?}"));
+                    return;
+                }
+            }
+        }
+    }
+    link.conn.close(0u32.into(), b"bench done");
 }

@@ -21,6 +21,8 @@ pub struct SpawnedNode {
     pumps: Vec<JoinHandle<()>>,
     /// `http://127.0.0.1:PORT`.
     pub http: String,
+    /// The client QUIC address, `127.0.0.1:PORT`.
+    pub quic: String,
     /// The child's process id (for /proc/<pid>/status).
     pub pid: u32,
 }
@@ -38,6 +40,7 @@ impl SpawnedNode {
             extra: extra.to_vec(),
             pumps: Vec::new(),
             http: String::new(),
+            quic: String::new(),
             pid: 0,
         };
         node.launch()?;
@@ -103,12 +106,14 @@ impl SpawnedNode {
                         let _ = writeln!(f, "{line}");
                     }
                     if line.contains("chatnode ready") {
-                        if let Some(addr) = line
-                            .split("http=")
-                            .nth(1)
-                            .and_then(|s| s.split_whitespace().next())
-                        {
-                            let _ = tx.send(addr.to_string());
+                        let field = |name: &str| {
+                            line.split(name)
+                                .nth(1)
+                                .and_then(|s| s.split_whitespace().next())
+                                .map(str::to_string)
+                        };
+                        if let (Some(http), Some(quic)) = (field("http="), field("quic=")) {
+                            let _ = tx.send((http, quic));
                         }
                     }
                 }
@@ -118,8 +123,9 @@ impl SpawnedNode {
         self.child = Some(child);
         self.pid = pid;
         match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(addr) => {
-                self.http = format!("http://{addr}");
+            Ok((http, quic)) => {
+                self.http = format!("http://{http}");
+                self.quic = quic;
                 eprintln!("bench: spawned chatnode pid {pid} at {}", self.http);
                 Ok(())
             }
@@ -129,6 +135,12 @@ impl SpawnedNode {
                 bail!("the spawned chatnode did not become ready:\n{tail}")
             }
         }
+    }
+
+    /// The cluster CA the node made on first start (what QUIC clients must trust).
+    pub fn ca_pem(&self) -> Result<Vec<u8>> {
+        let path = self.dir.path().join("data").join("cluster").join("ca.pem");
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
     }
 
     /// The last `n` lines of the node's log.
