@@ -67,8 +67,8 @@ pub enum Transport {
     Quic,
 }
 
-/// QUIC connections per source address (the node's per-address limit).
-const PER_QUIC_SOURCE: usize = 10_000;
+/// QUIC connections per source address (under the node's per-address limit of 10,000).
+const PER_QUIC_SOURCE: usize = 8_000;
 
 /// Where QUIC connections go, and the endpoints (one per source address) they share.
 #[derive(Clone)]
