@@ -334,10 +334,7 @@ async fn hold(
         Err(e) => return open_failed(&shared, format!("{e:#}")),
     };
     shared.opened.fetch_add(1, Ordering::Relaxed);
-    let every = Duration::from_millis(c.heartbeat_interval_ms.clamp(500, 60_000));
-    // Spread the heartbeats over the interval.
-    let offset = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
-    let mut hb = tokio::time::interval_at(Instant::now() + offset, every);
+    let mut hb = heartbeats(c.heartbeat_interval_ms);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -357,6 +354,14 @@ async fn hold(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
+}
+
+/// A heartbeat timer at the interval the node announced, started at a random point of the
+/// first interval so that many connections spread their heartbeats.
+fn heartbeats(interval_ms: u64) -> tokio::time::Interval {
+    let every = Duration::from_millis(interval_ms.clamp(500, 60_000));
+    let offset = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
+    tokio::time::interval_at(Instant::now() + offset, every)
 }
 
 /// Records a failed open.
@@ -416,9 +421,7 @@ async fn hold_quic(
         Err(e) => return open_failed(&shared, e),
     };
     shared.opened.fetch_add(1, Ordering::Relaxed);
-    let every = Duration::from_millis(interval_ms.clamp(500, 60_000));
-    let offset = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
-    let mut hb = tokio::time::interval_at(Instant::now() + offset, every);
+    let mut hb = heartbeats(interval_ms);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
