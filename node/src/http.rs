@@ -296,6 +296,8 @@ async fn cluster(State(node): AppState) -> Response {
                 "quic_addr": info.quic_addr,
                 "peer_addr": m.addrs.peer.to_string(),
                 "gossip_addr": m.gossip_addr.to_string(),
+                // The joining nodes this member's coordinator treats as pending.
+                "pending": m.pending,
             })
         })
         .collect();
@@ -305,6 +307,8 @@ async fn cluster(State(node): AppState) -> Response {
 async fn ready(State(node): AppState) -> Response {
     if node.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if !node.mesh.is_active() {
+        (StatusCode::SERVICE_UNAVAILABLE, "joining").into_response()
     } else {
         "ready".into_response()
     }

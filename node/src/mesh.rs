@@ -116,6 +116,8 @@ pub struct Mesh {
     coord: Coordinator<SledReplica, PeerReplicaClient>,
     endpoint: PeerEndpoint,
     self_id: NodeId,
+    /// Whether this node is an active member (false while it joins).
+    active: std::sync::atomic::AtomicBool,
     /// One queue per peer, drained by that peer's forwarding task.
     forwarders: parking_lot::Mutex<HashMap<NodeId, mpsc::Sender<Deliver>>>,
     /// Forwarding tasks, requests and the watcher tasks.
@@ -205,6 +207,28 @@ impl Mesh {
         // it stays pending until it has pulled the partitions it will hold.
         let marker = cfg.data_dir.join(MEMBER_MARKER);
         let was_member = marker.exists();
+        // A new node seeded with another node's address must not take itself for the first
+        // node of a new cluster (and skip the pull) just because gossip was slow: it waits to
+        // hear from someone first.
+        let seeds_elsewhere = cfg.seeds.iter().any(|s| {
+            s.parse::<SocketAddr>()
+                .map_or(true, |a| a != cfg.gossip_addr && a != gossip_advertise)
+        });
+        if seeds_elsewhere && !was_member {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while membership
+                .members()
+                .await
+                .iter()
+                .all(|m| m.node_id == cfg.node_id)
+            {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(seeds = ?cfg.seeds, "no other node answered through the seeds within 10 s; starting as the first node of a new cluster");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
         let members = membership.members().await;
         let cluster_has_data = members.iter().any(|m| {
             m.node_id != cfg.node_id && matches!(m.state, Lifecycle::Active | Lifecycle::Leaving)
@@ -229,6 +253,7 @@ impl Mesh {
             coord: coord.clone(),
             endpoint,
             self_id: cfg.node_id,
+            active: std::sync::atomic::AtomicBool::new(!joining),
             forwarders: parking_lot::Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             stop,
@@ -312,6 +337,7 @@ impl Mesh {
                 return;
             }
             this.membership.set_state(Lifecycle::Active).await;
+            this.active.store(true, std::sync::atomic::Ordering::Release);
             tracing::info!(
                 ms = started.elapsed().as_millis() as u64,
                 "joined: active, serving reads of its partitions"
@@ -464,6 +490,11 @@ impl Mesh {
                 }
             }
         });
+    }
+
+    /// Whether this node is an active member: false while it joins (`/readyz` says so).
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// How many members are live, this node included.

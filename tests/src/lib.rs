@@ -319,7 +319,8 @@ pub struct TestUser {
     pub login: LoginResponse,
 }
 
-/// How many live, active members a node's `GET /v1/cluster` lists, and the whole view.
+/// How many live, active members a node's `GET /v1/cluster` lists that treat no node as
+/// joining any more (so every coordinator uses the final replica sets), and the whole view.
 pub async fn live_active_members(api: &HttpClient) -> (usize, serde_json::Value) {
     let view: serde_json::Value = api
         .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
@@ -329,7 +330,11 @@ pub async fn live_active_members(api: &HttpClient) -> (usize, serde_json::Value)
         .as_array()
         .map(|m| {
             m.iter()
-                .filter(|m| m["live"] == true && m["state"] == "active")
+                .filter(|m| {
+                    m["live"] == true
+                        && m["state"] == "active"
+                        && m["pending"].as_array().is_some_and(Vec::is_empty)
+                })
                 .count()
         })
         .unwrap_or(0);
