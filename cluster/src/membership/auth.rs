@@ -264,13 +264,16 @@ impl Socket for AuthSocket {
     ) -> anyhow::Result<SendOutcome> {
         while self.tap.try_recv_from(&mut self.buf).is_ok() {}
         self.codec.send(self.tap_addr, envelope).await?;
-        let (len, from) = tokio::time::timeout(CODEC_HOP, self.tap.recv_from(&mut self.buf))
-            .await
-            .context("gossip codec hop timed out")??;
-        anyhow::ensure!(
-            from == self.codec_addr,
-            "unexpected datagram on the gossip tap"
-        );
+        let deadline = tokio::time::Instant::now() + CODEC_HOP;
+        let len = loop {
+            let (len, from) = tokio::time::timeout_at(deadline, self.tap.recv_from(&mut self.buf))
+                .await
+                .context("gossip codec hop timed out")??;
+            // Anything but the codec socket's own datagram is dropped.
+            if from == self.codec_addr {
+                break len;
+            }
+        };
         let payload = &self.buf[..len];
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
@@ -333,13 +336,16 @@ impl Socket for AuthSocket {
             self.drain_codec().await;
             self.tap.send_to(&message, self.codec_addr).await?;
             match tokio::time::timeout(CODEC_HOP, self.codec.recv()).await {
-                Ok(Ok(outcome)) => {
+                // Only what came through the tap counts: the codec socket's loopback port is
+                // not sealed, and anything else sent to it is dropped.
+                Ok(Ok(outcome)) if outcome.from_addr == self.tap_addr => {
                     return Ok(RecvOutcome {
                         from_addr: from,
                         envelope: outcome.envelope,
                         num_bytes_received: len,
                     })
                 }
+                Ok(Ok(_)) => continue,
                 Ok(Err(e)) => return Err(e),
                 // chitchat's socket dropped it as undecodable (and logged it).
                 Err(_) => continue,
