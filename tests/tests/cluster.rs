@@ -628,3 +628,40 @@ async fn a_node_restarted_on_an_empty_disk_joins_again_and_pulls_what_it_lost() 
     let missing: Vec<_> = acked[..20].iter().filter(|id| !held.contains(id)).collect();
     assert!(missing.is_empty(), "the rejoined node lacks {missing:?}");
 }
+
+#[tokio::test]
+async fn a_node_without_a_read_quorum_to_pull_from_stays_joining_and_not_ready() {
+    // RF=3 on 3 nodes: every partition needs 2 replicas' complete answers. With two of the
+    // three killed, a fourth node can pull from one only, so it must never turn active.
+    let mut cluster = TestCluster::start(3, &[]).await;
+    cluster.nodes[1].kill();
+    cluster.nodes[2].kill();
+    cluster.wait_members(1).await;
+    let joiner = cluster.add_node(&[]);
+    let api = cluster.nodes[joiner].api();
+    let url = format!("{}/readyz", cluster.nodes[joiner].http);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut saw_joining = false;
+    while Instant::now() < deadline {
+        let (_, view) = chat_tests::live_active_members(&api).await;
+        let me = view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["node_id"] == joiner)
+            .cloned()
+            .unwrap_or_default();
+        assert_ne!(
+            me["state"], "active",
+            "joined without a read quorum: {view}"
+        );
+        saw_joining |= me["state"] == "joining";
+        let ready = reqwest::get(&url).await.unwrap();
+        assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ready.text().await.unwrap(), "joining");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(saw_joining);
+    let log = cluster.nodes[joiner].log_text();
+    assert!(log.contains("pulling again"), "{log}");
+}
