@@ -174,15 +174,6 @@ impl JointTally {
         out
     }
 
-    /// Whether any replica refused the write as stale.
-    pub fn any_stale(&self) -> bool {
-        self.parts.iter().any(|(_, t)| {
-            t.failed()
-                .iter()
-                .any(|f| matches!(f.reason, FailureReason::Stale))
-        })
-    }
-
     /// The error for a write that ends now: the first set without its quorum, with its
     /// replicas in `still_pending` reported as timed out.
     pub fn unavailable(self, still_pending: &[NodeId]) -> QuorumError {
