@@ -240,12 +240,11 @@ impl Topology {
         Quorums { nodes, sets }
     }
 
-    /// The partition's primary: its first live replica in rendezvous order (this node counts
-    /// as live). Compare-and-swaps of the partition run there.
+    /// The partition's primary: its first live replica in rendezvous order. Compare-and-swaps
+    /// of the partition run there. This node is live in its own view ([`Topology::from_members`])
+    /// unless it is joining again after losing its data, and then it must not be primary.
     pub fn primary(&self, partition: Partition) -> Option<ReplicaNode> {
-        self.replica_set(partition)
-            .into_iter()
-            .find(|n| n.live || n.id == self.self_id)
+        self.replica_set(partition).into_iter().find(|n| n.live)
     }
 }
 
@@ -366,5 +365,7 @@ mod tests {
         // Seen from node 3 itself: it is a member that reads nothing from its own store.
         let own = Topology::from_members(3, 3, &members, |m| format!("node-{}", m.node_id));
         assert!(own.is_member(3) && !own.node(3).unwrap().live);
+        // ...and never the primary of a partition, even in its own view.
+        assert!((0..64).all(|p| own.primary(Partition(p)).is_some_and(|n| n.id != 3)));
     }
 }
