@@ -146,7 +146,7 @@ pub struct Config {
     pub anti_entropy: Option<Duration>,
     pub sync_overlap: Duration,
     pub token_ttl: Duration,
-    pub push: crate::push::PushConfig,
+    pub push: PushConfig,
     pub log: String,
 }
 
@@ -239,7 +239,7 @@ impl Config {
                     .or(file.token_ttl_secs)
                     .unwrap_or(30 * 24 * 3600),
             ),
-            push: crate::push::PushConfig {
+            push: PushConfig {
                 preview: args.push_preview.or(file.push_preview).unwrap_or(true),
                 timeout: ms(args.push_timeout_ms.or(file.push_timeout_ms), 5_000),
                 retry_base: ms(args.push_retry_base_ms.or(file.push_retry_base_ms), 1_000),
@@ -336,6 +336,19 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source: Box::new(source),
     })
+}
+
+/// Settings of the push worker (`--push-*`).
+#[derive(Clone, Debug)]
+pub struct PushConfig {
+    /// Whether notifications carry a preview of the body.
+    pub preview: bool,
+    /// How long one webhook POST may take.
+    pub timeout: Duration,
+    /// The first retry's delay; it doubles with each attempt.
+    pub retry_base: Duration,
+    /// Attempts before a notification is dropped as a dead letter.
+    pub max_attempts: u32,
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(chatnode::node::serve(cfg, shutdown_signal())) {
+            match runtime.block_on(chatnode::server::serve(cfg, shutdown_signal())) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

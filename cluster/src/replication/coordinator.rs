@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::error::bounded;
 use super::error::{FailureReason, QuorumError, ReplicaFailure};
-use super::fanout::bounded;
 use super::hints::{HintLimits, HintStore};
 use super::quorum::{merge_reads, merge_scans, scan_repairs, stale_replicas};
 use super::record::{ReplicaOp, ScanEntry, TableId, Versioned};

@@ -2,8 +2,12 @@
 //! replica that did not answer failed.
 
 use std::error::Error;
+use std::future::Future;
+use std::time::Duration;
+
 use std::fmt;
 use std::sync::Arc;
+use tokio::time::timeout;
 
 use crate::placement::NodeId;
 
@@ -125,4 +129,19 @@ pub enum CasError {
         /// Why.
         reason: FailureReason,
     },
+}
+
+/// Runs `call` for at most `limit`, mapping its error into a [`FailureReason`].
+pub(super) async fn bounded<T, E>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, FailureReason>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(FailureReason::failed(error)),
+        Err(_) => Err(FailureReason::TimedOut),
+    }
 }

@@ -4,11 +4,10 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout_at, Instant};
 
 use super::coordinator::Inner;
 use super::error::{FailureReason, QuorumError, ReplicaFailure};
@@ -222,19 +221,4 @@ fn short_of<T>(target: &Quorums, answers: &[(NodeId, T)]) -> Option<(usize, usiz
         let got = answers.iter().filter(|(id, _)| set.contains(id)).count();
         (got < needed).then_some((got, needed))
     })
-}
-
-/// Runs `call` for at most `limit`, mapping its error into a [`FailureReason`].
-pub(super) async fn bounded<T, E>(
-    limit: Duration,
-    call: impl Future<Output = Result<T, E>>,
-) -> Result<T, FailureReason>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    match timeout(limit, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(FailureReason::failed(error)),
-        Err(_) => Err(FailureReason::TimedOut),
-    }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::coordinator::Coordinator;
+use super::error::bounded;
 use super::error::FailureReason;
-use super::fanout::bounded;
 use super::quorum::read_quorum;
 use super::record::{ReplicaOp, TableId};
 use super::replica::{LocalReplica, ReplicaClient};

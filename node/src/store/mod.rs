@@ -101,8 +101,30 @@ pub enum StoreError {
     Corrupt(String),
     #[error("too much contention on one record")]
     Contention,
+    /// A read or write could not reach its quorum of replicas.
     #[error("the replicas needed are not reachable: {0}")]
-    Unavailable(String),
+    Quorum(#[from] QuorumError),
+    /// A compare-and-swap got no definite answer from its partition's primary.
+    #[error("the replicas needed are not reachable: {0}")]
+    Cas(#[from] CasError),
+    /// The store is not attached to the cluster yet (start-up).
+    #[error("the store is not attached to the cluster yet")]
+    NotAttached,
+}
+
+impl StoreError {
+    /// Whether the operation failed for want of replicas or time, so that retrying later is
+    /// safe and may succeed (as opposed to a broken disk or record).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Timeout(_)
+                | StoreError::Contention
+                | StoreError::Quorum(_)
+                | StoreError::Cas(_)
+                | StoreError::NotAttached
+        )
+    }
 }
 
 /// How often a read-modify-write of one record retries under contention.
@@ -259,9 +281,7 @@ impl Store {
     }
 
     fn coord(&self) -> Result<&Coord, StoreError> {
-        self.inner.coord.get().ok_or_else(|| {
-            StoreError::Unavailable("the store is not attached to the cluster yet".into())
-        })
+        self.inner.coord.get().ok_or(StoreError::NotAttached)
     }
 
     /// The node's id generator (message, user, group ids and record versions).
@@ -348,7 +368,7 @@ impl Store {
                 }
                 Err(e) => {
                     metrics::counter!("store_quorum_failures_total").increment(1);
-                    return Err(StoreError::Unavailable(e.to_string()));
+                    return Err(StoreError::Cas(e));
                 }
             }
         };
@@ -484,5 +504,5 @@ impl Store {
 
 fn quorum_failed(e: QuorumError) -> StoreError {
     metrics::counter!("store_quorum_failures_total").increment(1);
-    StoreError::Unavailable(e.to_string())
+    StoreError::Quorum(e)
 }

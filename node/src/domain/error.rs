@@ -1,9 +1,8 @@
-//! The one place where failures become PROTOCOL.md error codes, for HTTP answers and
-//! `error` frames alike.
+//! The one place where failures become protocol error codes (`docs/protocol.md`), for HTTP
+//! answers and `error` frames alike. (The gateway turns an [`ApiError`] into an HTTP
+//! answer; nothing here knows about HTTP.)
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use client_proto::{ErrorBody, ErrorCode};
+use client_proto::ErrorCode;
 
 use crate::store::StoreError;
 
@@ -39,7 +38,7 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Timeout(_) | StoreError::Contention | StoreError::Unavailable(_) => {
+            e if e.is_unavailable() => {
                 metrics::counter!("store_write_failures_total").increment(1);
                 ApiError::new(ErrorCode::Unavailable, format!("{e}; retrying is safe"))
             }
@@ -51,13 +50,5 @@ impl From<StoreError> for ApiError {
                 )
             }
         }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(ErrorBody::new(self.code, self.message))).into_response()
     }
 }

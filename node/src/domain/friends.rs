@@ -5,9 +5,9 @@ use std::sync::Arc;
 use client_proto::ids::UserId;
 use serde::Serialize;
 
-use crate::error::ApiError;
-use crate::hub::Hub;
-use crate::presence::Presence;
+use crate::domain::error::ApiError;
+use crate::domain::hub::Hub;
+use crate::domain::presence::Presence;
 use crate::store::Store;
 
 /// Most friends one user may have.

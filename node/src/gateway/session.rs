@@ -18,13 +18,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::accounts::Identity;
-use crate::error::ApiError;
-use crate::hub::{Outbound, OUTBOUND_QUEUE};
+use crate::domain::auth::Identity;
+use crate::domain::error::ApiError;
+use crate::domain::hub::{Outbound, OUTBOUND_QUEUE};
+use crate::domain::presence::MAX_WATCHED_PER_CONNECTION;
+use crate::gateway::ratelimit::TokenBucket;
 use crate::ids::now_unix_ms;
 use crate::node::Node;
-use crate::presence::MAX_WATCHED_PER_CONNECTION;
-use crate::ratelimit::TokenBucket;
 
 /// Sends of one connection being stored at once; past this the session stops reading.
 const MAX_INFLIGHT_SENDS: usize = 64;
@@ -371,7 +371,7 @@ impl Session {
     async fn handle(&mut self, frame: ClientFrame) -> Option<BoxFuture<'static, ()>> {
         match frame {
             ClientFrame::Send { id, to, body } => {
-                if let Err(e) = crate::chat::validate_send(&id, &body) {
+                if let Err(e) = crate::domain::chat::validate_send(&id, &body) {
                     self.error(e, Some(id)).await;
                     return None;
                 }
@@ -471,7 +471,7 @@ impl Session {
     /// Sends what reached this user's inbox since the session started and was not sent to
     /// this connection yet (only in a cluster: on one node every delivery is local).
     async fn catch_up(&self) {
-        if self.node.mesh.live_members() < 2 {
+        if self.node.live_members() < 2 {
             return;
         }
         let mut from = self.node.chat.sync_start(Some(self.connected_at));

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Outbound;
+use crate::domain::hub::Outbound;
 use crate::ids::now_unix_ms;
 use crate::store::Store;
 

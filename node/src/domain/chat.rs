@@ -1,5 +1,5 @@
 //! Chat logic: sending, syncing and reading history. It validates, decides who a message is
-//! for, and calls the store and the hub; it never touches sled or sockets.
+//! for, and calls the store and the delivery port; it never touches sled, sockets or peers.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,25 +10,23 @@ use client_proto::limits::{
     DEFAULT_HISTORY_LIMIT, FRAME_PAYLOAD_BUDGET, MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES,
     MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT,
 };
-use client_proto::{ErrorCode, Message, Recipient, ServerFrame};
+use client_proto::{ErrorCode, Message, Recipient};
 
-use crate::accounts::Identity;
-use crate::error::ApiError;
-use crate::hub::Hub;
+use crate::domain::auth::Identity;
+use crate::domain::delivery::Delivery;
+use crate::domain::error::ApiError;
+use crate::domain::presence::Presence;
+use crate::domain::push::Push;
 use crate::ids::{now_unix_ms, IdGen};
-use crate::mesh::Mesh;
-use crate::presence::Presence;
-use crate::push::Push;
 use crate::store::{HistoryPage, SendOutcome, Store, SyncPage};
 
 /// The chat service.
 pub struct Chat {
     store: Store,
     ids: Arc<IdGen>,
-    hub: Hub,
+    delivery: Delivery,
     presence: Arc<Presence>,
     push: Arc<Push>,
-    mesh: Arc<Mesh>,
     sync_overlap: Duration,
     /// Users known to exist (see [`Chat::user_exists`]).
     known_users: parking_lot::Mutex<HashSet<UserId>>,
@@ -72,19 +70,17 @@ impl Chat {
     pub fn new(
         store: Store,
         ids: Arc<IdGen>,
-        hub: Hub,
+        delivery: Delivery,
         presence: Arc<Presence>,
         push: Arc<Push>,
-        mesh: Arc<Mesh>,
         sync_overlap: Duration,
     ) -> Self {
         Chat {
             store,
             ids,
-            hub,
+            delivery,
             presence,
             push,
-            mesh,
             sync_overlap,
             known_users: parking_lot::Mutex::new(HashSet::new()),
         }
@@ -148,11 +144,7 @@ impl Chat {
         }
         metrics::histogram!("chat_ack_latency_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("chat_messages_total").increment(1);
-        let frame = ServerFrame::Message {
-            message: Arc::new(m.clone()),
-        };
-        self.hub.deliver(&inboxes, &frame, sender_conn);
-        self.mesh.forward(&inboxes, &m);
+        self.delivery.deliver(&inboxes, &m, sender_conn);
         Ok(m)
     }
 

@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
+pub use crate::config::PushConfig;
+use crate::domain::error::ApiError;
 use crate::ids::{now_unix_ms, IdGen};
 use crate::store::records::PushJob;
 use crate::store::Store;
@@ -28,16 +29,6 @@ const MAX_CONCURRENT: usize = 16;
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest accepted webhook URL.
 pub const MAX_TARGET_BYTES: usize = 2048;
-
-/// Settings of the push worker.
-#[derive(Clone, Debug)]
-pub struct PushConfig {
-    /// Whether notifications carry a preview of the body.
-    pub preview: bool,
-    pub timeout: Duration,
-    pub retry_base: Duration,
-    pub max_attempts: u32,
-}
 
 /// The JSON body POSTed to a webhook.
 #[derive(Serialize, Debug)]

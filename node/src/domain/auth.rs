@@ -14,6 +14,13 @@ use client_proto::ids::{DeviceId, UserId};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+/// A checked token: who is calling, from which device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub user: UserId,
+    pub device: DeviceId,
+}
+
 /// What a token says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub struct Claims {

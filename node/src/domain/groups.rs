@@ -11,7 +11,7 @@ use client_proto::ids::{GroupId, UserId};
 use client_proto::limits::MAX_GROUP_MEMBERS;
 use client_proto::ErrorCode;
 
-use crate::error::ApiError;
+use crate::domain::error::ApiError;
 use crate::ids::{now_unix_ms, IdGen};
 use crate::store::records::{GroupMember, GroupRecord};
 use crate::store::Store;

@@ -7,11 +7,10 @@ use client_proto::http::{LoginRequest, LoginResponse, NodeInfo, SignupRequest, U
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::limits::{valid_username, MAX_DISPLAY_NAME_BYTES, PASSWORD_LEN};
 
-use crate::auth::{hash_password, verify_password, Claims, Tokens};
-use crate::error::ApiError;
-use crate::hub::Hub;
+use crate::domain::auth::{hash_password, verify_password, Claims, Identity, Tokens};
+use crate::domain::delivery::Delivery;
+use crate::domain::error::ApiError;
 use crate::ids::{now_unix_ms, IdGen};
-use crate::mesh::Mesh;
 use crate::store::records::{DeviceRecord, UserRecord};
 use crate::store::Store;
 
@@ -20,20 +19,12 @@ pub const MAX_DEVICES: usize = 32;
 /// Longest device name, in bytes.
 const MAX_DEVICE_NAME_BYTES: usize = 64;
 
-/// A checked token: who is calling, from which device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub user: UserId,
-    pub device: DeviceId,
-}
-
 /// The account service.
 pub struct Accounts {
     store: Store,
     tokens: Tokens,
     ids: Arc<IdGen>,
-    hub: Hub,
-    mesh: Arc<Mesh>,
+    delivery: Delivery,
     token_ttl: Duration,
 }
 
@@ -59,16 +50,14 @@ impl Accounts {
         store: Store,
         tokens: Tokens,
         ids: Arc<IdGen>,
-        hub: Hub,
-        mesh: Arc<Mesh>,
+        delivery: Delivery,
         token_ttl: Duration,
     ) -> Self {
         Accounts {
             store,
             tokens,
             ids,
-            hub,
-            mesh,
+            delivery,
             token_ttl,
         }
     }
@@ -193,8 +182,8 @@ impl Accounts {
                 Ok::<_, ApiError>(())
             })
             .await?;
-        self.hub.close_device(who.user, who.device, "logged out");
-        self.mesh.close_device(who.user, who.device);
+        self.delivery
+            .close_device(who.user, who.device, "logged out");
         Ok(())
     }
 
@@ -229,7 +218,7 @@ impl Accounts {
         device: DeviceId,
         target: String,
     ) -> Result<(), ApiError> {
-        crate::push::validate_target(&target)?;
+        crate::domain::push::validate_target(&target)?;
         self.store
             .update_user(who.user, |rec| {
                 let dev = rec

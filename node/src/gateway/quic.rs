@@ -24,8 +24,8 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::sync::CancellationToken;
 
+use crate::gateway::session::{self, Inbound, OutFrame};
 use crate::node::Node;
-use crate::session::{self, Inbound, OutFrame};
 
 /// The ALPN of the client protocol over QUIC.
 pub const ALPN: &[u8] = b"chat/1";

@@ -11,8 +11,8 @@ use client_proto::limits::MAX_FRAME_BYTES;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite;
 
+use crate::gateway::session::{self, Inbound, OutFrame};
 use crate::node::Node;
-use crate::session::{self, Inbound, OutFrame};
 
 /// Read buffer per connection. tungstenite's default is 128 KiB, which at 50,000 idle
 /// connections would be 6 GiB; frames larger than this are still read, in several chunks.

@@ -1,4 +1,5 @@
-//! The HTTP API of PROTOCOL.md (`/v1/...`), health and metrics.
+//! The HTTP API of `docs/protocol.md` (`/v1/...`), health and metrics, and how an
+//! [`ApiError`] becomes an HTTP answer.
 
 use std::sync::Arc;
 
@@ -13,10 +14,11 @@ use client_proto::http::{
     AddMemberRequest, CreateGroupRequest, HistoryPage, LoginRequest, PatchMeRequest, SignupRequest,
 };
 use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
+use client_proto::ErrorBody;
 use serde::Deserialize;
 
-use crate::accounts::Identity;
-use crate::error::ApiError;
+use crate::domain::auth::Identity;
+use crate::domain::error::ApiError;
 use crate::node::Node;
 
 /// Largest HTTP request body (no API body is anywhere near this).
@@ -42,7 +44,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/conversations/{conversation}/messages", get(history))
         .route("/v1/discover", get(discover))
         .route("/v1/cluster", get(cluster))
-        .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/v1/ws", get(crate::gateway::ws::upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -186,7 +188,7 @@ async fn create_group(
     Body(req): Body<CreateGroupRequest>,
 ) -> Result<Response, ApiError> {
     let rec = node.groups.create(who.user, req.name, req.members).await?;
-    Ok((StatusCode::CREATED, Json(crate::groups::info(&rec))).into_response())
+    Ok((StatusCode::CREATED, Json(crate::domain::groups::info(&rec))).into_response())
 }
 
 async fn list_groups(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
@@ -195,7 +197,7 @@ async fn list_groups(State(node): AppState, Caller(who): Caller) -> Result<Respo
         .list(who.user)
         .await?
         .iter()
-        .map(crate::groups::info)
+        .map(crate::domain::groups::info)
         .collect();
     Ok(Json(groups).into_response())
 }
@@ -209,7 +211,7 @@ async fn get_group(
         .groups
         .get(who.user, path_id(&group, "group id")?)
         .await?;
-    let mut info = crate::groups::info(&rec);
+    let mut info = crate::domain::groups::info(&rec);
     info.presence = Some(node.presence_of(&info.members).await);
     Ok(Json(info).into_response())
 }
@@ -280,48 +282,29 @@ async fn discover(State(node): AppState) -> Response {
 }
 
 async fn cluster(State(node): AppState) -> Response {
-    let members: Vec<_> = node
-        .mesh
-        .members()
-        .await
-        .iter()
-        .map(|m| {
-            let info = crate::mesh::node_info(m);
-            serde_json::json!({
-                "node_id": m.node_id,
-                "state": if m.live { m.state.as_str() } else { "dead" },
-                "live": m.live,
-                "load": m.load,
-                "ws_url": info.ws_url,
-                "quic_addr": info.quic_addr,
-                "peer_addr": m.addrs.peer.to_string(),
-                "gossip_addr": m.gossip_addr.to_string(),
-                // The joining nodes this member's coordinator treats as pending.
-                "pending": m.pending,
-            })
-        })
-        .collect();
+    let members = node.members().await;
     Json(serde_json::json!({ "node_id": node.cfg.node_id, "members": members })).into_response()
 }
 
 async fn ready(State(node): AppState) -> Response {
-    if node.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
-    } else if !node.mesh.is_active() {
-        (StatusCode::SERVICE_UNAVAILABLE, "joining").into_response()
-    } else {
-        "ready".into_response()
+    match node.readiness() {
+        Ok(()) => "ready".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.as_str()).into_response(),
     }
 }
 
 async fn metrics(State(node): AppState) -> Response {
-    metrics::gauge!("store_disk_bytes").set(node.store.size_on_disk() as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        node.metrics
-            .as_ref()
-            .map(|m| m.render())
-            .unwrap_or_default(),
+        node.render_metrics(),
     )
         .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ErrorBody::new(self.code, self.message))).into_response()
+    }
 }

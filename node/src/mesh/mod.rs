@@ -1,126 +1,60 @@
-//! The node's place in the cluster: gossip membership, the peer endpoint (replication and
-//! node-to-node delivery), the coordinator's view of the members, and the gossip-backed
-//! presence directory.
+//! The node's place in the cluster.
+//!
+//! - this module: start-up (peer endpoint, gossip membership, the replication coordinator
+//!   attached to the store, the cluster lifecycle: join, anti-entropy, following membership)
+//!   and discovery (which node a new client should use);
+//! - [`forward`]: delivering stored messages and logouts to the nodes holding the devices
+//!   (the domain's `Forward` port), and the peer requests this node serves;
+//! - [`directory`]: the gossip-backed presence directory (the domain's `Directory` port).
 
-use std::collections::{BTreeMap, HashMap};
+mod directory;
+mod forward;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use client_proto::http::NodeInfo;
-use client_proto::ids::{DeviceId, UserId};
-use client_proto::{Message, PresenceStatus, ServerFrame};
+use client_proto::ids::UserId;
+use client_proto::PresenceStatus;
 use cluster::replication::{
-    is_replication_kind, Coordinator, CoordinatorConfig, PeerReplicaClient, PullMode, PullPlan,
-    ReplicaService, RpcReplicaClient, Topology,
+    Coordinator, CoordinatorConfig, PeerReplicaClient, PullMode, PullPlan, ReplicaService,
+    RpcReplicaClient, Topology,
 };
-use cluster::transport::{BoxFuture, RemoteError};
 use cluster::{
     ClusterSecret, Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, NodeId, NodeTls,
-    Partition, PeerConfig, PeerEndpoint, Request, Response, RpcHandler,
+    Partition, PeerConfig, PeerEndpoint,
 };
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use directory::GossipDirectory;
+pub use forward::Forwarder;
+
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::domain::hub::Hub;
+use crate::domain::presence::Feed;
 use crate::ids::now_unix_ms;
-use crate::presence::{Directory, Feed};
 use crate::store::{SledReplica, Store, TABLES};
+use forward::{cert_name, Handler};
 
 /// File in the data dir whose presence says this node has been a placement member (it holds
 /// partitions): it comes back as a member after a restart instead of joining again.
 const MEMBER_MARKER: &str = "placement-member";
 
-/// Request kind: close a device's connections (logout).
-const KIND_CLOSE_DEVICE: u16 = 0x0201;
-/// Request kind: deliver stored messages to local devices of some users (a batch of
-/// [`Deliver`]s, in the order they were sent).
-const KIND_DELIVER_BATCH: u16 = 0x0202;
-
-/// Deliveries queued for one peer; past that, new ones are dropped and counted (the devices
-/// get those messages at their next sync, as after any missed live delivery).
-const FORWARD_QUEUE: usize = 8192;
-/// Deliveries one request carries at most.
-const FORWARD_BATCH: usize = 256;
-/// Bytes of messages one request carries, about (a bigger single message goes alone).
-const FORWARD_REQUEST_BYTES: usize = 1 << 20;
-
-/// The bincode configuration of this module's peer messages, bounded like a peer frame.
-fn peer_bincode() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ cluster::transport::HARD_MAX_FRAME }>()
-}
-
-#[derive(bincode::Encode, bincode::Decode)]
-struct Deliver {
-    users: Vec<UserId>,
-    message: Message,
-}
-
-#[derive(bincode::Encode, bincode::Decode)]
-struct CloseDevice {
-    user: UserId,
-    device: DeviceId,
-}
-
-fn cert_name(node: NodeId) -> String {
-    format!("node-{node}")
-}
-
-/// Requests from other nodes: replication goes to the replica service, the rest is ours.
-struct Handler {
-    replication: ReplicaService<SledReplica, PeerReplicaClient>,
-    hub: Hub,
-}
-
-impl RpcHandler for Handler {
-    fn handle(
-        &self,
-        from: SocketAddr,
-        request: Request,
-    ) -> BoxFuture<'_, Result<Response, RemoteError>> {
-        if is_replication_kind(request.kind) {
-            return self.replication.handle(from, request);
-        }
-        Box::pin(async move {
-            let bad = |e: bincode::error::DecodeError| RemoteError::new(1, e.to_string());
-            let config = peer_bincode();
-            match request.kind {
-                KIND_DELIVER_BATCH => {
-                    let (batch, _): (Vec<Deliver>, _) =
-                        bincode::decode_from_slice(&request.body, config).map_err(bad)?;
-                    for d in batch {
-                        let frame = ServerFrame::Message {
-                            message: Arc::new(d.message),
-                        };
-                        self.hub.deliver(&d.users, &frame, None);
-                    }
-                }
-                KIND_CLOSE_DEVICE => {
-                    let (c, _): (CloseDevice, _) =
-                        bincode::decode_from_slice(&request.body, config).map_err(bad)?;
-                    self.hub.close_device(c.user, c.device, "logged out");
-                }
-                other => return Err(RemoteError::new(2, format!("unknown request kind {other}"))),
-            }
-            Ok(Response { body: Vec::new() })
-        })
-    }
-}
-
 /// The cluster side of a node.
 pub struct Mesh {
-    membership: Membership,
+    membership: Arc<Membership>,
     coord: Coordinator<SledReplica, PeerReplicaClient>,
     endpoint: PeerEndpoint,
     self_id: NodeId,
     /// Whether this node is an active member (false while it joins).
     active: std::sync::atomic::AtomicBool,
-    /// One queue per peer, drained by that peer's forwarding task.
-    forwarders: parking_lot::Mutex<HashMap<NodeId, mpsc::Sender<Deliver>>>,
-    /// Forwarding tasks, requests and the watcher tasks.
+    /// Forwards deliveries and logouts to other nodes.
+    forwarder: Forwarder,
+    /// The lifecycle, presence and watcher tasks.
     tasks: TaskTracker,
     stop: CancellationToken,
 }
@@ -248,13 +182,19 @@ impl Mesh {
         coord.set_topology(first);
         membership.set_pending(&pending).await;
 
+        let membership = Arc::new(membership);
         let mesh = Arc::new(Mesh {
-            membership,
             coord: coord.clone(),
-            endpoint,
             self_id: cfg.node_id,
             active: std::sync::atomic::AtomicBool::new(!joining),
-            forwarders: parking_lot::Mutex::new(HashMap::new()),
+            forwarder: Forwarder::new(
+                membership.clone(),
+                endpoint.clone(),
+                cfg.node_id,
+                stop.child_token(),
+            ),
+            endpoint,
+            membership,
             tasks: TaskTracker::new(),
             stop,
         });
@@ -492,6 +432,11 @@ impl Mesh {
         });
     }
 
+    /// The domain's `Forward` port: deliveries and logouts to other nodes.
+    pub fn forwarder(&self) -> Forwarder {
+        self.forwarder.clone()
+    }
+
     /// Whether this node is an active member: false while it joins (`/readyz` says so).
     pub fn is_active(&self) -> bool {
         self.active.load(std::sync::atomic::Ordering::Acquire)
@@ -517,140 +462,10 @@ impl Mesh {
             .map(node_info)
     }
 
-    /// Queues delivery of `message` to the devices of `users` on other nodes.
-    pub fn forward(self: &Arc<Self>, users: &[UserId], message: &Message) {
-        let mut per_node: HashMap<NodeId, Vec<UserId>> = HashMap::new();
-        for u in users {
-            for n in self.membership.user_nodes(u.0) {
-                if n != self.self_id {
-                    per_node.entry(n).or_default().push(*u);
-                }
-            }
-        }
-        for (node, users) in per_node {
-            let delivery = Deliver {
-                users,
-                message: message.clone(),
-            };
-            self.queue_delivery(node, delivery);
-        }
-    }
-
-    /// Hands `delivery` to `node`'s forwarding task (started on first use).
-    fn queue_delivery(self: &Arc<Self>, node: NodeId, delivery: Deliver) {
-        let tx = {
-            let mut forwarders = self.forwarders.lock();
-            forwarders
-                .entry(node)
-                .or_insert_with(|| self.spawn_forwarder(node))
-                .clone()
-        };
-        match tx.try_send(delivery) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("cluster_forward_dropped_total").increment(1);
-                tracing::debug!(node, "forward queue full; the devices will get it at sync");
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                // Shutting down.
-                self.forwarders.lock().remove(&node);
-            }
-        }
-    }
-
-    /// The task that sends `node` its deliveries, in order, many per request.
-    fn spawn_forwarder(self: &Arc<Self>, node: NodeId) -> mpsc::Sender<Deliver> {
-        let (tx, mut rx) = mpsc::channel::<Deliver>(FORWARD_QUEUE);
-        let this = self.clone();
-        self.tasks.spawn(async move {
-            let mut batch = Vec::with_capacity(FORWARD_BATCH);
-            loop {
-                let got = tokio::select! {
-                    _ = this.stop.cancelled() => break,
-                    got = rx.recv_many(&mut batch, FORWARD_BATCH) => got,
-                };
-                if got == 0 {
-                    break;
-                }
-                // Requests stay well under the peer frame limit: at most about 1 MiB each.
-                while !batch.is_empty() {
-                    let mut bytes = 0;
-                    let take = batch
-                        .iter()
-                        .take_while(|d| {
-                            bytes += d.message.body.len() + d.users.len() * 8 + 256;
-                            bytes <= FORWARD_REQUEST_BYTES
-                        })
-                        .count()
-                        .max(1);
-                    let part: Vec<Deliver> = batch.drain(..take).collect();
-                    this.forward_now(node, &part).await;
-                }
-            }
-        });
-        tx
-    }
-
-    /// Tells every node holding `user`'s devices to close `device` (logout).
-    pub fn close_device(self: &Arc<Self>, user: UserId, device: DeviceId) {
-        for node in self.membership.user_nodes(user.0) {
-            if node != self.self_id {
-                self.send(node, KIND_CLOSE_DEVICE, &CloseDevice { user, device });
-            }
-        }
-    }
-
-    fn send<T: bincode::Encode>(self: &Arc<Self>, node: NodeId, kind: u16, body: &T) {
-        let Ok(body) = bincode::encode_to_vec(body, peer_bincode()) else {
-            return;
-        };
-        let this = self.clone();
-        self.tasks.spawn(async move {
-            let Some(addr) = this.peer_addr_of(node).await else { return };
-            let request = Request { kind, body };
-            if let Err(e) = this.endpoint.request(addr, &cert_name(node), request).await {
-                metrics::counter!("cluster_forward_failures_total").increment(1);
-                tracing::warn!(node, error = %e, "forwarding to a peer failed (its devices will sync)");
-            }
-        });
-    }
-
-    /// Sends `node` one request with `batch`; failures are counted and logged (the devices
-    /// get those messages at their next sync).
-    async fn forward_now(&self, node: NodeId, batch: &[Deliver]) {
-        let sent = batch.len() as u64;
-        let Ok(body) = bincode::encode_to_vec(batch, peer_bincode()) else {
-            return;
-        };
-        let Some(addr) = self.peer_addr_of(node).await else {
-            metrics::counter!("cluster_forward_failures_total").increment(sent);
-            return;
-        };
-        let request = Request {
-            kind: KIND_DELIVER_BATCH,
-            body,
-        };
-        match self.endpoint.request(addr, &cert_name(node), request).await {
-            Ok(_) => metrics::counter!("cluster_forwarded_total").increment(sent),
-            Err(e) => {
-                metrics::counter!("cluster_forward_failures_total").increment(sent);
-                tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed (its devices will sync)");
-            }
-        }
-    }
-
-    async fn peer_addr_of(&self, node: NodeId) -> Option<SocketAddr> {
-        self.membership
-            .members()
-            .await
-            .into_iter()
-            .find(|m| m.node_id == node && m.live)
-            .map(|m| m.addrs.peer)
-    }
-
     /// Leaves the cluster: marks this node leaving, stops the tasks and the endpoint.
     pub async fn shutdown(&self) {
         self.membership.set_state(Lifecycle::Leaving).await;
+        self.forwarder.shutdown().await;
         self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
@@ -690,55 +505,5 @@ pub fn node_info(m: &Member) -> NodeInfo {
         node_id: m.node_id,
         ws_url: format!("ws://{}/v1/ws", m.addrs.http),
         quic_addr: m.addrs.quic.to_string(),
-    }
-}
-
-/// The gossip-backed presence directory: a user is online while any live node publishes
-/// their key. Local transitions are coalesced in a feed and published by one task.
-pub struct GossipDirectory {
-    mesh: Arc<Mesh>,
-    outgoing: Arc<Feed>,
-}
-
-impl GossipDirectory {
-    /// Starts the publisher task (owned by the mesh's tracker).
-    pub fn new(mesh: Arc<Mesh>) -> Self {
-        let outgoing = Arc::new(Feed::default());
-        let (m, out) = (mesh.clone(), outgoing.clone());
-        mesh.tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = m.stop.cancelled() => break,
-                    _ = out.notified() => {}
-                }
-                for (user, (status, _)) in out.take() {
-                    match status {
-                        PresenceStatus::Online => m.membership.set_user_online(user.0).await,
-                        PresenceStatus::Offline => m.membership.set_user_offline(user.0).await,
-                    }
-                }
-            }
-        });
-        GossipDirectory { mesh, outgoing }
-    }
-}
-
-impl Directory for GossipDirectory {
-    fn publish(&self, user: UserId, online: bool) {
-        let status = if online {
-            PresenceStatus::Online
-        } else {
-            PresenceStatus::Offline
-        };
-        self.outgoing.push(user, status, now_unix_ms());
-    }
-
-    fn online_elsewhere(&self, user: UserId) -> bool {
-        let me = self.mesh.self_id;
-        self.mesh
-            .membership
-            .user_nodes(user.0)
-            .iter()
-            .any(|n| *n != me)
     }
 }

@@ -1,0 +1,203 @@
+//! A running node: builds every part from the config, serves until told to stop, and shuts
+//! down in order. This is the only module that knows every part.
+//!
+//! Start-up: data dir and cluster credentials, the store, the client listeners (bound before
+//! anything else starts, so a taken port fails fast), the mesh (peer endpoint, gossip, the
+//! cluster lifecycle), presence and push, the domain services, then the gateways.
+//!
+//! Shutdown, in this order: stop accepting (HTTP and QUIC listeners), tell sessions to drain
+//! and wait for them, stop the mesh (it leaves gossip and lets writes past their quorum
+//! reach the other replicas), stop presence fan-out and the push worker, flush the store.
+//! Every task's result is checked; a task that panicked is reported.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::domain::accounts::Accounts;
+use crate::domain::auth::Tokens;
+use crate::domain::chat::Chat;
+use crate::domain::delivery::Delivery;
+use crate::domain::friends::Friends;
+use crate::domain::groups::Groups;
+use crate::domain::hub::Hub;
+use crate::domain::presence::{Feed, Presence};
+use crate::domain::push::Push;
+use crate::mesh::{GossipDirectory, Mesh};
+use crate::node::{Node, Parts};
+use crate::store::Store;
+
+/// How long shutdown waits for sessions to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Installs the Prometheus recorder once per process.
+fn metrics_recorder() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics are off");
+                None
+            }
+        })
+        .clone()
+}
+
+/// Waits for a background task and reports how it ended.
+async fn join(name: &str, task: JoinHandle<()>) {
+    match task.await {
+        Ok(()) => {}
+        Err(e) if e.is_panic() => tracing::error!(task = name, error = %e, "task panicked"),
+        Err(e) => tracing::warn!(task = name, error = %e, "task was cancelled"),
+    }
+}
+
+/// Runs a node until `stop` resolves, then shuts it down.
+pub async fn serve(
+    mut cfg: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
+    let cert_name = format!("node-{}", cfg.node_id);
+    let hosts = vec![
+        cfg.advertise_host.clone(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    let (tls, secret) = cluster::certs::ensure_node(&cfg.cluster_dir, &cert_name, &hosts)
+        .with_context(|| {
+            format!(
+                "cannot set up the cluster dir {}",
+                cfg.cluster_dir.display()
+            )
+        })?;
+    let db_dir = cfg.data_dir.join("db");
+    let (store, flusher) = Store::open(&db_dir, cfg.node_id, cfg.partitions, cfg.write_timeout)
+        .with_context(|| {
+            format!(
+                "cannot open the store in {} (is another chatnode using this data dir?)",
+                db_dir.display()
+            )
+        })?;
+    let ids = store.ids();
+
+    let listener = tokio::net::TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} for HTTP and WebSocket", cfg.http_addr))?;
+    let http_addr = listener.local_addr()?;
+    cfg.http_addr = http_addr; // port 0 means "any": advertise the real one
+    let quic_endpoint = crate::gateway::quic::bind(cfg.quic_addr, &tls)?;
+    cfg.quic_addr = quic_endpoint.local_addr()?;
+
+    let hub = Hub::default();
+    let shutdown = CancellationToken::new();
+    let feed = Arc::new(Feed::default());
+    let started = Mesh::start(
+        &cfg,
+        &tls,
+        &secret,
+        &store,
+        hub.clone(),
+        feed.clone(),
+        shutdown.child_token(),
+    )
+    .await?;
+    cfg.peer_addr = started.peer_addr;
+    let mesh = started.mesh;
+    let presence = Arc::new(Presence::new(
+        Arc::new(GossipDirectory::new(mesh.clone())),
+        feed,
+        store.clone(),
+    ));
+    let fanout = presence.spawn_fanout(shutdown.clone());
+    let push = Arc::new(Push::new(store.clone(), ids.clone(), cfg.push.clone()));
+    let push_worker = push.spawn(shutdown.clone());
+    let delivery = Delivery::new(hub.clone(), Arc::new(mesh.forwarder()));
+    let node = Arc::new(Node::new(Parts {
+        accounts: Accounts::new(
+            store.clone(),
+            Tokens::new(secret.as_bytes()),
+            ids.clone(),
+            delivery.clone(),
+            cfg.token_ttl,
+        ),
+        chat: Chat::new(
+            store.clone(),
+            ids.clone(),
+            delivery,
+            presence.clone(),
+            push.clone(),
+            cfg.sync_overlap,
+        ),
+        groups: Groups::new(store.clone(), ids),
+        friends: Friends::new(store.clone(), hub.clone(), presence.clone()),
+        presence,
+        mesh: mesh.clone(),
+        store: store.clone(),
+        hub,
+        shutdown: shutdown.clone(),
+        metrics: metrics_recorder(),
+        cfg,
+    }));
+
+    let quic = crate::gateway::quic::spawn_accept(node.clone(), quic_endpoint, shutdown.clone());
+    let app = crate::gateway::http::router(node.clone())
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let http_shutdown = shutdown.clone();
+    // Frames are small and latency-bound: no Nagle delay on client sockets.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
+    });
+
+    tracing::info!(
+        node_id = node.cfg.node_id,
+        http = %http_addr,
+        quic = %node.cfg.quic_addr,
+        peer = %node.cfg.peer_addr,
+        gossip = %node.cfg.gossip_addr,
+        data_dir = %node.cfg.data_dir.display(),
+        "chatnode ready"
+    );
+
+    tokio::select! {
+        _ = stop => tracing::info!("shutting down"),
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+    if !node.drain_sessions(DRAIN_TIMEOUT).await {
+        tracing::warn!("some sessions did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Ok(Err(e)) => tracing::error!(error = %e, "HTTP server task failed"),
+        Err(_) => tracing::warn!("HTTP server did not stop within {DRAIN_TIMEOUT:?}"),
+    }
+    join("client QUIC accept loop", quic).await;
+    mesh.shutdown().await;
+    join("presence fan-out", fanout).await;
+    join("push worker", push_worker).await;
+    store.flush().await.context("final flush of the store")?;
+    // Everything is on disk. The flusher would end only once every handle to the store is
+    // gone, and the replication service's peers may still hold one: stop it here.
+    flusher.abort();
+    drop(node);
+    drop(store);
+    tracing::info!("stopped");
+    Ok(())
+}
