@@ -560,3 +560,29 @@ async fn the_first_node_starts_at_once_and_a_seeded_one_waits_for_the_cluster() 
     alone.set_handle(1, handle);
     alone.stop_all().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_joining_node_that_stops_never_becomes_a_member() {
+    let mut cluster = Cluster::new(2);
+    let acked = two_members_with_data(&mut cluster, 40).await;
+    cluster.net.set_link(3, 1, Link::Down);
+    cluster.net.set_link(3, 2, Link::Down);
+    assert_eq!(cluster.start(3).await, StartedAs::Joining);
+    sleep(Duration::from_secs(5)).await;
+    // It stops before it could pull: `leaving` would make it a placement member (a live
+    // replica with none of its partitions' data) in every other node's view.
+    cluster.stop(3).await;
+    assert_eq!(cluster.gossip.member(3).unwrap().state, Lifecycle::Joining);
+    sleep(Duration::from_secs(1)).await;
+    for id in [1, 2] {
+        let view = cluster.coord(id).topology();
+        assert!(!view.is_member(3), "node {id} places data on node 3");
+        assert!(missed_by_some_read_quorum(&cluster, &view, &acked).is_empty());
+    }
+    // An active member that stops does say `leaving` (it keeps its place).
+    cluster.stop(2).await;
+    assert_eq!(cluster.gossip.member(2).unwrap().state, Lifecycle::Leaving);
+    sleep(Duration::from_secs(1)).await;
+    assert!(cluster.coord(1).topology().is_member(2));
+    cluster.stop_all().await;
+}

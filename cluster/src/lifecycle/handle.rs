@@ -110,7 +110,8 @@ impl LifecycleHandle {
     }
 
     /// Stops the tasks and waits for them (at most the configured shutdown timeout, then
-    /// aborts the rest); then publishes `leaving`. Call it before the
+    /// aborts the rest); then an active member publishes `leaving` (a joining node stays
+    /// `joining`: it holds no data to keep a place for). Call it before the
     /// coordinator and the transport stop. Reports tasks that panicked or had to be
     /// aborted.
     pub async fn shutdown(self) -> Result<(), TasksFailed> {
@@ -136,7 +137,12 @@ impl LifecycleHandle {
                 }
             }
         }
-        self.publisher.publish_state(Lifecycle::Leaving).await;
+        // Only a member says `leaving`: a joining node that did would become a placement
+        // member (a live replica holding none of its partitions' data) in every view. The
+        // tasks have stopped, so the join cannot turn it active after this check.
+        if *self.phase.borrow() == Phase::Active {
+            self.publisher.publish_state(Lifecycle::Leaving).await;
+        }
         if failed.panicked.is_empty() && failed.timed_out.is_empty() {
             Ok(())
         } else {
