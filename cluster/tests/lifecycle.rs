@@ -586,3 +586,70 @@ async fn a_joining_node_that_stops_never_becomes_a_member() {
     assert!(cluster.coord(1).topology().is_member(2));
     cluster.stop_all().await;
 }
+
+/// A membership that panics on reads once told to (a bug in a task).
+struct Panicky {
+    inner: MemoryMembership,
+    panic: std::sync::atomic::AtomicBool,
+}
+
+impl MembershipPort for Panicky {
+    fn node_id(&self) -> NodeId {
+        self.inner.node_id()
+    }
+
+    async fn members(&self) -> Vec<cluster::Member> {
+        assert!(
+            !self.panic.load(std::sync::atomic::Ordering::SeqCst),
+            "a bug in a lifecycle task"
+        );
+        self.inner.members().await
+    }
+
+    fn watch_members(&self) -> tokio::sync::watch::Receiver<Vec<cluster::Member>> {
+        self.inner.watch_members()
+    }
+
+    async fn set_state(&self, state: Lifecycle) {
+        self.inner.set_state(state).await;
+    }
+
+    async fn set_pending(&self, pending: &[NodeId]) {
+        self.inner.set_pending(pending).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_reports_a_task_that_panicked() {
+    let gossip = MemoryGossip::new();
+    let net = MemoryNetwork::new();
+    let membership = Arc::new(Panicky {
+        inner: gossip.join(1),
+        panic: false.into(),
+    });
+    let store = Arc::new(MemoryReplica::new());
+    let coordinator = Coordinator::new(
+        store,
+        RpcReplicaClient::new(net.endpoint(1)),
+        Topology::new(1, 2, []),
+        CoordinatorConfig::default(),
+    );
+    let handle = ClusterLifecycle {
+        config: LifecycleConfig::new(2, PullPlan::new(vec![USERS], PARTITIONS)),
+        membership: membership.clone(),
+        coordinator,
+        marker: Box::new(MemoryMarker::new(false)),
+    }
+    .start()
+    .await
+    .unwrap();
+    // The follower reads members on the next change, and panics.
+    membership
+        .panic
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let _other = gossip.join(2);
+    sleep(Duration::from_millis(10)).await;
+    let failed = handle.shutdown().await.unwrap_err();
+    assert_eq!(failed.panicked, ["topology follower"]);
+    assert!(failed.timed_out.is_empty());
+}
