@@ -1,9 +1,12 @@
 //! Everything node-to-node: the cluster directory (CA, node certificates, secret), the
 //! mutual-TLS QUIC peer transport, gossip membership, and partition placement (which
-//! partition a key lives in and which nodes hold a partition), and quorum replication on top
-//! of them ([`replication`]).
+//! partition a key lives in and which nodes hold a partition), quorum replication on top of
+//! them ([`replication`]), and a node's lifecycle in the cluster: entering it as the first
+//! node, a returning member or a joining one, anti-entropy, and following membership
+//! ([`lifecycle`]).
 
 pub mod certs;
+pub mod lifecycle;
 pub mod membership;
 pub mod placement;
 pub mod replication;

@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use cluster::lifecycle::MembershipPort;
+use cluster::membership::memory::MemoryGossip;
 use cluster::membership::{
     Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, PresenceEvent, PresenceEvents,
 };
@@ -266,4 +268,80 @@ async fn sealed_gossip_admits_only_holders_of_the_secret() {
     for m in [a, b, wrong, plain] {
         m.shutdown().await.unwrap();
     }
+}
+
+/// What the lifecycle relies on from any [`MembershipPort`], checked against real gossip and
+/// against the in-memory twin (so the twin stays honest): `b` hears of `a` (which sees
+/// itself live) through its watch, sees `a`'s state and pending list, and `a`'s pending
+/// version changes exactly when its list does.
+async fn port_contract<M: MembershipPort>(a: &M, b: &M, within: Duration) {
+    let (a_id, b_id) = (a.node_id(), b.node_id());
+    let me = |members: &[Member]| members.iter().find(|m| m.node_id == a_id).cloned();
+    let own = me(&a.members().await).expect("a node sees itself");
+    assert!(own.live);
+    assert_eq!(own.state, Lifecycle::Joining);
+    // Its own watch shows it too (real gossip: after its first round).
+    let in_own_watch = seen_by(&a.watch_members(), a_id, a_id, within, |m, _| m.live).await;
+    assert_eq!(in_own_watch, own);
+
+    let mut watch = b.watch_members();
+    let seen = |want: fn(&Member, NodeId) -> bool| seen_by(&watch, a_id, b_id, within, want);
+    seen(|m, _| m.live).await;
+    assert!(b.members().await.iter().any(|m| m.node_id == a_id));
+
+    a.set_state(Lifecycle::Active).await;
+    a.set_pending(&[b_id, 9]).await;
+    let published = seen(|m, b_id| m.state == Lifecycle::Active && m.pending == [b_id, 9]).await;
+    assert!(published.pending_version > 0);
+    assert_eq!(
+        published.pending_version,
+        me(&a.members().await).unwrap().pending_version
+    );
+
+    // The same list again: no new version. Another list: a newer one.
+    a.set_pending(&[b_id, 9]).await;
+    let same = me(&a.members().await).unwrap();
+    assert_eq!(same.pending_version, published.pending_version);
+    a.set_pending(&[b_id]).await;
+    let newer = seen(|m, b_id| m.pending == [b_id]).await;
+    assert!(newer.pending_version > published.pending_version);
+    // The watch had fired for it.
+    assert!(watch.has_changed().unwrap());
+    watch.borrow_and_update();
+}
+
+#[tokio::test]
+async fn gossip_membership_keeps_the_lifecycle_port_contract() {
+    let (a, a_gossip) = spawn(1, &[]).await;
+    let (b, _) = spawn(2, &[a_gossip]).await;
+    port_contract(&a, &b, Duration::from_secs(5)).await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_memory_twin_keeps_the_lifecycle_port_contract() {
+    let gossip = MemoryGossip::new();
+    let (a, b) = (gossip.join(1), gossip.join(2));
+    port_contract(&a, &b, Duration::from_secs(5)).await;
+}
+
+/// Waits until `watch` shows node `node` satisfying `want(member, other)`; returns it.
+async fn seen_by(
+    watch: &tokio::sync::watch::Receiver<Vec<Member>>,
+    node: NodeId,
+    other: NodeId,
+    within: Duration,
+    want: fn(&Member, NodeId) -> bool,
+) -> Member {
+    let mut watch = watch.clone();
+    let members = tokio::time::timeout(
+        within,
+        watch.wait_for(|ms| ms.iter().any(|m| m.node_id == node && want(m, other))),
+    )
+    .await
+    .expect("the change was never seen")
+    .unwrap()
+    .clone();
+    members.into_iter().find(|m| m.node_id == node).unwrap()
 }

@@ -11,6 +11,8 @@
 //! can neither join nor alter anyone's state. Gossip is not encrypted (presence keys are
 //! readable on the wire), so it still belongs on a private network. The chitchat cluster id
 //! is derived from the secret too ([`cluster_id_for`]).
+//!
+//! [`memory`] is an in-memory twin for tests (instant gossip between in-memory nodes).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use crate::certs::ClusterSecret;
 use crate::placement::NodeId;
 
 pub mod auth;
+pub mod memory;
 mod view;
 
 use view::{keys, View};

@@ -1,0 +1,655 @@
+#![allow(clippy::unwrap_used)]
+//! The cluster lifecycle (first node, returning member, join barrier and pull, catch-up)
+//! over in-memory gossip, replicas and network, on paused time: no processes, no sockets.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster::lifecycle::{
+    ClusterLifecycle, ClusterView, LifecycleConfig, LifecycleHandle, MembershipPort, MemoryMarker,
+    Phase, StartedAs,
+};
+use cluster::membership::memory::{MemoryGossip, MemoryMembership};
+use cluster::membership::Lifecycle;
+use cluster::placement::{partition_of, NodeId, Partition};
+use cluster::replication::memory::{Link, MemoryEndpoint, MemoryNetwork, MemoryReplica};
+use cluster::replication::{
+    read_quorum, Coordinator, CoordinatorConfig, HintLimits, PullPlan, ReplicaNode, ReplicaOp,
+    ReplicaService, RpcReplicaClient, Topology,
+};
+use parking_lot::Mutex;
+use tokio::time::{sleep, timeout, Instant};
+
+type Coord = Coordinator<MemoryReplica, RpcReplicaClient<MemoryEndpoint>>;
+type Lc = ClusterLifecycle<MemoryReplica, RpcReplicaClient<MemoryEndpoint>, MemoryMembership>;
+
+const USERS: u8 = 1;
+const PARTITIONS: u32 = 64;
+/// Long enough for anything these tests wait for (paused time: it costs nothing).
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// One node: its store and marker outlive its incarnations, like a data dir.
+struct Node {
+    store: Arc<MemoryReplica>,
+    marker: MemoryMarker,
+    coord: Coord,
+    membership: Arc<MemoryMembership>,
+    lifecycle: Option<LifecycleHandle>,
+}
+
+/// In-memory nodes over one gossip and one network.
+struct Cluster {
+    gossip: MemoryGossip,
+    net: Arc<MemoryNetwork>,
+    rf: usize,
+    coord_config: CoordinatorConfig,
+    nodes: BTreeMap<NodeId, Node>,
+}
+
+impl Cluster {
+    fn new(rf: usize) -> Self {
+        Self::with_coordinators(
+            rf,
+            CoordinatorConfig {
+                write_timeout: Duration::from_secs(1),
+                read_timeout: Duration::from_secs(1),
+                ..CoordinatorConfig::default()
+            },
+        )
+    }
+
+    fn with_coordinators(rf: usize, coord_config: CoordinatorConfig) -> Self {
+        Self {
+            gossip: MemoryGossip::new(),
+            net: MemoryNetwork::new(),
+            rf,
+            coord_config,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    fn config(&self) -> LifecycleConfig {
+        LifecycleConfig {
+            anti_entropy: None,
+            ..LifecycleConfig::new(self.rf, PullPlan::new(vec![USERS], PARTITIONS))
+        }
+    }
+
+    /// A new incarnation of node `id` (heard of by everyone at once, or not until
+    /// `gossip.hear`), with a new coordinator over its store, ready to start.
+    fn incarnate(&mut self, id: NodeId, heard: bool, config: LifecycleConfig) -> Lc {
+        let membership = Arc::new(if heard {
+            self.gossip.join(id)
+        } else {
+            self.gossip.join_unheard(id)
+        });
+        let (store, marker) = match self.nodes.remove(&id) {
+            Some(old) => {
+                assert!(old.lifecycle.is_none(), "stop node {id} first");
+                (old.store, old.marker)
+            }
+            None => (Arc::new(MemoryReplica::new()), MemoryMarker::new(false)),
+        };
+        let me = ReplicaNode {
+            id,
+            // The memory network routes by node id: any address will do.
+            addr: std::net::SocketAddr::from(([10, 0, 0, 0], id)),
+            server_name: format!("node-{id}"),
+            live: true,
+        };
+        let coord = Coordinator::new(
+            store.clone(),
+            RpcReplicaClient::new(self.net.endpoint(id)),
+            Topology::new(id, self.rf, [me]),
+            self.coord_config.clone(),
+        );
+        let service = Arc::new(ReplicaService::new(store.clone()));
+        service.attach(&coord);
+        self.net.register(id, service);
+        self.nodes.insert(
+            id,
+            Node {
+                store,
+                marker: marker.clone(),
+                coord: coord.clone(),
+                membership: membership.clone(),
+                lifecycle: None,
+            },
+        );
+        ClusterLifecycle {
+            config,
+            membership,
+            coordinator: coord,
+            marker: Box::new(marker),
+        }
+    }
+
+    /// Starts (or restarts) node `id` with the default config and returns how it entered.
+    async fn start(&mut self, id: NodeId) -> StartedAs {
+        let config = self.config();
+        let lifecycle = self.incarnate(id, true, config);
+        let handle = lifecycle.start().await.unwrap();
+        let started_as = handle.started_as();
+        self.set_handle(id, handle);
+        started_as
+    }
+
+    fn set_handle(&mut self, id: NodeId, handle: LifecycleHandle) {
+        self.node_mut(id).lifecycle = Some(handle);
+    }
+
+    /// Stops node `id`'s lifecycle (the process goes on being seen until `set_live`).
+    async fn stop(&mut self, id: NodeId) {
+        let handle = self.node_mut(id).lifecycle.take().unwrap();
+        handle.shutdown().await.unwrap();
+    }
+
+    async fn stop_all(mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            if self.nodes[&id].lifecycle.is_some() {
+                self.stop(id).await;
+            }
+        }
+    }
+
+    fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[&id]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        self.nodes.get_mut(&id).unwrap()
+    }
+
+    fn lifecycle(&self, id: NodeId) -> &LifecycleHandle {
+        self.node(id).lifecycle.as_ref().unwrap()
+    }
+
+    fn coord(&self, id: NodeId) -> &Coord {
+        &self.node(id).coord
+    }
+
+    async fn wait_active(&self, id: NodeId) {
+        timeout(PATIENCE, self.lifecycle(id).wait_active())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "node {id} never turned active: {:?}",
+                    self.lifecycle(id).phase()
+                )
+            })
+            .unwrap();
+    }
+
+    async fn wait_phase(&self, id: NodeId, want: Phase) {
+        let mut phase = self.lifecycle(id).watch_phase();
+        timeout(PATIENCE, phase.wait_for(|p| *p == want))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "node {id} never reached {want:?}: {:?}",
+                    self.lifecycle(id).phase()
+                )
+            })
+            .unwrap();
+    }
+
+    /// Waits until every running node's view has exactly `members` as placement members and
+    /// nobody pending, and returns one of those views.
+    async fn wait_settled_view(&self, members: &[NodeId]) -> Arc<Topology> {
+        let mut last = None;
+        for (id, node) in &self.nodes {
+            let Some(handle) = &node.lifecycle else {
+                continue;
+            };
+            let mut view = handle.watch_view();
+            let settled = |v: &ClusterView| {
+                v.topology.pending().count() == 0
+                    && v.topology.nodes().map(|n| n.id).collect::<Vec<_>>() == members
+            };
+            timeout(PATIENCE, view.wait_for(settled))
+                .await
+                .unwrap_or_else(|_| panic!("node {id} never settled on {members:?}"))
+                .unwrap();
+            last = Some(view.borrow().topology.clone());
+        }
+        for node in self.nodes.values() {
+            node.coord.settle().await;
+        }
+        last.unwrap()
+    }
+}
+
+fn part_of(key: &str) -> Partition {
+    partition_of(key.as_bytes(), PARTITIONS)
+}
+
+async fn write(coord: &Coord, key: &str) {
+    coord
+        .write(
+            part_of(key),
+            vec![ReplicaOp::put(USERS, key.into(), "v".into(), 1)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("write {key}: {e}"));
+}
+
+/// Writes `count` keys `prefix0..` through `coord`; returns them.
+async fn write_keys(coord: &Coord, prefix: &str, count: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..count {
+        let key = format!("{prefix}{i}");
+        write(coord, &key).await;
+        keys.push(key);
+    }
+    keys
+}
+
+/// The keys some read quorum of their replica set in `view` would miss: those that at least
+/// `R` of the set's replicas lack (a read quorum of exactly those sees nothing).
+fn missed_by_some_read_quorum(cluster: &Cluster, view: &Topology, keys: &[String]) -> Vec<String> {
+    keys.iter()
+        .filter(|key| {
+            let set = view.replica_set(part_of(key));
+            let lacking = set
+                .iter()
+                .filter(|n| {
+                    cluster
+                        .node(n.id)
+                        .store
+                        .record(USERS, key.as_bytes())
+                        .is_none()
+                })
+                .count();
+            lacking >= read_quorum(set.len())
+        })
+        .cloned()
+        .collect()
+}
+
+/// Two active members, RF 2, with `count` keys written through node 1.
+async fn two_members_with_data(cluster: &mut Cluster, count: usize) -> Vec<String> {
+    assert_eq!(cluster.start(1).await, StartedAs::First);
+    assert_eq!(cluster.start(2).await, StartedAs::Joining);
+    cluster.wait_active(2).await;
+    cluster.wait_settled_view(&[1, 2]).await;
+    write_keys(cluster.coord(1), "a", count).await
+}
+
+fn pending_of(gossip: &MemoryGossip, id: NodeId) -> Vec<NodeId> {
+    gossip.member(id).unwrap().pending
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_joins_behind_the_barrier_and_every_acked_write_survives() {
+    let mut cluster = Cluster::with_coordinators(
+        2,
+        CoordinatorConfig {
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            read_repair: false,
+            ..CoordinatorConfig::default()
+        },
+    );
+    let mut acked = two_members_with_data(&mut cluster, 100).await;
+
+    // A write node 2 coordinates under the old view, slow to be acked (node 1 answers after
+    // 3 s): node 2 cannot publish node 3 as pending before it ends.
+    cluster
+        .net
+        .set_link(2, 1, Link::Delay(Duration::from_secs(3)));
+    let slow = {
+        let coord = cluster.coord(2).clone();
+        tokio::spawn(async move { write(&coord, "slow").await })
+    };
+    sleep(Duration::from_millis(10)).await;
+
+    assert_eq!(cluster.start(3).await, StartedAs::Joining);
+    // Writes keep coming through node 1 during the join.
+    let during = Arc::new(Mutex::new(Vec::new()));
+    let stop_writing = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (coord, during, stop) = (
+            cluster.coord(1).clone(),
+            during.clone(),
+            stop_writing.clone(),
+        );
+        tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("d{i}");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = write(&coord, &key) => during.lock().push(key),
+                }
+                sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // The barrier: node 1 publishes node 3 as pending at once, node 2 only once its slow
+    // write is done, and node 3 waits for both.
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(cluster.lifecycle(3).phase(), Phase::AwaitingBarrier);
+    assert_eq!(pending_of(&cluster.gossip, 1), [3]);
+    assert!(pending_of(&cluster.gossip, 2).is_empty());
+    assert!(!slow.is_finished());
+
+    cluster.wait_active(3).await;
+    slow.await.unwrap();
+    acked.push("slow".into());
+    assert!(
+        !during.lock().is_empty(),
+        "no write was acked during the join"
+    );
+    assert_eq!(cluster.gossip.member(3).unwrap().state, Lifecycle::Active);
+    assert!(cluster.node(3).marker.get());
+    sleep(Duration::from_secs(1)).await;
+    stop_writing.cancel();
+    writer.await.unwrap();
+    cluster.net.heal();
+    acked.extend(during.lock().iter().cloned());
+
+    // Every member now places partitions over all three, and every read quorum of the new
+    // replica sets sees every write acked before and during the join.
+    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    assert!(view.nodes().all(|n| n.live));
+    let missed = missed_by_some_read_quorum(&cluster, &view, &acked);
+    assert!(missed.is_empty(), "lost after the join: {missed:?}");
+    // Node 3 holds partitions now, and got them by pulling.
+    assert!(cluster.node(3).store.len() > 50);
+    cluster.stop_all().await;
+}
+
+/// What happens to the barrier while the joining node pulls.
+enum Disturbance {
+    /// Node 1's view changes and changes back (another node came and went): it publishes
+    /// the same pending list again, with a new version.
+    Republish,
+    /// Node 2 restarts (on its data dir): a new generation.
+    Restart,
+}
+
+/// Node 3 joins nodes 1 and 2 with slow links to them (each pull request takes 2 s), and
+/// `disturbance` happens while its first pull is under way: it pulls again before it turns
+/// active, and loses nothing.
+async fn join_disturbed_during_the_pull(disturbance: Disturbance) {
+    let mut cluster = Cluster::new(2);
+    let acked = two_members_with_data(&mut cluster, 40).await;
+    cluster
+        .net
+        .set_link(3, 1, Link::Delay(Duration::from_secs(2)));
+    cluster
+        .net
+        .set_link(3, 2, Link::Delay(Duration::from_secs(2)));
+    assert_eq!(cluster.start(3).await, StartedAs::Joining);
+    cluster.wait_phase(3, Phase::Pulling { attempt: 1 }).await;
+    match disturbance {
+        Disturbance::Republish => {
+            let before = cluster.gossip.member(1).unwrap();
+            let m = cluster.node(1).membership.clone();
+            m.set_pending(&[3, 4]).await;
+            m.set_pending(&[3]).await;
+            let after = cluster.gossip.member(1).unwrap();
+            assert_eq!(after.pending, before.pending);
+            assert!(after.pending_version > before.pending_version);
+        }
+        Disturbance::Restart => {
+            let before = cluster.gossip.member(2).unwrap().generation;
+            cluster.stop(2).await;
+            assert_eq!(cluster.start(2).await, StartedAs::Returning);
+            assert!(cluster.gossip.member(2).unwrap().generation > before);
+        }
+    }
+    assert_eq!(cluster.lifecycle(3).phase(), Phase::Pulling { attempt: 1 });
+    cluster.wait_phase(3, Phase::Pulling { attempt: 2 }).await;
+    cluster.wait_active(3).await;
+    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    let missed = missed_by_some_read_quorum(&cluster, &view, &acked);
+    assert!(missed.is_empty(), "lost after the join: {missed:?}");
+    cluster.stop_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_republishing_its_pending_list_during_the_pull_makes_the_join_pull_again() {
+    join_disturbed_during_the_pull(Disturbance::Republish).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_restarting_during_the_pull_makes_the_join_pull_again() {
+    join_disturbed_during_the_pull(Disturbance::Restart).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_cannot_pull_a_read_quorum_stays_joining() {
+    let mut cluster = Cluster::new(2);
+    let acked = two_members_with_data(&mut cluster, 40).await;
+    // Gossip says nodes 1 and 2 are live and list node 3 as pending, but node 3 cannot
+    // reach their replicas.
+    cluster.net.set_link(3, 1, Link::Down);
+    cluster.net.set_link(3, 2, Link::Down);
+    assert_eq!(cluster.start(3).await, StartedAs::Joining);
+    sleep(Duration::from_secs(30)).await;
+    let phase = cluster.lifecycle(3).phase();
+    assert!(
+        matches!(phase, Phase::PullIncomplete { attempt } | Phase::Pulling { attempt } if attempt > 5),
+        "{phase:?}"
+    );
+    assert_eq!(cluster.gossip.member(3).unwrap().state, Lifecycle::Joining);
+    assert!(!cluster.node(3).marker.get());
+    // Pending in every view, never a placement member.
+    assert!(!cluster.coord(1).topology().is_member(3));
+    assert!(cluster.coord(1).topology().node(3).is_some());
+
+    // Once it can reach them, it joins.
+    cluster.net.heal();
+    cluster.wait_active(3).await;
+    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    assert!(missed_by_some_read_quorum(&cluster, &view, &acked).is_empty());
+    cluster.stop_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_returning_member_starts_active_and_catches_up_once() {
+    // Hints off: what node 3 misses, only the catch-up pull brings back (as after the other
+    // coordinators restarted).
+    let mut cluster = Cluster::with_coordinators(
+        3,
+        CoordinatorConfig {
+            write_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            hints: HintLimits {
+                max_batches: 0,
+                max_bytes: 0,
+            },
+            ..CoordinatorConfig::default()
+        },
+    );
+    assert_eq!(cluster.start(1).await, StartedAs::First);
+    for id in [2, 3] {
+        assert_eq!(cluster.start(id).await, StartedAs::Joining);
+        cluster.wait_active(id).await;
+    }
+    cluster.wait_settled_view(&[1, 2, 3]).await;
+    let before = write_keys(cluster.coord(1), "a", 20).await;
+
+    // Node 3 goes down; writes go on with W = 2 of 3.
+    cluster.stop(3).await;
+    cluster.gossip.set_live(3, false);
+    cluster.net.set_node(3, Link::Down);
+    let missed = write_keys(cluster.coord(1), "m", 30).await;
+    cluster.net.heal();
+    assert!(missed
+        .iter()
+        .all(|k| cluster.node(3).store.record(USERS, k.as_bytes()).is_none()));
+
+    // It comes back on its data dir: active at once, no pull first.
+    let started = Instant::now();
+    assert_eq!(cluster.start(3).await, StartedAs::Returning);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert!(cluster.lifecycle(3).is_active());
+    assert_eq!(cluster.gossip.member(3).unwrap().state, Lifecycle::Active);
+    assert!(cluster.coord(3).topology().is_member(3));
+    assert!(cluster.node(3).store.record(USERS, b"m0").is_none());
+
+    // The catch-up pull, after the configured delay, brings back what it missed.
+    sleep(cluster.config().catch_up_delay + Duration::from_secs(1)).await;
+    for k in missed.iter().chain(&before) {
+        assert!(
+            cluster.node(3).store.record(USERS, k.as_bytes()).is_some(),
+            "{k} not caught up"
+        );
+    }
+    // Once only (no anti-entropy interval): nothing missed later is pulled.
+    cluster.net.set_node(3, Link::Down);
+    let later = write_keys(cluster.coord(1), "l", 10).await;
+    cluster.net.heal();
+    sleep(Duration::from_secs(60)).await;
+    assert!(later
+        .iter()
+        .all(|k| cluster.node(3).store.record(USERS, k.as_bytes()).is_none()));
+    cluster.stop_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_node_starts_at_once_and_a_seeded_one_waits_for_the_cluster() {
+    // No seeds elsewhere: the first node of a new cluster, active without waiting.
+    let mut cluster = Cluster::new(2);
+    let started = Instant::now();
+    assert_eq!(cluster.start(1).await, StartedAs::First);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert!(cluster.lifecycle(1).is_active());
+    assert!(cluster.node(1).marker.get());
+    assert_eq!(cluster.gossip.member(1).unwrap().state, Lifecycle::Active);
+    assert!(cluster.coord(1).topology().is_member(1));
+
+    // Seeded with node 1's address, node 2 hears from it after 2.05 s: it waits that long
+    // (woken by the membership change, not by polling), then joins instead of taking
+    // itself for the first node.
+    let config = LifecycleConfig {
+        seeded: true,
+        ..cluster.config()
+    };
+    let lifecycle = cluster.incarnate(2, false, config.clone());
+    let started = Instant::now();
+    let heard_after = Duration::from_millis(2050);
+    let (handle, ()) = tokio::join!(lifecycle.start(), async {
+        sleep(heard_after).await;
+        cluster.gossip.hear(2);
+    });
+    let handle = handle.unwrap();
+    assert_eq!(started.elapsed(), heard_after);
+    assert_eq!(handle.started_as(), StartedAs::Joining);
+    // Its first view is in place before start returns: node 1 holds everything, node 2 is
+    // pending.
+    let first = cluster.coord(2).topology();
+    assert_eq!(first.nodes().map(|n| n.id).collect::<Vec<_>>(), [1]);
+    assert_eq!(first.joining_ids(), [2]);
+    cluster.set_handle(2, handle);
+    cluster.wait_active(2).await;
+    cluster.stop_all().await;
+
+    // Seeded, but nobody answers: it waits the configured time, then starts a new cluster.
+    let mut alone = Cluster::new(2);
+    let lifecycle = alone.incarnate(1, false, config.clone());
+    let started = Instant::now();
+    let handle = lifecycle.start().await.unwrap();
+    assert_eq!(started.elapsed(), config.seed_wait);
+    assert_eq!(handle.started_as(), StartedAs::First);
+    assert!(handle.is_active());
+    alone.set_handle(1, handle);
+    alone.stop_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joining_node_that_stops_never_becomes_a_member() {
+    let mut cluster = Cluster::new(2);
+    let acked = two_members_with_data(&mut cluster, 40).await;
+    cluster.net.set_link(3, 1, Link::Down);
+    cluster.net.set_link(3, 2, Link::Down);
+    assert_eq!(cluster.start(3).await, StartedAs::Joining);
+    sleep(Duration::from_secs(5)).await;
+    // It stops before it could pull: `leaving` would make it a placement member (a live
+    // replica with none of its partitions' data) in every other node's view.
+    cluster.stop(3).await;
+    assert_eq!(cluster.gossip.member(3).unwrap().state, Lifecycle::Joining);
+    sleep(Duration::from_secs(1)).await;
+    for id in [1, 2] {
+        let view = cluster.coord(id).topology();
+        assert!(!view.is_member(3), "node {id} places data on node 3");
+        assert!(missed_by_some_read_quorum(&cluster, &view, &acked).is_empty());
+    }
+    // An active member that stops does say `leaving` (it keeps its place).
+    cluster.stop(2).await;
+    assert_eq!(cluster.gossip.member(2).unwrap().state, Lifecycle::Leaving);
+    sleep(Duration::from_secs(1)).await;
+    assert!(cluster.coord(1).topology().is_member(2));
+    cluster.stop_all().await;
+}
+
+/// A membership that panics on reads once told to (a bug in a task).
+struct Panicky {
+    inner: MemoryMembership,
+    panic: std::sync::atomic::AtomicBool,
+}
+
+impl MembershipPort for Panicky {
+    fn node_id(&self) -> NodeId {
+        self.inner.node_id()
+    }
+
+    async fn members(&self) -> Vec<cluster::Member> {
+        assert!(
+            !self.panic.load(std::sync::atomic::Ordering::SeqCst),
+            "a bug in a lifecycle task"
+        );
+        self.inner.members().await
+    }
+
+    fn watch_members(&self) -> tokio::sync::watch::Receiver<Vec<cluster::Member>> {
+        self.inner.watch_members()
+    }
+
+    async fn set_state(&self, state: Lifecycle) {
+        self.inner.set_state(state).await;
+    }
+
+    async fn set_pending(&self, pending: &[NodeId]) {
+        self.inner.set_pending(pending).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_reports_a_task_that_panicked() {
+    let gossip = MemoryGossip::new();
+    let net = MemoryNetwork::new();
+    let membership = Arc::new(Panicky {
+        inner: gossip.join(1),
+        panic: false.into(),
+    });
+    let store = Arc::new(MemoryReplica::new());
+    let coordinator = Coordinator::new(
+        store,
+        RpcReplicaClient::new(net.endpoint(1)),
+        Topology::new(1, 2, []),
+        CoordinatorConfig::default(),
+    );
+    let handle = ClusterLifecycle {
+        config: LifecycleConfig::new(2, PullPlan::new(vec![USERS], PARTITIONS)),
+        membership: membership.clone(),
+        coordinator,
+        marker: Box::new(MemoryMarker::new(false)),
+    }
+    .start()
+    .await
+    .unwrap();
+    // The follower reads members on the next change, and panics.
+    membership
+        .panic
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let _other = gossip.join(2);
+    sleep(Duration::from_millis(10)).await;
+    let failed = handle.shutdown().await.unwrap_err();
+    assert_eq!(failed.panicked, ["topology follower"]);
+    assert!(failed.timed_out.is_empty());
+}
