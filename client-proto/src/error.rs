@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A machine-readable error code (PROTOCOL.md, "Conventions").
+/// A machine-readable error code (docs/protocol.md, "Conventions").
 #[derive(
     Clone,
     Copy,

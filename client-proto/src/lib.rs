@@ -1,4 +1,4 @@
-//! The wire contract between chat clients and nodes (PROTOCOL.md, version 1).
+//! The wire contract between chat clients and nodes (docs/protocol.md, version 1).
 //!
 //! - [`ids`]: 64-bit ids (decimal strings in JSON) and conversation ids.
 //! - [`frames`]: every WebSocket/QUIC frame, client to server and server to client.

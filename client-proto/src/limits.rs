@@ -1,4 +1,4 @@
-//! The limits of PROTOCOL.md, in one place so that client and server agree.
+//! The limits of docs/protocol.md, in one place so that client and server agree.
 
 /// Largest message body, in bytes of UTF-8.
 pub const MAX_BODY_BYTES: usize = 100_000;

@@ -1,4 +1,4 @@
-//! The client QUIC transport (PROTOCOL.md, "QUIC"): ALPN `chat/1`, one bidirectional stream
+//! The client QUIC transport (docs/protocol.md, "QUIC"): ALPN `chat/1`, one bidirectional stream
 //! per connection carrying 4-byte big-endian length-prefixed frames in the binary codec. It
 //! adapts the stream to the same session as WebSocket (`session::run`).
 //!

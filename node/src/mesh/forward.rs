@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::{Message, ServerFrame};
+use cluster::lifecycle::node_cert_name as cert_name;
 use cluster::replication::{is_replication_kind, PeerReplicaClient, ReplicaService};
 use cluster::transport::{BoxFuture, RemoteError};
 use cluster::{Membership, NodeId, PeerEndpoint, Request, Response, RpcHandler};
@@ -48,11 +49,6 @@ struct Deliver {
 struct CloseDevice {
     user: UserId,
     device: DeviceId,
-}
-
-/// The TLS server name of a node's peer certificate.
-pub(super) fn cert_name(node: NodeId) -> String {
-    format!("node-{node}")
 }
 
 /// Requests from other nodes: replication goes to the replica service, the rest is ours.

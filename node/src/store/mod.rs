@@ -39,7 +39,7 @@ pub use commit::GroupCommit;
 pub use messages::{HistoryPage, SendOutcome, SyncPage};
 pub use replica::SledReplica;
 
-/// The sled trees, one per record kind (DESIGN.md, "Data and where it lives").
+/// The sled trees, one per record kind (README, "Architecture").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Table {
     /// Node-local facts (id lease, format version). Not replicated.
