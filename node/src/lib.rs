@@ -3,9 +3,7 @@
 
 pub mod accounts;
 pub mod auth;
-pub mod bench;
 pub mod chat;
-pub mod client_cli;
 pub mod config;
 pub mod error;
 pub mod friends;
