@@ -4,7 +4,8 @@
 //! - [`frames`]: every WebSocket/QUIC frame, client to server and server to client.
 //! - [`error`]: the stable error codes and the error body.
 //! - [`limits`]: the limits every node enforces.
-//! - [`codec`]: the JSON and binary (bincode 2) encodings of frames.
+//! - [`codec`]: the JSON and binary (bincode 2) encodings of frames, the QUIC ALPN and framing,
+//!   and the close codes.
 //! - [`client`]: an async client (HTTP API and WebSocket) used by tests, the CLI and the bench.
 
 pub mod client;
