@@ -1,11 +1,73 @@
 //! The two encodings of frames: JSON text (WebSocket text frames) and bincode 2 (WebSocket
 //! binary frames and QUIC). Decoding never panics; sizes are checked before parsing.
+//!
+//! Also the other facts of the wire that node and clients must agree on: the QUIC ALPN
+//! ([`ALPN`]), the length prefix of QUIC frames ([`length_prefix_codec`]) and the close codes
+//! ([`CloseCode`]).
 
 use bincode::config::{Configuration, Limit};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::limits::MAX_FRAME_BYTES;
+
+/// The ALPN of the client protocol over QUIC.
+pub const ALPN: &[u8] = b"chat/1";
+
+/// The bytes of the big-endian length that precedes each frame on the QUIC stream.
+pub const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// The framing of the QUIC stream: each frame (binary codec) is preceded by its length,
+/// [`LENGTH_PREFIX_BYTES`] bytes big-endian. A frame longer than `max_frame_bytes` is an error
+/// (the node reads client frames up to [`MAX_FRAME_BYTES`]; clients leave server frames slack).
+pub fn length_prefix_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(LENGTH_PREFIX_BYTES)
+        .big_endian()
+        .max_frame_length(max_frame_bytes)
+        .new_codec()
+}
+
+/// The close codes a node uses: the WebSocket close frame's code, and the application error
+/// code of a QUIC connection close.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// The session ended normally.
+    Normal = 1000,
+    /// The node is shutting down, or the client stopped heartbeating.
+    GoingAway = 1001,
+    /// Not authenticated in time, authentication failed, or the device logged out.
+    PolicyViolation = 1008,
+    /// A frame over [`MAX_FRAME_BYTES`].
+    TooBig = 1009,
+}
+
+impl CloseCode {
+    /// The number on the wire.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The close code numbered `code`, if it is one of these.
+    pub fn from_u16(code: u16) -> Option<CloseCode> {
+        [
+            CloseCode::Normal,
+            CloseCode::GoingAway,
+            CloseCode::PolicyViolation,
+            CloseCode::TooBig,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
+    }
+}
+
+impl From<CloseCode> for u16 {
+    fn from(c: CloseCode) -> u16 {
+        c.code()
+    }
+}
 
 /// Which encoding a connection uses; chosen by the first frame the client sends.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -164,6 +226,35 @@ mod tests {
         ] {
             assert!(decode::<ClientFrame>(Codec::Binary, garbage).is_err());
         }
+    }
+
+    #[test]
+    fn close_codes_are_the_websocket_numbers() {
+        for (c, n) in [
+            (CloseCode::Normal, 1000),
+            (CloseCode::GoingAway, 1001),
+            (CloseCode::PolicyViolation, 1008),
+            (CloseCode::TooBig, 1009),
+        ] {
+            assert_eq!(c.code(), n);
+            assert_eq!(u16::from(c), n);
+            assert_eq!(CloseCode::from_u16(n), Some(c));
+        }
+        assert_eq!(CloseCode::from_u16(0), None);
+        assert_eq!(CloseCode::from_u16(1011), None);
+    }
+
+    #[test]
+    fn quic_frames_have_a_four_byte_big_endian_length() {
+        use bytes::{Bytes, BytesMut};
+        use tokio_util::codec::{Decoder, Encoder};
+        let mut codec = length_prefix_codec(8);
+        let mut buf = BytesMut::new();
+        codec.encode(Bytes::from_static(b"abc"), &mut buf).unwrap();
+        assert_eq!(&buf[..], b"\0\0\0\x03abc");
+        assert_eq!(&codec.decode(&mut buf).unwrap().unwrap()[..], b"abc");
+        let mut big = BytesMut::from(&b"\0\0\0\x09123456789"[..]);
+        assert!(codec.decode(&mut big).is_err());
     }
 
     proptest::proptest! {

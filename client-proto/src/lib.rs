@@ -4,8 +4,10 @@
 //! - [`frames`]: every WebSocket/QUIC frame, client to server and server to client.
 //! - [`error`]: the stable error codes and the error body.
 //! - [`limits`]: the limits every node enforces.
-//! - [`codec`]: the JSON and binary (bincode 2) encodings of frames.
+//! - [`codec`]: the JSON and binary (bincode 2) encodings of frames, the QUIC ALPN and framing,
+//!   and the close codes.
 //! - [`client`]: an async client (HTTP API and WebSocket) used by tests, the CLI and the bench.
+//! - [`ready`]: the `chatnode ready` line a node logs once it serves, and its parser.
 
 pub mod client;
 pub mod codec;
@@ -14,7 +16,9 @@ pub mod frames;
 pub mod http;
 pub mod ids;
 pub mod limits;
+pub mod ready;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use frames::{ClientFrame, Message, PresenceStatus, Recipient, ServerFrame};
 pub use ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
+pub use ready::ReadyLine;

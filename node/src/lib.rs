@@ -27,6 +27,3 @@ pub mod mesh;
 pub mod node;
 pub mod server;
 pub mod store;
-
-pub mod bench;
-pub mod client_cli;

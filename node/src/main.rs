@@ -19,9 +19,9 @@ enum Command {
     #[command(subcommand)]
     Certs(CertsCommand),
     /// A terminal chat client.
-    Client(chatnode::client_cli::ClientArgs),
+    Client(chat_tools::client_cli::ClientArgs),
     /// The load generator: drive a node or a cluster and report throughput and latency.
-    Bench(chatnode::bench::BenchArgs),
+    Bench(chat_tools::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -80,7 +80,7 @@ fn certs(cmd: CertsCommand) -> std::process::ExitCode {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Bench(args) => chatnode::bench::run(args),
+        Command::Bench(args) => chat_tools::bench::run(args),
         Command::Certs(cmd) => certs(cmd),
         Command::Client(args) => client(args),
         Command::Serve(args) => {
@@ -111,10 +111,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn client(args: chatnode::client_cli::ClientArgs) -> std::process::ExitCode {
+fn client(args: chat_tools::client_cli::ClientArgs) -> std::process::ExitCode {
     let result = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(chatnode::client_cli::run(args)));
+        .and_then(|rt| rt.block_on(chat_tools::client_cli::run(args)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -164,15 +164,17 @@ pub async fn serve(
             .await
     });
 
-    tracing::info!(
-        node_id = node.cfg.node_id,
-        http = %http_addr,
-        quic = %node.cfg.quic_addr,
-        peer = %node.cfg.peer_addr,
-        gossip = %node.cfg.gossip_addr,
-        data_dir = %node.cfg.data_dir.display(),
-        "chatnode ready"
-    );
+    // The bench and the test harness parse this line (`ReadyLine::parse`); its target is
+    // fixed so that they can turn it on alone (`--log warn,chatnode::ready=info`).
+    let ready = client_proto::ReadyLine {
+        node_id: node.cfg.node_id,
+        http: http_addr,
+        quic: node.cfg.quic_addr,
+        peer: node.cfg.peer_addr,
+        gossip: node.cfg.gossip_addr,
+        data_dir: node.cfg.data_dir.clone(),
+    };
+    tracing::info!(target: "chatnode::ready", "{ready}");
 
     tokio::select! {
         _ = stop => tracing::info!("shutting down"),

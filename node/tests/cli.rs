@@ -76,15 +76,8 @@ fn start(data: &std::path::Path) -> (std::process::Child, String) {
             .next()
             .expect("the node exited before it was ready")
             .unwrap();
-        if let Some(rest) = line.split("chatnode ready").nth(1) {
-            break rest
-                .split("http=")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
+        if let Some(ready) = client_proto::ReadyLine::parse(&line) {
+            break ready.http.to_string();
         }
     };
     // Keep draining stdout so the node never blocks on a full pipe.

@@ -145,16 +145,8 @@ impl TestNode {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
                     let _ = writeln!(log.lock().unwrap(), "{line}");
-                    if line.contains("chatnode ready") {
-                        let field = |name: &str| {
-                            line.split(name)
-                                .nth(1)
-                                .and_then(|s| s.split_whitespace().next())
-                                .map(str::to_string)
-                        };
-                        if let (Some(http), Some(quic)) = (field("http="), field("quic=")) {
-                            let _ = tx.send((http, quic));
-                        }
+                    if let Some(ready) = client_proto::ReadyLine::parse(&line) {
+                        let _ = tx.send((ready.http.to_string(), ready.quic.to_string()));
                     }
                 }
             });

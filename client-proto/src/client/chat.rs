@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{Ack, ConnectOptions, Connection};
 use super::ClientError;
+use crate::codec::CloseCode;
 use crate::error::{ErrorBody, ErrorCode};
 use crate::frames::{ClientFrame, Message, PresenceStatus, Recipient, ServerFrame};
 use crate::ids::{MessageId, UserId};
@@ -235,7 +236,12 @@ impl Driver {
                 }
                 Err(ClientError::Refused(body)) if body.code == ErrorCode::Unauthorized => {
                     let _ = self.events.send(Event::Error(body)).await;
-                    self.fail_all(|| ClientError::Closed(Some((1008, "unauthorized".into()))));
+                    self.fail_all(|| {
+                        ClientError::Closed(Some((
+                            CloseCode::PolicyViolation.code(),
+                            "unauthorized".into(),
+                        )))
+                    });
                     return;
                 }
                 Err(_) => {

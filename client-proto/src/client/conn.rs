@@ -13,7 +13,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::quic::{self, QuicLink};
 use super::ClientError;
-use crate::codec::{self, Codec};
+use crate::codec::{self, CloseCode, Codec};
 use crate::error::ErrorBody;
 use crate::frames::{ClientFrame, Recipient, ServerFrame};
 use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
@@ -361,7 +361,7 @@ impl Connection {
             }
             Link::Quic(mut q) => {
                 let _ = q.send.get_mut().finish();
-                q.conn.close(quinn::VarInt::from_u32(1000), b"bye");
+                q.conn.close(CloseCode::Normal.code().into(), b"bye");
                 // Let the close reach the server before the endpoint goes away (a process
                 // that exits right after would otherwise leave the server to time out).
                 let _ =

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::ClientError;
+use crate::codec::length_prefix_codec;
+pub use crate::codec::ALPN;
 use crate::limits::MAX_FRAME_BYTES;
-
-/// The ALPN of the client protocol over QUIC.
-pub const ALPN: &[u8] = b"chat/1";
 
 /// One QUIC connection with its single stream, split into framed halves.
 pub struct QuicLink {
@@ -24,11 +23,7 @@ pub struct QuicLink {
 /// The length-prefix codec; server frames may be somewhat larger than client frames (JSON
 /// escaping does not apply here, but leave slack for the frame envelope).
 fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .big_endian()
-        .max_frame_length(4 * MAX_FRAME_BYTES)
-        .new_codec()
+    length_prefix_codec(4 * MAX_FRAME_BYTES)
 }
 
 /// The client configuration: TLS 1.3 with ALPN `chat/1`, trusting `ca_pem` (PEM, the cluster

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use client_proto::codec::{self, Codec};
+use client_proto::codec::{self, CloseCode, Codec};
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::ServerFrame;
 use parking_lot::RwLock;
@@ -194,7 +194,8 @@ impl Hub {
             .flatten()
             .filter(|d| d.device_id == device)
         {
-            if dev.tx.try_send(Outbound::close(1008, reason)).is_err() {
+            let close = Outbound::close(CloseCode::PolicyViolation.code(), reason);
+            if dev.tx.try_send(close).is_err() {
                 dev.kick.cancel();
             }
         }

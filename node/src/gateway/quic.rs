@@ -14,34 +14,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use client_proto::codec::Codec;
+use client_proto::codec::{length_prefix_codec, CloseCode, Codec, ALPN};
 use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_FRAME_BYTES};
 use cluster::NodeTls;
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use quinn::{Endpoint, VarInt};
 use tokio::task::JoinHandle;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodecError};
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::session::{self, Inbound, OutFrame};
 use crate::node::Node;
 
-/// The ALPN of the client protocol over QUIC.
-pub const ALPN: &[u8] = b"chat/1";
 /// Most QUIC connections from one IP address.
 pub const MAX_CONNECTIONS_PER_IP: usize = 10_000;
 /// A connection with no packets for this long is gone (heartbeats keep live ones busy).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The length-prefix codec of client frames.
-pub fn frame_codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .big_endian()
-        .max_frame_length(MAX_FRAME_BYTES)
-        .new_codec()
-}
 
 fn server_config(tls: &NodeTls) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -127,7 +116,7 @@ pub fn spawn_accept(
                 serve(node2, incoming).await;
             });
         }
-        endpoint.close(VarInt::from_u32(1001), b"node shutting down");
+        endpoint.close(CloseCode::GoingAway.code().into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     })
 }
@@ -147,11 +136,14 @@ async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return,
         Err(_) => {
-            conn.close(VarInt::from_u32(1008), b"authenticate within 10 s");
+            conn.close(
+                CloseCode::PolicyViolation.code().into(),
+                b"authenticate within 10 s",
+            );
             return;
         }
     };
-    let reader = FramedRead::new(recv, frame_codec())
+    let reader = FramedRead::new(recv, length_prefix_codec(MAX_FRAME_BYTES))
         .map(|item| match item {
             Ok(b) => Inbound::Data(Codec::Binary, b.freeze()),
             Err(e)
@@ -164,7 +156,10 @@ async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
         })
         .boxed();
     let writer = futures_util::sink::unfold(
-        (FramedWrite::new(send, frame_codec()), conn.clone()),
+        (
+            FramedWrite::new(send, length_prefix_codec(MAX_FRAME_BYTES)),
+            conn.clone(),
+        ),
         |(mut w, conn), out: OutFrame| async move {
             match out {
                 OutFrame::Data(_, bytes) => w.send(Bytes::from(bytes)).await?,
@@ -182,5 +177,5 @@ async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
         },
     );
     session::run(node, peer, reader, Box::pin(writer)).await;
-    conn.close(VarInt::from_u32(1000), b"session ended");
+    conn.close(CloseCode::Normal.code().into(), b"session ended");
 }

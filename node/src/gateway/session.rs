@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client_proto::codec::{self, Codec, DecodeError};
+use client_proto::codec::{self, CloseCode, Codec, DecodeError};
 use client_proto::ids::ID_EPOCH_MS;
 use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_SUBSCRIBE_USERS};
 use client_proto::{ClientFrame, ErrorCode, MessageId, ServerFrame};
@@ -194,14 +194,20 @@ where
     let (codec, bytes) = match first {
         Err(_) => {
             let _ = writer
-                .send(OutFrame::Close(1008, "authenticate within 10 s".into()))
+                .send(OutFrame::Close(
+                    CloseCode::PolicyViolation.code(),
+                    "authenticate within 10 s".into(),
+                ))
                 .await;
             return None;
         }
         Ok(Some(Inbound::Data(codec, bytes))) => (codec, bytes),
         Ok(Some(Inbound::TooLarge)) => {
             let _ = writer
-                .send(OutFrame::Close(1009, "frame too large".into()))
+                .send(OutFrame::Close(
+                    CloseCode::TooBig.code(),
+                    "frame too large".into(),
+                ))
                 .await;
             return None;
         }
@@ -224,7 +230,10 @@ where
                 .send(OutFrame::Data(codec, codec::encode(codec, &frame)))
                 .await;
             let _ = writer
-                .send(OutFrame::Close(1008, "authentication failed".into()))
+                .send(OutFrame::Close(
+                    CloseCode::PolicyViolation.code(),
+                    "authentication failed".into(),
+                ))
                 .await;
             None
         }
@@ -252,7 +261,7 @@ async fn write_loop<W>(
             _ = reader_done.cancelled() => rx.try_recv().ok(),
             _ = kick.cancelled() => {
                 // Shutdown or a kicked slow consumer: say goodbye if the socket still takes it.
-                let bye = writer.send(OutFrame::Close(1001, "going away".into()));
+                let bye = writer.send(OutFrame::Close(CloseCode::GoingAway.code(), "going away".into()));
                 let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), bye)).await;
                 return;
             }
@@ -317,7 +326,7 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::info!("no heartbeat within {timeout:?}; dropping the device");
-                    self.emit(Outbound::close(1001, "heartbeat timeout")).await;
+                    self.emit(Outbound::close(CloseCode::GoingAway.code(), "heartbeat timeout")).await;
                     break;
                 }
                 Some(()) = inflight.next(), if !inflight.is_empty() => {}
@@ -325,7 +334,7 @@ impl Session {
                     match item {
                         None | Some(Inbound::Closed) => break,
                         Some(Inbound::TooLarge) => {
-                            self.emit(Outbound::close(1009, "frame too large")).await;
+                            self.emit(Outbound::close(CloseCode::TooBig.code(), "frame too large")).await;
                             break;
                         }
                         Some(Inbound::Data(codec, bytes)) => {
@@ -339,7 +348,7 @@ impl Session {
                                 Err(e) => {
                                     let code = match e {
                                         DecodeError::TooLarge(_) => {
-                                            self.emit(Outbound::close(1009, "frame too large")).await;
+                                            self.emit(Outbound::close(CloseCode::TooBig.code(), "frame too large")).await;
                                             break;
                                         }
                                         _ => ErrorCode::InvalidFrame,

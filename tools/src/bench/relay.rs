@@ -137,7 +137,7 @@ async fn serve(shared: Arc<Shared>, socket: WebSocket) {
                     let Some(from) = me else { break };
                     let message_id = MessageId(shared.next_id.fetch_add(1, Ordering::Relaxed));
                     let conversation = ConversationId::direct(from, to);
-                    let ts = crate::ids::now_unix_ms();
+                    let ts = now_unix_ms();
                     let ack = ServerFrame::Ack {
                         reference: id.clone(),
                         message_id,
@@ -193,4 +193,12 @@ async fn serve(shared: Arc<Shared>, socket: WebSocket) {
     if let Some(user) = me {
         shared.receivers.lock().remove(&user);
     }
+}
+
+/// The wall clock in Unix milliseconds (the relay's message timestamps).
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use client_proto::ReadyLine;
 
 /// How long the node may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -74,7 +75,7 @@ impl SpawnedNode {
                 "--rate-limit-burst",
                 "1000000",
             ])
-            .args(["--log", "warn,chatnode::node=info"])
+            .args(["--log", "warn,chatnode::ready=info"])
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -105,16 +106,8 @@ impl SpawnedNode {
                     if let Ok(mut f) = log.lock() {
                         let _ = writeln!(f, "{line}");
                     }
-                    if line.contains("chatnode ready") {
-                        let field = |name: &str| {
-                            line.split(name)
-                                .nth(1)
-                                .and_then(|s| s.split_whitespace().next())
-                                .map(str::to_string)
-                        };
-                        if let (Some(http), Some(quic)) = (field("http="), field("quic=")) {
-                            let _ = tx.send((http, quic));
-                        }
+                    if let Some(ready) = ReadyLine::parse(&line) {
+                        let _ = tx.send((ready.http.to_string(), ready.quic.to_string()));
                     }
                 }
             }));
