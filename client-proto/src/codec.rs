@@ -117,8 +117,13 @@ pub fn decode<T: DeserializeOwned + bincode::Decode<()>>(
     match codec {
         Codec::Json => serde_json::from_slice(bytes).map_err(|e| classify_json_error(bytes, e)),
         Codec::Binary => {
-            let (frame, used) = bincode::decode_from_slice(bytes, bin_config())
-                .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+            let (frame, used) =
+                bincode::decode_from_slice(bytes, bin_config()).map_err(|e| match e {
+                    bincode::error::DecodeError::UnexpectedVariant { found, .. } => {
+                        DecodeError::UnknownType(format!("binary frame variant {found}"))
+                    }
+                    e => DecodeError::Malformed(e.to_string()),
+                })?;
             if used != bytes.len() {
                 return Err(DecodeError::Malformed(format!(
                     "{} trailing bytes after the frame",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, Position, UserId};
 
 /// Where a `send` goes: `{"user": id}` or `{"group": id}`.
 #[derive(
@@ -32,10 +32,11 @@ pub enum ClientFrame {
         to: Recipient,
         body: String,
     },
-    /// Everything in this user's inbox after `after` (this device's `cur_max_message_id`).
+    /// Everything in this user's inbox after position `after`: the last cursor this device
+    /// was given (by a `sync_batch` or a `cursor` frame), `null` for everything.
     Sync {
         #[serde(default)]
-        after: Option<MessageId>,
+        after: Option<Position>,
         #[serde(default)]
         limit: Option<u32>,
     },
@@ -53,6 +54,10 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// The largest message id this client has seen (acked or received): the node's clock is
+    /// pulled past it, so that what the client sends next gets a larger id even on a node
+    /// whose clock is a little behind. Sent after `auth`; optional.
+    Seen { message_id: MessageId },
 }
 
 impl ClientFrame {
@@ -66,6 +71,7 @@ impl ClientFrame {
             ClientFrame::SubscribePresence { .. } => "subscribe_presence",
             ClientFrame::UnsubscribePresence { .. } => "unsubscribe_presence",
             ClientFrame::History { .. } => "history",
+            ClientFrame::Seen { .. } => "seen",
         }
     }
 }
@@ -120,10 +126,11 @@ pub enum ServerFrame {
     },
     /// A new message for this user.
     Message { message: Arc<Message> },
-    /// Part of the answer to `sync`, in message-id order.
+    /// Part of the answer to `sync`, in inbox-position order. `cursor` is a position this
+    /// device has everything up to (store it and sync from it next time).
     SyncBatch {
         messages: Vec<Message>,
-        cursor: Option<MessageId>,
+        cursor: Option<Position>,
         done: bool,
         gap: bool,
     },
@@ -151,6 +158,10 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reconnect_to: Option<String>,
     },
+    /// The node caught this connection up with the user's inbox: everything for the user at
+    /// or below `cursor` has been sent on it. Store it and sync from it next time, like a
+    /// `sync_batch` cursor. Sent only to a connection that has synced.
+    Cursor { cursor: Position },
 }
 
 impl ServerFrame {

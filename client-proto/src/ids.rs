@@ -92,6 +92,14 @@ define_id!(
     /// A message: time-ordered, `[41 bits ms since 2025-01-01][10 bits node][12 bits counter]`.
     MessageId
 );
+define_id!(
+    /// A position in a user's inbox (the message sync queue): where an inbox entry was
+    /// written, in the same 64-bit time-ordered layout as message ids (the hybrid logical
+    /// clock of the node that wrote it). A sync cursor is a position: everything for the user
+    /// at or below it has been sent. A message keeps its id for good; a retried send that
+    /// completes an earlier attempt writes its inbox entries at a new position.
+    Position
+);
 
 /// Milliseconds from the Unix epoch to 2025-01-01T00:00:00Z, the epoch of message ids.
 pub const ID_EPOCH_MS: u64 = 1_735_689_600_000;

@@ -20,5 +20,5 @@ pub mod ready;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use frames::{ClientFrame, Message, PresenceStatus, Recipient, ServerFrame};
-pub use ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
+pub use ids::{ConversationId, DeviceId, GroupId, MessageId, Position, UserId};
 pub use ready::ReadyLine;

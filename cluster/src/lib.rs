@@ -6,6 +6,7 @@
 //! ([`lifecycle`]).
 
 pub mod certs;
+pub mod clock;
 pub mod lifecycle;
 pub mod membership;
 pub mod placement;

@@ -64,10 +64,25 @@ pub struct ServeArgs {
     /// A write not durable within this time fails with `unavailable`, ms [default: 2000].
     #[arg(long, env = "CHATNODE_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
-    /// How far before the cursor `sync` answers from, ms [default: 3000]: the write timeout
-    /// plus the allowed clock skew.
-    #[arg(long, env = "CHATNODE_SYNC_OVERLAP_MS")]
-    pub sync_overlap_ms: Option<u64>,
+    /// How far a sync cursor trails the newest inbox positions, ms [default: 5000]: a
+    /// message must reach an inbox replica within this (by the replica's clock) of taking its
+    /// position, or it is written again at a new one; the next sync resends this much.
+    #[arg(long, env = "CHATNODE_SEAL_WINDOW_MS")]
+    pub seal_window_ms: Option<u64>,
+    /// This node refuses to issue ids (to store messages, accounts, groups) while its clock
+    /// is further than this from the median of its peers', ms [default: 10000]; `/readyz`
+    /// says so. It is also how far ahead of its own clock a peer's timestamp may pull it.
+    #[arg(long, env = "CHATNODE_MAX_CLOCK_SKEW_MS")]
+    pub max_clock_skew_ms: Option<u64>,
+    /// Seconds between a connected device's periodic catch-up from its inbox position, a
+    /// safety net under the catch-ups the node starts when it learns it may have missed
+    /// deliveries [default: 60; 0: off].
+    #[arg(long, env = "CHATNODE_HEAL_INTERVAL_SECS")]
+    pub heal_interval_secs: Option<u64>,
+    /// Tests only: a file holding a signed number of ms added to this node's wall clock,
+    /// re-read every 500 ms (a chaos test skews one node with it).
+    #[arg(long, env = "CHATNODE_CLOCK_OFFSET_FILE")]
+    pub clock_offset_file: Option<PathBuf>,
     /// Seconds between anti-entropy passes: this node pulls its partitions from their other
     /// replicas and keeps what it missed [default: 3600; 0: only once after a restart].
     #[arg(long, env = "CHATNODE_ANTI_ENTROPY_SECS")]
@@ -114,7 +129,10 @@ struct FileConfig {
     rate_limit_burst: Option<u32>,
     write_timeout_ms: Option<u64>,
     anti_entropy_secs: Option<u64>,
-    sync_overlap_ms: Option<u64>,
+    seal_window_ms: Option<u64>,
+    max_clock_skew_ms: Option<u64>,
+    heal_interval_secs: Option<u64>,
+    clock_offset_file: Option<PathBuf>,
     token_ttl_secs: Option<u64>,
     push_preview: Option<bool>,
     push_timeout_ms: Option<u64>,
@@ -144,7 +162,14 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
     pub anti_entropy: Option<Duration>,
-    pub sync_overlap: Duration,
+    /// How far a sync cursor trails the newest inbox positions (the replicas' seal window).
+    pub seal_window: Duration,
+    /// The clock skew past which this node refuses to issue ids.
+    pub max_clock_skew: Duration,
+    /// Time between a connected device's periodic catch-ups; `None`: off.
+    pub heal_interval: Option<Duration>,
+    /// Tests only: where this node's wall-clock offset is read from.
+    pub clock_offset_file: Option<PathBuf>,
     pub token_ttl: Duration,
     pub push: PushConfig,
     pub log: String,
@@ -233,7 +258,17 @@ impl Config {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
             },
-            sync_overlap: ms(args.sync_overlap_ms.or(file.sync_overlap_ms), 3_000),
+            seal_window: ms(args.seal_window_ms.or(file.seal_window_ms), 5_000),
+            max_clock_skew: ms(args.max_clock_skew_ms.or(file.max_clock_skew_ms), 10_000),
+            heal_interval: match args
+                .heal_interval_secs
+                .or(file.heal_interval_secs)
+                .unwrap_or(60)
+            {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
+            clock_offset_file: args.clock_offset_file.or(file.clock_offset_file),
             token_ttl: Duration::from_secs(
                 args.token_ttl_secs
                     .or(file.token_ttl_secs)
@@ -289,6 +324,12 @@ impl Config {
         }
         if self.write_timeout < Duration::from_millis(100) {
             return bad("--write-timeout-ms must be at least 100".into());
+        }
+        if self.seal_window < Duration::from_millis(500) {
+            return bad("--seal-window-ms must be at least 500".into());
+        }
+        if self.max_clock_skew < Duration::from_millis(100) {
+            return bad("--max-clock-skew-ms must be at least 100".into());
         }
         if self.token_ttl < Duration::from_secs(60) {
             return bad("--token-ttl-secs must be at least 60".into());

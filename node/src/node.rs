@@ -37,7 +37,13 @@ pub struct Node {
     mesh: Arc<Mesh>,
     metrics: Option<PrometheusHandle>,
     sessions: TaskTracker,
+    /// Connections catching up with their inboxes at once (a node-wide catch-up asks every
+    /// connection; this keeps their reads from swamping the replicas).
+    catch_ups: tokio::sync::Semaphore,
 }
+
+/// Catch-ups that read their inboxes at once, node-wide.
+const CONCURRENT_CATCH_UPS: usize = 32;
 
 /// One member as `GET /v1/cluster` shows it.
 #[derive(Debug, Serialize)]
@@ -103,6 +109,7 @@ impl Node {
             mesh: p.mesh,
             metrics: p.metrics,
             sessions: TaskTracker::new(),
+            catch_ups: tokio::sync::Semaphore::new(CONCURRENT_CATCH_UPS),
         }
     }
 
@@ -178,6 +185,12 @@ impl Node {
             .as_ref()
             .map(|m| m.render())
             .unwrap_or_default()
+    }
+
+    /// Waits for a turn to read an inbox for a catch-up; the turn ends when the permit is
+    /// dropped. (The semaphore is never closed, so there is always a permit to wait for.)
+    pub async fn catch_up_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.catch_ups.acquire().await.ok()
     }
 
     /// Held by each live session so that shutdown can wait for them.

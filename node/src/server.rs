@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use cluster::clock::SkewGuard;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,10 +32,13 @@ use crate::domain::presence::{Feed, Presence};
 use crate::domain::push::Push;
 use crate::mesh::{GossipDirectory, Mesh};
 use crate::node::{Node, Parts};
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 
 /// How long shutdown waits for sessions to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the clock's lease is checked (it is renewed about every half second of clock
+/// time, and has 2.5 s to become durable).
+const LEASE_EVERY: Duration = Duration::from_millis(250);
 
 /// Installs the Prometheus recorder once per process.
 fn metrics_recorder() -> Option<PrometheusHandle> {
@@ -59,6 +63,46 @@ async fn join(name: &str, task: JoinHandle<()>) {
     }
 }
 
+/// Keeps the clock's lease ahead of it (`Store::keep_lease`) until shutdown.
+fn spawn_lease_keeper(store: Store, shutdown: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LEASE_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = store.keep_lease().await {
+                tracing::warn!(error = %e, "cannot persist the clock's lease; retrying");
+            }
+        }
+    })
+}
+
+/// Tests only: follows the wall-clock offset written in `path` (`--clock-offset-file`). The
+/// task never ends by itself; shutdown aborts it (it holds nothing).
+fn spawn_clock_offset(path: std::path::PathBuf) -> JoinHandle<()> {
+    let read = move || {
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    cluster::clock::set_offset_ms(read());
+    tokio::spawn(async move {
+        let mut last = cluster::clock::offset_ms();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = read();
+            if now != last {
+                tracing::warn!(offset_ms = now, "test clock offset changed");
+                cluster::clock::set_offset_ms(now);
+                last = now;
+            }
+        }
+    })
+}
+
 /// Runs a node until `stop` resolves, then shuts it down.
 pub async fn serve(
     mut cfg: Config,
@@ -79,14 +123,30 @@ pub async fn serve(
                 cfg.cluster_dir.display()
             )
         })?;
+    let clock_offset = cfg
+        .clock_offset_file
+        .as_ref()
+        .map(|path| spawn_clock_offset(path.clone()));
     let db_dir = cfg.data_dir.join("db");
-    let (store, flusher) = Store::open(&db_dir, cfg.node_id, cfg.partitions, cfg.write_timeout)
-        .with_context(|| {
-            format!(
-                "cannot open the store in {} (is another chatnode using this data dir?)",
-                db_dir.display()
-            )
-        })?;
+    let options = StoreOptions {
+        node_id: cfg.node_id,
+        partitions: cfg.partitions,
+        write_timeout: cfg.write_timeout,
+        seal_window: cfg.seal_window,
+        max_clock_skew: cfg.max_clock_skew,
+        guard: Arc::new(SkewGuard::new(cfg.max_clock_skew.as_millis() as u64)),
+    };
+    let (store, flusher) = Store::open(&db_dir, options).with_context(|| {
+        format!(
+            "cannot open the store in {} (is another chatnode using this data dir?)",
+            db_dir.display()
+        )
+    })?;
+    // The clock's lease is durable before any id is issued.
+    store
+        .keep_lease()
+        .await
+        .context("cannot persist the clock's lease")?;
     let ids = store.ids();
 
     let listener = tokio::net::TcpListener::bind(cfg.http_addr)
@@ -99,6 +159,7 @@ pub async fn serve(
 
     let hub = Hub::default();
     let shutdown = CancellationToken::new();
+    let lease_keeper = spawn_lease_keeper(store.clone(), shutdown.clone());
     let feed = Arc::new(Feed::default());
     let started = Mesh::start(
         &cfg,
@@ -135,7 +196,6 @@ pub async fn serve(
             delivery,
             presence.clone(),
             push.clone(),
-            cfg.sync_overlap,
         ),
         groups: Groups::new(store.clone(), ids),
         friends: Friends::new(store.clone(), hub.clone(), presence.clone()),
@@ -194,6 +254,10 @@ pub async fn serve(
     mesh.shutdown().await;
     join("presence fan-out", fanout).await;
     join("push worker", push_worker).await;
+    join("clock lease keeper", lease_keeper).await;
+    if let Some(task) = clock_offset {
+        task.abort();
+    }
     store.flush().await.context("final flush of the store")?;
     // Everything is on disk. The flusher would end only once every handle to the store is
     // gone, and the replication service's peers may still hold one: stop it here.

@@ -252,7 +252,10 @@ async fn an_offline_member_syncs_and_history_pages_cover_everything() {
     // Sync in small batches, and again from a mid-way cursor: after dedup by id, every
     // message exactly once, in order.
     let first = late.sync_all(None, Some(13)).await.unwrap();
-    let again = late.sync_all(Some(sent[40]), None).await.unwrap();
+    let again = late
+        .sync_all(Some(client_proto::Position(sent[40].0)), None)
+        .await
+        .unwrap();
     let mut seen = HashSet::new();
     let mut order: Vec<MessageId> = Vec::new();
     for m in first.messages.iter().chain(again.messages.iter()) {

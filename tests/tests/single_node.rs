@@ -9,7 +9,7 @@ use chat_tests::TestNode;
 use chat_tests::{next_message, to};
 use client_proto::client::{connect_raw, ClientError, WsConnection};
 use client_proto::codec::Codec;
-use client_proto::{ClientFrame, ErrorCode, Message, MessageId, ServerFrame, UserId};
+use client_proto::{ClientFrame, ErrorCode, Message, MessageId, Position, ServerFrame, UserId};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -72,7 +72,8 @@ async fn a_message_reaches_every_other_device_once() {
 
 #[tokio::test]
 async fn an_offline_user_syncs_everything_in_order() {
-    let node = TestNode::start(&["--sync-overlap-ms", "3000"]);
+    // A short seal window: a second after the last send, a sync's cursor covers it all.
+    let node = TestNode::start(&["--seal-window-ms", "500"]);
     let alice = node.user("alice").await;
     let bob = node.user("bob").await;
     let mut a = node.connect(&alice.login).await;
@@ -84,29 +85,36 @@ async fn an_offline_user_syncs_everything_in_order() {
                 .unwrap(),
         );
     }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // bob logs in on a new device and syncs from nothing, in small batches.
     let (_, mut b) = node.device(&bob).await;
     let all = b.sync_all(None, Some(7)).await.unwrap();
     assert!(all.batches >= 8, "{} batches", all.batches);
     let ids: Vec<MessageId> = all.messages.iter().map(|m| m.message_id).collect();
     let want: Vec<MessageId> = acks.iter().map(|a| a.message_id).collect();
-    assert_eq!(ids, want, "all 50, in id order, once");
-    assert_eq!(all.cursor, Some(want[49]));
+    assert_eq!(ids, want, "all 50, in order, once");
+    // The cursor is an inbox position that covers everything sent (a new message's first
+    // position is its id).
+    let cursor = all.cursor.expect("a cursor");
+    assert!(
+        cursor >= Position(want[49].0),
+        "{cursor} covers the last message"
+    );
     for (i, m) in all.messages.iter().enumerate() {
         assert_eq!(m.body, format!("msg {i}"));
     }
+    // Nothing comes back from the cursor: it is closed.
+    assert!(b
+        .sync_all(Some(cursor), None)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
 
-    // From the 25th message: 26..50, plus at most the overlap before the cursor.
-    let cursor = want[24];
-    let part = b.sync_all(Some(cursor), None).await.unwrap();
+    // From the 25th message's position: exactly 26..50, once.
+    let part = b.sync_all(Some(Position(want[24].0)), None).await.unwrap();
     let got: Vec<MessageId> = part.messages.iter().map(|m| m.message_id).collect();
-    let after: Vec<MessageId> = got.iter().copied().filter(|id| *id > cursor).collect();
-    assert_eq!(after, want[25..].to_vec());
-    let floor = cursor.minus_ms(3000);
-    assert!(
-        got.iter().all(|id| *id >= floor),
-        "nothing older than the overlap"
-    );
+    assert_eq!(got, want[25..].to_vec());
     assert_eq!(
         got.len(),
         got.iter().collect::<HashSet<_>>().len(),
@@ -287,15 +295,18 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
         .await
         .unwrap();
 
-    // Exactly three messages were stored, in both inboxes.
+    // Exactly three messages were stored, in both inboxes. (The retried client id wrote
+    // "max" again at a new inbox position, so sync order is not id order here.)
     let (_, mut b) = node.device(&bob).await;
     let got = b.sync_all(None, None).await.unwrap();
-    let ids: Vec<MessageId> = got.messages.iter().map(|m| m.message_id).collect();
+    let mut ids: Vec<MessageId> = got.messages.iter().map(|m| m.message_id).collect();
+    ids.sort();
     assert_eq!(
         ids,
         vec![ok.message_id, ok_utf8.message_id, last.message_id]
     );
-    assert_eq!(got.messages[0].body.len(), 100_000);
+    let max = got.messages.iter().find(|m| m.message_id == ok.message_id);
+    assert_eq!(max.map(|m| m.body.len()), Some(100_000));
     let mine = a.sync_all(None, None).await.unwrap();
     assert_eq!(mine.messages.len(), 3);
 }

@@ -1,8 +1,11 @@
 //! [`ChatClient`]: a connection that heals itself. A driver task owns the connection; it
-//! reconnects with jittered exponential backoff (first retry within 1–5 s), sends `sync` from
-//! the stored cursor after every (re)connect, drops messages it has already delivered (by
-//! message id), heartbeats, and re-sends unacknowledged sends with their original client ids
-//! (the server acks a retried id without storing it twice).
+//! reconnects with jittered exponential backoff (first retry within 1–5 s), tells the node
+//! the largest message id it has seen (`seen`, so what it sends next sorts after it), sends
+//! `sync` from its cursor after every (re)connect, keeps the cursor the server hands out
+//! (`sync_batch` and `cursor` frames: an inbox position, never a message id), drops messages
+//! it has already delivered (by message id), heartbeats, and re-sends unacknowledged sends
+//! with their original client ids (the server acks a retried id with the first message's id,
+//! without storing a second message).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +22,7 @@ use super::ClientError;
 use crate::codec::CloseCode;
 use crate::error::{ErrorBody, ErrorCode};
 use crate::frames::{ClientFrame, Message, PresenceStatus, Recipient, ServerFrame};
-use crate::ids::{MessageId, UserId};
+use crate::ids::{MessageId, Position, UserId};
 
 /// Message ids remembered for dedup; older ones are below the cursor and never resent.
 const DEDUP_WINDOW: usize = 20_000;
@@ -52,8 +55,9 @@ pub struct ClientOptions {
     pub url: String,
     pub token: String,
     pub connect: ConnectOptions,
-    /// The largest message id already seen (from an earlier run), to sync from.
-    pub cursor: Option<MessageId>,
+    /// The cursor from an earlier run (the last one [`ChatClient::cursor`] returned), to
+    /// sync from.
+    pub cursor: Option<Position>,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
     /// HTTP roots of nodes to ask `GET /v1/discover` when the current node cannot be
@@ -108,6 +112,7 @@ impl ChatClient {
             cmds: cmd_rx,
             events: ev_tx,
             cursor: cursor.clone(),
+            seen_max: 0,
             unacked: HashMap::new(),
             order: Vec::new(),
             seen: HashSet::new(),
@@ -171,9 +176,9 @@ impl ChatClient {
         self.events.recv().await
     }
 
-    /// The largest message id seen so far: store it to resume after a restart.
-    pub fn cursor(&self) -> Option<MessageId> {
-        Some(MessageId(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0)
+    /// The cursor the server handed out last: store it to resume after a restart.
+    pub fn cursor(&self) -> Option<Position> {
+        Some(Position(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0)
     }
 
     /// Stops the driver and closes the connection.
@@ -196,6 +201,8 @@ struct Driver {
     cmds: mpsc::Receiver<Cmd>,
     events: mpsc::Sender<Event>,
     cursor: Arc<AtomicU64>,
+    /// The largest message id acked or received (told to each node connected to).
+    seen_max: u64,
     unacked: HashMap<String, PendingSend>,
     /// Client ids of `unacked`, in send order (for re-sending in order).
     order: Vec<String>,
@@ -288,7 +295,15 @@ impl Driver {
     }
 
     async fn session(&mut self, mut conn: Connection) -> End {
-        let after = Some(MessageId(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0);
+        if self.seen_max > 0 {
+            let seen = ClientFrame::Seen {
+                message_id: MessageId(self.seen_max),
+            };
+            if let Err(e) = conn.send(&seen).await {
+                return End::Lost(e.to_string());
+            }
+        }
+        let after = Some(Position(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0);
         if let Err(e) = conn.send(&ClientFrame::Sync { after, limit: None }).await {
             return End::Lost(e.to_string());
         }
@@ -345,10 +360,19 @@ impl Driver {
     async fn handle(&mut self, frame: ServerFrame) -> Option<ClientFrame> {
         match frame {
             ServerFrame::Message { message } => self.deliver((*message).clone()).await,
-            ServerFrame::SyncBatch { messages, .. } => {
+            ServerFrame::SyncBatch {
+                messages, cursor, ..
+            } => {
                 for m in messages {
                     self.deliver(m).await;
                 }
+                // After the batch's messages: a cursor covers only what came before it.
+                if let Some(c) = cursor {
+                    self.cursor.fetch_max(c.0, Ordering::Relaxed);
+                }
+            }
+            ServerFrame::Cursor { cursor } => {
+                self.cursor.fetch_max(cursor.0, Ordering::Relaxed);
             }
             ServerFrame::Ack {
                 reference,
@@ -356,6 +380,7 @@ impl Driver {
                 conversation,
                 ts,
             } => {
+                self.seen_max = self.seen_max.max(message_id.0);
                 if let Some(p) = self.unacked.remove(&reference) {
                     self.order.retain(|id| *id != reference);
                     let _ = p.reply.send(Ok(Ack {
@@ -424,7 +449,7 @@ impl Driver {
                 self.seen.remove(&old);
             }
         }
-        self.cursor.fetch_max(m.message_id.0, Ordering::Relaxed);
+        self.seen_max = self.seen_max.max(m.message_id.0);
         let _ = self.events.send(Event::Message(m)).await;
     }
 }

@@ -13,10 +13,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::quic::{self, QuicLink};
 use super::ClientError;
-use crate::codec::{self, CloseCode, Codec};
+use crate::codec::{self, CloseCode, Codec, DecodeError};
 use crate::error::ErrorBody;
 use crate::frames::{ClientFrame, Recipient, ServerFrame};
-use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, MessageId, Position, UserId};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -229,15 +229,27 @@ impl Connection {
                         }
                         Some(Ok(_)) => continue,
                     };
-                    return decoded.map_err(|e| ClientError::Unexpected(e.to_string()));
+                    match decoded {
+                        // A frame type added to the protocol after this client: skipped.
+                        Err(DecodeError::UnknownType(t)) => {
+                            tracing::debug!(frame = %t, "skipping a frame of an unknown type");
+                            continue;
+                        }
+                        other => return other.map_err(|e| ClientError::Unexpected(e.to_string())),
+                    }
                 }
                 Link::Quic(q) => {
                     let next = tokio::time::timeout_at(deadline, q.recv.next())
                         .await
                         .map_err(|_| ClientError::Timeout("a frame"))?;
                     return match next {
-                        Some(Ok(bytes)) => codec::decode(Codec::Binary, &bytes)
-                            .map_err(|e| ClientError::Unexpected(e.to_string())),
+                        Some(Ok(bytes)) => match codec::decode(Codec::Binary, &bytes) {
+                            Err(DecodeError::UnknownType(t)) => {
+                                tracing::debug!(frame = %t, "skipping a frame of an unknown type");
+                                continue;
+                            }
+                            other => other.map_err(|e| ClientError::Unexpected(e.to_string())),
+                        },
                         Some(Err(_)) | None => {
                             // Give the close frame a moment to be processed.
                             let _ =
@@ -320,7 +332,7 @@ impl Connection {
     /// with the final cursor.
     pub async fn sync_all(
         &mut self,
-        after: Option<MessageId>,
+        after: Option<Position>,
         limit: Option<u32>,
     ) -> Result<SyncResult, ClientError> {
         self.send(&ClientFrame::Sync { after, limit }).await?;
@@ -334,12 +346,10 @@ impl Connection {
                         done,
                         gap,
                     } => Some((messages.clone(), *cursor, *done, *gap)),
-                    ServerFrame::Error { code, message, .. } => {
-                        Some((Vec::new(), Some(MessageId(0)), true, {
-                            tracing::warn!(%code, %message, "sync refused");
-                            false
-                        }))
-                    }
+                    ServerFrame::Error { code, message, .. } => Some((Vec::new(), None, true, {
+                        tracing::warn!(%code, %message, "sync refused");
+                        false
+                    })),
                     _ => None,
                 })
                 .await?;
@@ -383,7 +393,8 @@ pub struct Ack {
 #[derive(Clone, Debug, Default)]
 pub struct SyncResult {
     pub messages: Vec<crate::frames::Message>,
-    pub cursor: Option<MessageId>,
+    /// The cursor of the last batch: sync from it next time.
+    pub cursor: Option<Position>,
     pub batches: usize,
     pub gap: bool,
 }

@@ -10,15 +10,17 @@
 //! one (from a receive cancelled part-way) is drained before the next, so datagrams are
 //! never attributed to the wrong peer.
 //!
-//! A sealed datagram is `tag (32) | sent at, unix ms (8) | message id (4) | fragment index
-//! (1) | fragment count (1) | payload`. chitchat fills datagrams up to the UDP limit, so a
+//! A sealed datagram is `tag (32) | sent at, unix ms (8) | sender's clock reading (8) |
+//! message id (4) | fragment index (1) | fragment count (1) | payload`. The receiver's
+//! clock is pulled past the sender's reading (`crate::clock::Hlc::observe`), and the "sent at"
+//! time feeds its clock-skew estimate (`crate::clock::SkewGuard`). chitchat fills datagrams up to the UDP limit, so a
 //! message that does not fit with the header goes as two fragments. Datagrams more than
 //! [`MAX_SKEW`] away from this node's clock are refused (a bound on replays; nodes need
 //! clocks within that of each other).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -29,11 +31,12 @@ use tokio::net::UdpSocket;
 use tracing::warn;
 
 use crate::certs::ClusterSecret;
+use crate::clock::{wall_ms, ClusterClock};
 
 /// Largest UDP payload over IPv4.
 const MAX_DATAGRAM: usize = 65_507;
 const TAG_LEN: usize = 32;
-const HEADER_LEN: usize = TAG_LEN + 8 + 4 + 1 + 1;
+const HEADER_LEN: usize = TAG_LEN + 8 + 8 + 4 + 1 + 1;
 /// Payload bytes per fragment.
 const FRAGMENT: usize = MAX_DATAGRAM - HEADER_LEN;
 /// How far a datagram's timestamp may be from this node's clock.
@@ -46,16 +49,25 @@ const CODEC_HOP: Duration = Duration::from_secs(1);
 /// A chitchat transport that seals every datagram with the cluster secret.
 pub struct AuthTransport {
     key: hmac::Key,
+    clock: Option<ClusterClock>,
 }
 
 impl AuthTransport {
     /// A transport keyed by `secret` (a key derived for gossip, not the secret itself).
     pub fn new(secret: &ClusterSecret) -> Self {
         let root = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
-        let derived = hmac::sign(&root, b"chatnode gossip authentication v1");
+        let derived = hmac::sign(&root, b"chatnode gossip authentication v2");
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
+            clock: None,
         }
+    }
+
+    /// Stamps datagrams with `clock`'s readings and feeds it the peers' (see the module
+    /// docs).
+    pub fn with_clock(mut self, clock: Option<ClusterClock>) -> Self {
+        self.clock = clock;
+        self
     }
 }
 
@@ -79,6 +91,7 @@ impl Transport for AuthTransport {
             tap,
             tap_addr,
             key: self.key.clone(),
+            clock: self.clock.clone(),
             buf: vec![0; MAX_DATAGRAM + 1].into_boxed_slice(),
             next_id: rand::random(),
             partial: HashMap::new(),
@@ -107,23 +120,26 @@ struct AuthSocket {
     tap: UdpSocket,
     tap_addr: SocketAddr,
     key: hmac::Key,
+    clock: Option<ClusterClock>,
     buf: Box<[u8]>,
     next_id: u32,
     partial: HashMap<(SocketAddr, u32), Partial>,
     last_warning: Option<Instant>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// What a sealed datagram's header says besides the fragment fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    /// The sender's wall clock, Unix ms.
+    pub sent_ms: u64,
+    /// The sender's clock reading (0 when it keeps none).
+    pub hlc: u64,
 }
 
 /// `header | payload` with the tag over everything after it.
 pub(crate) fn seal(
     key: &hmac::Key,
-    sent_ms: u64,
+    stamp: Stamp,
     id: u32,
     index: u8,
     count: u8,
@@ -131,7 +147,8 @@ pub(crate) fn seal(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&[0; TAG_LEN]);
-    out.extend_from_slice(&sent_ms.to_be_bytes());
+    out.extend_from_slice(&stamp.sent_ms.to_be_bytes());
+    out.extend_from_slice(&stamp.hlc.to_be_bytes());
     out.extend_from_slice(&id.to_be_bytes());
     out.push(index);
     out.push(count);
@@ -144,7 +161,7 @@ pub(crate) fn seal(
 /// A verified fragment.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Opened<'a> {
-    pub sent_ms: u64,
+    pub stamp: Stamp,
     pub id: u32,
     pub index: u8,
     pub count: u8,
@@ -173,13 +190,20 @@ pub(crate) fn open<'a>(
         return Err(Refused::BadTag);
     }
     let field = |at: usize, len: usize| &datagram[at..at + len];
-    let sent_ms = u64::from_be_bytes(field(TAG_LEN, 8).try_into().map_err(|_| Refused::Short)?);
+    let u64_at = |at: usize| {
+        field(at, 8)
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| Refused::Short)
+    };
+    let sent_ms = u64_at(TAG_LEN)?;
+    let hlc = u64_at(TAG_LEN + 8)?;
     let id = u32::from_be_bytes(
-        field(TAG_LEN + 8, 4)
+        field(TAG_LEN + 16, 4)
             .try_into()
             .map_err(|_| Refused::Short)?,
     );
-    let (index, count) = (datagram[TAG_LEN + 12], datagram[TAG_LEN + 13]);
+    let (index, count) = (datagram[TAG_LEN + 20], datagram[TAG_LEN + 21]);
     let skew = sent_ms as i64 - now_ms as i64;
     if skew.unsigned_abs() > MAX_SKEW.as_millis() as u64 {
         return Err(Refused::Skewed(skew));
@@ -188,7 +212,7 @@ pub(crate) fn open<'a>(
         return Err(Refused::BadFragment);
     }
     Ok(Opened {
-        sent_ms,
+        stamp: Stamp { sent_ms, hlc },
         id,
         index,
         count,
@@ -283,10 +307,13 @@ impl Socket for AuthSocket {
             payload.chunks(FRAGMENT).collect()
         };
         let count = u8::try_from(chunks.len()).context("gossip message too large")?;
-        let sent_ms = now_ms();
+        let stamp = Stamp {
+            sent_ms: wall_ms(),
+            hlc: self.clock.as_ref().map_or(0, |c| c.hlc.peek()),
+        };
         let mut sent = 0;
         for (index, chunk) in chunks.iter().enumerate() {
-            let datagram = seal(&self.key, sent_ms, id, index as u8, count, chunk);
+            let datagram = seal(&self.key, stamp, id, index as u8, count, chunk);
             match self.public.send_to(&datagram, to).await {
                 Ok(n) => sent += n,
                 // As chitchat's own socket: a peer that is gone is not a broken transport.
@@ -315,13 +342,20 @@ impl Socket for AuthSocket {
                 }
                 Err(e) => return Err(e).context("fatal gossip receive error"),
             };
-            let fragment = match open(&self.key, &self.buf[..len], now_ms()) {
-                Ok(o) => Fragment {
-                    id: o.id,
-                    index: o.index,
-                    count: o.count,
-                    payload: o.payload.to_vec(),
-                },
+            let now = wall_ms();
+            let fragment = match open(&self.key, &self.buf[..len], now) {
+                Ok(o) => {
+                    if let Some(clock) = &self.clock {
+                        clock.guard.record(from, o.stamp.sent_ms, now);
+                        clock.hlc.observe(o.stamp.hlc);
+                    }
+                    Fragment {
+                        id: o.id,
+                        index: o.index,
+                        count: o.count,
+                        payload: o.payload.to_vec(),
+                    }
+                }
                 Err(why) => {
                     self.warn_refused(from, &why);
                     continue;
@@ -365,9 +399,14 @@ mod tests {
     #[test]
     fn only_the_right_key_and_an_untouched_datagram_open() {
         let (k, other) = (key(1), key(2));
-        let sealed = seal(&k, 1_000_000, 7, 0, 1, b"hello");
+        let stamp = Stamp {
+            sent_ms: 1_000_000,
+            hlc: 42,
+        };
+        let sealed = seal(&k, stamp, 7, 0, 1, b"hello");
         let opened = open(&k, &sealed, 1_000_500).unwrap();
         assert_eq!((opened.id, opened.payload), (7, &b"hello"[..]));
+        assert_eq!(opened.stamp, stamp);
         assert_eq!(open(&other, &sealed, 1_000_500), Err(Refused::BadTag));
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
@@ -377,7 +416,7 @@ mod tests {
         assert_eq!(open(&k, &sealed[..10], 1_000_500), Err(Refused::Short));
         let late = 1_000_000 + MAX_SKEW.as_millis() as u64 + 1;
         assert!(matches!(open(&k, &sealed, late), Err(Refused::Skewed(_))));
-        let bad_fragment = seal(&k, 1_000_000, 7, 2, 2, b"x");
+        let bad_fragment = seal(&k, stamp, 7, 2, 2, b"x");
         assert_eq!(
             open(&k, &bad_fragment, 1_000_000),
             Err(Refused::BadFragment)

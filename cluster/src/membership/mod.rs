@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::certs::ClusterSecret;
+use crate::clock::ClusterClock;
 use crate::placement::NodeId;
 
 pub mod auth;
@@ -73,6 +74,9 @@ pub struct MembershipConfig {
     /// Seal every gossip datagram with this secret ([`auth`]); `None`: plain chitchat UDP
     /// (tests and tools only).
     pub secret: Option<ClusterSecret>,
+    /// This node's clock and skew guard: sealed datagrams carry its readings and feed it
+    /// the peers' (only with a `secret`).
+    pub clock: Option<ClusterClock>,
 }
 
 impl MembershipConfig {
@@ -98,6 +102,7 @@ impl MembershipConfig {
             tombstone_grace: Duration::from_secs(600),
             presence_buffer: 8192,
             secret: None,
+            clock: None,
         }
     }
 }
@@ -226,7 +231,9 @@ impl Membership {
             (keys::LOAD.to_string(), "0".to_string()),
         ];
         let transport: Box<dyn Transport> = match &config.secret {
-            Some(secret) => Box::new(auth::AuthTransport::new(secret)),
+            Some(secret) => {
+                Box::new(auth::AuthTransport::new(secret).with_clock(config.clock.clone()))
+            }
             None => Box::new(UdpTransport),
         };
         let handle = spawn_chitchat(chitchat_config, initial, transport.as_ref())

@@ -25,9 +25,11 @@ use super::quorum::{merge_reads, merge_scans, scan_repairs, stale_replicas};
 use super::record::{ReplicaOp, ScanEntry, TableId, Versioned};
 use super::replica::{LocalReplica, ReplicaClient};
 use super::rpc::{
-    ApplyBatch, ConditionalApply, ConditionalOutcome, ReadRequest, ScanReply, ScanRequest,
+    ApplyBatch, ApplyOutcome, ConditionalApply, ConditionalOutcome, ReadRequest, ScanReply,
+    ScanRequest,
 };
 use super::topology::{Quorums, ReplicaNode, Topology};
+use crate::clock::Hlc;
 use crate::placement::{NodeId, Partition};
 
 /// Timers and limits of a [`Coordinator`].
@@ -48,6 +50,9 @@ pub struct CoordinatorConfig {
     /// split above it; keep it well under the transport's frame limit). A single op larger
     /// than this still goes alone.
     pub max_apply_bytes: usize,
+    /// This node's clock: it stamps fresh writes and is pulled forward by replicas'
+    /// readings. `None`: a clock of the coordinator's own (tests).
+    pub clock: Option<Arc<Hlc>>,
 }
 
 impl Default for CoordinatorConfig {
@@ -59,6 +64,7 @@ impl Default for CoordinatorConfig {
             read_repair: true,
             hints: HintLimits::default(),
             max_apply_bytes: 1 << 20,
+            clock: None,
         }
     }
 }
@@ -87,6 +93,49 @@ pub struct ScanSpec {
     pub limit: usize,
 }
 
+/// The answer of [`Coordinator::scan_sealed`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The live records, in scan order.
+    pub entries: Vec<ScanEntry>,
+    /// The smallest seal among every replica answer the page was read from; `None` when any
+    /// of them reported none (the table is not sealed).
+    pub seal: Option<u64>,
+}
+
+impl ScanPage {
+    fn new(entries: Vec<ScanEntry>, seal: Seal) -> Self {
+        ScanPage {
+            entries,
+            seal: seal.min(),
+        }
+    }
+}
+
+/// The running minimum of the seals of a scan's answers.
+#[derive(Default)]
+struct Seal {
+    min: Option<u64>,
+    unsealed: bool,
+}
+
+impl Seal {
+    fn add(&mut self, seal: Option<u64>) {
+        match seal {
+            Some(s) => self.min = Some(self.min.map_or(s, |m| m.min(s))),
+            None => self.unsealed = true,
+        }
+    }
+
+    fn min(&self) -> Option<u64> {
+        if self.unsealed {
+            None
+        } else {
+            self.min
+        }
+    }
+}
+
 /// Runs reads, writes and compare-and-swaps against replica quorums. Cheap to clone; all
 /// clones share one set of background tasks, stopped by [`Coordinator::shutdown`].
 pub struct Coordinator<L: LocalReplica, C: ReplicaClient> {
@@ -110,6 +159,7 @@ pub(crate) struct Inner<L, C> {
     pub(super) local: Arc<L>,
     pub(super) client: C,
     pub(super) config: CoordinatorConfig,
+    pub(super) clock: Arc<Hlc>,
     topology: RwLock<Arc<Topology>>,
     pub(super) hints: HintStore,
     pub(super) cas_locks: Vec<tokio::sync::Mutex<()>>,
@@ -122,11 +172,16 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
     /// A coordinator for the node `topology.self_id()`, whose own replica is `local`, reaching
     /// the others through `client`. Must be used inside a Tokio runtime.
     pub fn new(local: Arc<L>, client: C, topology: Topology, config: CoordinatorConfig) -> Self {
+        let clock = config
+            .clock
+            .clone()
+            .unwrap_or_else(|| Arc::new(Hlc::unleased(topology.self_id())));
         Self {
             inner: Arc::new(Inner {
                 self_id: topology.self_id(),
                 local,
                 client,
+                clock,
                 hints: HintStore::new(config.hints),
                 config,
                 topology: RwLock::new(Arc::new(topology)),
@@ -202,7 +257,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         ops: Vec<ReplicaOp>,
     ) -> Result<WriteAck, QuorumError> {
         let (_view, target) = self.inner.quorums(partition)?;
-        let batch = ApplyBatch::new(partition, ops);
+        let batch = ApplyBatch::fresh(partition, ops);
         let tally = self
             .inner
             .replicate(target, move |inner, node| {
@@ -261,10 +316,23 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         partition: Partition,
         spec: ScanSpec,
     ) -> Result<Vec<ScanEntry>, QuorumError> {
+        Ok(self.scan_sealed(partition, spec).await?.entries)
+    }
+
+    /// [`Coordinator::scan`], with the smallest seal among the replicas that answered (for a
+    /// sealed table, see [`super::seal`]): every write acknowledged at a position at or below
+    /// it is among the entries (or beyond the last one returned, when the limit cut the
+    /// page short).
+    pub async fn scan_sealed(
+        &self,
+        partition: Partition,
+        spec: ScanSpec,
+    ) -> Result<ScanPage, QuorumError> {
         let inner = &self.inner;
         let (_view, set) = inner.quorums(partition)?;
         let limit = spec.limit.max(1);
         let mut out = Vec::new();
+        let mut seal = Seal::default();
         let mut after = spec.after;
         loop {
             let request = ScanRequest {
@@ -278,11 +346,14 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
                 max_bytes: inner.config.scan_max_bytes,
             };
             if request.key_bounds().is_none() {
-                return Ok(out);
+                return Ok(ScanPage::new(out, seal));
             }
             let answers = inner
                 .read_quorum_of(&set, |node| inner.scan_on(node, request.clone()))
                 .await?;
+            for (_, answer) in &answers {
+                seal.add(answer.seal);
+            }
             let merged = merge_scans(&answers, spec.descending);
             if inner.config.read_repair {
                 for (node, entries) in scan_repairs(&answers, &merged) {
@@ -297,13 +368,13 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
                 if !entry.record.is_tombstone() {
                     out.push(entry);
                     if out.len() >= limit {
-                        return Ok(out);
+                        return Ok(ScanPage::new(out, seal));
                     }
                 }
             }
             match merged.frontier {
                 Some(frontier) => after = Some(frontier),
-                None => return Ok(out),
+                None => return Ok(ScanPage::new(out, seal)),
             }
         }
     }
@@ -375,12 +446,14 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
     }
 
     /// Sends `batch` to `node` (the local store when it is this node); a remote replica that
-    /// fails gets it as a hint.
+    /// fails gets it as a hint. A fresh write refused as sealed gets no hint (it is retried
+    /// at a new position by its caller), and the replica's clock reading pulls ours forward.
     pub(super) async fn apply_job(
         &self,
         node: ReplicaNode,
-        batch: ApplyBatch,
+        mut batch: ApplyBatch,
     ) -> Result<(), FailureReason> {
+        batch.hlc = self.clock.peek();
         let result = if self.is_self(&node) {
             bounded(self.config.write_timeout, self.local.apply(batch.clone())).await
         } else if !node.live {
@@ -391,11 +464,26 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
                 self.client.apply(&node, batch.clone()),
             )
             .await
+            .map(|reply| {
+                self.clock.observe(reply.hlc);
+                reply.outcome
+            })
         };
-        if result.is_err() && !self.is_self(&node) {
-            self.hints.record(node.id, batch);
+        match result {
+            Ok(ApplyOutcome::Applied) => Ok(()),
+            Ok(ApplyOutcome::Sealed { seal }) => {
+                metrics::counter!("replication_sealed_refusals_total").increment(1);
+                Err(FailureReason::Sealed { seal })
+            }
+            Err(reason) => {
+                if !self.is_self(&node) {
+                    // A hint copies what the write placed elsewhere: never refused as sealed.
+                    batch.fresh = false;
+                    self.hints.record(node.id, batch);
+                }
+                Err(reason)
+            }
         }
-        result
     }
 
     /// A conditional apply on `node`; a transport failure leaves a (plain) hint.
@@ -425,6 +513,8 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
             Err(reason) => {
                 if !self.is_self(&node) {
                     let batch = ApplyBatch {
+                        fresh: false,
+                        hlc: 0,
                         partition: request.partition,
                         ops: vec![request.op],
                     };
@@ -486,9 +576,15 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
 
     async fn repair_on(&self, node: ReplicaNode, batch: ApplyBatch) -> Result<(), FailureReason> {
         if self.is_self(&node) {
-            bounded(self.config.write_timeout, self.local.apply(batch)).await
+            bounded(self.config.write_timeout, self.local.apply(batch))
+                .await
+                .map(drop)
         } else {
-            bounded(self.config.write_timeout, self.client.apply(&node, batch)).await
+            bounded(self.config.write_timeout, self.client.apply(&node, batch))
+                .await
+                .map(|reply| {
+                    self.clock.observe(reply.hlc);
+                })
         }
     }
 
@@ -508,7 +604,7 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
                 self.client.apply(&node, batch.clone()),
             )
             .await;
-            if let Err(reason) = result {
+            if let Err(reason) = result.map(|reply| self.clock.observe(reply.hlc)) {
                 self.hints.restore(id, batch);
                 return Err(ReplicaFailure { node: id, reason });
             }

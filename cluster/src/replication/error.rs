@@ -23,6 +23,14 @@ pub enum FailureReason {
     /// It refused a conditional write: it holds a newer copy of the key.
     #[error("holds a newer version")]
     Stale,
+    /// It refused a fresh write to a sealed position (the write's position is older than
+    /// the replica's seal: the coordinator's clock is behind, or the write was delayed);
+    /// retry at a new position.
+    #[error("the position is sealed on this replica")]
+    Sealed {
+        /// The replica's seal.
+        seal: u64,
+    },
     /// The coordinator is shutting down.
     #[error("coordinator shut down")]
     ShutDown,
@@ -90,6 +98,19 @@ pub enum QuorumError {
     /// The topology has no node to place the partition on.
     #[error("partition {0} has no replicas (no active members)")]
     NoReplicas(u32),
+}
+
+impl QuorumError {
+    /// Whether some replica refused the write because its position is sealed: a write to a
+    /// sealed table that fails so is worth retrying at a new position.
+    pub fn any_sealed(&self) -> bool {
+        match self {
+            QuorumError::Unavailable { failed, .. } => failed
+                .iter()
+                .any(|f| matches!(f.reason, FailureReason::Sealed { .. })),
+            QuorumError::NoReplicas(_) => false,
+        }
+    }
 }
 
 /// A compare-and-swap failed without a definite answer.

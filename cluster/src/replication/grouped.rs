@@ -122,7 +122,8 @@ impl<L: LocalReplica, C: ReplicaClient> Inner<L, C> {
     }
 }
 
-/// `ops` as apply batches of at most about `max_bytes` each (an op larger than that alone).
+/// `ops` as fresh apply batches of at most about `max_bytes` each (an op larger than that
+/// alone).
 fn split_ops(partition: Partition, ops: Vec<ReplicaOp>, max_bytes: usize) -> Vec<ApplyBatch> {
     let mut batches = Vec::new();
     let mut current = Vec::new();
@@ -130,14 +131,14 @@ fn split_ops(partition: Partition, ops: Vec<ReplicaOp>, max_bytes: usize) -> Vec
     for op in ops {
         let size = op.size();
         if !current.is_empty() && bytes + size > max_bytes {
-            batches.push(ApplyBatch::new(partition, std::mem::take(&mut current)));
+            batches.push(ApplyBatch::fresh(partition, std::mem::take(&mut current)));
             bytes = 0;
         }
         bytes += size;
         current.push(op);
     }
     if !current.is_empty() || batches.is_empty() {
-        batches.push(ApplyBatch::new(partition, current));
+        batches.push(ApplyBatch::fresh(partition, current));
     }
     batches
 }

@@ -17,10 +17,12 @@ use parking_lot::Mutex;
 use super::record::{ScanEntry, TableId, Versioned};
 use super::replica::{LocalReplica, PeerCall};
 use super::rpc::{
-    ApplyBatch, ConditionalApply, ConditionalOutcome, PullReply, PullRequest, ReadRequest,
-    ScanReply, ScanRequest,
+    ApplyBatch, ApplyOutcome, ConditionalApply, ConditionalOutcome, PullReply, PullRequest,
+    ReadRequest, ScanReply, ScanRequest,
 };
+use super::seal::{SealPolicy, Sealed, Sealer};
 use super::topology::ReplicaNode;
+use crate::clock::Hlc;
 use crate::placement::{partition_of, NodeId};
 use crate::transport::{RemoteError, Request, Response, RpcHandler};
 
@@ -29,17 +31,27 @@ use crate::transport::{RemoteError, Request, Response, RpcHandler};
 #[error("the in-memory replica is failing on purpose")]
 pub struct MemoryStoreFailed;
 
-/// A replica store in memory: one [`Versioned`] per `(table, key)`.
+/// A replica store in memory: one [`Versioned`] per `(table, key)`, with an optional
+/// sealed table ([`MemoryReplica::sealed`]).
 #[derive(Default)]
 pub struct MemoryReplica {
     records: Mutex<BTreeMap<(TableId, Vec<u8>), Versioned>>,
     failing: AtomicBool,
+    sealer: Option<Sealer>,
 }
 
 impl MemoryReplica {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that seals `policy.table` by `clock` ([`super::seal`]).
+    pub fn sealed(policy: SealPolicy, clock: Arc<Hlc>) -> Self {
+        Self {
+            sealer: Some(Sealer::new(policy, clock)),
+            ..Self::default()
+        }
     }
 
     /// Makes every call fail (a broken disk) until called with `false`.
@@ -74,17 +86,28 @@ impl MemoryReplica {
 impl LocalReplica for MemoryReplica {
     type Error = MemoryStoreFailed;
 
-    async fn apply(&self, batch: ApplyBatch) -> Result<(), MemoryStoreFailed> {
+    async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome, MemoryStoreFailed> {
         self.check()?;
-        let mut records = self.records.lock();
+        let mut outcome = ApplyOutcome::Applied;
         for op in batch.ops {
-            let record = op.record();
-            let key = (op.table, op.key);
-            if Versioned::should_store(records.get(&key), &record) {
-                records.insert(key, record);
+            let store = || {
+                let mut records = self.records.lock();
+                let record = op.record();
+                let key = (op.table, op.key.clone());
+                if Versioned::should_store(records.get(&key), &record) {
+                    records.insert(key, record);
+                }
+            };
+            match &self.sealer {
+                Some(sealer) if batch.fresh && op.value.is_some() && sealer.seals(op.table) => {
+                    if let Err(Sealed { seal }) = sealer.insert_fresh(&op.key, store) {
+                        outcome = ApplyOutcome::Sealed { seal };
+                    }
+                }
+                _ => store(),
             }
         }
-        Ok(())
+        Ok(outcome)
     }
 
     async fn apply_if(
@@ -143,18 +166,30 @@ impl LocalReplica for MemoryReplica {
             Bound::Excluded(k) => Bound::Excluded((table, k.to_vec())),
             Bound::Unbounded => Bound::Unbounded,
         };
-        let records = self.records.lock();
-        let range = records.range((bound(lower), bound(upper)));
-        let entry = |((_, key), record): (&(TableId, Vec<u8>), &Versioned)| {
-            Ok::<_, MemoryStoreFailed>(ScanEntry {
-                key: key.clone(),
-                record: record.clone(),
-            })
+        let read = || {
+            let records = self.records.lock();
+            let range = records.range((bound(lower), bound(upper)));
+            let entry = |((_, key), record): (&(TableId, Vec<u8>), &Versioned)| {
+                Ok::<_, MemoryStoreFailed>(ScanEntry {
+                    key: key.clone(),
+                    record: record.clone(),
+                })
+            };
+            if request.descending {
+                request.collect(range.rev().map(entry))
+            } else {
+                request.collect(range.map(entry))
+            }
         };
-        if request.descending {
-            request.collect(range.rev().map(entry))
-        } else {
-            request.collect(range.map(entry))
+        match &self.sealer {
+            Some(sealer) if sealer.seals(table) => {
+                let (reply, seal) = sealer.scan(&request.start, read);
+                reply.map(|r| ScanReply {
+                    seal: Some(seal),
+                    ..r
+                })
+            }
+            _ => read(),
         }
     }
 }

@@ -36,11 +36,12 @@ pub mod quorum;
 pub mod record;
 pub mod replica;
 pub mod rpc;
+pub mod seal;
 pub mod service;
 pub mod topology;
 
 pub use cas::{Cas, CasOutcome};
-pub use coordinator::{Coordinator, CoordinatorConfig, ScanSpec, WriteAck};
+pub use coordinator::{Coordinator, CoordinatorConfig, ScanPage, ScanSpec, WriteAck};
 pub use error::{CasError, FailureReason, QuorumError, ReplicaFailure};
 pub use hints::HintLimits;
 pub use pull::{PullMode, PullPlan, PullReport};
@@ -50,8 +51,10 @@ pub use replica::{
     CallError, LocalReplica, PeerCall, PeerReplicaClient, ReplicaClient, RpcReplicaClient,
 };
 pub use rpc::{
-    is_replication_kind, ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome,
-    PullReply, PullRequest, ReadRequest, ScanReply, ScanRequest,
+    is_replication_kind, ApplyBatch, ApplyOutcome, ApplyReply, CasReply, CasRequest,
+    ConditionalApply, ConditionalOutcome, PullReply, PullRequest, ReadRequest, ScanReply,
+    ScanRequest,
 };
+pub use seal::{SealPolicy, Sealed, Sealer};
 pub use service::ReplicaService;
 pub use topology::{Quorums, ReplicaNode, Topology};

@@ -386,6 +386,7 @@ mod tests {
         let a = ScanReply {
             entries: vec![entry("a", 1, Some("x")), entry("b", 2, None)],
             truncated: true,
+            seal: None,
         };
         let b = ScanReply {
             entries: vec![
@@ -394,6 +395,7 @@ mod tests {
                 entry("d", 1, Some("z")),
             ],
             truncated: false,
+            seal: None,
         };
         let merged = merge_scans(&[(1, a.clone()), (2, b.clone())], false);
         // "c" and "d" lie past where replica 1 stopped: not yet known complete.
@@ -415,6 +417,7 @@ mod tests {
         let full = |entries| ScanReply {
             entries,
             truncated: false,
+            seal: None,
         };
         let merged = merge_scans(
             &[

@@ -8,8 +8,8 @@ use std::future::Future;
 
 use super::record::Versioned;
 use super::rpc::{
-    self, ApplyBatch, CasReply, CasRequest, ConditionalApply, ConditionalOutcome, PullReply,
-    PullRequest, ReadRequest, ScanReply, ScanRequest,
+    self, ApplyBatch, ApplyOutcome, ApplyReply, CasReply, CasRequest, ConditionalApply,
+    ConditionalOutcome, PullReply, PullRequest, ReadRequest, ScanReply, ScanRequest,
 };
 use super::topology::ReplicaNode;
 use crate::transport::{PeerEndpoint, PeerError, Request, Response};
@@ -20,8 +20,13 @@ pub trait LocalReplica: Send + Sync + 'static {
     /// What the store reports when it fails.
     type Error: Error + Send + Sync + 'static;
 
-    /// Stores every op that supersedes the stored copy; returns once they are durable.
-    fn apply(&self, batch: ApplyBatch) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Stores every op that supersedes the stored copy; returns once they are durable. A
+    /// [`ApplyBatch::fresh`] batch's ops on a sealed table at or below the replica's seal are
+    /// refused ([`ApplyOutcome::Sealed`]; see [`super::seal`]), the others stored.
+    fn apply(
+        &self,
+        batch: ApplyBatch,
+    ) -> impl Future<Output = Result<ApplyOutcome, Self::Error>> + Send;
 
     /// Atomically: if the stored copy's version is at most `if_version_at_most` (or there is
     /// none), stores the op and returns [`ConditionalOutcome::Applied`] once durable;
@@ -58,12 +63,12 @@ pub trait ReplicaClient: Send + Sync + 'static {
     /// Why a call failed.
     type Error: Error + Send + Sync + 'static;
 
-    /// [`LocalReplica::apply`] on `to`.
+    /// [`LocalReplica::apply`] on `to`, with its clock reading.
     fn apply(
         &self,
         to: &ReplicaNode,
         batch: ApplyBatch,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    ) -> impl Future<Output = Result<ApplyReply, Self::Error>> + Send;
 
     /// [`LocalReplica::apply_if`] on `to`.
     fn apply_if(
@@ -171,7 +176,7 @@ impl<T: PeerCall> RpcReplicaClient<T> {
 impl<T: PeerCall> ReplicaClient for RpcReplicaClient<T> {
     type Error = CallError<T::Error>;
 
-    async fn apply(&self, to: &ReplicaNode, batch: ApplyBatch) -> Result<(), Self::Error> {
+    async fn apply(&self, to: &ReplicaNode, batch: ApplyBatch) -> Result<ApplyReply, Self::Error> {
         self.call(to, rpc::KIND_APPLY, &batch).await
     }
 

@@ -16,14 +16,16 @@ use super::record::{ReplicaOp, ScanEntry, TableId, Versioned};
 use crate::placement::{NodeId, Partition};
 use crate::transport::HARD_MAX_FRAME;
 
-/// `kind` of [`ApplyBatch`]; replies with an empty body once the ops are durable.
-pub const KIND_APPLY: u16 = 0x0100;
+/// `kind` of [`ApplyBatch`]; replies with an [`ApplyReply`] once the ops are durable.
+/// (0x0100 was the first version, without `fresh` and the clock readings.)
+pub const KIND_APPLY: u16 = 0x0106;
 /// `kind` of [`ConditionalApply`]; replies with a [`ConditionalOutcome`].
 pub const KIND_APPLY_IF: u16 = 0x0101;
 /// `kind` of [`ReadRequest`]; replies with an `Option<`[`Versioned`]`>`.
 pub const KIND_READ: u16 = 0x0102;
-/// `kind` of [`ScanRequest`]; replies with a [`ScanReply`].
-pub const KIND_SCAN: u16 = 0x0103;
+/// `kind` of [`ScanRequest`]; replies with a [`ScanReply`]. (0x0103 was the first version,
+/// without the seal.)
+pub const KIND_SCAN: u16 = 0x0107;
 /// `kind` of [`CasRequest`] (sent to the partition's primary); replies with a [`CasReply`].
 pub const KIND_CAS: u16 = 0x0104;
 
@@ -47,24 +49,64 @@ pub mod codes {
     pub const NOT_READY: u16 = 0x0103;
 }
 
-/// Apply `ops` (all in `partition`) and answer once they are durable. Ops merge by
+/// Apply `ops` (in `partition`, or in several partitions the receiver replicates, for a
+/// grouped write) and answer once they are durable. Ops merge by
 /// [`Versioned::should_store`], so applying twice, or out of order, is harmless.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct ApplyBatch {
-    /// The partition the ops belong to.
+    /// The partition the ops belong to (the first one, for a grouped write).
     pub partition: u32,
     /// The writes.
     pub ops: Vec<ReplicaOp>,
+    /// A coordinator's first attempt at a write, as opposed to a copy of records a write
+    /// already placed (a hint, a read repair, a pull): fresh writes to a sealed table are
+    /// refused at or below the replica's seal ([`super::seal`]); copies never are.
+    pub fresh: bool,
+    /// The sender's clock reading: the receiver's clock is pulled past it.
+    pub hlc: u64,
 }
 
 impl ApplyBatch {
-    /// A batch for `partition`.
+    /// A batch of copies (hints, repairs, pulls) for `partition`.
     pub fn new(partition: Partition, ops: Vec<ReplicaOp>) -> Self {
         Self {
             partition: partition.0,
             ops,
+            fresh: false,
+            hlc: 0,
         }
     }
+
+    /// A batch of fresh writes (a coordinator's first attempt) for `partition`.
+    pub fn fresh(partition: Partition, ops: Vec<ReplicaOp>) -> Self {
+        Self {
+            fresh: true,
+            ..Self::new(partition, ops)
+        }
+    }
+}
+
+/// What a replica did with an [`ApplyBatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum ApplyOutcome {
+    /// Every op is stored (or a newer copy was) and durable.
+    Applied,
+    /// The fresh ops at sealed positions were refused (the others are stored and durable):
+    /// this replica does not count towards the write's quorum.
+    Sealed {
+        /// The replica's seal.
+        seal: u64,
+    },
+}
+
+/// A replica's answer to an [`ApplyBatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct ApplyReply {
+    /// What it did.
+    pub outcome: ApplyOutcome,
+    /// Its clock reading: the coordinator's clock is pulled past it (so a write refused as
+    /// sealed is retried at a position the replica takes).
+    pub hlc: u64,
 }
 
 /// Store `op` only if this replica's copy of its key has a version of at most
@@ -176,12 +218,14 @@ impl ScanRequest {
                 return Ok(ScanReply {
                     entries: out,
                     truncated,
+                    seal: None,
                 });
             }
         }
         Ok(ScanReply {
             entries: out,
             truncated: false,
+            seal: None,
         })
     }
 }
@@ -197,6 +241,9 @@ pub struct ScanReply {
     /// True when the replica stopped at a limit before the end of the range: keys past the
     /// last entry were not looked at.
     pub truncated: bool,
+    /// For a sealed table ([`super::seal`]): the seal the scan was taken under. Every fresh
+    /// write this replica accepts later is above it.
+    pub seal: Option<u64>,
 }
 
 /// Compare-and-swap one key, executed by the partition's primary (see

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use super::coordinator::{Coordinator, Inner};
 use super::replica::{LocalReplica, ReplicaClient};
 use super::rpc::{self, codes};
+use crate::clock::Hlc;
 use crate::transport::{BoxFuture, RemoteError, Request, Response, RpcHandler};
 
 /// Serves the replication request kinds ([`rpc::is_replication_kind`]). Usable directly as
@@ -38,13 +39,26 @@ impl<L: LocalReplica, C: ReplicaClient> ReplicaService<L, C> {
         let _ = self.coordinator.set(coordinator.downgrade());
     }
 
+    /// This node's clock (the coordinator's), once attached.
+    fn clock(&self) -> Option<Arc<Hlc>> {
+        self.coordinator
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|inner| inner.clock.clone())
+    }
+
     /// Answers one replication request.
     pub async fn serve(&self, request: Request) -> Result<Response, RemoteError> {
         let body = match request.kind {
             rpc::KIND_APPLY => {
-                let batch = decode(&request.body)?;
-                self.local.apply(batch).await.map_err(storage)?;
-                Vec::new()
+                let batch: rpc::ApplyBatch = decode(&request.body)?;
+                let clock = self.clock();
+                if let Some(clock) = &clock {
+                    clock.observe(batch.hlc);
+                }
+                let outcome = self.local.apply(batch).await.map_err(storage)?;
+                let hlc = clock.map_or(0, |c| c.peek());
+                encode(&rpc::ApplyReply { outcome, hlc })?
             }
             rpc::KIND_APPLY_IF => {
                 let conditional = decode(&request.body)?;

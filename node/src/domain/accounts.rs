@@ -83,7 +83,7 @@ impl Accounts {
             .await
             .map_err(|e| ApiError::new(client_proto::ErrorCode::Internal, e.to_string()))?;
         let rec = UserRecord {
-            user_id: UserId(self.ids.next().0),
+            user_id: UserId(self.ids.next()?.0),
             username: req.username,
             display_name,
             password_hash,
@@ -127,7 +127,10 @@ impl Accounts {
         if !verify_password(req.password, rec.password_hash.clone()).await {
             return Err(refused());
         }
-        let device_id = req.device_id.unwrap_or_else(|| DeviceId(self.ids.next().0));
+        let device_id = match req.device_id {
+            Some(d) => d,
+            None => DeviceId(self.ids.next()?.0),
+        };
         let now = now_unix_ms();
         let rec = self
             .store

@@ -3,9 +3,9 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
+use client_proto::ids::{ConversationId, GroupId, MessageId, Position, UserId};
 use client_proto::limits::{
     DEFAULT_HISTORY_LIMIT, FRAME_PAYLOAD_BUDGET, MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES,
     MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT,
@@ -27,7 +27,6 @@ pub struct Chat {
     delivery: Delivery,
     presence: Arc<Presence>,
     push: Arc<Push>,
-    sync_overlap: Duration,
     /// Users known to exist (see [`Chat::user_exists`]).
     known_users: parking_lot::Mutex<HashSet<UserId>>,
 }
@@ -42,6 +41,31 @@ struct Recipients {
     group: Option<GroupId>,
     /// The sender's and every recipient's inbox.
     inboxes: Vec<UserId>,
+}
+
+/// The cursor to hand out after a page of a sync (or a catch-up) that read positions after
+/// `after`, whose last message is at `last`, read under replicas' smallest seal `seal`
+/// (`SyncPage`), `done` when nothing was left after the page.
+///
+/// A cursor is *closed*: every message acknowledged at a position at or below it has been
+/// sent. That holds for the seal (see `cluster::replication::seal`) when the page read to
+/// the end, and for `min(last, seal)` when it stopped early. A cursor never goes back
+/// (`after` is closed too); with no seal nothing new is known closed, so it stays at `after`.
+pub fn cursor_after(
+    after: Option<Position>,
+    last: Option<Position>,
+    seal: Option<Position>,
+    done: bool,
+) -> Option<Position> {
+    let closed = match (seal, last, done) {
+        (None, _, _) => None,
+        (Some(seal), _, true) | (Some(seal), None, false) => Some(seal),
+        (Some(seal), Some(last), false) => Some(seal.min(last)),
+    };
+    match (after, closed) {
+        (Some(a), Some(c)) => Some(a.max(c)),
+        (a, c) => a.or(c),
+    }
 }
 
 /// Checks a `send` before any work is done.
@@ -73,7 +97,6 @@ impl Chat {
         delivery: Delivery,
         presence: Arc<Presence>,
         push: Arc<Push>,
-        sync_overlap: Duration,
     ) -> Self {
         Chat {
             store,
@@ -81,7 +104,6 @@ impl Chat {
             delivery,
             presence,
             push,
-            sync_overlap,
             known_users: parking_lot::Mutex::new(HashSet::new()),
         }
     }
@@ -111,13 +133,13 @@ impl Chat {
             Ok(r) => r,
             Err(refused) => {
                 return match self.store.sent_before(sender.user, &client_id).await? {
-                    Some(first) => self.complete(first).await,
+                    Some(first) => self.complete(first, sender_conn).await,
                     None => Err(refused),
                 }
             }
         };
         let msg = Message {
-            message_id: self.ids.next(),
+            message_id: self.ids.next()?,
             conversation,
             from: sender.user,
             to: to_user,
@@ -137,7 +159,7 @@ impl Chat {
         let outcome = self.store.store_message(msg, &inboxes, &jobs).await?;
         let m = match outcome {
             SendOutcome::New(m) => m,
-            SendOutcome::Duplicate(first) => return self.complete(first).await,
+            SendOutcome::Duplicate(first) => return self.complete(first, sender_conn).await,
         };
         if !jobs.is_empty() {
             self.push.wake();
@@ -205,11 +227,20 @@ impl Chat {
         Ok(exists)
     }
 
-    /// Acks a send whose client id was claimed before: makes sure the first message's
-    /// records are complete (the first attempt may have died halfway), stores nothing new.
-    async fn complete(&self, first: Message) -> Result<Message, ApiError> {
+    /// Acks a send whose client id was claimed before, like a new send: writes the first
+    /// message's inbox entries again at a new position (the first attempt may have died
+    /// halfway, or stored them at a position that cursors handed out since have passed) and
+    /// delivers it to the connected devices. No second message is made: the ack carries the
+    /// first message's id, and devices that had it drop the repeat by id.
+    async fn complete(
+        &self,
+        first: Message,
+        sender_conn: Option<u64>,
+    ) -> Result<Message, ApiError> {
         let inboxes = self.inboxes_of(&first).await?;
         self.store.complete_message(&first, &inboxes).await?;
+        metrics::counter!("chat_completed_retries_total").increment(1);
+        self.delivery.deliver(&inboxes, &first, sender_conn);
         Ok(first)
     }
 
@@ -235,27 +266,30 @@ impl Chat {
         Ok(users)
     }
 
-    /// Where a `sync` with cursor `after` starts reading: the overlap before the cursor, so
-    /// that a message that got its id just before the cursor but was stored just after the
-    /// client saw the cursor is not missed. Clients drop what they already have by id.
-    pub fn sync_start(&self, after: Option<MessageId>) -> MessageId {
-        match after {
-            None => MessageId(0),
-            Some(c) => c.minus_ms(self.sync_overlap.as_millis() as u64),
-        }
+    /// The node's clock now, as an inbox position (where a connection's own coverage of
+    /// its inbox starts).
+    pub fn clock_now(&self) -> Position {
+        Position(self.ids.hlc().peek())
     }
 
-    /// One batch of `user`'s inbox from `from` (inclusive).
+    /// A client has seen message `id`: what it sends next must get a larger id, even on a
+    /// node whose clock is a little behind the one that issued `id` (the clock follows at
+    /// most `--max-clock-skew-ms` past its own).
+    pub fn observe_seen(&self, id: MessageId) {
+        self.ids.hlc().observe(id.0);
+    }
+
+    /// One batch of `user`'s inbox after position `after` (all of it when `None`).
     pub async fn sync_page(
         &self,
         user: UserId,
-        from: MessageId,
+        after: Option<Position>,
         limit: Option<u32>,
     ) -> Result<SyncPage, ApiError> {
         let limit = limit.unwrap_or(MAX_SYNC_LIMIT).clamp(1, MAX_SYNC_LIMIT) as usize;
         Ok(self
             .store
-            .inbox_page(user, from, limit, FRAME_PAYLOAD_BUDGET)
+            .inbox_page(user, after, limit, FRAME_PAYLOAD_BUDGET)
             .await?)
     }
 
@@ -298,5 +332,35 @@ impl Chat {
                 FRAME_PAYLOAD_BUDGET,
             )
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(n: u64) -> Option<Position> {
+        Some(Position(n))
+    }
+
+    #[test]
+    fn a_cursor_is_closed_and_never_goes_back() {
+        // A sync read to the end: the seal closes everything up to it, even past the last
+        // message (nothing acked at or below it is missing).
+        assert_eq!(cursor_after(None, p(40), p(50), true), p(50));
+        // ... and messages above the seal are sent but not covered: the next sync sends them
+        // again (the client drops them by id).
+        assert_eq!(cursor_after(None, p(70), p(50), true), p(50));
+        // A page that stopped early is closed only up to its last message.
+        assert_eq!(cursor_after(None, p(40), p(50), false), p(40));
+        assert_eq!(cursor_after(None, p(60), p(50), false), p(50));
+        // Never below where the client already was.
+        assert_eq!(cursor_after(p(80), p(90), p(50), true), p(80));
+        assert_eq!(cursor_after(p(80), None, p(50), true), p(80));
+        // No seal (not a sealed read): nothing new is closed.
+        assert_eq!(cursor_after(p(80), p(90), None, true), p(80));
+        assert_eq!(cursor_after(None, p(90), None, true), None);
+        // An empty inbox read to the end: the seal.
+        assert_eq!(cursor_after(None, None, p(50), true), p(50));
     }
 }

@@ -4,6 +4,7 @@
 
 use client_proto::ErrorCode;
 
+use crate::ids::ClockSkew;
 use crate::store::StoreError;
 
 /// A refusal a client sees: a stable code and a sentence.
@@ -32,6 +33,13 @@ impl ApiError {
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::NotFound, message)
+    }
+}
+
+impl From<ClockSkew> for ApiError {
+    fn from(e: ClockSkew) -> Self {
+        metrics::counter!("chat_clock_skew_refusals_total").increment(1);
+        ApiError::new(ErrorCode::Unavailable, e.to_string())
     }
 }
 

@@ -99,9 +99,9 @@ impl Groups {
             self.check_user(m).await?;
             self.check_room(m).await?;
         }
-        let joined_at = self.ids.next();
+        let joined_at = self.ids.next()?;
         let rec = GroupRecord {
-            group_id: GroupId(self.ids.next().0),
+            group_id: GroupId(self.ids.next()?.0),
             name,
             owner,
             members: ids
@@ -147,7 +147,7 @@ impl Groups {
     pub async fn add(&self, who: UserId, id: GroupId, user: UserId) -> Result<(), ApiError> {
         self.check_user(user).await?;
         self.check_room(user).await?;
-        let joined_at = self.ids.next();
+        let joined_at = self.ids.next()?;
         self.store
             .update_group(id, |old| {
                 let mut rec = old.ok_or_else(|| no_group(id))?;

@@ -12,7 +12,7 @@ use client_proto::codec::{self, CloseCode, Codec};
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::ServerFrame;
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Room in one connection's outbound queue.
@@ -78,6 +78,8 @@ struct DeviceConn {
     tx: mpsc::Sender<Outbound>,
     /// Cancelled to end the connection (logout, slow consumer).
     kick: CancellationToken,
+    /// Wakes the session to catch up with its inbox (it may have missed deliveries).
+    catch_up: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -98,11 +100,18 @@ pub struct Registration {
     hub: Hub,
     user: UserId,
     conn_id: u64,
+    catch_up: Arc<Notify>,
 }
 
 impl Registration {
     pub fn conn_id(&self) -> u64 {
         self.conn_id
+    }
+
+    /// Notified when this connection should catch up with its inbox ([`Hub::catch_up_all`],
+    /// [`Hub::catch_up_users`]).
+    pub fn catch_up(&self) -> Arc<Notify> {
+        self.catch_up.clone()
     }
 }
 
@@ -131,6 +140,7 @@ impl Hub {
         kick: CancellationToken,
     ) -> Registration {
         let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let catch_up = Arc::new(Notify::new());
         self.inner
             .users
             .write()
@@ -141,6 +151,7 @@ impl Hub {
                 device_id,
                 tx,
                 kick,
+                catch_up: catch_up.clone(),
             });
         self.inner.connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("gateway_connections").increment(1.0);
@@ -148,7 +159,41 @@ impl Hub {
             hub: self.clone(),
             user,
             conn_id,
+            catch_up,
         }
+    }
+
+    /// Tells every connection here to catch up with its inbox: this node may have missed
+    /// deliveries (it was paused or cut off, a peer died or came back). Returns how many.
+    pub fn catch_up_all(&self, why: &str) -> usize {
+        let map = self.inner.users.read();
+        let mut n = 0;
+        for dev in map.values().flatten() {
+            dev.catch_up.notify_one();
+            n += 1;
+        }
+        drop(map);
+        metrics::counter!("gateway_catch_ups_requested_total").increment(n as u64);
+        tracing::info!(
+            connections = n,
+            reason = why,
+            "catching up every connected device"
+        );
+        n
+    }
+
+    /// Tells the connections of `users` here to catch up with their inboxes (a peer could
+    /// not forward them some deliveries). Returns how many.
+    pub fn catch_up_users(&self, users: &[UserId]) -> usize {
+        let map = self.inner.users.read();
+        let mut n = 0;
+        for dev in users.iter().filter_map(|u| map.get(u)).flatten() {
+            dev.catch_up.notify_one();
+            n += 1;
+        }
+        drop(map);
+        metrics::counter!("gateway_catch_ups_requested_total").increment(n as u64);
+        n
     }
 
     /// Queues `frame` for every connected device of `users`, except the connection

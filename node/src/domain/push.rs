@@ -103,7 +103,7 @@ impl Push {
                     continue;
                 };
                 jobs.push(PushJob {
-                    job_id: self.ids.next().0,
+                    job_id: self.ids.next()?.0,
                     recipient: user,
                     device_id: dev.device_id,
                     target: target.clone(),

@@ -1,10 +1,17 @@
 //! Node-to-node delivery: the peer request kinds this node serves besides replication
 //! ([`Handler`]), and [`Forwarder`], the [`Forward`] port of the domain: one task per peer
 //! with a bounded queue, many deliveries per request.
+//!
+//! A forward that cannot be made is never dropped silently. When a request to a peer fails
+//! (it is paused, cut off, overloaded) or its queue is full, the users whose deliveries were
+//! lost are *owed* to that peer: its task keeps trying (with backoff, for as long as it
+//! takes) to send the peer a `resync` naming them (or "everyone", past a bound), and the
+//! peer then catches those users' connections up with their inboxes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::{Message, ServerFrame};
@@ -13,6 +20,7 @@ use cluster::replication::{is_replication_kind, PeerReplicaClient, ReplicaServic
 use cluster::transport::{BoxFuture, RemoteError};
 use cluster::{Membership, NodeId, PeerEndpoint, Request, Response, RpcHandler};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,6 +33,14 @@ const KIND_CLOSE_DEVICE: u16 = 0x0201;
 /// Request kind: deliver stored messages to local devices of some users (a batch of
 /// [`Deliver`]s, in the order they were sent).
 const KIND_DELIVER_BATCH: u16 = 0x0202;
+/// Request kind: deliveries to these users (or to anyone) were lost; catch their
+/// connections up with their inboxes ([`Resync`]).
+const KIND_RESYNC: u16 = 0x0203;
+
+/// Users owed to one peer, past which the peer is told to catch everyone up.
+const MAX_OWED_USERS: usize = 10_000;
+/// Longest wait between attempts to tell a peer what it missed.
+const MAX_RESYNC_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Deliveries queued for one peer; past that, new ones are dropped and counted (the devices
 /// get those messages at their next sync, as after any missed live delivery).
@@ -43,6 +59,66 @@ fn peer_bincode() -> impl bincode::config::Config {
 struct Deliver {
     users: Vec<UserId>,
     message: Message,
+}
+
+#[derive(bincode::Encode, bincode::Decode)]
+struct Resync {
+    /// Everyone connected to the receiver.
+    all: bool,
+    /// These users (when not `all`); at most [`MAX_OWED_USERS`].
+    users: Vec<UserId>,
+}
+
+/// Deliveries lost on the way to one peer.
+#[derive(Debug, Default)]
+enum Owed {
+    #[default]
+    Nothing,
+    Users(HashSet<UserId>),
+    Everyone,
+}
+
+impl Owed {
+    fn add(&mut self, users: impl IntoIterator<Item = UserId>) {
+        let set = match self {
+            Owed::Everyone => return,
+            Owed::Nothing => {
+                *self = Owed::Users(HashSet::new());
+                let Owed::Users(set) = self else { return };
+                set
+            }
+            Owed::Users(set) => set,
+        };
+        set.extend(users);
+        if set.len() > MAX_OWED_USERS {
+            *self = Owed::Everyone;
+        }
+    }
+
+    fn merge(&mut self, other: Owed) {
+        match other {
+            Owed::Nothing => {}
+            Owed::Everyone => *self = Owed::Everyone,
+            Owed::Users(users) => self.add(users),
+        }
+    }
+
+    fn is_nothing(&self) -> bool {
+        matches!(self, Owed::Nothing)
+    }
+
+    fn request(&self) -> Resync {
+        match self {
+            Owed::Users(users) => Resync {
+                all: false,
+                users: users.iter().copied().collect(),
+            },
+            Owed::Nothing | Owed::Everyone => Resync {
+                all: true,
+                users: Vec::new(),
+            },
+        }
+    }
 }
 
 #[derive(bincode::Encode, bincode::Decode)]
@@ -80,6 +156,25 @@ impl RpcHandler for Handler {
                         self.hub.deliver(&d.users, &frame, None);
                     }
                 }
+                KIND_RESYNC => {
+                    let (r, _): (Resync, _) =
+                        bincode::decode_from_slice(&request.body, config).map_err(bad)?;
+                    if r.users.len() > MAX_OWED_USERS {
+                        return Err(RemoteError::new(1, "resync: too many users"));
+                    }
+                    metrics::counter!("cluster_resyncs_received_total").increment(1);
+                    if r.all {
+                        self.hub
+                            .catch_up_all("a peer could not forward deliveries here");
+                    } else {
+                        let n = self.hub.catch_up_users(&r.users);
+                        tracing::info!(
+                            users = r.users.len(),
+                            connections = n,
+                            "a peer could not forward deliveries here; catching those users up"
+                        );
+                    }
+                }
                 KIND_CLOSE_DEVICE => {
                     let (c, _): (CloseDevice, _) =
                         bincode::decode_from_slice(&request.body, config).map_err(bad)?;
@@ -104,6 +199,8 @@ struct Inner {
     self_id: NodeId,
     /// One queue per peer, drained by that peer's forwarding task.
     queues: parking_lot::Mutex<HashMap<NodeId, mpsc::Sender<Deliver>>>,
+    /// Deliveries lost on the way to each peer, until the peer has been told.
+    owed: parking_lot::Mutex<HashMap<NodeId, Owed>>,
     /// The forwarding tasks and one-off requests.
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -122,6 +219,7 @@ impl Forwarder {
                 endpoint,
                 self_id,
                 queues: parking_lot::Mutex::new(HashMap::new()),
+                owed: parking_lot::Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 stop,
             }),
@@ -179,9 +277,13 @@ impl Inner {
         };
         match tx.try_send(delivery) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(mpsc::error::TrySendError::Full(lost)) => {
                 metrics::counter!("cluster_forward_dropped_total").increment(1);
-                tracing::debug!(node, "forward queue full; the devices will get it at sync");
+                tracing::debug!(
+                    node,
+                    "forward queue full; the peer will be told to catch up"
+                );
+                self.owe(node, lost.users);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 // Shutting down.
@@ -190,19 +292,25 @@ impl Inner {
         }
     }
 
-    /// The task that sends `node` its deliveries, in order, many per request.
+    /// The task that sends `node` its deliveries, in order, many per request, and tells it
+    /// what was lost on the way.
     fn spawn_peer_task(self: &Arc<Self>, node: NodeId) -> mpsc::Sender<Deliver> {
         let (tx, mut rx) = mpsc::channel::<Deliver>(FORWARD_QUEUE);
         let this = self.clone();
         self.tasks.spawn(async move {
             let mut batch = Vec::with_capacity(FORWARD_BATCH);
+            let mut retry_at: Option<Instant> = None;
+            let mut failures = 0u32;
             loop {
-                let got = tokio::select! {
+                let far = Instant::now() + Duration::from_secs(3600);
+                tokio::select! {
                     _ = this.stop.cancelled() => break,
-                    got = rx.recv_many(&mut batch, FORWARD_BATCH) => got,
-                };
-                if got == 0 {
-                    break;
+                    got = rx.recv_many(&mut batch, FORWARD_BATCH) => {
+                        if got == 0 {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => {}
                 }
                 // Requests stay well under the peer frame limit: at most about 1 MiB each.
                 while !batch.is_empty() {
@@ -216,11 +324,60 @@ impl Inner {
                         .count()
                         .max(1);
                     let part: Vec<Deliver> = batch.drain(..take).collect();
-                    this.forward_now(node, &part).await;
+                    if !this.forward_now(node, &part).await {
+                        this.owe(node, part.into_iter().flat_map(|d| d.users));
+                    }
+                }
+                // Tell the peer what it missed, once it answers again.
+                let owed = this.owed.lock().remove(&node).unwrap_or_default();
+                if owed.is_nothing() {
+                    retry_at = None;
+                    failures = 0;
+                    continue;
+                }
+                if this.resync_now(node, &owed).await {
+                    retry_at = None;
+                    failures = 0;
+                } else {
+                    this.owed.lock().entry(node).or_default().merge(owed);
+                    failures += 1;
+                    let backoff = Duration::from_millis(250) * 2u32.saturating_pow(failures.min(6));
+                    retry_at = Some(Instant::now() + backoff.min(MAX_RESYNC_BACKOFF));
                 }
             }
         });
         tx
+    }
+
+    /// Records that deliveries to `users` were lost on the way to `node`.
+    fn owe(&self, node: NodeId, users: impl IntoIterator<Item = UserId>) {
+        self.owed.lock().entry(node).or_default().add(users);
+    }
+
+    /// Tells `node` to catch up the connections of the users it is owed; true once it has.
+    async fn resync_now(&self, node: NodeId, owed: &Owed) -> bool {
+        let request = owed.request();
+        let Ok(body) = bincode::encode_to_vec(&request, peer_bincode()) else {
+            return false;
+        };
+        let Some(addr) = self.peer_addr_of(node).await else {
+            return false;
+        };
+        let request = Request {
+            kind: KIND_RESYNC,
+            body,
+        };
+        match self.endpoint.request(addr, &cert_name(node), request).await {
+            Ok(_) => {
+                metrics::counter!("cluster_resyncs_sent_total").increment(1);
+                tracing::info!(node, "told a peer to catch up what it missed");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(node, error = %e, "cannot tell a peer what it missed yet");
+                false
+            }
+        }
     }
 
     fn send<T: bincode::Encode>(self: &Arc<Self>, node: NodeId, kind: u16, body: &T) {
@@ -240,26 +397,30 @@ impl Inner {
         });
     }
 
-    /// Sends `node` one request with `batch`; failures are counted and logged (the devices
-    /// get those messages at their next sync).
-    async fn forward_now(&self, node: NodeId, batch: &[Deliver]) {
+    /// Sends `node` one request with `batch`; false when it failed (counted and logged;
+    /// the caller owes those users to the peer).
+    async fn forward_now(&self, node: NodeId, batch: &[Deliver]) -> bool {
         let sent = batch.len() as u64;
         let Ok(body) = bincode::encode_to_vec(batch, peer_bincode()) else {
-            return;
+            return false;
         };
         let Some(addr) = self.peer_addr_of(node).await else {
             metrics::counter!("cluster_forward_failures_total").increment(sent);
-            return;
+            return false;
         };
         let request = Request {
             kind: KIND_DELIVER_BATCH,
             body,
         };
         match self.endpoint.request(addr, &cert_name(node), request).await {
-            Ok(_) => metrics::counter!("cluster_forwarded_total").increment(sent),
+            Ok(_) => {
+                metrics::counter!("cluster_forwarded_total").increment(sent);
+                true
+            }
             Err(e) => {
                 metrics::counter!("cluster_forward_failures_total").increment(sent);
-                tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed (its devices will sync)");
+                tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed; it will be told to catch up");
+                false
             }
         }
     }
@@ -271,5 +432,33 @@ impl Inner {
             .into_iter()
             .find(|m| m.node_id == node && m.live)
             .map(|m| m.addrs.peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_owed_grows_to_everyone_past_the_bound() {
+        let mut owed = Owed::default();
+        assert!(owed.is_nothing());
+        assert!(
+            owed.request().all,
+            "nothing owed asks for nothing in particular"
+        );
+        owed.add([UserId(1), UserId(2), UserId(1)]);
+        let r = owed.request();
+        assert!(!r.all);
+        assert_eq!(r.users.len(), 2);
+        owed.merge(Owed::Users([UserId(3)].into_iter().collect()));
+        assert_eq!(owed.request().users.len(), 3);
+        owed.add((0..MAX_OWED_USERS as u64).map(UserId));
+        assert!(matches!(owed, Owed::Everyone));
+        owed.add([UserId(9)]);
+        assert!(owed.request().all);
+        let mut other = Owed::default();
+        other.merge(Owed::Everyone);
+        assert!(matches!(other, Owed::Everyone));
     }
 }

@@ -18,8 +18,10 @@ use anyhow::Context;
 use client_proto::http::NodeInfo;
 use client_proto::ids::UserId;
 use client_proto::PresenceStatus;
+use cluster::clock::ClusterClock;
 use cluster::lifecycle::{
-    seeds_elsewhere, ClusterLifecycle, FileMarker, LifecycleConfig, LifecycleHandle,
+    member_changes, seeds_elsewhere, ClusterLifecycle, ClusterView, FileMarker, LifecycleConfig,
+    LifecycleHandle,
 };
 use cluster::membership::Duplicate;
 use cluster::replication::{
@@ -30,6 +32,7 @@ use cluster::{
     ClusterSecret, Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, NodeId, NodeTls,
     PeerConfig, PeerEndpoint,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +52,11 @@ use forward::Handler;
 const DUPLICATE_CHECK: Duration = Duration::from_millis(1500);
 /// How often this node's load goes into gossip.
 const LOAD_EVERY: Duration = Duration::from_secs(1);
+/// How often the pause detector looks at the clock.
+const PAUSE_TICK: Duration = Duration::from_millis(200);
+/// A tick this late means the process was stopped (SIGSTOP, a VM pause) or starved: long
+/// enough that peers may have given up forwarding to it.
+const PAUSE_THRESHOLD: Duration = Duration::from_millis(1500);
 
 /// The cluster side of a node.
 pub struct Mesh {
@@ -100,9 +108,11 @@ impl Mesh {
             server_name: cert_name(cfg.node_id),
             live: true,
         };
+        let ids = store.ids();
         let coord_config = CoordinatorConfig {
             write_timeout: cfg.write_timeout,
             read_timeout: cfg.write_timeout,
+            clock: Some(ids.hlc().clone()),
             ..CoordinatorConfig::default()
         };
         let coord = Coordinator::new(
@@ -129,6 +139,10 @@ impl Mesh {
         mc.advertise_addr = gossip_advertise;
         mc.seeds = cfg.seeds.clone();
         mc.secret = Some(secret.clone());
+        mc.clock = Some(ClusterClock {
+            hlc: ids.hlc().clone(),
+            guard: ids.guard().clone(),
+        });
         let membership = Membership::spawn(mc)
             .await
             .with_context(|| format!("cannot start gossip on {}", cfg.gossip_addr))?;
@@ -164,6 +178,7 @@ impl Mesh {
         .await
         .context("cannot start the cluster lifecycle")?;
 
+        let view = lifecycle.watch_view();
         let mesh = Arc::new(Mesh {
             coord,
             self_id: cfg.node_id,
@@ -179,8 +194,9 @@ impl Mesh {
             tasks: TaskTracker::new(),
             stop,
         });
-        mesh.spawn_load(hub);
+        mesh.spawn_load(hub.clone());
         mesh.spawn_presence(feed);
+        mesh.spawn_catch_up_triggers(hub, view);
         Ok(Started { mesh, peer_addr })
     }
 
@@ -193,6 +209,68 @@ impl Mesh {
                 tokio::select! {
                     _ = this.stop.cancelled() => break,
                     _ = tick.tick() => this.membership.set_load(hub.connections()).await,
+                }
+            }
+        });
+    }
+
+    /// Starts catch-ups of every connected device whenever this node may have missed
+    /// deliveries that nobody will tell it about:
+    ///
+    /// - a peer died (what it acknowledged but had not forwarded yet is never forwarded), came
+    ///   back, or restarted (while it was unreachable, its forwards here failed, and if this
+    ///   node was the one cut off, nobody could forward to it either);
+    /// - this node was paused or starved (a stopped process misses forwards, and peers give
+    ///   up on it).
+    ///
+    /// (Forwards that fail while both sides are up are reported by the sender: `forward.rs`.)
+    fn spawn_catch_up_triggers(self: &Arc<Self>, hub: Hub, mut view: watch::Receiver<ClusterView>) {
+        let this = self.clone();
+        let peers_hub = hub.clone();
+        self.tasks.spawn(async move {
+            let mut last = view.borrow_and_update().members.clone();
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    changed = view.changed() => if changed.is_err() { break },
+                }
+                let now = view.borrow_and_update().members.clone();
+                let moved: Vec<String> = member_changes(&last, &now)
+                    .into_iter()
+                    .filter(|c| c.node != this.self_id)
+                    .filter(|c| c.was_live != c.now_live || c.generation_changed)
+                    .map(|c| match (c.now_live, c.generation_changed) {
+                        (_, true) => format!("node {} restarted", c.node),
+                        (true, false) => format!("node {} is back", c.node),
+                        (false, false) => format!("node {} is down", c.node),
+                    })
+                    .collect();
+                last = now;
+                if !moved.is_empty() {
+                    peers_hub.catch_up_all(&moved.join(", "));
+                }
+            }
+        });
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(PAUSE_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let now = std::time::Instant::now();
+                let gap = now.duration_since(last);
+                last = now;
+                if gap > PAUSE_THRESHOLD {
+                    metrics::counter!("node_pauses_detected_total").increment(1);
+                    tracing::warn!(
+                        ms = gap.as_millis() as u64,
+                        "this node was paused or starved"
+                    );
+                    hub.catch_up_all("this node was paused or starved");
                 }
             }
         });

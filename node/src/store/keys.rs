@@ -1,7 +1,7 @@
 //! Key encoders for every tree, written once. Ids are big-endian so that range scans return
 //! records in id order. Each function also names the record's partition key.
 
-use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
+use client_proto::ids::{ConversationId, GroupId, MessageId, Position, UserId};
 
 /// The bytes that identify a conversation; a prefix of its history keys and its partition key.
 pub fn conversation(conv: &ConversationId) -> Vec<u8> {
@@ -32,11 +32,12 @@ pub fn user(user: UserId) -> [u8; 8] {
     user.0.to_be_bytes()
 }
 
-/// `user | message id`: one entry of a user's inbox.
-pub fn inbox(user: UserId, id: MessageId) -> [u8; 16] {
+/// `user | position`: one entry of a user's inbox, at the position it was written at (a
+/// sealed stream: see `cluster::replication::seal`).
+pub fn inbox(user: UserId, pos: Position) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&user.0.to_be_bytes());
-    k[8..].copy_from_slice(&id.0.to_be_bytes());
+    k[8..].copy_from_slice(&pos.0.to_be_bytes());
     k
 }
 
@@ -77,9 +78,14 @@ pub fn u64_suffix(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(tail))
 }
 
-/// The message id at the end of a history or inbox key.
+/// The message id at the end of a history key.
 pub fn message_id_suffix(key: &[u8]) -> Option<MessageId> {
     u64_suffix(key).map(MessageId)
+}
+
+/// The position at the end of an inbox key.
+pub fn position_suffix(key: &[u8]) -> Option<Position> {
+    u64_suffix(key).map(Position)
 }
 
 #[cfg(test)]
@@ -94,7 +100,11 @@ mod tests {
         assert!(a < b);
         assert!(a.starts_with(&conversation(&c)));
         assert_eq!(message_id_suffix(&b), Some(MessageId(256)));
-        assert!(inbox(UserId(1), MessageId(u64::MAX)) < inbox(UserId(2), MessageId(0)));
+        assert!(inbox(UserId(1), Position(u64::MAX)) < inbox(UserId(2), Position(0)));
+        assert_eq!(
+            position_suffix(&inbox(UserId(1), Position(9))),
+            Some(Position(9))
+        );
         let g = ConversationId::Group(GroupId(1));
         assert!(!history(&g, MessageId(1)).starts_with(&conversation(&c)));
         assert_eq!(message_id_suffix(b"short"), None);

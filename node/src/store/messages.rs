@@ -1,6 +1,6 @@
 //! Messages: conversation history, inboxes (the message sync queue) and idempotency records.
 
-use client_proto::ids::{ConversationId, MessageId, UserId};
+use client_proto::ids::{ConversationId, MessageId, Position, UserId};
 use client_proto::Message;
 
 use super::records::{decode, encode, PushJob};
@@ -17,12 +17,17 @@ pub enum SendOutcome {
     Duplicate(Message),
 }
 
-/// Part of an inbox, ascending.
+/// Part of an inbox, in position order.
 #[derive(Debug, Default)]
 pub struct SyncPage {
     pub messages: Vec<Message>,
+    /// The position of the last message returned.
+    pub last: Option<Position>,
     /// Whether the inbox holds more after the last message returned.
     pub more: bool,
+    /// The smallest seal of the replicas read: every message acknowledged at a position at
+    /// or below it is in this page, or after `last` when `more` is set.
+    pub seal: Option<Position>,
 }
 
 /// Part of a conversation's history, newest first.
@@ -57,19 +62,26 @@ impl Collector {
         }
     }
 
+    /// Whether `m` fits.
+    fn fits(&self, m: &Message) -> bool {
+        self.messages.len() < self.limit
+            && (self.messages.is_empty() || self.used + weight(m) <= self.budget)
+    }
+
     /// Takes `m` if it fits; false means the page is full (and `m` was not taken).
     fn offer(&mut self, m: Message) -> bool {
-        let w = weight(&m);
-        if self.messages.len() >= self.limit
-            || (!self.messages.is_empty() && self.used + w > self.budget)
-        {
+        if !self.fits(&m) {
             return false;
         }
-        self.used += w;
+        self.used += weight(&m);
         self.messages.push(m);
         true
     }
 }
+
+/// How many times a message's entries are written at a new position when replicas refuse
+/// the position as sealed (the coordinator's clock was behind, or the write was delayed).
+const SEAL_RETRIES: usize = 3;
 
 impl Store {
     /// The message an earlier send with this client id stored, if any.
@@ -87,9 +99,10 @@ impl Store {
 
     /// Stores a new message: the idempotency record (claimed first with a compare-and-swap,
     /// so that two racing sends of one client id store one message), then the conversation's
-    /// history entry and an inbox entry for each of `inboxes`, with `push_jobs` in the push
-    /// outbox, in one batch. Returns once all of it is durable. When the client id was
-    /// claimed before, returns the first message and writes nothing.
+    /// history entry and an inbox entry for each of `inboxes` (at the position of the
+    /// message's id), with `push_jobs` in the push outbox, in one batch. Returns once all of
+    /// it is durable. When the client id was claimed before, returns the first message and
+    /// writes nothing.
     pub async fn store_message(
         &self,
         msg: Message,
@@ -111,31 +124,84 @@ impl Store {
             let current = current.ok_or(StoreError::Contention)?;
             return Ok(SendOutcome::Duplicate(decode(&current)?));
         }
-        let mut batch = self.message_batch(&msg, encoded, inboxes);
-        for job in push_jobs {
-            self.queue_push(&mut batch, job, job.ts);
-        }
-        self.write(batch).await?;
+        let pos = Position(msg.message_id.0);
+        self.write_message(&msg, encoded, inboxes, push_jobs, pos)
+            .await?;
         Ok(SendOutcome::New(msg))
     }
 
-    /// Writes an already claimed message's history and inbox entries (the same keys and bytes
-    /// as its first attempt, so writing them twice is harmless), durably.
+    /// Writes an already claimed message again: its history entry (the same key and bytes as
+    /// its first attempt, so writing it twice is harmless) and its inbox entries at a **new**
+    /// position, so that every device that syncs from a cursor handed out meanwhile gets it.
+    /// Once that is durable, the entries at the first attempt's position are deleted (best
+    /// effort: a sync may otherwise return the message twice, which clients drop by id).
+    /// Returns the new position.
     pub async fn complete_message(
         &self,
         msg: &Message,
         inboxes: &[UserId],
-    ) -> Result<(), StoreError> {
-        self.write(self.message_batch(msg, encode(msg), inboxes))
-            .await
+    ) -> Result<Position, StoreError> {
+        let pos = Position(self.ids().next()?.0);
+        let pos = self
+            .write_message(msg, encode(msg), inboxes, &[], pos)
+            .await?;
+        let first = Position(msg.message_id.0);
+        if first != pos {
+            let mut old = WriteBatch::default();
+            for user in inboxes {
+                let key = keys::inbox(*user, first);
+                old.delete(self, Table::Inbox, &keys::user(*user), key);
+            }
+            if let Err(e) = self.write(old).await {
+                tracing::debug!(error = %e, message = %msg.message_id, "could not delete a completed message's first inbox entries; syncs may return it twice");
+            }
+        }
+        Ok(pos)
     }
 
-    /// The history entry and the inbox entries of a message.
-    fn message_batch(&self, msg: &Message, encoded: Vec<u8>, inboxes: &[UserId]) -> WriteBatch {
+    /// Writes a message's history entry, its inbox entries at `pos` and `push_jobs`; when
+    /// the inbox replicas refuse `pos` as sealed, writes them again at a new position.
+    /// Returns the position written, once durable.
+    async fn write_message(
+        &self,
+        msg: &Message,
+        encoded: Vec<u8>,
+        inboxes: &[UserId],
+        push_jobs: &[PushJob],
+        mut pos: Position,
+    ) -> Result<Position, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let mut batch = self.message_batch(msg, encoded.clone(), inboxes, pos);
+            for job in push_jobs {
+                self.queue_push(&mut batch, job, job.ts);
+            }
+            match self.write(batch).await {
+                Ok(()) => return Ok(pos),
+                Err(StoreError::Quorum(e)) if e.any_sealed() && attempt < SEAL_RETRIES => {
+                    attempt += 1;
+                    metrics::counter!("store_sealed_retries_total").increment(1);
+                    tracing::debug!(message = %msg.message_id, %pos, "inbox position sealed on the replicas; writing at a new one");
+                    // The replicas' answers pulled this node's clock forward.
+                    pos = Position(self.ids().next()?.0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The history entry and the inbox entries (at `pos`) of a message.
+    fn message_batch(
+        &self,
+        msg: &Message,
+        encoded: Vec<u8>,
+        inboxes: &[UserId],
+        pos: Position,
+    ) -> WriteBatch {
         let mut batch = WriteBatch::default();
         let history_key = keys::history(&msg.conversation, msg.message_id);
         for user in inboxes {
-            let key = keys::inbox(*user, msg.message_id);
+            let key = keys::inbox(*user, pos);
             batch.put(self, Table::Inbox, &keys::user(*user), key, encoded.clone());
         }
         let conv_key = keys::conversation(&msg.conversation);
@@ -143,27 +209,39 @@ impl Store {
         batch
     }
 
-    /// Up to `limit` messages of `user`'s inbox with ids from `from` on (inclusive), in id
-    /// order, within a byte budget (at least one message).
+    /// Up to `limit` messages of `user`'s inbox at positions after `after` (all when
+    /// `None`), in position order, within a byte budget (at least one message), with the
+    /// seal that closes the page (see [`SyncPage`]).
     pub async fn inbox_page(
         &self,
         user: UserId,
-        from: MessageId,
+        after: Option<Position>,
         limit: usize,
         budget: usize,
     ) -> Result<SyncPage, StoreError> {
         let mut page = Collector::new(limit, budget);
+        let mut last = None;
         let mut more = false;
+        let from = after.map_or(Position(0), |a| Position(a.0.saturating_add(1)));
         let range =
-            keys::inbox(user, from).to_vec()..=keys::inbox(user, MessageId(u64::MAX)).to_vec();
-        self.scan(Table::Inbox, &keys::user(user), range, false, |_, v| {
-            more = !page.offer(decode(v)?);
-            Ok(!more)
-        })
-        .await?;
+            keys::inbox(user, from).to_vec()..=keys::inbox(user, Position(u64::MAX)).to_vec();
+        let seal = self
+            .scan(Table::Inbox, &keys::user(user), range, false, |k, v| {
+                let m: Message = decode(v)?;
+                if !page.fits(&m) {
+                    more = true;
+                    return Ok(false);
+                }
+                last = keys::position_suffix(k);
+                page.offer(m);
+                Ok(true)
+            })
+            .await?;
         Ok(SyncPage {
             messages: page.messages,
+            last,
             more,
+            seal: seal.map(Position),
         })
     }
 

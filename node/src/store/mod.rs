@@ -26,14 +26,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cluster::clock::{Hlc, SkewGuard};
 use cluster::replication::{
     Cas, CasError, CasOutcome, Coordinator, PeerReplicaClient, QuorumError, ReplicaOp, ScanSpec,
+    SealPolicy, Sealer,
 };
 use cluster::{partition_of, Partition};
 use std::sync::OnceLock;
 use tokio::task::JoinHandle;
 
-use crate::ids::IdGen;
+use crate::ids::{ClockSkew, IdGen};
 
 pub use commit::GroupCommit;
 pub use messages::{HistoryPage, SendOutcome, SyncPage};
@@ -107,6 +109,9 @@ pub enum StoreError {
     /// A compare-and-swap got no definite answer from its partition's primary.
     #[error("the replicas needed are not reachable: {0}")]
     Cas(#[from] CasError),
+    /// This node's clock is too far from its peers' to issue the write's version.
+    #[error("{0}")]
+    ClockSkew(#[from] ClockSkew),
     /// The store is not attached to the cluster yet (start-up).
     #[error("the store is not attached to the cluster yet")]
     NotAttached,
@@ -122,6 +127,7 @@ impl StoreError {
                 | StoreError::Contention
                 | StoreError::Quorum(_)
                 | StoreError::Cas(_)
+                | StoreError::ClockSkew(_)
                 | StoreError::NotAttached
         )
     }
@@ -189,6 +195,23 @@ impl WriteBatch {
     }
 }
 
+/// What [`Store::open`] needs besides the folder.
+pub struct StoreOptions {
+    /// This node's id (part of every id it issues).
+    pub node_id: u16,
+    /// The cluster's partition count.
+    pub partitions: u32,
+    /// How long a write may take to be durable.
+    pub write_timeout: Duration,
+    /// How far the inbox seal trails the clock (`--seal-window-ms`).
+    pub seal_window: Duration,
+    /// How far a peer's timestamp may pull the clock past the wall clock
+    /// (`--max-clock-skew-ms`).
+    pub max_clock_skew: Duration,
+    /// The clock-skew guard (fed by gossip).
+    pub guard: Arc<SkewGuard>,
+}
+
 /// The replication coordinator the store writes and reads through.
 pub type Coord = Coordinator<SledReplica, PeerReplicaClient>;
 
@@ -220,12 +243,7 @@ impl Store {
     /// Opens (or creates) the store in `dir` with this node's id generator (`node_id`). The
     /// returned task is the group-commit flusher; it ends once every clone of the store is
     /// dropped. Replicated reads and writes work once [`Store::attach`] gave it a coordinator.
-    pub fn open(
-        dir: &Path,
-        node_id: u16,
-        partitions: u32,
-        write_timeout: Duration,
-    ) -> Result<(Store, JoinHandle<()>), StoreError> {
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, JoinHandle<()>), StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
@@ -237,37 +255,56 @@ impl Store {
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
         let (commit, task) = GroupCommit::spawn(db.clone());
-        let meta = trees[0].clone();
-        let lease = meta
+        let lease = trees[0]
             .get(ID_LEASE_KEY)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0);
-        // The lease is written before any id past it is handed out, and reaches disk with
-        // the flush that makes that id's record durable.
-        let ids = Arc::new(IdGen::new(node_id, lease, move |ms| {
-            if let Err(e) = meta.insert(ID_LEASE_KEY, &ms.to_be_bytes()) {
-                tracing::error!(error = %e, "cannot persist the id lease");
-            }
-        }));
+        let hlc = Arc::new(
+            Hlc::new(opts.node_id, lease).with_max_ahead(opts.max_clock_skew.as_millis() as u64),
+        );
+        let sealer = Sealer::new(
+            SealPolicy {
+                table: Table::Inbox.id(),
+                window_ms: opts.seal_window.as_millis() as u64,
+            },
+            hlc.clone(),
+        );
+        let ids = Arc::new(IdGen::new(hlc, opts.guard));
         let local = Arc::new(SledReplica::new(
             trees.clone(),
             commit.clone(),
-            write_timeout,
+            opts.write_timeout,
+            sealer,
         ));
         let store = Store {
             inner: Arc::new(Inner {
                 db,
                 trees,
-                partitions,
+                partitions: opts.partitions,
                 commit,
-                write_timeout,
+                write_timeout: opts.write_timeout,
                 local,
                 coord: OnceLock::new(),
                 ids,
             }),
         };
         Ok((store, task))
+    }
+
+    /// Keeps the clock's lease ahead of it (see `cluster::clock::Hlc`): persists the next
+    /// lease durably when the clock asks for one. Call before serving and then about every
+    /// half second.
+    pub async fn keep_lease(&self) -> Result<(), StoreError> {
+        let hlc = self.inner.ids.hlc();
+        let Some(lease) = hlc.lease_wanted() else {
+            return Ok(());
+        };
+        self.tree(Table::Meta)
+            .insert(ID_LEASE_KEY, &lease.to_be_bytes())?;
+        self.durable().await?;
+        hlc.lease_granted(lease);
+        Ok(())
     }
 
     /// This node's replica, for the replication service and the coordinator.
@@ -301,7 +338,7 @@ impl Store {
     /// Applies `batch` and returns once it is durable: node-local tables here, replicated
     /// ones at a write quorum of each partition's replicas.
     pub async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        let version = self.inner.ids.next().0;
+        let version = self.inner.ids.next()?.0;
         let mut local = false;
         let mut per_partition: Vec<(Partition, Vec<ReplicaOp>)> = Vec::new();
         for op in batch.ops {
@@ -353,7 +390,7 @@ impl Store {
             key: key.to_vec(),
             expected: old.map(<[u8]>::to_vec),
             new,
-            min_version: self.inner.ids.next().0,
+            min_version: self.inner.ids.next()?.0,
         };
         // Views of who is primary differ for a moment while membership changes; a swap the
         // wrong node refused did nothing, so it is retried after a pause.
@@ -395,6 +432,9 @@ impl Store {
 
     /// Reads the records with keys in `range` (all in the partition of `partition_key`),
     /// ascending or descending, from read quorums, calling `visit` until it returns false.
+    /// Returns the smallest seal among the replica answers read (for a sealed table: every
+    /// write acknowledged at or below it was offered to `visit`, or lies beyond the last key
+    /// visited when `visit` stopped early).
     pub async fn scan(
         &self,
         table: Table,
@@ -402,10 +442,11 @@ impl Store {
         range: RangeInclusive<Vec<u8>>,
         descending: bool,
         mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let partition = self.partition(partition_key);
         let (start, end) = range.into_inner();
         let mut after = None;
+        let mut seal: Option<Option<u64>> = None;
         loop {
             let spec = ScanSpec {
                 table: table.id(),
@@ -417,21 +458,27 @@ impl Store {
             };
             let page = self
                 .coord()?
-                .scan(partition, spec)
+                .scan_sealed(partition, spec)
                 .await
                 .map_err(quorum_failed)?;
-            let full = page.len() >= SCAN_PAGE;
-            for entry in &page {
+            let page_seal = page.seal;
+            seal = Some(match (seal, page_seal) {
+                (None, s) => s,
+                (Some(Some(a)), Some(b)) => Some(a.min(b)),
+                (Some(_), _) => None,
+            });
+            let full = page.entries.len() >= SCAN_PAGE;
+            for entry in &page.entries {
                 let Some(value) = &entry.record.value else {
                     continue;
                 };
                 if !visit(&entry.key, value)? {
-                    return Ok(());
+                    return Ok(seal.flatten());
                 }
             }
-            match page.last() {
+            match page.entries.last() {
                 Some(last) if full => after = Some(last.key.clone()),
-                _ => return Ok(()),
+                _ => return Ok(seal.flatten()),
             }
         }
     }

@@ -7,8 +7,9 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use cluster::replication::{
-    ApplyBatch, ConditionalApply, ConditionalOutcome, LocalReplica, PullReply, PullRequest,
-    ReadRequest, ReplicaOp, ScanEntry, ScanReply, ScanRequest, TableId, Versioned,
+    ApplyBatch, ApplyOutcome, ConditionalApply, ConditionalOutcome, LocalReplica, PullReply,
+    PullRequest, ReadRequest, ReplicaOp, ScanEntry, ScanReply, ScanRequest, Sealed, Sealer,
+    TableId, Versioned,
 };
 use cluster::{partition_of, Partition};
 
@@ -20,6 +21,8 @@ pub struct SledReplica {
     trees: Vec<sled::Tree>,
     commit: GroupCommit,
     write_timeout: Duration,
+    /// Seals the inbox table (`cluster::replication::seal`).
+    sealer: Sealer,
 }
 
 fn decode(bytes: &[u8]) -> Result<Versioned, StoreError> {
@@ -31,11 +34,13 @@ impl SledReplica {
         trees: Vec<sled::Tree>,
         commit: GroupCommit,
         write_timeout: Duration,
+        sealer: Sealer,
     ) -> Self {
         SledReplica {
             trees,
             commit,
             write_timeout,
+            sealer,
         }
     }
 
@@ -87,11 +92,20 @@ impl SledReplica {
 impl LocalReplica for SledReplica {
     type Error = StoreError;
 
-    async fn apply(&self, batch: ApplyBatch) -> Result<(), StoreError> {
+    async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome, StoreError> {
+        let mut outcome = ApplyOutcome::Applied;
         for op in &batch.ops {
-            self.store_op(op)?;
+            if batch.fresh && op.value.is_some() && self.sealer.seals(op.table) {
+                match self.sealer.insert_fresh(&op.key, || self.store_op(op)) {
+                    Ok(stored) => stored?,
+                    Err(Sealed { seal }) => outcome = ApplyOutcome::Sealed { seal },
+                }
+            } else {
+                self.store_op(op)?;
+            }
         }
-        self.durable().await
+        self.durable().await?;
+        Ok(outcome)
     }
 
     async fn apply_if(&self, request: ConditionalApply) -> Result<ConditionalOutcome, StoreError> {
@@ -149,20 +163,31 @@ impl LocalReplica for SledReplica {
             Bound::Excluded(k) => Bound::Excluded(k.to_vec()),
             Bound::Unbounded => Bound::Unbounded,
         };
-        let range = tree.range::<Vec<u8>, _>((owned(lower), owned(upper)));
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            if request.descending {
-                Box::new(range.rev())
-            } else {
-                Box::new(range)
-            };
-        request.collect(iter.map(|item| {
-            let (k, v) = item?;
-            Ok(ScanEntry {
-                key: k.to_vec(),
-                record: decode(&v)?,
-            })
-        }))
+        let read = || {
+            let range = tree.range::<Vec<u8>, _>((owned(lower), owned(upper)));
+            let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+                if request.descending {
+                    Box::new(range.rev())
+                } else {
+                    Box::new(range)
+                };
+            request.collect(iter.map(|item| {
+                let (k, v) = item?;
+                Ok(ScanEntry {
+                    key: k.to_vec(),
+                    record: decode(&v)?,
+                })
+            }))
+        };
+        if self.sealer.seals(request.table) {
+            // One stream (a user's inbox) per scan: the seal is taken under its lock.
+            let (reply, seal) = self.sealer.scan(&request.start, read);
+            return reply.map(|r| ScanReply {
+                seal: Some(seal),
+                ..r
+            });
+        }
+        read()
     }
 }
 
@@ -193,7 +218,7 @@ impl Table {
 
 #[cfg(test)]
 mod tests {
-    use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
+    use client_proto::ids::{ConversationId, GroupId, MessageId, Position, UserId};
 
     use super::super::keys;
     use super::*;
@@ -217,7 +242,11 @@ mod tests {
                 keys::history(&group, m),
                 keys::conversation(&group),
             ),
-            (Table::Inbox, keys::inbox(u, m).to_vec(), user.to_vec()),
+            (
+                Table::Inbox,
+                keys::inbox(u, Position(m.0)).to_vec(),
+                user.to_vec(),
+            ),
             (
                 Table::Idempotency,
                 keys::idempotency(u, "c-1"),

@@ -1,0 +1,200 @@
+//! The writing half of a session: drains the connection's outbound queue into the
+//! transport, and drops a `message` frame the connection was already sent lately
+//! ([`SentIds`]): a catch-up re-reads the last seal window of the inbox, and a forward from
+//! another node can arrive after a catch-up or a sync sent the same message.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use client_proto::codec::{self, CloseCode, Codec};
+use client_proto::{MessageId, ServerFrame};
+use futures_util::{Sink, SinkExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::OutFrame;
+use crate::domain::hub::Outbound;
+
+/// How long a sent message id is remembered: a catch-up reads from the last closed cursor,
+/// which trails the newest positions by the seal window and is at most one periodic
+/// catch-up old; this covers both with room to spare.
+const REMEMBER_FOR: Duration = Duration::from_secs(150);
+/// Ids remembered per connection at most; the oldest go first (clients dedup by message id
+/// anyway: this only saves them the duplicates). Nothing is allocated until a message is
+/// sent, so an idle connection pays nothing.
+const MAX_REMEMBERED: usize = 4096;
+
+/// The message ids a connection was sent lately (live, in sync batches and catch-ups, or
+/// acked as its own).
+#[derive(Default)]
+pub(super) struct SentIds {
+    ids: HashSet<MessageId>,
+    order: VecDeque<(Instant, MessageId)>,
+}
+
+impl SentIds {
+    /// Records what `frame` sends; false when it is a `message` this connection was already
+    /// sent lately (the frame is then dropped). Sync batches always go.
+    pub(super) fn pass(&mut self, frame: &ServerFrame) -> bool {
+        let now = Instant::now();
+        self.forget_before(now);
+        match frame {
+            ServerFrame::Message { message } => self.remember(now, message.message_id),
+            ServerFrame::SyncBatch { messages, .. } => {
+                for m in messages {
+                    self.remember(now, m.message_id);
+                }
+                true
+            }
+            ServerFrame::Ack { message_id, .. } => {
+                self.remember(now, *message_id);
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// Remembers `id`; false when it was remembered already.
+    fn remember(&mut self, now: Instant, id: MessageId) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back((now, id));
+        if self.order.len() > MAX_REMEMBERED {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while let Some((at, id)) = self.order.front() {
+            if now.duration_since(*at) < REMEMBER_FOR {
+                break;
+            }
+            self.ids.remove(id);
+            self.order.pop_front();
+        }
+        if self.order.is_empty() && self.ids.capacity() > 64 {
+            // A burst is over: give its memory back.
+            self.ids = HashSet::new();
+            self.order = VecDeque::new();
+        }
+    }
+}
+
+/// Drains the outbound queue into the transport until the session is kicked, or the reader
+/// is done and what was queued has been written. Each frame is flushed as it is written:
+/// feeding what is queued and flushing once was tried and made group deliveries slower
+/// (last member p50 +5 ms at 400 msgs/s) without a measurable CPU gain.
+pub(super) async fn write_loop<W>(
+    mut rx: mpsc::Receiver<Outbound>,
+    mut writer: W,
+    codec: Codec,
+    kick: CancellationToken,
+    reader_done: CancellationToken,
+) where
+    W: Sink<OutFrame> + Unpin,
+{
+    let mut sent = SentIds::default();
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = rx.recv() => next,
+            _ = reader_done.cancelled() => rx.try_recv().ok(),
+            _ = kick.cancelled() => {
+                // Shutdown or a kicked slow consumer: say goodbye if the socket still takes it.
+                let bye = writer.send(OutFrame::Close(CloseCode::GoingAway.code(), "going away".into()));
+                let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), bye)).await;
+                return;
+            }
+        };
+        let data = match next {
+            None => return,
+            Some(Outbound::Frame(f)) => {
+                if !sent.pass(&f) {
+                    metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                    continue;
+                }
+                codec::encode(codec, &f)
+            }
+            Some(Outbound::Shared(shared)) => {
+                if !sent.pass(shared.frame()) {
+                    metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                    continue;
+                }
+                shared.encoded(codec).to_vec()
+            }
+            Some(Outbound::Close(close)) => {
+                let (code, reason) = *close;
+                let _ = writer.send(OutFrame::Close(code, reason)).await;
+                kick.cancel();
+                return;
+            }
+        };
+        if writer.send(OutFrame::Data(codec, data)).await.is_err() {
+            kick.cancel();
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use client_proto::ids::{ConversationId, UserId};
+    use client_proto::Message;
+
+    use super::*;
+
+    fn message(id: u64) -> Message {
+        Message {
+            message_id: MessageId(id),
+            conversation: ConversationId::direct(UserId(1), UserId(2)),
+            from: UserId(1),
+            to: Some(UserId(2)),
+            group: None,
+            body: "hi".into(),
+            ts: 0,
+            client_id: format!("c{id}"),
+        }
+    }
+
+    fn live(id: u64) -> ServerFrame {
+        ServerFrame::Message {
+            message: Arc::new(message(id)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_reaches_a_connection_once_while_it_is_remembered() {
+        let mut sent = SentIds::default();
+        assert!(sent.pass(&live(1)));
+        assert!(!sent.pass(&live(1)), "a late second delivery is dropped");
+        // What a sync batch carried is not delivered again live; the batch itself always goes.
+        let batch = ServerFrame::SyncBatch {
+            messages: vec![message(2)],
+            cursor: None,
+            done: true,
+            gap: false,
+        };
+        assert!(sent.pass(&batch) && sent.pass(&batch));
+        assert!(!sent.pass(&live(2)));
+        // Long after, ids are forgotten and their memory given back.
+        tokio::time::advance(REMEMBER_FOR + Duration::from_secs(1)).await;
+        assert!(sent.pass(&live(1)) && !sent.pass(&live(1)));
+        for i in 10..(10 + MAX_REMEMBERED as u64 + 5) {
+            assert!(sent.pass(&live(i)));
+        }
+        assert!(sent.order.len() <= MAX_REMEMBERED);
+        assert!(sent.pass(&live(10)), "the oldest went first");
+        tokio::time::advance(REMEMBER_FOR + Duration::from_secs(1)).await;
+        assert!(sent.pass(&ServerFrame::Cursor {
+            cursor: client_proto::Position(5)
+        }));
+        assert!(sent.order.is_empty() && sent.ids.capacity() == 0);
+    }
+}
