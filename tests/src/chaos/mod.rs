@@ -21,5 +21,8 @@
 //! `tests/tests/chaos.rs` for the CI-size runs.
 
 pub mod checker;
+pub mod cluster;
+pub mod firewall;
 pub mod history;
+pub mod lock;
 
