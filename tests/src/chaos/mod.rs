@@ -25,4 +25,7 @@ pub mod cluster;
 pub mod firewall;
 pub mod history;
 pub mod lock;
+pub mod nemesis;
+pub mod recorder;
 
+pub use nemesis::FaultKind;
