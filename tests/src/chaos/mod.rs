@@ -26,6 +26,8 @@ pub mod firewall;
 pub mod history;
 pub mod lock;
 pub mod nemesis;
+pub mod reads;
 pub mod recorder;
+pub mod workload;
 
 pub use nemesis::FaultKind;
