@@ -141,6 +141,9 @@ impl Outcome {
 pub struct Delivery {
     /// The receiving device (an index).
     pub device: usize,
+    /// When the runner took the event from the client. While one of the device's own sends
+    /// is pending (a [`Send`] of this device, `start_ms..end_ms`), its events wait inside
+    /// the `ChatClient` (see `workload.rs`), so this is an upper bound there.
     pub at_ms: Ms,
     pub message_id: MessageId,
     pub conversation: ConversationId,
@@ -152,6 +155,7 @@ pub struct Delivery {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LinkEvent {
     pub device: usize,
+    /// An upper bound, as for [`Delivery::at_ms`].
     pub at_ms: Ms,
     pub change: LinkChange,
 }

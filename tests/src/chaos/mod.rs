@@ -28,6 +28,9 @@ pub mod lock;
 pub mod nemesis;
 pub mod reads;
 pub mod recorder;
+pub mod report;
+pub mod run;
 pub mod workload;
 
 pub use nemesis::FaultKind;
+pub use run::{run, Finished, RunOptions, RunOutcome};
