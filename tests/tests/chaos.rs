@@ -18,7 +18,6 @@ async fn ci_run(fault: FaultKind) {
     match outcome {
         RunOutcome::Skipped(why) => println!("skipped {fault}: {why}"),
         RunOutcome::Finished(f) => {
-            println!("{}", f.report);
             assert!(
                 f.verdict.is_clean(),
                 "the {fault} run failed the check (seed {}; logs and history.json in {}):\n{}",
@@ -26,6 +25,7 @@ async fn ci_run(fault: FaultKind) {
                 f.dir.display(),
                 f.report
             );
+            println!("{}", f.report);
         }
     }
 }

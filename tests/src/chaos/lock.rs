@@ -1,12 +1,11 @@
 //! One chaos run at a time on this machine: every run uses the same node addresses
-//! (127.0.0.10 and up) and the same iptables chain name, so runs, whether test threads of one
-//! process or separate processes, take turns.
+//! (127.0.0.10 and up), and a partition's iptables rules between them would cut another
+//! run's cluster too; so runs, whether test threads of one process or separate processes,
+//! take turns. Holding the lock also makes every `CHAOS*` chain found at start a leftover.
 //!
 //! The lock is a bound abstract Unix socket: the kernel frees it when the holder exits,
 //! however it exits, so a crashed run never leaves a stale lock behind.
 
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -17,17 +16,37 @@ const WAIT: Duration = Duration::from_secs(3600);
 
 /// Held for the length of a run.
 pub struct RunLock {
-    _socket: UnixListener,
+    _socket: Socket,
+}
+
+#[cfg(target_os = "linux")]
+type Socket = std::os::unix::net::UnixListener;
+#[cfg(not(target_os = "linux"))]
+type Socket = std::net::TcpListener;
+
+/// Binds the lock's address: an abstract socket on Linux; elsewhere (where chaos runs are
+/// skipped anyway) a fixed loopback port.
+fn bind() -> std::io::Result<Socket> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(NAME)?;
+        std::os::unix::net::UnixListener::bind_addr(&addr)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = NAME;
+        std::net::TcpListener::bind(("127.0.0.1", 39_217))
+    }
 }
 
 impl RunLock {
     /// Waits until no other run holds the lock, then takes it.
     pub async fn acquire() -> Result<RunLock> {
-        let addr = SocketAddr::from_abstract_name(NAME).context("name the run lock")?;
         let started = Instant::now();
         let mut told = false;
         loop {
-            match UnixListener::bind_addr(&addr) {
+            match bind() {
                 Ok(socket) => return Ok(RunLock { _socket: socket }),
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     if !told {

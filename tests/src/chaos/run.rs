@@ -128,6 +128,11 @@ pub async fn run(opts: RunOptions) -> Result<RunOutcome> {
         "chaos: seed {} (replay with --seed {0} or CHAOS_SEED={0})",
         opts.seed
     );
+    if !cfg!(target_os = "linux") {
+        return Ok(RunOutcome::Skipped(
+            "chaos runs need Linux (127.0.0.x aliases on loopback, iptables, kill(1))".into(),
+        ));
+    }
     if !opts.chatnode.is_file() {
         bail!("no chatnode binary at {}", opts.chatnode.display());
     }
