@@ -127,6 +127,22 @@ pub fn render(h: &History, v: &Verdict) -> String {
     for (kind, s) in &v.heal {
         let _ = writeln!(out, "heal→all after {kind}: {}", heal_cell(s));
     }
+    let mut took: Vec<u64> = h
+        .sends
+        .iter()
+        .map(|s| s.end_ms.saturating_sub(s.start_ms))
+        .collect();
+    took.sort_unstable();
+    if let Some(max) = took.last() {
+        let p99 = took[(took.len() * 99 / 100).min(took.len() - 1)];
+        let _ = writeln!(
+            out,
+            "send time p99/max: {}/{} (a device's events wait while its own send does, so \
+             receive times are upper bounds by up to that)",
+            secs(p99),
+            secs(*max)
+        );
+    }
     for f in &h.faults {
         let healed = f.healed_ms.map_or_else(|| "never".into(), secs);
         let _ = writeln!(
