@@ -16,6 +16,8 @@ use client_proto::ids::UserId;
 
 pub use client_proto;
 
+pub mod chaos;
+
 /// The `chatnode` binary, brought up to date once per test process (`cargo build` is quick
 /// when nothing changed) so that tests never run a stale binary. `CHATNODE_BIN` overrides.
 pub fn chatnode_bin() -> PathBuf {
