@@ -1,5 +1,6 @@
 //! The test harness: starts real `chatnode` processes on loopback, waits for them to be ready,
-//! kills (SIGKILL) and restarts them, and shows their log when a test fails.
+//! kills (SIGKILL) and restarts them, and shows their log when a test fails. [`Transport`]
+//! connects clients to them over WebSocket (JSON or binary frames) or QUIC.
 
 #![allow(clippy::unwrap_used)]
 
@@ -17,6 +18,8 @@ use client_proto::ids::UserId;
 pub use client_proto;
 
 pub mod chaos;
+pub mod transport;
+pub use transport::Transport;
 
 /// The `chatnode` binary, brought up to date once per test process (`cargo build` is quick
 /// when nothing changed) so that tests never run a stale binary. `CHATNODE_BIN` overrides.
