@@ -91,46 +91,23 @@ enum Cmd {
 
 /// A self-healing chat connection. Dropping it stops the driver.
 pub struct ChatClient {
-    cmds: mpsc::Sender<Cmd>,
+    sender: ChatSender,
     events: mpsc::Receiver<Event>,
     cursor: Arc<AtomicU64>,
-    next_id: AtomicU64,
-    id_prefix: String,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
-impl ChatClient {
-    /// Starts the driver; it connects in the background (watch for [`Event::Connected`]).
-    pub fn start(opts: ClientOptions) -> Self {
-        let (cmds, cmd_rx) = mpsc::channel(256);
-        let (ev_tx, events) = mpsc::channel(EVENT_QUEUE);
-        let cursor = Arc::new(AtomicU64::new(opts.cursor.map_or(0, |c| c.0)));
-        let stop = CancellationToken::new();
-        let driver = Driver {
-            opts,
-            cmds: cmd_rx,
-            events: ev_tx,
-            cursor: cursor.clone(),
-            seen_max: 0,
-            unacked: HashMap::new(),
-            order: Vec::new(),
-            seen: HashSet::new(),
-            seen_order: VecDeque::new(),
-            stop: stop.clone(),
-        };
-        let id_prefix = format!("{:016x}", rand::thread_rng().gen::<u64>());
-        ChatClient {
-            cmds,
-            events,
-            cursor,
-            next_id: AtomicU64::new(0),
-            id_prefix,
-            stop,
-            task: Some(tokio::spawn(driver.run())),
-        }
-    }
+/// The sending half of a [`ChatClient`]: cheap to clone, so sends can wait for their acks
+/// while another task keeps reading the client's events.
+#[derive(Clone)]
+pub struct ChatSender {
+    cmds: mpsc::Sender<Cmd>,
+    next_id: Arc<AtomicU64>,
+    id_prefix: Arc<str>,
+}
 
+impl ChatSender {
     /// Sends a message with a fresh client id; resolves with the ack once it is durably
     /// stored, retrying across reconnects.
     pub async fn send(&self, to: Recipient, body: impl Into<String>) -> Result<Ack, ClientError> {
@@ -162,10 +139,67 @@ impl ChatClient {
             .map_err(|_| ClientError::Closed(None))?;
         rx.await.map_err(|_| ClientError::Closed(None))?
     }
+}
+
+impl ChatClient {
+    /// Starts the driver; it connects in the background (watch for [`Event::Connected`]).
+    pub fn start(opts: ClientOptions) -> Self {
+        let (cmds, cmd_rx) = mpsc::channel(256);
+        let (ev_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let cursor = Arc::new(AtomicU64::new(opts.cursor.map_or(0, |c| c.0)));
+        let stop = CancellationToken::new();
+        let driver = Driver {
+            opts,
+            cmds: cmd_rx,
+            events: ev_tx,
+            cursor: cursor.clone(),
+            seen_max: 0,
+            unacked: HashMap::new(),
+            order: Vec::new(),
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            stop: stop.clone(),
+        };
+        let id_prefix = format!("{:016x}", rand::thread_rng().gen::<u64>());
+        ChatClient {
+            sender: ChatSender {
+                cmds,
+                next_id: Arc::new(AtomicU64::new(0)),
+                id_prefix: id_prefix.into(),
+            },
+            events,
+            cursor,
+            stop,
+            task: Some(tokio::spawn(driver.run())),
+        }
+    }
+
+    /// Sends a message with a fresh client id; resolves with the ack once it is durably
+    /// stored, retrying across reconnects.
+    pub async fn send(&self, to: Recipient, body: impl Into<String>) -> Result<Ack, ClientError> {
+        self.sender.send(to, body).await
+    }
+
+    /// Sends with a client id of the caller's choosing (an id used before returns the first
+    /// message's ack).
+    pub async fn send_with_id(
+        &self,
+        client_id: String,
+        to: Recipient,
+        body: impl Into<String>,
+    ) -> Result<Ack, ClientError> {
+        self.sender.send_with_id(client_id, to, body).await
+    }
+
+    /// A sending handle that can be moved to another task.
+    pub fn sender(&self) -> ChatSender {
+        self.sender.clone()
+    }
 
     /// Sends any other frame (subscribe_presence, history...) on the current connection.
     pub async fn send_frame(&self, frame: ClientFrame) -> Result<(), ClientError> {
-        self.cmds
+        self.sender
+            .cmds
             .send(Cmd::Frame(frame))
             .await
             .map_err(|_| ClientError::Closed(None))

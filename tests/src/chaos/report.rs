@@ -137,8 +137,7 @@ pub fn render(h: &History, v: &Verdict) -> String {
         let p99 = took[(took.len() * 99 / 100).min(took.len() - 1)];
         let _ = writeln!(
             out,
-            "send time p99/max: {}/{} (a device's events wait while its own send does, so \
-             receive times are upper bounds by up to that)",
+            "send time (request to ack, retries included) p99/max: {}/{}",
             secs(p99),
             secs(*max)
         );

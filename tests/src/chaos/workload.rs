@@ -9,11 +9,9 @@
 //! across reconnects and after `unavailable`) under a timeout; the outcome and every event
 //! each device reports go to the [`Recorder`].
 //!
-//! A device's task owns its `ChatClient`: `next_event` takes `&mut` and `send` borrows the
-//! client until its ack, so while one of its sends is waiting, that device's events queue
-//! inside the client (up to its queue of 1,024) and are stamped when the send ends. Sends
-//! normally take milliseconds; the receive times of a device whose send hangs are late by at
-//! most that send's duration.
+//! A device's task owns its `ChatClient` and records its events as they come, while its
+//! sends wait for their acks on their own (through a `ChatSender`): receive times are when
+//! the device got the message, even while one of its own sends hangs.
 
 use std::time::Duration;
 
@@ -267,7 +265,9 @@ where
     }
 }
 
-/// One device: records its events, and makes the sends its user hands it.
+/// One device: records its events, and makes the sends its user hands it. A send waits for
+/// its ack on its own (through the client's `ChatSender`), so the device keeps recording
+/// what it receives meanwhile.
 async fn device_loop(
     device: usize,
     mut client: ChatClient,
@@ -275,6 +275,8 @@ async fn device_loop(
     rec: Recorder,
     mut stop: watch::Receiver<bool>,
 ) {
+    let sender = client.sender();
+    let mut sending = futures_util::stream::FuturesUnordered::new();
     let mut listening = true;
     let mut open = true;
     loop {
@@ -288,26 +290,31 @@ async fn device_loop(
                     listening = false;
                 }
             },
+            Some(()) = futures_util::StreamExt::next(&mut sending), if !sending.is_empty() => {}
             job = jobs.recv(), if open => match job {
                 Some(job) => {
-                    let answer = tokio::time::timeout(job.timeout, client.send(job.to, job.body)).await;
-                    let outcome = match answer {
-                        Ok(Ok(ack)) => Outcome::Acked {
-                            message_id: ack.message_id,
-                            conversation: ack.conversation,
-                            ts: ack.ts,
-                        },
-                        Ok(Err(ClientError::Refused(body))) => Outcome::Refused {
-                            code: body.code,
-                            message: body.message,
-                        },
-                        Ok(Err(e)) => Outcome::Indeterminate { reason: e.to_string() },
-                        Err(_) => Outcome::Indeterminate {
-                            reason: format!("no answer within {:?}", job.timeout),
-                        },
-                    };
-                    // The user loop may have given up waiting; nothing to tell then.
-                    let _ = job.reply.send(outcome);
+                    let sender = sender.clone();
+                    sending.push(async move {
+                        let answer =
+                            tokio::time::timeout(job.timeout, sender.send(job.to, job.body)).await;
+                        let outcome = match answer {
+                            Ok(Ok(ack)) => Outcome::Acked {
+                                message_id: ack.message_id,
+                                conversation: ack.conversation,
+                                ts: ack.ts,
+                            },
+                            Ok(Err(ClientError::Refused(body))) => Outcome::Refused {
+                                code: body.code,
+                                message: body.message,
+                            },
+                            Ok(Err(e)) => Outcome::Indeterminate { reason: e.to_string() },
+                            Err(_) => Outcome::Indeterminate {
+                                reason: format!("no answer within {:?}", job.timeout),
+                            },
+                        };
+                        // The user loop may have given up waiting; nothing to tell then.
+                        let _ = job.reply.send(outcome);
+                    });
                 }
                 None => open = false,
             },
