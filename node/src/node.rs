@@ -19,6 +19,7 @@ use crate::domain::friends::Friends;
 use crate::domain::groups::Groups;
 use crate::domain::hub::Hub;
 use crate::domain::presence::Presence;
+use crate::ids::ClockSkew;
 use crate::mesh::Mesh;
 use crate::store::Store;
 
@@ -68,13 +69,16 @@ pub enum NotReady {
     Draining,
     /// It is pulling the partitions it will hold before it counts as a member.
     Joining,
+    /// Its clock is too far from its peers': it refuses to issue ids.
+    Clock(ClockSkew),
 }
 
-impl NotReady {
-    pub fn as_str(self) -> &'static str {
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NotReady::Draining => "draining",
-            NotReady::Joining => "joining",
+            NotReady::Draining => f.write_str("draining"),
+            NotReady::Joining => f.write_str("joining"),
+            NotReady::Clock(skew) => write!(f, "clock: {skew}"),
         }
     }
 }
@@ -146,7 +150,7 @@ impl Node {
         } else if !self.mesh.is_active() {
             Err(NotReady::Joining)
         } else {
-            Ok(())
+            self.chat.clock_check().map_err(NotReady::Clock)
         }
     }
 

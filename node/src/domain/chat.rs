@@ -17,7 +17,7 @@ use crate::domain::delivery::Delivery;
 use crate::domain::error::ApiError;
 use crate::domain::presence::Presence;
 use crate::domain::push::Push;
-use crate::ids::{now_unix_ms, IdGen};
+use crate::ids::{now_unix_ms, ClockSkew, IdGen};
 use crate::store::{HistoryPage, SendOutcome, Store, SyncPage};
 
 /// The chat service.
@@ -270,6 +270,11 @@ impl Chat {
     /// its inbox starts).
     pub fn clock_now(&self) -> Position {
         Position(self.ids.hlc().peek())
+    }
+
+    /// `Err` while this node's clock is too far from its peers' to issue ids.
+    pub fn clock_check(&self) -> Result<(), ClockSkew> {
+        self.ids.check()
     }
 
     /// A client has seen message `id`: what it sends next must get a larger id, even on a

@@ -289,7 +289,7 @@ async fn cluster(State(node): AppState) -> Response {
 async fn ready(State(node): AppState) -> Response {
     match node.readiness() {
         Ok(()) => "ready".into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.as_str()).into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()).into_response(),
     }
 }
 

@@ -61,6 +61,17 @@ impl ChaosCluster {
     /// until every node sees all of them live and active. With `clock_files`, each node
     /// gets `--clock-offset-file`.
     pub async fn start(dir: &Path, bin: &Path, n: usize, clock_files: bool) -> Result<Self> {
+        Self::start_with(dir, bin, n, clock_files, &[]).await
+    }
+
+    /// [`ChaosCluster::start`] with `extra` flags for every node.
+    pub async fn start_with(
+        dir: &Path,
+        bin: &Path,
+        n: usize,
+        clock_files: bool,
+        extra: &[&str],
+    ) -> Result<Self> {
         if !(1..=20).contains(&n) {
             bail!("a chaos cluster has 1 to 20 nodes, not {n}");
         }
@@ -116,6 +127,7 @@ impl ChaosCluster {
                 std::fs::write(f, "0").with_context(|| format!("write {}", f.display()))?;
                 flag("--clock-offset-file", f.to_string_lossy().into());
             }
+            args.extend(extra.iter().map(|a| a.to_string()));
             cluster.nodes.push(Node {
                 ip,
                 http,
