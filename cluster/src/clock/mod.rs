@@ -65,7 +65,7 @@ pub fn span(ms: u64) -> u64 {
 
 /// How far ahead of the clock a new lease is put: the most a restart skips (ids issued just
 /// after a restart are up to this far ahead of the wall clock).
-const LEASE_AHEAD_MS: u64 = 3_000;
+pub const LEASE_AHEAD_MS: u64 = 3_000;
 /// A new lease is wanted once the clock is within this of the durable one: the time the
 /// lease's writer has to make it durable before the clock would run past it.
 const LEASE_MARGIN_MS: u64 = 2_500;

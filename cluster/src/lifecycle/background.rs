@@ -65,6 +65,12 @@ pub(super) async fn anti_entropy<L: LocalReplica, C: ReplicaClient, M: Membershi
         (false, Some(every)) => every,
         (false, None) => return,
     };
+    // The first pass after a restart pulls only what changed since the node went down.
+    let mut plan = if restarted {
+        shared.config.plan.since(shared.config.catch_up_since)
+    } else {
+        shared.config.plan.clone()
+    };
     loop {
         tokio::select! {
             _ = shared.cancel.cancelled() => return,
@@ -77,17 +83,19 @@ pub(super) async fn anti_entropy<L: LocalReplica, C: ReplicaClient, M: Membershi
             let started = Instant::now();
             let report = tokio::select! {
                 _ = shared.cancel.cancelled() => return,
-                r = shared.coord.pull(&owned, &shared.config.plan, PullMode::CatchUp) => r,
+                r = shared.coord.pull(&owned, &plan, PullMode::CatchUp) => r,
             };
             metrics::counter!("cluster_pulled_records_total").increment(report.records);
             info!(
                 partitions = report.partitions,
                 records = report.records,
                 incomplete = report.incomplete.len(),
+                since = ?plan.since,
                 ms = started.elapsed().as_millis() as u64,
                 "anti-entropy pass done"
             );
         }
+        plan = shared.config.plan.clone();
         match every {
             Some(every) => wait = every,
             None => return,

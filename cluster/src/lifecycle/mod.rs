@@ -80,6 +80,11 @@ pub struct LifecycleConfig {
     /// How long a returning member waits before its catch-up pull, so that gossip finds the
     /// other replicas first. Default: 3 s.
     pub catch_up_delay: Duration,
+    /// What a returning member's catch-up pulls: only records versioned after this clock
+    /// reading (about when it went down, less a margin), so a restart costs what changed
+    /// meanwhile, not every record again; `None`: everything. Later anti-entropy passes pull
+    /// everything. Default: `None`.
+    pub catch_up_since: Option<u64>,
     /// Pause before the next join pull after one that lacked a read quorum of complete
     /// answers for some partition. Default: 2 s.
     pub join_retry: Duration,
@@ -101,6 +106,7 @@ impl LifecycleConfig {
             seeded: false,
             seed_wait: Duration::from_secs(10),
             catch_up_delay: Duration::from_secs(3),
+            catch_up_since: None,
             join_retry: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(3),
             server_name: node_cert_name,

@@ -45,6 +45,8 @@ pub struct PullPlan {
     pub max_bytes: u32,
     /// How long one request may take.
     pub page_timeout: Duration,
+    /// Only records written (versioned) after this clock reading; `None`: every record.
+    pub since: Option<u64>,
 }
 
 impl PullPlan {
@@ -57,6 +59,15 @@ impl PullPlan {
             max_keys: 20_000,
             max_bytes: 1 << 20,
             page_timeout: Duration::from_secs(10),
+            since: None,
+        }
+    }
+
+    /// This plan, copying only records versioned after `since` (`None`: every record).
+    pub fn since(&self, since: Option<u64>) -> Self {
+        Self {
+            since,
+            ..self.clone()
         }
     }
 }
@@ -177,6 +188,7 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
                     after,
                     max_keys: plan.max_keys,
                     max_bytes: plan.max_bytes,
+                    since: plan.since,
                 };
                 let reply = tokio::select! {
                     r = bounded(plan.page_timeout, inner.client.pull(node, request)) => r?,

@@ -29,8 +29,9 @@ pub const KIND_SCAN: u16 = 0x0107;
 /// `kind` of [`CasRequest`] (sent to the partition's primary); replies with a [`CasReply`].
 pub const KIND_CAS: u16 = 0x0104;
 
-/// `kind` of [`PullRequest`]; replies with a [`PullReply`].
-pub const KIND_PULL: u16 = 0x0105;
+/// `kind` of [`PullRequest`]; replies with a [`PullReply`]. (0x0105 was the first version,
+/// without `since`.)
+pub const KIND_PULL: u16 = 0x0108;
 
 /// True for request kinds the replication service handles.
 pub fn is_replication_kind(kind: u16) -> bool {
@@ -315,6 +316,9 @@ pub struct PullRequest {
     pub max_keys: u32,
     /// Bytes of entries to return, about.
     pub max_bytes: u32,
+    /// Only records whose version is above this (a catch-up after a restart asks for what
+    /// was written since the node went down); `None`: every record.
+    pub since: Option<u64>,
 }
 
 impl PullRequest {
@@ -347,7 +351,8 @@ impl PullRequest {
         for (looked, entry) in entries.into_iter().enumerate() {
             let (key, record) = entry?;
             let full = looked + 1 >= max_keys;
-            if partition_of_key(&key).is_some_and(|p| self.wants(p)) {
+            let recent = self.since.is_none_or(|since| record.version > since);
+            if recent && partition_of_key(&key).is_some_and(|p| self.wants(p)) {
                 bytes += key.len() + record.value.as_ref().map_or(0, Vec::len) + 16;
                 let stop = full || bytes >= self.max_bytes as usize;
                 if stop {
@@ -517,6 +522,7 @@ mod pull_tests {
             after: None,
             max_keys: 4,
             max_bytes: 1 << 20,
+            since: None,
         };
         assert!(request.is_valid());
         let odd = |k: &[u8]| Some(Partition(u32::from(k[0] % 2)));
@@ -536,6 +542,22 @@ mod pull_tests {
         let reply = small.collect(entries(10), odd).unwrap();
         assert_eq!(reply.entries.len(), 2);
         assert_eq!(reply.next, Some(vec![3]));
+        // A catch-up asks only for what was written since: older records are looked at (and
+        // count towards the page) but not sent.
+        let versioned = |v: &[u64]| -> Vec<Result<(Vec<u8>, Versioned), ()>> {
+            v.iter()
+                .enumerate()
+                .map(|(i, v)| Ok((vec![2 * i as u8 + 1], Versioned::live(*v, vec![0; 10]))))
+                .collect()
+        };
+        let recent = PullRequest {
+            since: Some(5),
+            max_keys: 100,
+            ..request.clone()
+        };
+        let reply = recent.collect(versioned(&[3, 9, 5, 6]), odd).unwrap();
+        let keys: Vec<u8> = reply.entries.iter().map(|e| e.key[0]).collect();
+        assert_eq!(keys, [3, 7], "versions 9 and 6, not 3 and 5");
         // Malformed requests are refused before any work.
         for bad in [
             PullRequest {

@@ -165,6 +165,7 @@ impl Mesh {
         );
         let config = LifecycleConfig {
             anti_entropy: cfg.anti_entropy,
+            catch_up_since: store.down_since(cfg.max_clock_skew),
             seeded: seeds_elsewhere(&cfg.seeds, cfg.gossip_addr, gossip_advertise),
             ..LifecycleConfig::new(cfg.replication_factor, plan)
         };

@@ -224,6 +224,9 @@ struct Inner {
     local: Arc<SledReplica>,
     coord: OnceLock<Coord>,
     ids: Arc<IdGen>,
+    /// The clock's durable lease found at open (ms since the id epoch; 0: a new store): the
+    /// last run's clock never passed it.
+    lease_at_open: u64,
 }
 
 /// The store handle; cheap to clone.
@@ -287,9 +290,26 @@ impl Store {
                 local,
                 coord: OnceLock::new(),
                 ids,
+                lease_at_open: lease,
             }),
         };
         Ok((store, task))
+    }
+
+    /// A clock reading (record version) older than every write this node can have missed
+    /// while it was down: the last run's lease, less the lease's lead, the clock skew other
+    /// nodes may have, and a margin for writes in flight when it stopped. `None` for a new
+    /// store. A returning member's first catch-up pulls only records versioned after it.
+    pub fn down_since(&self, max_clock_skew: Duration) -> Option<u64> {
+        const IN_FLIGHT_MARGIN_MS: u64 = 60_000;
+        let lease = self.inner.lease_at_open;
+        if lease == 0 {
+            return None;
+        }
+        let back = cluster::clock::LEASE_AHEAD_MS
+            + IN_FLIGHT_MARGIN_MS
+            + max_clock_skew.as_millis() as u64;
+        Some(client_proto::MessageId::from_parts(lease.saturating_sub(back), 0, 0).0)
     }
 
     /// Keeps the clock's lease ahead of it (see `cluster::clock::Hlc`): persists the next
