@@ -1,5 +1,7 @@
 //! The wire contract between chat clients and nodes (docs/protocol.md, version 1).
 //!
+//! # Layout
+//!
 //! - [`ids`]: 64-bit ids (decimal strings in JSON) and conversation ids.
 //! - [`frames`]: every WebSocket/QUIC frame, client to server and server to client.
 //! - [`error`]: the stable error codes and the error body.

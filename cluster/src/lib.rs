@@ -4,6 +4,22 @@
 //! them ([`replication`]), and a node's lifecycle in the cluster: entering it as the first
 //! node, a returning member or a joining one, anti-entropy, and following membership
 //! ([`lifecycle`]).
+//!
+//! # Layout
+//!
+//! Each module depends only on the ones above it in this list:
+//!
+//! - [`clock`]: time across nodes: the wall clock, each node's hybrid logical clock, the
+//!   clock-skew guard.
+//! - [`certs`]: the cluster dir (CA, node certificates, secret).
+//! - [`placement`]: key to partition, partition to replicas (rendezvous hashing).
+//! - [`transport`]: the mutual-TLS QUIC request/response transport between nodes.
+//! - [`membership`]: gossip (chitchat, sealed with the cluster secret): members, their
+//!   state and load, presence keys; an in-memory twin for tests.
+//! - [`replication`]: records and their merge, quorums, the coordinator, the replica
+//!   service, hints, seals, pulls; in-memory replica and network twins for tests.
+//! - [`lifecycle`]: how a node enters the cluster and keeps its place (join barrier and
+//!   pull, anti-entropy, following membership).
 
 pub mod certs;
 pub mod clock;

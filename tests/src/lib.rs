@@ -1,6 +1,16 @@
 //! The test harness: starts real `chatnode` processes on loopback, waits for them to be ready,
 //! kills (SIGKILL) and restarts them, and shows their log when a test fails. [`Transport`]
 //! connects clients to them over WebSocket (JSON or binary frames) or QUIC.
+//!
+//! # Layout
+//!
+//! - this file: [`TestNode`] (one `chatnode serve` process on 127.0.0.1 with free ports),
+//!   [`TestCluster`] (N of them with one cluster dir), users and connections;
+//! - [`transport`]: [`Transport`], one scenario run over each client transport;
+//! - [`chaos`]: the chaos suite: nodes on their own loopback addresses, a nemesis (kill,
+//!   pause, iptables partitions, clock skew), a workload, and the history checker.
+//!
+//! The tests themselves are in `tests/tests/` (see the README's "Tests").
 
 #![allow(clippy::unwrap_used)]
 

@@ -2,7 +2,9 @@
 //!
 //! Each connection registers a bounded outbound queue. Delivery never blocks and never drops
 //! silently: a device whose queue is full is disconnected (it reconnects and syncs, and the
-//! message is in its inbox), so one slow client cannot hold up anyone else.
+//! message is in its inbox), so one slow client cannot hold up anyone else. The hub also
+//! wakes connections to catch up with their inboxes when deliveries may have been missed
+//! ([`Hub::catch_up_all`], [`Hub::catch_up_users`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

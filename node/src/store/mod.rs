@@ -8,7 +8,12 @@
 //! (sled). Node-local tables (`Meta`, `PushOutbox`) are written here directly.
 //!
 //! Durability: a write returns only after a group-committed flush covers it on a write quorum
-//! of replicas (see `commit`), or fails (`Timeout`, `Unavailable`) and is safe to retry.
+//! of replicas (see `commit`), or fails (`Timeout`, `Quorum`, ...; see
+//! [`StoreError::is_unavailable`]) and is safe to retry.
+//!
+//! Inbox entries live at *positions* (`user | position`): the inbox table is sealed
+//! (`cluster::replication::seal`), so a sync's cursor is closed; a message refused as sealed
+//! is written again at a new position (`messages`).
 
 mod commit;
 mod friends;
