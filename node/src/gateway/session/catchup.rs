@@ -206,14 +206,18 @@ impl Session {
     /// Sends every message of the inbox after the mark (the writer drops those this
     /// connection already had) and moves the mark. Returns how many were read.
     async fn read_after_mark(&mut self) -> Result<usize, ApiError> {
-        let _permit = self.node.catch_up_permit().await;
         let after = Some(self.catch_up.mark);
         let mut from = after;
         let mut seal: Option<Position> = None;
         let mut first = true;
         let mut read = 0;
         loop {
-            let page = self.node.chat.sync_page(self.who.user, from, None).await?;
+            // A turn per page read, not held while the frames are queued: a slow client must
+            // not hold up other connections' catch-ups.
+            let page = {
+                let _turn = self.node.catch_up_permit().await;
+                self.node.chat.sync_page(self.who.user, from, None).await?
+            };
             seal = match (first, seal, page.seal) {
                 (true, _, s) => s,
                 (false, Some(a), Some(b)) => Some(a.min(b)),
