@@ -154,6 +154,8 @@ impl ChatClient {
             events: ev_tx,
             cursor: cursor.clone(),
             seen_max: 0,
+            told_seen: 0,
+            syncing: false,
             unacked: HashMap::new(),
             order: Vec::new(),
             seen: HashSet::new(),
@@ -237,6 +239,10 @@ struct Driver {
     cursor: Arc<AtomicU64>,
     /// The largest message id acked or received (told to each node connected to).
     seen_max: u64,
+    /// The largest message id told to the current connection's node in a `seen` frame.
+    told_seen: u64,
+    /// A `sync` is under way on this connection (sent, no `done` batch yet).
+    syncing: bool,
     unacked: HashMap<String, PendingSend>,
     /// Client ids of `unacked`, in send order (for re-sending in order).
     order: Vec<String>,
@@ -329,18 +335,14 @@ impl Driver {
     }
 
     async fn session(&mut self, mut conn: Connection) -> End {
-        if self.seen_max > 0 {
-            let seen = ClientFrame::Seen {
-                message_id: MessageId(self.seen_max),
-            };
-            if let Err(e) = conn.send(&seen).await {
-                return End::Lost(e.to_string());
-            }
-        }
-        let after = Some(Position(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0);
-        if let Err(e) = conn.send(&ClientFrame::Sync { after, limit: None }).await {
+        self.told_seen = 0;
+        if let Err(e) = self.tell_seen(&mut conn).await {
             return End::Lost(e.to_string());
         }
+        if let Err(e) = conn.send(&self.sync_frame()).await {
+            return End::Lost(e.to_string());
+        }
+        self.syncing = true;
         for id in self.order.clone() {
             if let Some(p) = self.unacked.get(&id) {
                 if let Err(e) = conn.send(&p.frame).await {
@@ -371,7 +373,11 @@ impl Driver {
                         self.order.push(id.clone());
                     }
                     self.unacked.insert(id, p);
-                    conn.send(&frame).await
+                    // What this client has seen sorts before what it sends now.
+                    match self.tell_seen(&mut conn).await {
+                        Ok(()) => conn.send(&frame).await,
+                        Err(e) => Err(e),
+                    }
                 }
                 Step::Cmd(Some(Cmd::Frame(f))) => conn.send(&f).await,
                 Step::Frame(Err(ClientError::Timeout(_))) => {
@@ -395,8 +401,14 @@ impl Driver {
         match frame {
             ServerFrame::Message { message } => self.deliver((*message).clone()).await,
             ServerFrame::SyncBatch {
-                messages, cursor, ..
+                messages,
+                cursor,
+                done,
+                ..
             } => {
+                if done {
+                    self.syncing = false;
+                }
                 for m in messages {
                     self.deliver(m).await;
                 }
@@ -447,6 +459,13 @@ impl Driver {
                 message,
                 reference: None,
             } => {
+                if self.syncing && matches!(code, ErrorCode::Unavailable | ErrorCode::Internal) {
+                    // The sync stopped part-way (the batches so far moved the cursor): sync
+                    // again from the cursor after a pause.
+                    let pause = Duration::from_millis(rand::thread_rng().gen_range(1000..3000));
+                    tokio::time::sleep(pause).await;
+                    return Some(self.sync_frame());
+                }
                 let _ = self
                     .events
                     .send(Event::Error(ErrorBody { code, message }))
@@ -471,6 +490,25 @@ impl Driver {
             | ServerFrame::Draining { .. } => {}
         }
         None
+    }
+
+    /// Tells the node the largest message id seen, when it has grown since last told.
+    async fn tell_seen(&mut self, conn: &mut Connection) -> Result<(), ClientError> {
+        if self.seen_max <= self.told_seen {
+            return Ok(());
+        }
+        let seen = ClientFrame::Seen {
+            message_id: MessageId(self.seen_max),
+        };
+        conn.send(&seen).await?;
+        self.told_seen = self.seen_max;
+        Ok(())
+    }
+
+    /// A `sync` from the cursor.
+    fn sync_frame(&self) -> ClientFrame {
+        let after = Some(Position(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0);
+        ClientFrame::Sync { after, limit: None }
     }
 
     async fn deliver(&mut self, m: Message) {

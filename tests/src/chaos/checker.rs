@@ -6,9 +6,12 @@
 //! - **unexpected**: a device got a message the workload never sent, or one whose sender,
 //!   conversation or id does not match what was sent, or one not for that device's user, or
 //!   one whose send was refused with a code other than `unavailable`;
-//! - **out of order**: a send that started after an earlier send of the same user was acked
-//!   got a smaller (or equal) message id; or a conversation's history, read through a node,
-//!   is not in strictly descending id order;
+//! - **out of order**: a send got a message id not above one its device had already seen
+//!   when the send started (the ack of one of its earlier sends, or a message it received):
+//!   what a device has seen sorts before what it sends next, the causal order the protocol
+//!   promises (docs/protocol.md, 2.3; two devices of one user that have not seen each other's
+//!   messages are not ordered); or a conversation's history, read through a node, is not in
+//!   strictly descending id order;
 //! - **divergent**: after healing, a user's whole inbox or a conversation's whole history
 //!   differs between nodes, misses an acked message, or cannot be read.
 //!
@@ -326,33 +329,42 @@ fn unexpected(h: &History, ix: &Index, v: &mut Verdict) {
 }
 
 fn out_of_order(h: &History, v: &mut Verdict) {
-    let mut by_user: BTreeMap<usize, Vec<(&Send, MessageId)>> = BTreeMap::new();
+    // What each device had seen, in time order: its own acks and the messages it received.
+    let mut seen: HashMap<usize, Vec<(Ms, MessageId, String)>> = HashMap::new();
     for s in &h.sends {
         if let Some(id) = s.outcome.message_id() {
-            by_user.entry(s.user).or_default().push((s, id));
+            let what = format!("its own send {} of user {}", s.seq, s.user);
+            seen.entry(s.device).or_default().push((s.end_ms, id, what));
         }
     }
-    for (user, mut sends) in by_user {
-        sends.sort_by_key(|(s, _)| s.seq);
-        for (i, (b, b_id)) in sends.iter().enumerate() {
-            // The largest id among this user's sends acked before `b` started.
-            let before = sends[..i]
-                .iter()
-                .filter(|(a, _)| a.end_ms <= b.start_ms)
-                .max_by_key(|(_, id)| *id);
-            if let Some((a, a_id)) = before {
-                if b_id <= a_id {
-                    v.findings.push(Finding {
-                        kind: Kind::OutOfOrder,
-                        message: Some(*b_id),
-                        device: None,
-                        detail: format!(
-                            "user {user}: send {} got {b_id}, not above {a_id} of send {} \
-                             acked before it started",
-                            b.seq, a.seq
-                        ),
-                    });
-                }
+    for d in &h.deliveries {
+        let what = format!("a message it received at {} ms", d.at_ms);
+        seen.entry(d.device)
+            .or_default()
+            .push((d.at_ms, d.message_id, what));
+    }
+    for b in &h.sends {
+        let Some(b_id) = b.outcome.message_id() else {
+            continue;
+        };
+        let before = seen
+            .get(&b.device)
+            .into_iter()
+            .flatten()
+            .filter(|(at, id, _)| *at <= b.start_ms && *id != b_id)
+            .max_by_key(|(_, id, _)| *id);
+        if let Some((_, a_id, what)) = before {
+            if b_id <= *a_id {
+                v.findings.push(Finding {
+                    kind: Kind::OutOfOrder,
+                    message: Some(b_id),
+                    device: Some(b.device),
+                    detail: format!(
+                        "user {} device {}: send {} got {b_id}, not above {a_id} ({what}) that \
+                         the device had seen before it started",
+                        b.user, b.device, b.seq
+                    ),
+                });
             }
         }
     }

@@ -8,7 +8,7 @@
 //! | `kill2` | SIGKILL two nodes (5-node clusters), restart both | 20 s |
 //! | `pause` | SIGSTOP one node, then SIGCONT | 6 s |
 //! | `partition` | drop packets between one node and the other nodes (iptables) | 15 s |
-//! | `skew` | set one node's clock 30 s back (`--clock-offset-file`), then 0 | 15 s |
+//! | `skew` | shift one node's clock (`--clock-offset-file`) 30 s back (past the nodes' 10 s bound: it must refuse to issue ids), or 7 s back or ahead (within it: ids must still sort right), then 0 | 15 s |
 //! | `none` | nothing | |
 //! | `mixed` | a random sequence of the faults available here | |
 
@@ -27,8 +27,10 @@ use super::recorder::Recorder;
 /// The first fault starts this long (plus up to 2 s) after the workload, so every device
 /// has sent and received a little first.
 const WARMUP: Duration = Duration::from_secs(3);
-/// The shift of a skewed node's clock.
-pub const SKEW_MS: i64 = -30_000;
+/// The shifts of a skewed node's clock a schedule draws from: past the nodes' default bound
+/// of 10 s (the node must refuse to issue ids), and within it, behind and ahead (its ids
+/// must still sort after what came before them).
+pub const SKEWS_MS: [i64; 3] = [-30_000, -7_000, 7_000];
 
 /// A kind of fault, as `--fault` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -111,6 +113,8 @@ pub struct Step {
     pub nodes: Vec<usize>,
     /// How long it lasts before it is healed.
     pub hold: Duration,
+    /// For `skew`: the clock shift, ms (0 otherwise).
+    pub skew_ms: i64,
 }
 
 impl fmt::Display for Step {
@@ -122,7 +126,11 @@ impl fmt::Display for Step {
             self.kind,
             self.nodes,
             self.hold.as_secs_f64()
-        )
+        )?;
+        if self.skew_ms != 0 {
+            write!(f, " by {:+} ms", self.skew_ms)?;
+        }
+        Ok(())
     }
 }
 
@@ -155,6 +163,10 @@ pub fn plan(
     loop {
         let kind = kinds[rng.gen_range(0..kinds.len())];
         let (hit, hold) = kind.draw(nodes, &mut rng);
+        let skew_ms = match kind {
+            FaultKind::Skew => SKEWS_MS[rng.gen_range(0..SKEWS_MS.len())],
+            _ => 0,
+        };
         if at + hold > duration {
             return steps;
         }
@@ -163,6 +175,7 @@ pub fn plan(
             kind,
             nodes: hit,
             hold,
+            skew_ms,
         });
         at += hold + Duration::from_millis(rng.gen_range(3000..=8000));
     }
@@ -233,7 +246,7 @@ async fn apply(step: &Step, cluster: &mut ChaosCluster, firewall: Option<&Firewa
         }
         FaultKind::Skew => {
             for &n in &step.nodes {
-                cluster.set_clock_offset(n, SKEW_MS)?;
+                cluster.set_clock_offset(n, step.skew_ms)?;
             }
             hold().await;
             for &n in &step.nodes {

@@ -108,6 +108,20 @@ impl CatchUp {
         self.told = Some(self.told.map_or(cursor, |t| t.max(cursor)));
     }
 
+    /// The client's own `sync` from `after` failed part-way (no read quorum): it has
+    /// everything up to `after` and nothing past it from that sync. The connection takes
+    /// over from there: the next catch-ups (soon, and retried until one succeeds) read from
+    /// `after`, so nothing between it and this connection's own coverage is left out.
+    fn sync_failed(&mut self, after: Option<Position>) {
+        let after = after.unwrap_or(Position(0));
+        if !self.synced || after < self.mark {
+            self.mark = self.mark.min(after);
+            self.covered_from = self.covered_from.min(after);
+        }
+        self.synced = true;
+        self.ask();
+    }
+
     /// Schedules the next catch-up after one that succeeded.
     fn succeeded(&mut self, every: Option<Duration>) {
         self.done += 1;
@@ -149,7 +163,12 @@ impl Session {
         loop {
             let page = match self.node.chat.sync_page(self.who.user, from, limit).await {
                 Ok(p) => p,
-                Err(e) => return self.error(e, None).await,
+                Err(e) => {
+                    // The batches sent so far stand (their cursors are closed); the rest is
+                    // the connection's to catch up.
+                    self.catch_up.sync_failed(from);
+                    return self.error(e, None).await;
+                }
             };
             seal = match (first, seal, page.seal) {
                 (true, _, s) => s,
@@ -280,6 +299,28 @@ mod tests {
         assert_eq!(c.mark, Position(now.0 + 100));
         // A sync with no cursor changes nothing.
         c.synced(None);
+        assert_eq!(c.mark, Position(now.0 + 100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_client_sync_leaves_no_gap() {
+        let now = Position(1_000_000 << 22);
+        let mut c = CatchUp::new(now, Duration::from_secs(5));
+        // The client had everything up to far before this connection started; its sync
+        // failed after the first batch ended at `p`: catch-ups read from `p`.
+        let p = Position(now.0 - 10 * SPAN_15S);
+        c.sync_failed(Some(p));
+        assert_eq!(c.mark, p);
+        assert!(c.synced);
+        assert!(c.due().unwrap() <= Instant::now() + Duration::from_millis(ASKED_JITTER_MS));
+        // A client with nothing: catch-ups read the whole inbox.
+        let mut c = CatchUp::new(now, Duration::from_secs(5));
+        c.sync_failed(None);
+        assert_eq!(c.mark, Position(0));
+        // A later sync that fails above what the connection already covers changes nothing.
+        let mut c = CatchUp::new(now, Duration::from_secs(5));
+        c.synced(Some(Position(now.0 + 100)));
+        c.sync_failed(Some(Position(now.0 + 200)));
         assert_eq!(c.mark, Position(now.0 + 100));
     }
 
