@@ -11,7 +11,9 @@
 //!   persisted ahead of the clock, see [`Hlc::lease_wanted`]) is kept durable ahead of it,
 //!   and a restarted clock starts above the lease it finds. A peer's timestamp further ahead of the wall clock than
 //!   [`Hlc::max_ahead_ms`] is not followed, so a peer whose clock runs far ahead cannot drag
-//!   the cluster's ids into the future.
+//!   the cluster's ids into the future. "The wall clock" there is the cluster's: this node's,
+//!   or the median of its peers' when that is ahead ([`Hlc::set_peers_ahead_ms`]), so a node
+//!   whose own clock is behind still follows the others.
 //! - [`SkewGuard`]: estimates how far this node's wall clock is from its peers' (from the
 //!   timestamps on their gossip datagrams) and refuses to issue ids while that is more than a
 //!   configured bound: a node whose clock is off says why instead of issuing ids that would
@@ -19,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -76,6 +78,9 @@ const MAX_COUNTER: u16 = (1 << COUNTER_BITS) - 1;
 pub struct Hlc {
     node: u16,
     max_ahead_ms: u64,
+    /// How far the median of the peers' wall clocks is ahead of this node's, ms (0 when it
+    /// is not ahead): the cap on following a peer counts from the cluster's time.
+    peers_ahead_ms: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -115,6 +120,7 @@ impl Hlc {
         Hlc {
             node,
             max_ahead_ms: 10_000,
+            peers_ahead_ms: AtomicU64::new(0),
             state: Mutex::new(State {
                 high,
                 lease_ms: durable_lease_ms,
@@ -139,6 +145,13 @@ impl Hlc {
     /// How far ahead of the wall clock a peer's timestamp may pull this clock, in ms.
     pub fn max_ahead_ms(&self) -> u64 {
         self.max_ahead_ms
+    }
+
+    /// The median of the peers' wall clocks is `ms` ahead of this node's (0: not ahead), as
+    /// the [`SkewGuard`] estimates it: a peer's reading is followed up to `max_ahead_ms` past
+    /// the later of the two.
+    pub fn set_peers_ahead_ms(&self, ms: u64) {
+        self.peers_ahead_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The node whose clock this is.
@@ -198,6 +211,7 @@ impl Hlc {
     pub fn observe_at(&self, ts: u64, unix_ms: u64) -> bool {
         let cap_ms = unix_ms
             .saturating_sub(ID_EPOCH_MS)
+            .saturating_add(self.peers_ahead_ms.load(Ordering::Relaxed))
             .saturating_add(self.max_ahead_ms);
         let (ts, full) = if MessageId(ts).ms_since_epoch() > cap_ms {
             (MessageId::from_parts(cap_ms, 0, 0).0, false)
@@ -369,6 +383,12 @@ impl SkewGuard {
             }
         };
         Some(-median)
+    }
+
+    /// How far the median of the peers' clocks is ahead of this node's, ms (0 when it is
+    /// not ahead, or no peer was heard from lately): what [`Hlc::set_peers_ahead_ms`] wants.
+    pub fn peers_ahead_ms(&self) -> u64 {
+        self.skew_ms().map_or(0, |skew| (-skew).max(0) as u64)
     }
 
     /// `Err` while this node's clock is more than the bound from its peers'.

@@ -59,6 +59,24 @@ fn a_peer_too_far_ahead_is_followed_only_to_the_bound() {
 }
 
 #[test]
+fn a_node_behind_its_peers_follows_them_from_the_cluster_time() {
+    // The cluster's readings run 7 s ahead of true time (a node that was 7 s ahead pulled
+    // them there); this node's clock is 7 s behind: 14 s between them, past the 10 s cap
+    // counted from its own clock, but within it counted from its peers' (7 s ahead of it).
+    let c = Hlc::unleased(2).with_max_ahead(10_000);
+    let cluster = MessageId::from_parts(T0 - ID_EPOCH_MS + 7_000, 1, 3).0;
+    let mine = T0 - 7_000;
+    assert!(!c.observe_at(cluster, mine), "from its own clock: capped");
+    assert!(c.tick_at(mine) < cluster);
+    c.set_peers_ahead_ms(7_000);
+    assert!(c.observe_at(cluster, mine));
+    assert!(
+        c.tick_at(mine) > cluster,
+        "its next id sorts after the cluster's"
+    );
+}
+
+#[test]
 fn peek_is_monotone_and_below_the_next_tick() {
     let c = Hlc::unleased(3);
     let mut last = 0;
@@ -123,6 +141,7 @@ fn a_node_behind_its_peers_is_told_so_and_two_nodes_never_refuse() {
     guard.record_at(b, T0 + 30_050, T0, now);
     let err = guard.check_at(now).unwrap_err();
     assert_eq!(err.skew_ms, -30_000);
+    assert_eq!(guard.peers_ahead_ms(), 30_000);
     assert!(err.to_string().contains("30.0 s behind"), "{err}");
     // Old samples stop counting.
     assert!(guard.check_at(now + Duration::from_secs(31)).is_ok());

@@ -347,6 +347,7 @@ impl Socket for AuthSocket {
                 Ok(o) => {
                     if let Some(clock) = &self.clock {
                         clock.guard.record(from, o.stamp.sent_ms, now);
+                        clock.hlc.set_peers_ahead_ms(clock.guard.peers_ahead_ms());
                         clock.hlc.observe(o.stamp.hlc);
                     }
                     Fragment {
