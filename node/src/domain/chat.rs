@@ -110,7 +110,9 @@ impl Chat {
 
     /// Stores a message durably and delivers it to the recipients' connected devices and the
     /// sender's other devices (never `sender_conn`). Returns the stored message for the ack;
-    /// a retried client id returns the first message and stores nothing new.
+    /// a retried client id returns the first message and stores nothing new. `seen` is the
+    /// largest message id the sending client has seen: a new message gets a larger id, or the
+    /// send is refused (`unavailable`) rather than stored out of causal order.
     pub async fn send(
         &self,
         sender: Identity,
@@ -118,6 +120,7 @@ impl Chat {
         client_id: String,
         to: Recipient,
         body: String,
+        seen: Option<MessageId>,
     ) -> Result<Message, ApiError> {
         validate_send(&client_id, &body)?;
         let started = Instant::now();
@@ -138,8 +141,19 @@ impl Chat {
                 }
             }
         };
+        let message_id = self.ids.next()?;
+        if let Some(seen) = seen.filter(|s| message_id <= *s) {
+            metrics::counter!("chat_causal_refusals_total").increment(1);
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "this node's clock is behind a message you have seen ({seen}); it cannot \
+                     order your message after it yet: retry, or use another node"
+                ),
+            ));
+        }
         let msg = Message {
-            message_id: self.ids.next()?,
+            message_id,
             conversation,
             from: sender.user,
             to: to_user,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use client_proto::codec::{self, CloseCode, Codec, DecodeError};
 use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_SUBSCRIBE_USERS};
-use client_proto::{ClientFrame, ErrorCode, ServerFrame};
+use client_proto::{ClientFrame, ErrorCode, MessageId, ServerFrame};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -107,6 +107,7 @@ where
             ),
             out: tx,
             catch_up: CatchUp::new(node.chat.clock_now(), node.cfg.seal_window),
+            seen: None,
         };
         let reader_done = CancellationToken::new();
         let writing = writer::write_loop(rx, writer, codec, kick.clone(), reader_done.clone());
@@ -195,6 +196,9 @@ struct Session {
     out: mpsc::Sender<Outbound>,
     /// Where the connection is in its inbox, and when it next catches up.
     catch_up: CatchUp,
+    /// The largest message id the client said it has seen (`seen` frames): its next
+    /// messages must sort after it.
+    seen: Option<MessageId>,
 }
 
 impl Session {
@@ -285,20 +289,23 @@ impl Session {
                 }
                 let node = self.node.clone();
                 let out = self.out.clone();
-                let (who, conn) = (self.who, self.conn_id);
+                let (who, conn, seen) = (self.who, self.conn_id, self.seen);
                 let span = tracing::debug_span!("send", client_id = %id);
                 Some(Box::pin(
                     async move {
-                        let frame =
-                            match node.chat.send(who, Some(conn), id.clone(), to, body).await {
-                                Ok(m) => ServerFrame::Ack {
-                                    reference: id,
-                                    message_id: m.message_id,
-                                    conversation: m.conversation,
-                                    ts: m.ts,
-                                },
-                                Err(e) => ServerFrame::error(e.code, e.message, Some(id)),
-                            };
+                        let frame = match node
+                            .chat
+                            .send(who, Some(conn), id.clone(), to, body, seen)
+                            .await
+                        {
+                            Ok(m) => ServerFrame::Ack {
+                                reference: id,
+                                message_id: m.message_id,
+                                conversation: m.conversation,
+                                ts: m.ts,
+                            },
+                            Err(e) => ServerFrame::error(e.code, e.message, Some(id)),
+                        };
                         let _ = out.send(Outbound::Frame(Box::new(frame))).await;
                     }
                     .instrument(span),
@@ -310,6 +317,7 @@ impl Session {
             }
             ClientFrame::Seen { message_id } => {
                 self.node.chat.observe_seen(message_id);
+                self.seen = self.seen.max(Some(message_id));
                 None
             }
             ClientFrame::History {
