@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(r.users.len(), 2);
         owed.merge(Owed::Users([UserId(3)].into_iter().collect()));
         assert_eq!(owed.request().users.len(), 3);
-        owed.add((0..MAX_OWED_USERS as u64).map(UserId));
+        owed.add((100..=100 + MAX_OWED_USERS as u64).map(UserId));
         assert!(matches!(owed, Owed::Everyone));
         owed.add([UserId(9)]);
         assert!(owed.request().all);
