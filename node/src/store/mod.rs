@@ -99,7 +99,7 @@ impl Table {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage engine: {0}")]
-    Engine(#[from] sled::Error),
+    Engine(sled::Error),
     #[error("flush failed: {0}")]
     Flush(Arc<sled::Error>),
     #[error("the write was not durable within {0:?}")]
@@ -110,17 +110,35 @@ pub enum StoreError {
     Contention,
     /// A read or write could not reach its quorum of replicas.
     #[error("the replicas needed are not reachable: {0}")]
-    Quorum(#[from] QuorumError),
+    Quorum(QuorumError),
     /// A compare-and-swap got no definite answer from its partition's primary.
     #[error("the replicas needed are not reachable: {0}")]
-    Cas(#[from] CasError),
+    Cas(CasError),
     /// This node's clock is too far from its peers' to issue the write's version.
     #[error("{0}")]
-    ClockSkew(#[from] ClockSkew),
+    ClockSkew(ClockSkew),
     /// The store is not attached to the cluster yet (start-up).
     #[error("the store is not attached to the cluster yet")]
     NotAttached,
 }
+
+// The causes are part of each variant's message, so they are not also reported as a
+// `source()` (that printed every store error twice in `{:#}` chains).
+macro_rules! store_error_from {
+    ($($variant:ident($cause:ty)),*) => {$(
+        impl From<$cause> for StoreError {
+            fn from(e: $cause) -> Self {
+                StoreError::$variant(e)
+            }
+        }
+    )*};
+}
+store_error_from!(
+    Engine(sled::Error),
+    Quorum(QuorumError),
+    Cas(CasError),
+    ClockSkew(ClockSkew)
+);
 
 impl StoreError {
     /// Whether the operation failed for want of replicas or time, so that retrying later is
