@@ -189,6 +189,7 @@ pub async fn serve(
             ids.clone(),
             delivery.clone(),
             cfg.token_ttl,
+            cfg.device_idle,
         ),
         chat: Chat::new(
             store.clone(),
