@@ -56,6 +56,25 @@ fn idle(d: &DeviceRecord, idle: Duration, now: u64) -> bool {
     d.last_used.saturating_add(idle.as_millis() as u64) <= now
 }
 
+/// Removes the devices used least recently until a new one fits under [`MAX_DEVICES`];
+/// returns their ids.
+fn make_room(rec: &mut UserRecord) -> Vec<DeviceId> {
+    let mut gone = Vec::new();
+    while rec.devices.len() >= MAX_DEVICES {
+        let Some(oldest) = rec
+            .devices
+            .iter()
+            .min_by_key(|d| (d.last_used, d.created_at))
+            .map(|d| d.device_id)
+        else {
+            break;
+        };
+        rec.devices.retain(|d| d.device_id != oldest);
+        gone.push(oldest);
+    }
+    gone
+}
+
 /// Removes `rec`'s devices unused for `idle_for`; returns their ids.
 fn expire_idle(rec: &mut UserRecord, idle_for: Duration, now: u64) -> Vec<DeviceId> {
     let gone: Vec<DeviceId> = rec
@@ -203,18 +222,8 @@ impl Accounts {
                     d.last_used = now;
                     return Ok::<_, ApiError>(());
                 }
-                while rec.devices.len() >= MAX_DEVICES {
-                    // The cap: the device used least recently makes room.
-                    let Some(oldest) = rec
-                        .devices
-                        .iter()
-                        .min_by_key(|d| (d.last_used, d.created_at))
-                        .map(|d| d.device_id)
-                    else {
-                        break;
-                    };
-                    rec.devices.retain(|d| d.device_id != oldest);
-                    removed.push((oldest, "evicted"));
+                for gone in make_room(rec) {
+                    removed.push((gone, "evicted"));
                 }
                 rec.devices.push(DeviceRecord {
                     device_id,
@@ -463,5 +472,62 @@ impl Accounts {
             .await?
             .ok_or_else(|| ApiError::not_found("no such user"))?;
         Ok(profile(&rec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_with(devices: &[(u64, u64)]) -> UserRecord {
+        UserRecord {
+            user_id: UserId(1),
+            username: "a".into(),
+            display_name: "a".into(),
+            password_hash: String::new(),
+            created_at: 0,
+            last_seen: 0,
+            devices: devices
+                .iter()
+                .map(|&(id, last_used)| DeviceRecord {
+                    device_id: DeviceId(id),
+                    name: String::new(),
+                    token_id: id,
+                    created_at: 0,
+                    push_target: None,
+                    last_used,
+                })
+                .collect(),
+            token_counter: 0,
+            privacy: Privacy::default(),
+        }
+    }
+
+    #[test]
+    fn the_cap_evicts_the_least_recently_used_device() {
+        let mut devices: Vec<(u64, u64)> = (0..MAX_DEVICES as u64).map(|i| (i, 100 + i)).collect();
+        devices[7].1 = 5; // device 7 was used least recently
+        let mut rec = user_with(&devices);
+        assert_eq!(make_room(&mut rec), vec![DeviceId(7)]);
+        assert_eq!(rec.devices.len(), MAX_DEVICES - 1);
+        // Under the cap nothing goes.
+        assert!(make_room(&mut rec).is_empty());
+    }
+
+    #[test]
+    fn idle_devices_expire_and_used_ones_stay() {
+        let day = 24 * 3600 * 1000;
+        let mut rec = user_with(&[(1, 0), (2, 89 * day), (3, 10 * day)]);
+        let gone = expire_idle(&mut rec, Duration::from_secs(90 * 24 * 3600), 99 * day);
+        assert_eq!(gone, vec![DeviceId(1)]);
+        let left: Vec<u64> = rec.devices.iter().map(|d| d.device_id.0).collect();
+        assert_eq!(left, vec![2, 3]);
+        // A device in use is noted often enough never to look idle.
+        let idle_for = Duration::from_secs(8);
+        assert!(touch_interval(idle_for) <= idle_for / 8);
+        assert_eq!(
+            touch_interval(Duration::from_secs(90 * 24 * 3600)),
+            MAX_TOUCH_INTERVAL
+        );
     }
 }

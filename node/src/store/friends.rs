@@ -125,3 +125,18 @@ impl Store {
         Ok(self.link(a, b).await? == Some(Link::Friends))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_round_trip_and_old_rows_are_friendships() {
+        for l in [Link::Friends, Link::Outgoing, Link::Incoming] {
+            assert_eq!(Link::decode(&l.encode()).unwrap(), l);
+        }
+        // Rows written before friend requests existed hold an empty value.
+        assert_eq!(Link::decode(&[]).unwrap(), Link::Friends);
+        assert!(Link::decode(&[9]).is_err());
+    }
+}
