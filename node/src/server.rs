@@ -178,6 +178,7 @@ pub async fn serve(
         feed,
         store.clone(),
     ));
+    mesh.attach_presence(presence.clone());
     let fanout = presence.spawn_fanout(shutdown.clone());
     let push = Arc::new(Push::new(store.clone(), ids.clone(), cfg.push.clone()));
     let push_worker = push.spawn(shutdown.clone());
@@ -194,12 +195,17 @@ pub async fn serve(
         chat: Chat::new(
             store.clone(),
             ids.clone(),
-            delivery,
+            delivery.clone(),
             presence.clone(),
             push.clone(),
         ),
         groups: Groups::new(store.clone(), ids),
-        friends: Friends::new(store.clone(), hub.clone(), presence.clone()),
+        friends: Friends::new(
+            store.clone(),
+            hub.clone(),
+            presence.clone(),
+            delivery.clone(),
+        ),
         presence,
         mesh: mesh.clone(),
         store: store.clone(),

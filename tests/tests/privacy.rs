@@ -373,3 +373,121 @@ async fn privacy_settings_refuse_strangers_and_let_friends_through() {
         .await
         .unwrap();
 }
+
+/// Waits for `sentinel` to be reported `want` on `ws`; whether a presence frame about
+/// `user` came first.
+async fn until_sentinel(
+    ws: &mut WsConnection,
+    sentinel: UserId,
+    want: PresenceStatus,
+    user: UserId,
+) -> bool {
+    let mut saw = false;
+    loop {
+        match ws.recv(WAIT).await.unwrap() {
+            ServerFrame::Presence { user_id, .. } if user_id == user => saw = true,
+            ServerFrame::Presence {
+                user_id, status, ..
+            } if user_id == sentinel && status == want => return saw,
+            _ => {}
+        }
+    }
+}
+
+/// Connects `sentinel` (a friend of `ws`'s user) on `node` and disconnects it, waiting for
+/// both transitions on `ws`; whether a presence frame about `user` came meanwhile.
+async fn sentinel_round(
+    ws: &mut WsConnection,
+    node: &TestNode,
+    sentinel: &TestUser,
+    user: UserId,
+) -> bool {
+    let c = node.connect(&sentinel.login).await;
+    let online = until_sentinel(ws, sentinel.id, PresenceStatus::Online, user).await;
+    c.close().await;
+    let offline = until_sentinel(ws, sentinel.id, PresenceStatus::Offline, user).await;
+    online || offline
+}
+
+/// Waits until `node` reports `friend` online in `user`'s friend list (it heard by gossip).
+async fn until_online_on(node: &TestNode, user: &TestUser, friend: UserId) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list: serde_json::Value = node
+            .api()
+            .request(
+                reqwest::Method::GET,
+                "/v1/friends",
+                Some(&user.login.token),
+                None::<&()>,
+            )
+            .await
+            .unwrap();
+        let online = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["user_id"] == friend.to_string() && f["status"] == "online");
+        if online {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{friend} never online"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn friendship_changes_reach_watches_on_other_nodes() {
+    let cluster = chat_tests::TestCluster::start(3, &[]).await;
+    let [n1, n2, n3] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let alice = n1.user("alice").await;
+    let bob = n2.user("bob").await;
+    let carol = n3.user("carol").await; // alice's friend: the sentinel
+    n1.api()
+        .befriend(&alice.login.token, carol.id)
+        .await
+        .unwrap();
+    n1.api()
+        .befriend(&carol.login.token, alice.id)
+        .await
+        .unwrap();
+    let mut a = n1.connect(&alice.login).await;
+
+    // Asked and accepted on node 3, where neither is connected: alice's connection on node 1
+    // starts watching bob (on node 2) without reconnecting. The change travels to node 1
+    // asynchronously, so bob comes and goes until alice sees it.
+    n3.api().befriend(&alice.login.token, bob.id).await.unwrap();
+    n3.api().befriend(&bob.login.token, alice.id).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice never saw bob's presence"
+        );
+        let b = n2.connect(&bob.login).await;
+        until_online_on(n1, &alice, bob.id).await;
+        b.close().await;
+        if sentinel_round(&mut a, n2, &carol, bob.id).await {
+            break;
+        }
+    }
+
+    // Unfriended on node 3: alice's connection on node 1 stops watching bob.
+    n3.api().unfriend(&bob.login.token, alice.id).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice kept seeing bob's presence after the unfriending"
+        );
+        let b = n2.connect(&bob.login).await;
+        let saw = sentinel_round(&mut a, n2, &carol, bob.id).await;
+        b.close().await;
+        if !saw {
+            break;
+        }
+    }
+}

@@ -9,6 +9,7 @@ use client_proto::http::{FriendRequests, FriendState, UserProfile};
 use client_proto::ids::UserId;
 use serde::Serialize;
 
+use crate::domain::delivery::Delivery;
 use crate::domain::error::ApiError;
 use crate::domain::hub::Hub;
 use crate::domain::presence::Presence;
@@ -35,6 +36,22 @@ pub struct Friends {
     store: Store,
     hub: Hub,
     presence: Arc<Presence>,
+    delivery: Delivery,
+}
+
+/// Makes this node's connections of `a` and `b` start (`friends`) or stop watching each
+/// other's presence. Run by the node that changed the friendship, and by every other node
+/// where either has a device when it hears of the change.
+pub fn apply_friendship(hub: &Hub, presence: &Presence, a: UserId, b: UserId, friends: bool) {
+    for (watcher, watched) in [(a, b), (b, a)] {
+        for (conn, tx, kick) in hub.connections_of(watcher) {
+            if friends {
+                presence.watch(conn, &tx, &kick, &[watched]);
+            } else {
+                presence.unwatch(conn, &[watched]);
+            }
+        }
+    }
 }
 
 fn conflict(message: String) -> ApiError {
@@ -42,12 +59,19 @@ fn conflict(message: String) -> ApiError {
 }
 
 impl Friends {
-    pub fn new(store: Store, hub: Hub, presence: Arc<Presence>) -> Self {
+    pub fn new(store: Store, hub: Hub, presence: Arc<Presence>, delivery: Delivery) -> Self {
         Friends {
             store,
             hub,
             presence,
+            delivery,
         }
+    }
+
+    /// Updates who watches whom, here and on the other nodes.
+    fn friendship_changed(&self, a: UserId, b: UserId, friends: bool) {
+        apply_friendship(&self.hub, &self.presence, a, b, friends);
+        self.delivery.friendship_changed(a, b, friends);
     }
 
     /// `who` asks `other` to be friends, or accepts `other`'s request. Idempotent: asking
@@ -72,11 +96,7 @@ impl Friends {
                 }
                 self.store.add_friends(who, other).await?;
                 metrics::counter!("friends_accepted_total").increment(1);
-                for (watcher, watched) in [(who, other), (other, who)] {
-                    for (conn, tx, kick) in self.hub.connections_of(watcher) {
-                        self.presence.watch(conn, &tx, &kick, &[watched]);
-                    }
-                }
+                self.friendship_changed(who, other, true);
                 Ok(FriendState::Friends)
             }
             None => {
@@ -105,11 +125,7 @@ impl Friends {
     /// Ends the friendship, or declines or cancels a request, on both sides.
     pub async fn remove(&self, who: UserId, other: UserId) -> Result<(), ApiError> {
         self.store.remove_friends(who, other).await?;
-        for (watcher, watched) in [(who, other), (other, who)] {
-            for (conn, _, _) in self.hub.connections_of(watcher) {
-                self.presence.unwatch(conn, &[watched]);
-            }
-        }
+        self.friendship_changed(who, other, false);
         Ok(())
     }
 
