@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// Lifetime of a login token, seconds [default: 2592000, 30 days].
     #[arg(long, env = "CHATNODE_TOKEN_TTL_SECS")]
     pub token_ttl_secs: Option<u64>,
+    /// A device unused (no login, request or new connection) for this long is logged out,
+    /// seconds [default: 7776000, 90 days].
+    #[arg(long, env = "CHATNODE_DEVICE_IDLE_SECS")]
+    pub device_idle_secs: Option<u64>,
     /// Whether push notifications carry a preview of the body (100 characters) [default: true].
     #[arg(long, env = "CHATNODE_PUSH_PREVIEW", action = clap::ArgAction::Set)]
     pub push_preview: Option<bool>,
@@ -143,6 +147,7 @@ struct FileConfig {
     heal_interval_secs: Option<u64>,
     clock_offset_file: Option<PathBuf>,
     token_ttl_secs: Option<u64>,
+    device_idle_secs: Option<u64>,
     push_preview: Option<bool>,
     push_timeout_ms: Option<u64>,
     push_retry_base_ms: Option<u64>,
@@ -180,6 +185,8 @@ pub struct Config {
     /// Tests only: where this node's wall-clock offset is read from.
     pub clock_offset_file: Option<PathBuf>,
     pub token_ttl: Duration,
+    /// A device unused for this long is logged out (see `domain::accounts`).
+    pub device_idle: Duration,
     pub push: PushConfig,
     pub log: String,
 }
@@ -304,6 +311,11 @@ impl Config {
                     .or(file.token_ttl_secs)
                     .unwrap_or(30 * 24 * 3600),
             ),
+            device_idle: Duration::from_secs(
+                args.device_idle_secs
+                    .or(file.device_idle_secs)
+                    .unwrap_or(90 * 24 * 3600),
+            ),
             push: PushConfig {
                 preview: args.push_preview.or(file.push_preview).unwrap_or(true),
                 timeout: ms(args.push_timeout_ms.or(file.push_timeout_ms), 5_000),
@@ -363,6 +375,9 @@ impl Config {
         }
         if self.token_ttl < Duration::from_secs(60) {
             return bad("--token-ttl-secs must be at least 60".into());
+        }
+        if self.device_idle < Duration::from_secs(1) {
+            return bad("--device-idle-secs must be at least 1".into());
         }
         if self.push.max_attempts == 0
             || self.push.timeout.is_zero()

@@ -193,6 +193,7 @@ pub async fn serve(
         feed,
         store.clone(),
     ));
+    mesh.attach_presence(presence.clone());
     let fanout = presence.spawn_fanout(shutdown.clone());
     let push = Arc::new(Push::new(store.clone(), ids.clone(), cfg.push.clone()));
     let push_worker = push.spawn(shutdown.clone());
@@ -204,16 +205,22 @@ pub async fn serve(
             ids.clone(),
             delivery.clone(),
             cfg.token_ttl,
+            cfg.device_idle,
         ),
         chat: Chat::new(
             store.clone(),
             ids.clone(),
-            delivery,
+            delivery.clone(),
             presence.clone(),
             push.clone(),
         ),
         groups: Groups::new(store.clone(), ids),
-        friends: Friends::new(store.clone(), hub.clone(), presence.clone()),
+        friends: Friends::new(
+            store.clone(),
+            hub.clone(),
+            presence.clone(),
+            delivery.clone(),
+        ),
         presence,
         mesh: mesh.clone(),
         store: store.clone(),

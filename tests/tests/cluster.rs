@@ -56,16 +56,10 @@ async fn messages_presence_and_sync_cross_nodes() {
     let bob = n2.user("bob").await;
     assert_eq!(n3.api().me(&bob.login.token).await.unwrap().user_id, bob.id);
 
-    let put = format!("/v1/friends/{}", bob.id);
-    n1.api()
-        .request_raw(
-            reqwest::Method::PUT,
-            &put,
-            Some(&alice.login.token),
-            None::<&()>,
-        )
-        .await
-        .unwrap();
+    // Mutual friends: alice asks on node 1, bob accepts on node 2.
+    n1.api().befriend(&alice.login.token, bob.id).await.unwrap();
+    let state = n2.api().befriend(&bob.login.token, alice.id).await.unwrap();
+    assert_eq!(state, client_proto::http::FriendState::Friends);
     let mut a = device_on(n1, &alice).await;
 
     // bob only on node 2: presence crosses to alice on node 1.
@@ -170,6 +164,10 @@ async fn sigkill_of_one_node_loses_no_acked_message() {
     let alice = cluster.nodes[0].user("alice").await;
     let bob = cluster.nodes[1].user("bob").await;
     let carol = cluster.nodes[2].user("carol").await;
+    // Presence is for friends: alice and carol befriend each other.
+    let api = cluster.nodes[0].api();
+    api.befriend(&alice.login.token, carol.id).await.unwrap();
+    api.befriend(&carol.login.token, alice.id).await.unwrap();
     let mut a = cluster.nodes[0].connect(&alice.login).await;
     let mut watcher = cluster.nodes[0].connect(&alice.login).await;
     watcher

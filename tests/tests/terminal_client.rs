@@ -1,5 +1,6 @@
-//! `chatnode client`, driven through its stdin and stdout: two people sign up, befriend,
-//! and exchange messages, over WebSocket and over QUIC.
+//! `chatnode client`, driven through its stdin and stdout: two people sign up, befriend (a
+//! request and an accept), exchange messages and quit (logging their devices out), over
+//! WebSocket and over QUIC.
 
 #![allow(clippy::unwrap_used)]
 
@@ -95,8 +96,13 @@ fn converse(node: &TestNode, extra: &[&str], a: &str, b: &str) {
     let mut bob = Terminal::start(node, b, extra);
     bob.expect("connected to node");
 
+    // Friendship takes a request and an accept.
     bob.type_line(&format!("/add {a}"));
-    bob.expect("is now your friend");
+    bob.expect(&format!("friend request sent to {a}"));
+    alice.type_line("/requests");
+    alice.expect(&format!("from {b}"));
+    alice.type_line(&format!("/add {b}"));
+    alice.expect(&format!("{b} is now your friend"));
     // bob was online already: friends list shows it; the next transition arrives live.
     alice.type_line("/friends");
     let line = alice.expect(b);
@@ -123,6 +129,26 @@ fn converse(node: &TestNode, extra: &[&str], a: &str, b: &str) {
     bob.quit();
     alice.expect(&format!("{b} is offline"));
     alice.quit();
+    // Each run logged its device out on exit: a new login is the account's only device.
+    for user in [a, b] {
+        assert_eq!(devices_after_a_new_login(node, user), 1, "{user}");
+    }
+}
+
+/// How many devices `user` has once logged in again.
+fn devices_after_a_new_login(node: &TestNode, user: &str) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let api = node.api();
+        let login = api
+            .login(user, &format!("password-{user}"), None)
+            .await
+            .unwrap();
+        api.devices(&login.token).await.unwrap().len()
+    })
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! `chatnode client`: a terminal chat client on the `client-proto` library. Lines starting
-//! with `/` are commands; any other line is sent to the open conversation.
+//! with `/` are commands; any other line is sent to the open conversation. Each run logs in
+//! as a new device and logs it out on exit (`/quit`, end of input, Ctrl-C), so runs do not
+//! pile up devices on the account.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -10,6 +12,7 @@ use client_proto::client::{
     ChatClient, ClientError, ClientOptions, ConnectOptions, Event, HttpClient,
 };
 use client_proto::codec::Codec;
+use client_proto::http::FriendState;
 use client_proto::ids::{ConversationId, GroupId, UserId};
 use client_proto::{Message, PresenceStatus, Recipient};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -41,7 +44,9 @@ const HELP: &str = "commands:
   /open <username> | /open g:<group id>   talk to a user or a group
   /history                                 older messages of the open conversation
   /friends                                 your friends and their status
-  /add <username>                          befriend someone
+  /add <username>                          ask someone to be friends, or accept their request
+  /requests                                friend requests to and from you
+  /remove <username>                       unfriend, or decline or cancel a request
   /groups                                  your groups
   /newgroup <name> <user>[,<user>...]      make a group
   /help, /quit
@@ -118,24 +123,33 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         args.user
     ));
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    loop {
+    let ended = loop {
         tokio::select! {
             line = lines.next_line() => match line {
                 Ok(Some(line)) => match ui.command(&chat, line.trim()).await {
                     Ok(true) => {}
-                    Ok(false) => break,
+                    Ok(false) => break Ok(()),
                     Err(e) => say(format!("error: {e:#}")),
                 },
-                Ok(None) | Err(_) => break,
+                Ok(None) | Err(_) => break Ok(()),
             },
+            _ = tokio::signal::ctrl_c() => break Ok(()),
             event = chat.next_event() => match event {
                 Some(ev) => ui.event(ev),
-                None => bail!("the connection ended for good (was the token revoked?)"),
+                None => break Err(anyhow::anyhow!(
+                    "the connection ended for good (was the token revoked?)"
+                )),
             },
         }
-    }
+    };
     chat.shutdown().await;
-    Ok(())
+    // This run's device is not needed again: free its place among the account's devices.
+    if let Err(e) = ui.api.logout(&ui.token).await {
+        if ended.is_ok() {
+            say(format!("could not log out: {e}"));
+        }
+    }
+    ended
 }
 
 impl Ui {
@@ -230,12 +244,35 @@ impl Ui {
             }
             "/add" => {
                 let user = self.api.user(&self.token, rest).await?;
-                let path = format!("/v1/friends/{}", user.user_id);
-                self.api
-                    .request_raw(reqwest::Method::PUT, &path, Some(&self.token), None::<&()>)
-                    .await?;
+                let state = self.api.befriend(&self.token, user.user_id).await?;
                 self.names.insert(user.user_id, user.username.clone());
-                say(format!("{} is now your friend", user.username));
+                match state {
+                    FriendState::Friends => say(format!("{} is now your friend", user.username)),
+                    FriendState::Requested => say(format!(
+                        "friend request sent to {}; you are friends once they /add you too",
+                        user.username
+                    )),
+                }
+            }
+            "/remove" => {
+                let user = self.api.user(&self.token, rest).await?;
+                self.api.unfriend(&self.token, user.user_id).await?;
+                say(format!("{} is not your friend (nor asking)", user.username));
+            }
+            "/requests" => {
+                let r = self.api.friend_requests(&self.token).await?;
+                if r.incoming.is_empty() && r.outgoing.is_empty() {
+                    say("no friend requests");
+                }
+                for p in &r.incoming {
+                    say(format!(
+                        "  from {:<28} /add {} to accept",
+                        p.username, p.username
+                    ));
+                }
+                for p in &r.outgoing {
+                    say(format!("  to   {:<28} waiting", p.username));
+                }
             }
             "/groups" => {
                 for g in self.api.groups(&self.token).await? {

@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 use crate::ids::{ClockSkew, IdGen};
 
 pub use commit::GroupCommit;
+pub use friends::Link;
 pub use messages::{HistoryPage, SendOutcome, SyncPage};
 pub use replica::SledReplica;
 
@@ -59,7 +60,8 @@ pub enum Table {
     Groups,
     /// `user | group`: the groups a user belongs to (an index; the group record decides).
     UserGroups,
-    /// `user | friend`: friendships, written on both users.
+    /// `user | other`: friendships and friend requests, written on both users (value: a
+    /// [`Link`] tag, see `friends`).
     Friends,
     /// `due ms | job id`: pending push notifications. Node-local, not replicated.
     PushOutbox,
@@ -563,7 +565,7 @@ impl Store {
         mut change: impl FnMut(Option<T>) -> Result<Option<T>, E>,
     ) -> Result<Option<T>, E>
     where
-        T: bincode::Encode + bincode::Decode<()>,
+        T: records::Record,
         E: From<StoreError>,
     {
         for _ in 0..MAX_CAS_RETRIES {
