@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chat_tests::{next_message, to};
+use chat_tests::{next_message, send_until_acked, to};
 use chat_tests::{TestCluster, TestNode, TestUser};
 use client_proto::client::{ChatClient, ClientOptions as ChatClientOptions, Connection, Event};
 use client_proto::{MessageId, PresenceStatus, Recipient, ServerFrame, UserId};
@@ -130,17 +130,11 @@ async fn a_hundred_member_group_spread_over_three_nodes() {
     for (i, u) in users.iter().enumerate() {
         devices.push(cluster.nodes[i % 3].connect(&u.login).await);
     }
-    let ack = devices[0]
-        .send_message("g1", Recipient::Group(g), "hello all")
-        .await
-        .unwrap();
+    let ack = send_until_acked(&mut devices[0], "g1", Recipient::Group(g), "hello all").await;
     // The largest body allowed: its ~100 inbox copies make one replica's share of the write
     // about 10 MB, sent as several requests under the peer frame limit.
     let largest = "x".repeat(client_proto::limits::MAX_BODY_BYTES);
-    let ack2 = devices[0]
-        .send_message("g2", Recipient::Group(g), &largest)
-        .await
-        .unwrap();
+    let ack2 = send_until_acked(&mut devices[0], "g2", Recipient::Group(g), &largest).await;
     let want = [ack.message_id, ack2.message_id];
     for (i, d) in devices.iter_mut().enumerate().skip(1) {
         // Linger on the first device only: by then every device's catch-up has run.

@@ -132,6 +132,13 @@ impl HttpClient {
             .await
     }
 
+    /// A user's profile by id.
+    pub async fn user_by_id(&self, token: &str, user: UserId) -> Result<UserProfile, ClientError> {
+        let path = format!("/v1/users/id/{user}");
+        self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
+            .await
+    }
+
     pub async fn user(&self, token: &str, username: &str) -> Result<UserProfile, ClientError> {
         let path = format!("/v1/users/{username}");
         self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)

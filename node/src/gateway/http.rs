@@ -36,6 +36,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/me", get(me).patch(patch_me))
         .route("/v1/me/privacy", get(get_privacy).put(put_privacy))
         .route("/v1/users/{username}", get(user))
+        .route("/v1/users/id/{user}", get(user_by_id))
         .route("/v1/friends", get(list_friends))
         .route("/v1/friends/requests", get(friend_requests))
         .route(
@@ -134,6 +135,16 @@ async fn user(
     Path(username): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(node.accounts.by_username(&username).await?).into_response())
+}
+
+/// A profile by user id (a client names a sender it has not looked up by username).
+async fn user_by_id(
+    State(node): AppState,
+    Caller(_): Caller,
+    Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    let user = path_id(&user, "user")?;
+    Ok(Json(node.accounts.profile(UserId(user)).await?).into_response())
 }
 
 /// Parses an id from a path segment.
