@@ -54,6 +54,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/discover", get(discover))
         .route("/v1/cluster", get(cluster))
         .route("/v1/ws", get(crate::gateway::ws::upgrade))
+        .route("/", get(crate::gateway::web::index))
+        .route("/assets/{file}", get(crate::gateway::web::asset))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -328,13 +330,18 @@ async fn history(
     .into_response())
 }
 
+/// `/v1/discover` and `/v1/cluster` are public and carry no credentials, so any page may read
+/// them: the web client asks another member where to go when its own node is gone.
+const ANY_ORIGIN: [(header::HeaderName, &str); 1] = [(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")];
+
 async fn discover(State(node): AppState) -> Response {
-    Json(node.recommended().await).into_response()
+    (ANY_ORIGIN, Json(node.recommended().await)).into_response()
 }
 
 async fn cluster(State(node): AppState) -> Response {
     let members = node.members().await;
-    Json(serde_json::json!({ "node_id": node.cfg.node_id, "members": members })).into_response()
+    let body = serde_json::json!({ "node_id": node.cfg.node_id, "members": members });
+    (ANY_ORIGIN, Json(body)).into_response()
 }
 
 async fn ready(State(node): AppState) -> Response {
