@@ -22,7 +22,7 @@ function el(tag, props = {}, ...children) {
   for (const [k, v] of Object.entries(props)) {
     if (k === "class") e.className = v;
     else if (k === "text") e.textContent = v;
-    else if (k.startsWith("data-")) e.setAttribute(k, v);
+    else if (k.includes("-")) e.setAttribute(k, v);
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e[k] = v;
   }
@@ -135,7 +135,11 @@ async function startSession(s) {
     document.body.dataset.syncCount = String(e.detail.count);
     document.body.dataset.synced = String(Number(document.body.dataset.synced || 0) + 1);
   });
-  chat.addEventListener("ready", () => refresh());
+  chat.addEventListener("ready", () => {
+    refresh();
+    // Presence subscriptions live as long as a connection: renew the open group's.
+    if (paging.conversation?.startsWith("g:")) loadGroup(paging.conversation.slice(2));
+  });
   chat.addEventListener("loggedout", () => endSession("You were logged out. Please log in again."));
   await renderConversations();
   await chat.start();
@@ -162,13 +166,16 @@ async function endSession(message) {
   if (message) $("auth-error").textContent = message;
 }
 
+/** Logs this device out and deletes the local copy of the user's messages. */
 async function logout() {
+  const userId = session?.user_id;
   try {
     await api.logout();
   } catch {
     // The token may already be gone; the page forgets it either way.
   }
-  endSession("");
+  await endSession("");
+  if (userId) await Store.remove(userId);
 }
 
 function setConn(name, detail = "") {

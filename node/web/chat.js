@@ -34,11 +34,15 @@ export class Chat extends EventTarget {
     this.lastSync = { after: null, count: 0 };
     this.retryTimers = new Map();
     this.counter = 0;
+    this.queue = Promise.resolve();
     const nodes = JSON.parse(sessionStorage.getItem("chat.nodes") || "[]");
     const wsUrl = sessionStorage.getItem("chat.ws") || wsOf(location.origin);
     this.conn = new Connection(session.token, wsUrl, nodes, {
       ready: (f) => this.onReady(f),
-      frame: (f) => this.onFrame(f),
+      // One frame at a time, in order: a cursor is stored only after the messages before it.
+      frame: (f) => {
+        this.queue = this.queue.then(() => this.onFrame(f)).catch((e) => this.emit("notice", { text: String(e) }));
+      },
       state: (name, detail) => this.emit("state", { name, detail }),
       loggedOut: (reason) => this.emit("loggedout", { reason }),
       nodes: (list) => sessionStorage.setItem("chat.nodes", JSON.stringify(list)),

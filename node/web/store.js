@@ -42,6 +42,13 @@ export class Store {
 
   constructor(db) {
     this.db = db;
+    // Another tab of this user logged out and deletes the database: let it.
+    db.onversionchange = () => db.close();
+  }
+
+  /** Deletes this user's local copy (messages, cursor, pending sends). */
+  static async remove(userId) {
+    await request(indexedDB.deleteDatabase(`chat-${userId}`)).catch(() => {});
   }
 
   close() {

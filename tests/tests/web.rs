@@ -395,6 +395,30 @@ async fn web_1_two_friends_chat() {
     assert_eq!(alice.unread("bob").await, "0");
     alice.shot("05-chat").await;
     bob.shot("05-chat-bob").await;
+
+    // Log out: the sign-in form again, the device's token refused, the local copy gone.
+    alice.click("#logout").await;
+    alice
+        .until(
+            "!document.getElementById('auth').hidden",
+            "the sign-in form",
+        )
+        .await;
+    alice
+        .until(
+            "sessionStorage.getItem('chat.session') === null",
+            "the token forgotten",
+        )
+        .await;
+    let dbs = alice
+        .c
+        .execute_async(
+            "const done = arguments[0]; indexedDB.databases().then(d => done(d.map(x => x.name)));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dbs, json!([]), "the local copy was deleted");
 }
 
 /// Must-show 5: hostile bodies are shown as text and run nothing; the page is served with a
@@ -474,6 +498,19 @@ async fn web_5_hostile_bodies_are_text() {
         .js("return [document.querySelectorAll('#messages img, #messages script, #conv-list img, #conv-list script').length, window.__pwned === undefined];")
         .await;
     assert_eq!(counts, json!([0, true]));
+    assert_eq!(alice.bodies().await, [img, script]);
+
+    // A body over 100,000 bytes is refused in the page, in words, and not sent.
+    alice
+        .js("document.getElementById('body').value = 'é'.repeat(50001); return 1;")
+        .await;
+    alice.click("#send").await;
+    alice
+        .until(
+            "document.getElementById('composer-error').textContent.includes('the limit is 100,000 bytes')",
+            "the size refusal",
+        )
+        .await;
     assert_eq!(alice.bodies().await, [img, script]);
     alice.shot("06-hostile-bodies-as-text").await;
 }
