@@ -10,5 +10,7 @@ pub mod error;
 pub mod friends;
 pub mod groups;
 pub mod hub;
+pub mod passwords;
 pub mod presence;
 pub mod push;
+pub mod throttle;
