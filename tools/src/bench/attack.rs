@@ -41,6 +41,10 @@ pub struct AttackLoginArgs {
     /// Attacker source addresses (127.0.0.2 and up), used in turn.
     #[arg(long, default_value_t = 1)]
     pub sources: u8,
+    /// Sign up this many real accounts first and guess their passwords (round-robin);
+    /// 0: guess names that do not exist.
+    #[arg(long, default_value_t = 0)]
+    pub accounts: usize,
 }
 
 /// `chatnode bench attack-idle`.
@@ -69,6 +73,8 @@ struct Victim {
     logins_failed: AtomicU64,
     sends_ok: AtomicU64,
     sends_failed: AtomicU64,
+    /// Logins answered `busy` and retried (as `Retry-After` asks).
+    busy_retries: AtomicU64,
     first_error: parking_lot::Mutex<Option<String>>,
 }
 
@@ -97,10 +103,18 @@ async fn victim_loop(
             _ = tick.tick() => {}
         }
         n += 1;
-        let login = tokio::time::timeout(
-            Duration::from_secs(10),
-            api.login(&alice.username, PASSWORD, None),
-        )
+        // A well-behaved client: on `busy`, wait and retry (within the 10 s budget).
+        let login = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match api.login(&alice.username, PASSWORD, None).await {
+                    Err(e) if e.code() == Some(client_proto::ErrorCode::Busy) => {
+                        victim.busy_retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    other => return other,
+                }
+            }
+        })
         .await;
         let login = match login {
             Ok(Ok(l)) => {
@@ -225,6 +239,10 @@ impl Watch {
             format!("{} / {}", get(&v.logins_ok), get(&v.logins_failed)),
         ]);
         table.row(vec![
+            "victim logins retried after busy".into(),
+            int(get(&v.busy_retries) as f64),
+        ]);
+        table.row(vec![
             "victim sends ok / failed".into(),
             format!("{} / {}", get(&v.sends_ok), get(&v.sends_failed)),
         ]);
@@ -249,6 +267,7 @@ impl Watch {
             "victim_logins_failed": get(&v.logins_failed),
             "victim_sends_ok": get(&v.sends_ok),
             "victim_sends_failed": get(&v.sends_failed),
+            "victim_busy_retries": get(&v.busy_retries),
             "node_vm_hwm_kib": hwm,
             "node_max_sampled_rss_kib": peak_sampled,
             "victim_first_error": first_error,
@@ -269,6 +288,12 @@ pub async fn run_login(args: AttackLoginArgs) -> Result<Outcome> {
         .context("attack-login needs a node")?
         .base()
         .to_string();
+    let targets: Vec<String> = if args.accounts > 0 {
+        let made = target.endpoint.accounts(args.accounts, "target").await?;
+        made.into_iter().map(|a| a.username).collect()
+    } else {
+        Vec::new()
+    };
     let watch = watch(&target).await?;
     let clients: Vec<reqwest::Client> = (0..args.sources.max(1))
         .map(|i| {
@@ -286,7 +311,11 @@ pub async fn run_login(args: AttackLoginArgs) -> Result<Outcome> {
         for i in 0..args.concurrency {
             let http = clients[i % clients.len()].clone();
             let url = format!("{base}/v1/login");
-            let name = format!("ghost{run:08x}r{round}n{i}");
+            let name = if targets.is_empty() {
+                format!("ghost{run:08x}r{round}n{i}")
+            } else {
+                targets[(round * args.concurrency + i) % targets.len()].clone()
+            };
             set.spawn(async move {
                 let resp = http
                     .post(url)
@@ -322,8 +351,15 @@ pub async fn run_login(args: AttackLoginArgs) -> Result<Outcome> {
     let attack_secs = started.elapsed().as_secs_f64();
     let mut table = Table::new(
         format!(
-            "attack-login: {} rounds x {} concurrent wrong logins, {:.1} s",
-            args.rounds, args.concurrency, attack_secs
+            "attack-login: {} rounds x {} concurrent wrong logins ({}), {:.1} s",
+            args.rounds,
+            args.concurrency,
+            if targets.is_empty() {
+                "names that do not exist".to_string()
+            } else {
+                format!("{} real accounts", targets.len())
+            },
+            attack_secs
         ),
         &["figure", "value"],
     );
