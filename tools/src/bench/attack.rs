@@ -6,8 +6,8 @@
 //! - `attack-idle`: thousands of TCP connections that send nothing, plus slowloris
 //!   connections that dribble a request head one byte a second.
 //!
-//! The attacker's sockets come from 127.0.0.2 and up (`--sources`), the victim's from
-//! 127.0.0.1, so per-address limits hit the attacker only (as they would on a network). A
+//! The attacker's sockets come from 127.0.0.2 and up (`--sources`; slowloris from 127.0.1.x),
+//! the victim's from 127.0.0.1, so per-address limits hit the attacker only (as they would on a network). A
 //! spawned node gets the default per-address connection cap back (the bench lifts it for its
 //! other scenarios) unless `--node-arg` sets it.
 
@@ -390,6 +390,8 @@ pub async fn run_login(args: AttackLoginArgs) -> Result<Outcome> {
 #[derive(Default)]
 struct Ends {
     connect_failed: AtomicU64,
+    /// Still connecting when the attack ended (the listen backlog was full).
+    connect_pending: AtomicU64,
     refused_with_answer: AtomicU64,
     closed_by_node: AtomicU64,
     still_open: AtomicU64,
@@ -411,7 +413,14 @@ async fn hold(
     ends: Arc<Ends>,
     stop: CancellationToken,
 ) {
-    let mut s = match connect_from(source, addr).await {
+    let connected = tokio::select! {
+        r = connect_from(source, addr) => r,
+        _ = stop.cancelled() => {
+            ends.connect_pending.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let mut s = match connected {
         Ok(s) => s,
         Err(_) => {
             ends.connect_failed.fetch_add(1, Ordering::Relaxed);
@@ -427,7 +436,7 @@ async fn hold(
         return;
     }
     let mut buf = [0u8; 512];
-    let mut answered = false;
+    let mut answer: Option<Vec<u8>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -436,7 +445,9 @@ async fn hold(
                 return;
             }
             r = s.read(&mut buf) => match r {
-                Ok(n) if n > 0 => answered = true,
+                Ok(n) if n > 0 => {
+                    answer.get_or_insert_with(|| buf[..n].to_vec());
+                }
                 _ => break,
             },
             _ = tick.tick(), if slow => {
@@ -446,7 +457,10 @@ async fn hold(
             }
         }
     }
-    if answered {
+    // "HTTP/1.1 429" or "503": turned away at accept; anything else (hyper's 408, or
+    // nothing) is a close after a timeout.
+    let status = answer.as_deref().and_then(|a| a.get(9..12));
+    if matches!(status, Some(b"429") | Some(b"503")) {
         ends.refused_with_answer.fetch_add(1, Ordering::Relaxed);
     } else {
         ends.closed_by_node.fetch_add(1, Ordering::Relaxed);
@@ -485,14 +499,11 @@ pub async fn run_idle(args: AttackIdleArgs) -> Result<Outcome> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Slowloris from addresses of their own (127.0.1.x), so that the idle sockets' cap
+    // does not refuse them before the header timeout can be seen.
     for i in 0..args.slowloris {
-        set.spawn(hold(
-            source(i, args.sources),
-            addr,
-            true,
-            slow.clone(),
-            stop.clone(),
-        ));
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 2 + (i % 200) as u8));
+        set.spawn(hold(from, addr, true, slow.clone(), stop.clone()));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.secs);
     while tokio::time::Instant::now() < deadline {
@@ -536,6 +547,10 @@ pub async fn run_idle(args: AttackIdleArgs) -> Result<Outcome> {
             int(g(&ends.connect_failed) as f64),
         ]);
         table.row(vec![
+            format!("  {what}: still connecting at the end (backlog full)"),
+            int(g(&ends.connect_pending) as f64),
+        ]);
+        table.row(vec![
             format!("  {what}: still open at the end"),
             int(g(&ends.still_open) as f64),
         ]);
@@ -546,6 +561,7 @@ pub async fn run_idle(args: AttackIdleArgs) -> Result<Outcome> {
             "refused": g(&e.refused_with_answer),
             "closed": g(&e.closed_by_node),
             "connect_failed": g(&e.connect_failed),
+            "connect_pending": g(&e.connect_pending),
             "still_open": g(&e.still_open),
         })
     };
