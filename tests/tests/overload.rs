@@ -243,6 +243,53 @@ async fn idle_sockets_past_the_per_ip_cap_are_refused() {
     }
 }
 
+/// Silent sockets from many addresses fill the global cap (`--max-connections`): the node
+/// then closes the oldest connection that has not sent a request to let a newcomer in,
+/// so a real client still gets `/healthz` and a login while the cap is full.
+#[tokio::test]
+async fn at_the_global_cap_silent_connections_make_room_for_real_clients() {
+    let node = TestNode::start(&[
+        "--max-connections",
+        "20",
+        "--http-header-timeout-ms",
+        "60000",
+    ]);
+    let alice = node.user("alice").await;
+    let addr = http_addr(&node);
+    let mut silent = Vec::new();
+    for i in 0..20u8 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from(([127, 0, 2, 2 + i], 0))).unwrap();
+        silent.push(s.connect(addr).await.unwrap());
+    }
+    for round in 0..3 {
+        let other = reqwest::Client::builder()
+            .local_address(Some("127.0.0.2".parse().unwrap()))
+            .build()
+            .unwrap();
+        let health = other
+            .get(format!("{}/healthz", node.http))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status().as_u16(), 200, "round {round}");
+        let (status, _, _) = raw_login(&other, &node.http, &alice.name, &alice.password).await;
+        assert_eq!(status, 200, "round {round}");
+    }
+    // Some silent sockets were closed to make that room.
+    let mut closed = 0;
+    for mut s in silent {
+        let mut buf = Vec::new();
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "no silent connection was evicted");
+    assert!(metric_from(&node, "127.0.0.4", "http_connections_evicted_total").await >= 1.0);
+}
+
 /// `metric` over a client bound to another loopback address (127.0.0.1 may be at its cap).
 async fn metric_from(node: &TestNode, source: &str, name: &str) -> f64 {
     let http = reqwest::Client::builder()

@@ -3,11 +3,14 @@
 //!
 //! Limits, all from `--max-connections*` and `--http-*` (`config::ConnLimits`):
 //!
-//! - a global cap and a per-source-address cap on open connections. A connection over
-//!   either is answered with a one-line 503 (global) or 429 (per address) JSON error and
-//!   closed at once, before hyper sees it. The caps hold for a connection's whole life,
-//!   WebSocket included: the permits live in the socket wrapper ([`Tracked`]), which moves
-//!   into the upgraded WebSocket and is dropped when that closes;
+//! - a global cap and a per-source-address cap on open connections. A connection over the
+//!   per-address cap is answered with a one-line 429 JSON error and closed at once, before
+//!   hyper sees it. At the global cap the oldest connection that has not yet sent a whole
+//!   request is closed to make room (so silent or slowloris sockets from many addresses
+//!   cannot keep real clients out); only when there is none is the newcomer answered 503
+//!   `busy`. The caps hold for a connection's whole life, WebSocket included: the permits
+//!   live in the socket wrapper ([`Tracked`]), which moves into the upgraded WebSocket and
+//!   is dropped when that closes;
 //! - a request-head timeout (hyper's `header_read_timeout`: it runs whenever the connection
 //!   waits for a request, so it also closes idle keep-alive connections and slowloris heads);
 //! - an idle timeout while the connection is HTTP: no byte read or written for that long (a
@@ -44,6 +47,9 @@ use crate::config::ConnLimits;
 /// Pause after an accept error such as "too many open files", so that the loop does not spin
 /// while descriptors are short.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a newcomer at the global cap waits for the connection evicted for it to let go
+/// of its slot (it does so at once unless the runtime is very busy).
+const EVICT_WAIT: Duration = Duration::from_millis(100);
 /// Largest buffered request head (hyper's default is ~400 KiB; API heads are small).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -66,6 +72,7 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_ip = PerIp::new(limits.max_per_ip);
+    let waiting = Waiting::default();
     let connections = TaskTracker::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -94,13 +101,19 @@ async fn accept_loop(
                 }
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse(tcp, Refused::Global);
-            continue;
-        };
         let Some(ip_slot) = per_ip.take(peer.ip()) else {
             refuse(tcp, Refused::PerIp);
             continue;
+        };
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => match make_room(&slots, &waiting).await {
+                Some(slot) => slot,
+                None => {
+                    refuse(tcp, Refused::Global);
+                    continue;
+                }
+            },
         };
         // Frames are small and latency-bound: no Nagle delay on client sockets.
         if let Err(e) = tcp.set_nodelay(true) {
@@ -114,6 +127,7 @@ async fn accept_loop(
             peer,
             app.clone(),
             limits.idle_timeout,
+            waiting.register(),
             shutdown.clone(),
         ));
     }
@@ -129,10 +143,18 @@ async fn serve_connection(
     peer: SocketAddr,
     app: Router,
     idle_timeout: Duration,
+    waiting: WaitingGuard,
     shutdown: CancellationToken,
 ) {
     let activity = io.activity.clone();
-    let service = TowerToHyperService::new(Extension(ConnectInfo(peer)).layer(app));
+    let evicted = waiting.evict.clone();
+    let app = TowerToHyperService::new(Extension(ConnectInfo(peer)).layer(app));
+    // The first request head has arrived: the connection is no longer a candidate for
+    // eviction.
+    let service = hyper::service::service_fn(move |req| {
+        waiting.served();
+        hyper::service::Service::call(&app, req)
+    });
     let conn = http
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -153,6 +175,11 @@ async fn serve_connection(
                 }
                 return;
             }
+            _ = evicted.cancelled() => {
+                metrics::counter!("http_connections_evicted_total").increment(1);
+                tracing::debug!(%peer, "closed to make room: no request yet at the connection cap");
+                return;
+            }
             _ = shutdown.cancelled(), if !draining => {
                 conn.as_mut().graceful_shutdown();
                 draining = true;
@@ -166,6 +193,82 @@ async fn serve_connection(
                 }
             }
         }
+    }
+}
+
+/// At the global cap: closes the oldest connection still waiting for its first request and
+/// takes its slot; `None` if there is no such connection (or its slot did not come back in
+/// time).
+async fn make_room(slots: &Arc<Semaphore>, waiting: &Waiting) -> Option<OwnedSemaphorePermit> {
+    let victim = waiting.oldest()?;
+    victim.cancel();
+    tokio::time::timeout(EVICT_WAIT, slots.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Connections that have not yet sent a whole request head, oldest first: the candidates
+/// for eviction at the global cap.
+#[derive(Clone, Default)]
+struct Waiting {
+    /// A std `Mutex`: held for one map update, never across an await.
+    inner: Arc<std::sync::Mutex<WaitingInner>>,
+}
+
+#[derive(Default)]
+struct WaitingInner {
+    next: u64,
+    by_age: std::collections::BTreeMap<u64, CancellationToken>,
+}
+
+impl Waiting {
+    fn register(&self) -> WaitingGuard {
+        let evict = CancellationToken::new();
+        let seq = match self.inner.lock() {
+            Ok(mut w) => {
+                let seq = w.next;
+                w.next += 1;
+                w.by_age.insert(seq, evict.clone());
+                seq
+            }
+            Err(_) => u64::MAX,
+        };
+        WaitingGuard {
+            seq,
+            evict,
+            waiting: self.clone(),
+        }
+    }
+
+    /// Takes the oldest waiting connection's eviction token out of the set.
+    fn oldest(&self) -> Option<CancellationToken> {
+        self.inner.lock().ok()?.by_age.pop_first().map(|(_, t)| t)
+    }
+
+    fn remove(&self, seq: u64) {
+        if let Ok(mut w) = self.inner.lock() {
+            w.by_age.remove(&seq);
+        }
+    }
+}
+
+/// One connection's place among the waiting; leaves on its first request or when dropped.
+struct WaitingGuard {
+    seq: u64,
+    evict: CancellationToken,
+    waiting: Waiting,
+}
+
+impl WaitingGuard {
+    fn served(&self) {
+        self.waiting.remove(self.seq);
+    }
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.waiting.remove(self.seq);
     }
 }
 
@@ -385,5 +488,20 @@ mod tests {
         assert!(p.take([127, 0, 0, 2].into()).is_some());
         drop(a);
         assert!(p.take(ip).is_some());
+    }
+
+    #[test]
+    fn the_oldest_waiting_connection_is_evicted_first() {
+        let w = Waiting::default();
+        let first = w.register();
+        let second = w.register();
+        let third = w.register();
+        first.served(); // it sent a request: no longer a candidate
+        let victim = w.oldest().unwrap();
+        victim.cancel();
+        assert!(second.evict.is_cancelled());
+        assert!(!third.evict.is_cancelled());
+        drop(third);
+        assert!(w.oldest().is_none());
     }
 }
