@@ -539,7 +539,7 @@ pub async fn run_idle(args: AttackIdleArgs) -> Result<Outcome> {
             int(g(&ends.refused_with_answer) as f64),
         ]);
         table.row(vec![
-            format!("  {what}: closed by the node (timeout)"),
+            format!("  {what}: closed by the node (timeout, or evicted at the cap)"),
             int(g(&ends.closed_by_node) as f64),
         ]);
         table.row(vec![
