@@ -153,6 +153,12 @@ async fn concurrent_wrong_logins_are_bounded_and_others_still_get_in() {
         }
         login_and_send(&node, &alice, bob.id, round).await;
     }
+    let peak = memory(&node, "VmHWM");
+    assert!(
+        peak < 1 << 30,
+        "peak resident memory {} MiB under a login flood",
+        peak >> 20
+    );
     assert!(
         busy > 0,
         "256 concurrent hashes on a bounded pool: some must be busy"
@@ -160,12 +166,6 @@ async fn concurrent_wrong_logins_are_bounded_and_others_still_get_in() {
     assert!(wrong > 0, "some wrong logins must have been checked");
     assert!(locked > 0, "the attacking address must end up locked");
     assert!(metric(&node, "accounts_hash_refused_total").await >= busy as f64);
-    let peak = memory(&node, "VmHWM");
-    assert!(
-        peak < 1 << 30,
-        "peak resident memory {} MiB under a login flood",
-        peak >> 20
-    );
 }
 
 /// Finding: no connection cap (20k idle sockets exhausted the descriptors). Now one source
