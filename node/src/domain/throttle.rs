@@ -8,7 +8,8 @@
 //! account must not wash an address's guessing away). Unknown usernames are throttled like
 //! real ones, so a lockout says nothing about which names exist.
 //!
-//! Signup: a token bucket per source address.
+//! Signup: a token bucket per source address. A source address is an IPv4 address or an
+//! IPv6 /64 ([`source_key`]).
 //!
 //! Both tables are bounded: past `MAX_KEYS` entries, records that no longer matter (not
 //! locked, last touched longer ago than `max`) are dropped; if that is not enough the oldest
@@ -20,6 +21,22 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::config::LoginLimits;
+
+/// The address that per-source limits count: an IPv4 address as is (an IPv4-mapped IPv6
+/// address as its IPv4 one), an IPv6 address by its /64, which one subscriber usually holds
+/// whole (counting /128s would give an attacker 2^64 fresh budgets).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
 
 /// Most keys each table remembers (a few tens of bytes each).
 const MAX_KEYS: usize = 100_000;
@@ -141,7 +158,7 @@ impl LoginThrottle {
 
     /// Whether a login for `username` from `source` may go ahead now.
     pub fn check(&self, username: &str, source: IpAddr, now: Instant) -> Result<(), Refusal> {
-        if let Some(d) = self.sources.locked(&source, now) {
+        if let Some(d) = self.sources.locked(&source_key(source), now) {
             return Err(Refusal::Source(d));
         }
         if let Some(d) = self.accounts.locked(&username.to_owned(), now) {
@@ -153,7 +170,7 @@ impl LoginThrottle {
     /// Records a wrong password (or unknown username); returns whether a key became locked.
     pub fn failed(&mut self, username: &str, source: IpAddr, now: Instant) -> bool {
         let a = self.accounts.fail(username.to_owned(), now);
-        let s = self.sources.fail(source, now);
+        let s = self.sources.fail(source_key(source), now);
         a.is_some() || s.is_some()
     }
 
@@ -182,6 +199,7 @@ impl SignupLimit {
         if self.per_hour == 0 {
             return Ok(());
         }
+        let source = source_key(source);
         let burst = f64::from(self.per_hour);
         let rate = burst / 3600.0;
         if self.buckets.len() >= MAX_KEYS && !self.buckets.contains_key(&source) {
@@ -257,6 +275,18 @@ mod tests {
         );
         t.succeeded("bob");
         assert!(t.accounts.locked(&"bob".to_owned(), now).is_none());
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(source_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(source_key(IP), IP);
     }
 
     #[test]

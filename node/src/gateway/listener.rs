@@ -3,7 +3,7 @@
 //!
 //! Limits, all from `--max-connections*` and `--http-*` (`config::ConnLimits`):
 //!
-//! - a global cap and a per-source-address cap on open connections. A connection over the
+//! - a global cap and a per-source-address cap (IPv4 address, IPv6 /64) on open connections. A connection over the
 //!   per-address cap is answered with a one-line 429 JSON error and closed at once, before
 //!   hyper sees it. At the global cap the oldest connection that has not yet sent a whole
 //!   request is closed to make room (so silent or slowloris sockets from many addresses
@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
 use crate::config::ConnLimits;
+use crate::domain::throttle::source_key;
 
 /// Pause after an accept error such as "too many open files", so that the loop does not spin
 /// while descriptors are short.
@@ -101,7 +102,7 @@ async fn accept_loop(
                 }
             }
         };
-        let Some(ip_slot) = per_ip.take(peer.ip()) else {
+        let Some(ip_slot) = per_ip.take(source_key(peer.ip())) else {
             refuse(tcp, Refused::PerIp);
             continue;
         };
