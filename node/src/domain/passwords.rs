@@ -56,13 +56,14 @@ struct Inner {
     params: Params,
 }
 
-/// Counts a hash as admitted until it finishes, wherever it is dropped.
+/// Counts a hash as admitted (`accounts_hash_queue_depth`: queued or running) until it
+/// finishes, wherever it is dropped.
 struct Admitted(Arc<Inner>);
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let now = self.0.admitted.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!("accounts_hash_queue_depth").set(now as f64);
+        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("accounts_hash_queue_depth").decrement(1.0);
     }
 }
 
@@ -108,12 +109,12 @@ impl Passwords {
     {
         let inner = &self.inner;
         let admitted = inner.admitted.fetch_add(1, Ordering::AcqRel) + 1;
+        metrics::gauge!("accounts_hash_queue_depth").increment(1.0);
         let guard = Admitted(inner.clone());
         if admitted > inner.max_admitted {
             metrics::counter!("accounts_hash_refused_total").increment(1);
             return Err(HashError::Busy);
         }
-        metrics::gauge!("accounts_hash_queue_depth").set(admitted as f64);
         let permit: OwnedSemaphorePermit = inner
             .workers
             .clone()
