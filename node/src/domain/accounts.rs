@@ -26,6 +26,8 @@ pub struct Accounts {
     ids: Arc<IdGen>,
     delivery: Delivery,
     token_ttl: Duration,
+    /// Which webhook targets may be registered (public addresses only by default).
+    push_targets: Arc<crate::domain::push::TargetPolicy>,
 }
 
 fn profile(rec: &UserRecord) -> UserProfile {
@@ -59,7 +61,14 @@ impl Accounts {
             ids,
             delivery,
             token_ttl,
+            push_targets: Arc::default(),
         }
+    }
+
+    /// Checks webhook targets against `policy` (the default allows public addresses only).
+    pub fn with_push_targets(mut self, policy: Arc<crate::domain::push::TargetPolicy>) -> Self {
+        self.push_targets = policy;
+        self
     }
 
     pub async fn signup(&self, req: SignupRequest) -> Result<UserProfile, ApiError> {
@@ -221,7 +230,7 @@ impl Accounts {
         device: DeviceId,
         target: String,
     ) -> Result<(), ApiError> {
-        crate::domain::push::validate_target(&target)?;
+        crate::domain::push::validate_target(&self.push_targets, &target)?;
         self.store
             .update_user(who.user, |rec| {
                 let dev = rec
