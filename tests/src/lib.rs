@@ -131,13 +131,19 @@ impl TestNode {
             .addrs
             .clone()
             .unwrap_or(("127.0.0.1:0".into(), "127.0.0.1:0".into()));
+        // The default log filter, unless the test chose one.
+        let log: &[&str] = if self.args.iter().any(|a| a == "--log") {
+            &[]
+        } else {
+            &["--log", "info,chatnode=debug"]
+        };
         let mut cmd = Command::new(chatnode_bin());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--http-addr", &http, "--quic-addr", &quic])
             .args(["--gossip-addr", &self.gossip, "--peer-addr", &self.peer])
-            .args(["--log", "info,chatnode=debug"])
+            .args(log)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
