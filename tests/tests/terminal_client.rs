@@ -142,3 +142,57 @@ fn two_terminals_chat_over_quic() {
         "dave",
     );
 }
+
+/// The README put the password on the command line, where `ps` shows it. Now, with no
+/// `CHATNODE_PASSWORD`, the client asks for it and reads it as the first line typed, and
+/// `--password-file` reads it from a file; neither puts it in the process's arguments.
+#[test]
+fn the_password_is_typed_or_read_from_a_file_not_passed_as_an_argument() {
+    let node = TestNode::start(&[]);
+    let spawn = |extra: &[&str]| {
+        let mut child = Command::new(chatnode_bin())
+            .args(["client", "--server", &node.http, "--signup"])
+            .args(extra)
+            .env_remove("CHATNODE_PASSWORD")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        Terminal {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+        }
+    };
+    let mut erin = spawn(&["--user", "erin"]);
+    erin.type_line("typed password of erin");
+    erin.expect("logged in as erin");
+    erin.quit();
+    // The same password again logs in (signup says the account exists).
+    let mut erin = spawn(&["--user", "erin"]);
+    erin.type_line("typed password of erin");
+    erin.expect("logged in as erin");
+    erin.quit();
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, "typed password of erin\n").unwrap();
+    let mut erin = spawn(&["--user", "erin", "--password-file", file.to_str().unwrap()]);
+    erin.expect("logged in as erin");
+    erin.quit();
+}

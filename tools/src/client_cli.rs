@@ -23,9 +23,15 @@ pub struct ClientArgs {
     /// Your username.
     #[arg(long)]
     pub user: String,
-    /// Your password (or set CHATNODE_PASSWORD).
+    /// Your password, from the environment (`CHATNODE_PASSWORD=... chatnode client ...`).
+    /// As a flag (`--password`) it is UNSAFE: other users see it in `ps` and it stays in
+    /// your shell history. Without it (and without --password-file) the client asks for it
+    /// as the first line of its input.
     #[arg(long, env = "CHATNODE_PASSWORD", hide_env_values = true)]
-    pub password: String,
+    pub password: Option<String>,
+    /// A file whose first line is your password.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
     /// Create the account first.
     #[arg(long)]
     pub signup: bool,
@@ -75,8 +81,26 @@ fn clock(ts_ms: u64) -> String {
 /// Runs the client until `/quit` or end of input.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let api = HttpClient::new(args.server.clone());
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let password = match (&args.password, &args.password_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        (None, None) => {
+            eprint!("password for {}: ", args.user);
+            lines
+                .next_line()
+                .await
+                .context("cannot read the password")?
+                .context("no password given (set CHATNODE_PASSWORD or type it)")?
+        }
+    };
     if args.signup {
-        match api.signup(&args.user, &args.password).await {
+        match api.signup(&args.user, &password).await {
             Ok(_) => say(format!("signed up as {}", args.user)),
             Err(ClientError::Refused(b)) if b.code == client_proto::ErrorCode::Conflict => {
                 say(format!("{} already exists; logging in", args.user))
@@ -85,7 +109,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
     }
     let login = api
-        .login(&args.user, &args.password, None)
+        .login(&args.user, &password, None)
         .await
         .context("login failed")?;
     let mut opts = ClientOptions::new(api.ws_url(), login.token.clone());
@@ -117,7 +141,6 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         "logged in as {} over {transport}; /help for commands",
         args.user
     ));
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
             line = lines.next_line() => match line {
