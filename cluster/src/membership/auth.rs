@@ -171,6 +171,12 @@ impl ReplayGuard {
     }
 }
 
+/// The gossip key of `secret`, for the fuzz targets.
+#[cfg(test)]
+pub(crate) fn test_key(secret: &ClusterSecret) -> hmac::Key {
+    AuthTransport::new(secret).key
+}
+
 /// A chitchat transport that seals every datagram with the cluster secret.
 pub struct AuthTransport {
     key: hmac::Key,
@@ -383,8 +389,15 @@ pub(crate) fn open<'a>(
             .map_err(|_| Refused::Short)?,
     );
     let (index, count) = (datagram[TAG_LEN + 20], datagram[TAG_LEN + 21]);
-    let skew = sent_ms as i64 - now_ms as i64;
-    if skew.unsigned_abs() > MAX_SKEW.as_millis() as u64 {
+    // Any u64 may arrive: no signed arithmetic that can overflow (the fuzz target found one).
+    let distance = sent_ms.abs_diff(now_ms);
+    if distance > MAX_SKEW.as_millis() as u64 {
+        let magnitude = i64::try_from(distance).unwrap_or(i64::MAX);
+        let skew = if sent_ms >= now_ms {
+            magnitude
+        } else {
+            -magnitude
+        };
         return Err(Refused::Skewed(skew));
     }
     if count == 0 || index >= count || count > 2 {
@@ -650,6 +663,13 @@ mod tests {
         assert_eq!(open(&k, &sealed[..10], 1_000_500), Err(Refused::Short));
         let late = 1_000_000 + MAX_SKEW.as_millis() as u64 + 1;
         assert!(matches!(open(&k, &sealed, late), Err(Refused::Skewed(_))));
+        // A timestamp far in the future (any u64 can arrive) is refused, not an overflow.
+        let future = Stamp {
+            sent_ms: u64::MAX,
+            hlc: 0,
+        };
+        let far = seal(&k, future, 7, 0, 1, b"x");
+        assert_eq!(open(&k, &far, 1_000_000), Err(Refused::Skewed(i64::MAX)));
         let bad_fragment = seal(&k, stamp, 7, 2, 2, b"x");
         assert_eq!(
             open(&k, &bad_fragment, 1_000_000),
