@@ -193,13 +193,16 @@ async fn a_silent_device_goes_offline_after_the_heartbeat_timeout() {
     drop(silent);
 }
 
+/// A request's `X-Chat-Signature` header and raw body.
+type Signed = (String, Vec<u8>);
+
 /// A webhook receiver: records every body and its `X-Chat-Signature` header; fails the
 /// first `fail_first` requests, or all of them while `down` is set.
 #[derive(Clone, Default)]
 struct Receiver {
     bodies: Arc<Mutex<Vec<serde_json::Value>>>,
     /// `(signature header, raw body)` of every request.
-    signed: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    signed: Arc<Mutex<Vec<Signed>>>,
     requests: Arc<AtomicUsize>,
     fail_first: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
