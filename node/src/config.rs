@@ -362,7 +362,7 @@ impl Config {
                     .into(),
             );
         }
-        if let Err(e) = crate::domain::push::TargetPolicy::parse(&self.push.allow_hosts) {
+        if let Err(e) = crate::domain::push::target::TargetPolicy::parse(&self.push.allow_hosts) {
             return bad(e);
         }
         if self
