@@ -284,3 +284,89 @@ async fn trace_logs_hold_no_token_password_or_body() {
         assert!(!log.contains(secret), "the log holds {secret:?}");
     }
 }
+
+/// Readers that stop reading flooded the log (21,608 WARN lines in 20 s from one group: a
+/// line per delivery to a kicked device, per kick). Now the warning is logged once per kick
+/// and rate limited (10 per 10 s, then `suppressed = N`), and a kicked session ends even
+/// while its socket is blocked. Here 15 devices stop reading and are all kicked.
+#[tokio::test]
+async fn slow_readers_are_kicked_without_flooding_the_log() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    const STALLED: usize = 15;
+    let node = TestNode::start(&[
+        "--rate-limit-per-sec",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let carol = node.user("carol").await;
+    // bob's devices authenticate, read the first answer, then never read again.
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let login = node
+            .api()
+            .login(&bob.name, &bob.password, None)
+            .await
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(node.ws_url())
+            .await
+            .unwrap();
+        let auth = serde_json::to_string(&ClientFrame::Auth { token: login.token }).unwrap();
+        ws.send(WsMessage::Text(auth.into())).await.unwrap();
+        let _ready = ws.next().await.unwrap().unwrap();
+        stalled.push(ws);
+    }
+
+    let mut a = node.connect(&alice.login).await;
+    let body = "x".repeat(30_000);
+    let kicked = || async {
+        let text = reqwest::get(format!("{}/metrics", node.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with("gateway_slow_consumer_kicks_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut sent = 0;
+    // Until every stalled device was kicked, or 3,000 messages.
+    while sent < 3_000 {
+        a.send_message(&format!("s{sent}"), to(bob.id), &body)
+            .await
+            .unwrap();
+        sent += 1;
+        if sent % 50 == 0 && kicked().await >= STALLED as f64 {
+            break;
+        }
+    }
+    assert!(
+        kicked().await >= STALLED as f64,
+        "not every slow device was kicked"
+    );
+    let warnings = node
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("outbound queue full"))
+        .count();
+    assert!(
+        (1..=10).contains(&warnings),
+        "{warnings} slow-device warnings after {sent} messages"
+    );
+    // The node serves on.
+    let mut c = node.connect(&carol.login).await;
+    a.send_message("to-carol", to(carol.id), "still here")
+        .await
+        .unwrap();
+    assert_eq!(chat_tests::next_message(&mut c).await.body, "still here");
+    let health = reqwest::get(format!("{}/healthz", node.http))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    drop(stalled);
+}
