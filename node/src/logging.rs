@@ -31,17 +31,18 @@ pub const PAYLOAD_DUMPING_TARGETS: &[&str] = &[
     "rustls",
 ];
 
-/// The node's log filter: `spec` (tracing's `EnvFilter` syntax; `info` if it does not
-/// parse) with [`PAYLOAD_DUMPING_TARGETS`] capped at `info`.
-pub fn filter(spec: &str) -> tracing_subscriber::EnvFilter {
-    let mut filter = tracing_subscriber::EnvFilter::try_new(spec)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// The node's log filter: `spec` (tracing's `EnvFilter` syntax) with
+/// [`PAYLOAD_DUMPING_TARGETS`] capped at `info`; a `spec` that does not parse is an error.
+pub fn filter(
+    spec: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(spec)?;
     for target in PAYLOAD_DUMPING_TARGETS {
         if let Ok(cap) = format!("{target}=info").parse() {
             filter = filter.add_directive(cap);
         }
     }
-    filter
+    Ok(filter)
 }
 
 /// At most `burst` lines per `interval` from one call site.
@@ -125,13 +126,14 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn payload_dumping_libraries_stay_at_info_under_trace() {
-        let f = filter("trace").to_string();
+        let f = filter("trace").unwrap().to_string();
         for t in PAYLOAD_DUMPING_TARGETS {
             assert!(f.contains(&format!("{t}=info")), "{f}");
         }
         // An explicit request for a library's trace output is overridden too.
-        let f = filter("tungstenite=trace").to_string();
+        let f = filter("tungstenite=trace").unwrap().to_string();
         assert!(
             f.contains("tungstenite=info") && !f.contains("tungstenite=trace"),
             "{f}"
