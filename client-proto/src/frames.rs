@@ -20,8 +20,8 @@ pub enum Recipient {
     Group(GroupId),
 }
 
-/// A frame from a client to a node.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+/// A frame from a client to a node. `Debug` leaves tokens and bodies out (`redact.rs`).
+#[derive(Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// Must be the first frame of a connection.
@@ -76,8 +76,8 @@ impl ClientFrame {
     }
 }
 
-/// A stored message as clients see it.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+/// A stored message as clients see it. `Debug` leaves the body out (`redact.rs`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct Message {
     pub message_id: MessageId,
     pub conversation: ConversationId,

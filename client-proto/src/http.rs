@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::frames::{Message, PresenceStatus};
 use crate::ids::{DeviceId, GroupId, MessageId, UserId};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `Debug` leaves the password out (`redact.rs`).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SignupRequest {
     pub username: String,
     pub password: String,
@@ -19,7 +20,8 @@ pub struct SignupResponse {
     pub username: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `Debug` leaves the password out (`redact.rs`).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LoginRequest {
     pub username: String,
     pub password: String,
@@ -37,7 +39,8 @@ pub struct NodeInfo {
     pub quic_addr: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `Debug` leaves the token out (`redact.rs`).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LoginResponse {
     pub token: String,
     pub user_id: UserId,

@@ -110,6 +110,16 @@ pub struct ServeArgs {
     /// Attempts before a notification is dead-lettered [default: 8].
     #[arg(long, env = "CHATNODE_PUSH_MAX_ATTEMPTS")]
     pub push_max_attempts: Option<u32>,
+    /// Webhook targets allowed although internal: CIDRs, addresses or host names, comma
+    /// separated (e.g. `10.0.0.0/8,hooks.internal`). By default webhooks may only reach
+    /// public addresses (no loopback, private, link-local or metadata ranges).
+    #[arg(long, env = "CHATNODE_PUSH_ALLOW_HOSTS", value_delimiter = ',')]
+    pub push_allow_hosts: Vec<String>,
+    /// Key of the webhook signatures (`X-Chat-Signature`), at least 16 bytes [default:
+    /// derived from the cluster secret; `chatnode certs push-secret` prints it]. Prefer
+    /// the environment variable or the config file: flags show in `ps`.
+    #[arg(long, env = "CHATNODE_PUSH_SIGNING_SECRET", hide_env_values = true)]
+    pub push_signing_secret: Option<Redacted<String>>,
     /// Most client connections (HTTP and WebSocket) open at once; past it new ones are
     /// refused [default: the open-file limit less 1024 for the store and peers, at most
     /// 100000].
@@ -201,6 +211,9 @@ struct FileConfig {
     push_timeout_ms: Option<u64>,
     push_retry_base_ms: Option<u64>,
     push_max_attempts: Option<u32>,
+    #[serde(default)]
+    push_allow_hosts: Vec<String>,
+    push_signing_secret: Option<Redacted<String>>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     http_header_timeout_ms: Option<u64>,
@@ -391,6 +404,12 @@ impl Config {
                     .push_max_attempts
                     .or(file.push_max_attempts)
                     .unwrap_or(8),
+                allow_hosts: if args.push_allow_hosts.is_empty() {
+                    file.push_allow_hosts
+                } else {
+                    args.push_allow_hosts
+                },
+                signing_secret: args.push_signing_secret.or(file.push_signing_secret),
             },
             conn: ConnLimits {
                 max_connections: args
@@ -497,6 +516,17 @@ impl Config {
                 "--push-max-attempts, --push-timeout-ms and --push-retry-base-ms must be above 0"
                     .into(),
             );
+        }
+        if let Err(e) = crate::domain::push::target::TargetPolicy::parse(&self.push.allow_hosts) {
+            return bad(e);
+        }
+        if self
+            .push
+            .signing_secret
+            .as_ref()
+            .is_some_and(|s| s.0.len() < 16)
+        {
+            return bad("--push-signing-secret must be at least 16 bytes".into());
         }
         if self.conn.max_connections == 0 || self.conn.max_per_ip == 0 {
             return bad("--max-connections and --max-connections-per-ip must be above 0".into());
@@ -611,6 +641,28 @@ pub struct PushConfig {
     pub retry_base: Duration,
     /// Attempts before a notification is dropped as a dead letter.
     pub max_attempts: u32,
+    /// Internal targets the operator allows (`--push-allow-hosts`).
+    pub allow_hosts: Vec<String>,
+    /// The signing key; `None`: derived from the cluster secret.
+    pub signing_secret: Option<Redacted<String>>,
+}
+
+/// A secret that `Debug` does not print.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted<T>(pub T);
+
+impl std::str::FromStr for Redacted<String> {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Redacted(s.to_string()))
+    }
+}
+
+impl<T> std::fmt::Debug for Redacted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[cfg(test)]
@@ -668,6 +720,23 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("nod_id"), "{err}");
+    }
+
+    #[test]
+    fn the_push_signing_secret_is_not_in_debug_output() {
+        let c = Config::resolve(ServeArgs {
+            push_signing_secret: Some(Redacted("very-secret-signing-key".into())),
+            push_allow_hosts: vec!["127.0.0.0/8".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!format!("{c:?}").contains("very-secret"), "{c:?}");
+        let err = Config::resolve(ServeArgs {
+            push_allow_hosts: vec!["what?".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("push-allow-hosts"), "{err}");
     }
 
     #[test]

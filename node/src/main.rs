@@ -44,6 +44,12 @@ enum CertsCommand {
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
     },
+    /// Print (hex) the key that signs webhook POSTs by default, derived from the cluster
+    /// secret, for receivers to verify `X-Chat-Signature` with (see the README).
+    PushSecret {
+        #[arg(long)]
+        cluster_dir: std::path::PathBuf,
+    },
 }
 
 fn certs(cmd: CertsCommand) -> std::process::ExitCode {
@@ -66,6 +72,8 @@ fn certs(cmd: CertsCommand) -> std::process::ExitCode {
                 cluster_dir.display()
             )
         }),
+        CertsCommand::PushSecret { cluster_dir } => cluster::certs::load_secret(cluster_dir)
+            .map(|secret| chatnode::domain::push::derive_signing_key(secret.as_bytes())),
     };
     match result {
         Ok(done) => {
@@ -135,7 +143,7 @@ fn client(args: chat_tools::client_cli::ClientArgs) -> std::process::ExitCode {
 }
 
 fn init_tracing(filter: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
+    let filter = chatnode::logging::filter(filter)?;
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -29,7 +29,7 @@ use crate::domain::friends::Friends;
 use crate::domain::groups::Groups;
 use crate::domain::hub::Hub;
 use crate::domain::presence::{Feed, Presence};
-use crate::domain::push::Push;
+use crate::domain::push::{Push, TargetPolicy};
 use crate::mesh::{GossipDirectory, Mesh};
 use crate::node::{Node, Parts};
 use crate::store::{Store, StoreOptions};
@@ -103,6 +103,18 @@ fn spawn_clock_offset(path: std::path::PathBuf) -> JoinHandle<()> {
     })
 }
 
+/// Creates `dir` (and missing parents) as 0700 whatever the umask, and makes an existing
+/// one 0700: it holds the store (password hashes, message bodies) and usually the cluster
+/// dir with the node's key.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Runs a node until `stop` resolves, then shuts it down.
 pub async fn serve(
     mut cfg: Config,
@@ -125,7 +137,7 @@ pub async fn serve(
                 .with_context(|| format!("cannot listen on {addr} for {what}"))?;
         }
     }
-    std::fs::create_dir_all(&cfg.data_dir)
+    create_private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
     let cert_name = format!("node-{}", cfg.node_id);
     let hosts = vec![
@@ -194,7 +206,19 @@ pub async fn serve(
     ));
     mesh.attach_presence(presence.clone());
     let fanout = presence.spawn_fanout(shutdown.clone());
-    let push = Arc::new(Push::new(store.clone(), ids.clone(), cfg.push.clone()));
+    let push_targets =
+        Arc::new(TargetPolicy::parse(&cfg.push.allow_hosts).map_err(|e| anyhow::anyhow!(e))?);
+    let signing_key = match &cfg.push.signing_secret {
+        Some(s) => s.0.as_bytes().to_vec(),
+        None => crate::domain::push::derive_signing_key(secret.as_bytes()).into_bytes(),
+    };
+    let push = Arc::new(Push::new(
+        store.clone(),
+        ids.clone(),
+        cfg.push.clone(),
+        push_targets.clone(),
+        &signing_key,
+    ));
     let push_worker = push.spawn(shutdown.clone());
     let delivery = Delivery::new(hub.clone(), Arc::new(mesh.forwarder()));
     let node = Arc::new(Node::new(Parts {
@@ -206,7 +230,8 @@ pub async fn serve(
             cfg.token_ttl,
             cfg.device_idle,
             &cfg.login,
-        ),
+        )
+        .with_push_targets(push_targets),
         chat: Chat::new(
             store.clone(),
             ids.clone(),

@@ -53,6 +53,8 @@ pub struct Accounts {
     ids: Arc<IdGen>,
     delivery: Delivery,
     token_ttl: Duration,
+    /// Which webhook targets may be registered (public addresses only by default).
+    push_targets: Arc<crate::domain::push::TargetPolicy>,
     /// A device unused for this long is removed.
     device_idle: Duration,
     passwords: Passwords,
@@ -196,6 +198,7 @@ impl Accounts {
             ids,
             delivery,
             token_ttl,
+            push_targets: Arc::default(),
             device_idle,
             passwords: Passwords::new(limits.hash_workers, limits.hash_queue),
             throttle: parking_lot::Mutex::new(LoginThrottle::new(limits)),
@@ -211,6 +214,12 @@ impl Accounts {
             tracing::info!(%user, %device, why, "device removed");
             self.delivery.close_device(user, device, "logged out");
         }
+    }
+
+    /// Checks webhook targets against `policy` (the default allows public addresses only).
+    pub fn with_push_targets(mut self, policy: Arc<crate::domain::push::TargetPolicy>) -> Self {
+        self.push_targets = policy;
+        self
     }
 
     /// Signs up a user; `source` is the client's address (signups per address are limited).
@@ -537,7 +546,7 @@ impl Accounts {
         device: DeviceId,
         target: String,
     ) -> Result<(), ApiError> {
-        crate::domain::push::validate_target(&target)?;
+        crate::domain::push::validate_target(&self.push_targets, &target)?;
         self.store
             .update_user(who.user, |rec| {
                 let dev = rec

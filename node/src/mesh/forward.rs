@@ -28,7 +28,13 @@ use crate::domain::delivery::Forward;
 use crate::domain::friends::apply_friendship;
 use crate::domain::hub::Hub;
 use crate::domain::presence::Presence;
+use crate::logging::RateLimitedLog;
 use crate::store::SledReplica;
+
+/// Failed peer requests logged: 10 per 10 s (a down peer fails every one), the rest counted.
+static PEER_REQUEST_LOG: RateLimitedLog = RateLimitedLog::new(10, Duration::from_secs(10));
+/// Failed forwards logged: 10 per 10 s, the rest counted.
+static FORWARD_LOG: RateLimitedLog = RateLimitedLog::new(10, Duration::from_secs(10));
 
 /// Request kind: close a device's connections (logout).
 const KIND_CLOSE_DEVICE: u16 = 0x0201;
@@ -462,7 +468,9 @@ impl Inner {
             let request = Request { kind, body };
             if let Err(e) = this.endpoint.request(addr, &cert_name(node), request).await {
                 metrics::counter!("cluster_forward_failures_total").increment(1);
-                tracing::warn!(node, error = %e, "a request to a peer failed");
+                if let Some(suppressed) = PEER_REQUEST_LOG.allow() {
+                    tracing::warn!(node, error = %e, suppressed, "a request to a peer failed");
+                }
             }
         });
     }
@@ -489,7 +497,9 @@ impl Inner {
             }
             Err(e) => {
                 metrics::counter!("cluster_forward_failures_total").increment(sent);
-                tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed; it will be told to catch up");
+                if let Some(suppressed) = FORWARD_LOG.allow() {
+                    tracing::warn!(node, messages = sent, error = %e, suppressed, "forwarding to a peer failed; it will be told to catch up");
+                }
                 false
             }
         }

@@ -23,6 +23,7 @@ use cluster::lifecycle::{
     member_changes, seeds_elsewhere, ClusterLifecycle, ClusterView, FileMarker, LifecycleConfig,
     LifecycleHandle,
 };
+use cluster::membership::auth::GossipHealth;
 use cluster::membership::Duplicate;
 use cluster::replication::{
     Coordinator, CoordinatorConfig, PeerReplicaClient, PullPlan, ReplicaService, RpcReplicaClient,
@@ -50,6 +51,9 @@ use forward::Handler;
 /// How long a seeded node listens to gossip for another live node with its id before it
 /// serves (a few gossip rounds).
 const DUPLICATE_CHECK: Duration = Duration::from_millis(1500);
+/// How long a seeded node waits, after the duplicate check, for its first verified gossip
+/// datagram or a refusal before it serves.
+const SECRET_CHECK: Duration = Duration::from_millis(1500);
 /// How often this node's load goes into gossip.
 const LOAD_EVERY: Duration = Duration::from_secs(1);
 /// How often the pause detector looks at the clock.
@@ -156,6 +160,11 @@ impl Mesh {
                     "node id {} is already held by a live node ({dup:?}); give this node another --node-id",
                     cfg.node_id
                 );
+            }
+            if seeds_elsewhere(&cfg.seeds, cfg.gossip_addr, gossip_advertise) {
+                if let Some(health) = membership.gossip_health() {
+                    check_secret(&health, SECRET_CHECK).await?;
+                }
             }
         }
         let membership = Arc::new(membership);
@@ -392,6 +401,33 @@ impl Mesh {
 }
 
 /// Waits (at most `within`) for gossip to report another live node with this node's id.
+/// Refuses to serve when the seeds refused this node's gossip and none was verified: the
+/// node holds another cluster secret than its seeds, and serving would form a cluster of
+/// its own. Seeds that are down (nothing heard at all) do not stop it.
+async fn check_secret(health: &GossipHealth, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while health.verified() == 0
+        && health.refused_by_peers() == 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if health.verified() == 0 && health.refused_by_peers() > 0 {
+        let peer = health
+            .last_refuser()
+            .map_or_else(|| "the seeds".to_string(), |a| a.to_string());
+        tracing::error!(%peer, "the seeds refuse this node's gossip: its cluster secret is not theirs");
+        anyhow::bail!(
+            "the seed {peer} refuses this node's gossip: this node's cluster secret differs from the cluster's; \
+             give it the cluster dir (secret, CA and a node certificate) of the cluster it should join (--cluster-dir)"
+        );
+    }
+    if health.verified() == 0 {
+        tracing::warn!("no seed answered gossip yet; serving alone until one does");
+    }
+    Ok(())
+}
+
 async fn wait_for_duplicate(membership: &Membership, within: Duration) -> Option<Duplicate> {
     let mut watch = membership.watch_members();
     let deadline = tokio::time::Instant::now() + within;
