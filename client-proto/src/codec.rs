@@ -38,7 +38,13 @@ pub enum CloseCode {
     Normal = 1000,
     /// The node is shutting down, or the client stopped heartbeating.
     GoingAway = 1001,
-    /// Not authenticated in time, authentication failed, or the device logged out.
+    /// A WebSocket protocol violation (a reserved opcode or bits, an unmasked client frame,
+    /// a broken fragment sequence).
+    ProtocolError = 1002,
+    /// A text frame that is not UTF-8.
+    InvalidData = 1007,
+    /// Not authenticated in time, authentication failed, the device logged out, the Origin is
+    /// not allowed, or the token expired.
     PolicyViolation = 1008,
     /// A frame over [`MAX_FRAME_BYTES`].
     TooBig = 1009,
@@ -55,6 +61,8 @@ impl CloseCode {
         [
             CloseCode::Normal,
             CloseCode::GoingAway,
+            CloseCode::ProtocolError,
+            CloseCode::InvalidData,
             CloseCode::PolicyViolation,
             CloseCode::TooBig,
         ]
@@ -79,50 +87,154 @@ pub enum Codec {
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
+    /// More bytes on the wire than [`MAX_FRAME_BYTES`] (checked before parsing).
     #[error("frame is {0} bytes; the limit is {MAX_FRAME_BYTES}")]
     TooLarge(usize),
+    /// A well-formed frame whose `type` (binary: variant) is not one of the protocol's.
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
+    /// A known frame type with a field that is missing or of the wrong shape; names the field.
+    #[error("{kind} frame: {message}")]
+    InvalidField { kind: String, message: String },
+    /// Not a frame at all (not JSON, not an object, truncated binary, trailing bytes).
     #[error("malformed frame: {0}")]
     Malformed(String),
 }
 
-type BinConfig =
-    Configuration<bincode::config::BigEndian, bincode::config::Varint, Limit<MAX_FRAME_BYTES>>;
+/// Longest detail kept from a parser's error (they can quote the input).
+const MAX_DETAIL_BYTES: usize = 256;
 
-fn bin_config() -> BinConfig {
+fn detail(e: impl std::fmt::Display) -> String {
+    let mut s = e.to_string();
+    crate::limits::truncate_utf8(&mut s, MAX_DETAIL_BYTES);
+    s
+}
+
+/// The most memory one binary frame's decoding may claim, which bincode checks before each
+/// allocation (a length prefix cannot make the decoder reserve more). It is not the frame
+/// limit: bincode counts a decoded `Vec<UserId>` at 8 bytes an id that may be one byte on the
+/// wire, and a `Message` at its in-memory size, so a frame within [`MAX_FRAME_BYTES`] must
+/// never reach it; frames are refused by their wire size first ([`decode`]). The worst
+/// ratio of memory to wire bytes among the frame types is that of a `Vec<Message>` of tiny
+/// messages, under 16.
+const DECODE_MEMORY_LIMIT: usize = 16 * MAX_FRAME_BYTES;
+
+type BinDecodeConfig =
+    Configuration<bincode::config::BigEndian, bincode::config::Varint, Limit<DECODE_MEMORY_LIMIT>>;
+
+fn bin_decode_config() -> BinDecodeConfig {
     bincode::config::standard()
         .with_big_endian()
-        .with_limit::<MAX_FRAME_BYTES>()
+        .with_limit::<DECODE_MEMORY_LIMIT>()
+}
+
+fn bin_encode_config() -> Configuration<bincode::config::BigEndian, bincode::config::Varint> {
+    bincode::config::standard().with_big_endian()
 }
 
 /// Encodes a frame.
 pub fn encode<T: Serialize + bincode::Encode>(codec: Codec, frame: &T) -> Vec<u8> {
     match codec {
         // Serialising our own frame types cannot fail: no maps with non-string keys, no
-        // custom serialisers that error.
+        // custom serialisers that error, and no size limit on the way out (frames are kept
+        // under the limit by construction: see `limits::message_weight`).
         Codec::Json => serde_json::to_vec(frame).unwrap_or_default(),
-        Codec::Binary => bincode::encode_to_vec(frame, bin_config()).unwrap_or_default(),
+        Codec::Binary => bincode::encode_to_vec(frame, bin_encode_config()).unwrap_or_default(),
     }
 }
 
-/// Decodes a frame of type `T`, refusing anything over the frame limit before parsing.
-pub fn decode<T: DeserializeOwned + bincode::Decode<()>>(
-    codec: Codec,
-    bytes: &[u8],
-) -> Result<T, DecodeError> {
+/// A type of frame this codec decodes: its `type` names, and the shape of each one's fields
+/// (to say which field is wrong when a frame of a known type does not decode).
+pub trait Frame: DeserializeOwned + bincode::Decode<()> {
+    /// The binary codec's name of the enum (bincode's `type_name`).
+    const ENUM_NAME: &'static str;
+    /// Whether `kind` is one of this enum's `type`s.
+    fn is_kind(kind: &str) -> bool;
+    /// The first field of a `kind` frame in `fields` that does not decode, with why.
+    fn field_error(
+        _kind: &str,
+        _fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<String> {
+        None
+    }
+}
+
+/// Checks field `name` of `fields` as a `T`: `None` if it is absent or fine.
+fn check_field<T: DeserializeOwned>(
+    fields: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Option<String> {
+    let v = fields.get(name)?;
+    T::deserialize(v)
+        .err()
+        .map(|e| format!("field `{name}`: {}", detail(e)))
+}
+
+impl Frame for crate::frames::ClientFrame {
+    const ENUM_NAME: &'static str = "ClientFrame";
+
+    fn is_kind(kind: &str) -> bool {
+        Self::KINDS.contains(&kind)
+    }
+
+    fn field_error(kind: &str, f: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+        use crate::frames::Recipient;
+        use crate::ids::{ConversationId, MessageId, Position, UserId};
+        match kind {
+            "auth" => check_field::<String>(f, "token"),
+            "send" => check_field::<String>(f, "id")
+                .or_else(|| check_field::<Recipient>(f, "to"))
+                .or_else(|| check_field::<String>(f, "body")),
+            "sync" => check_field::<Option<Position>>(f, "after")
+                .or_else(|| check_field::<Option<u32>>(f, "limit")),
+            "subscribe_presence" | "unsubscribe_presence" => check_field::<Vec<UserId>>(f, "users"),
+            "history" => check_field::<ConversationId>(f, "conversation")
+                .or_else(|| check_field::<Option<MessageId>>(f, "before"))
+                .or_else(|| check_field::<Option<u32>>(f, "limit")),
+            "seen" => check_field::<MessageId>(f, "message_id"),
+            _ => None,
+        }
+    }
+}
+
+impl Frame for crate::frames::ServerFrame {
+    const ENUM_NAME: &'static str = "ServerFrame";
+
+    fn is_kind(kind: &str) -> bool {
+        [
+            "ready",
+            "ack",
+            "message",
+            "sync_batch",
+            "presence",
+            "history",
+            "error",
+            "draining",
+            "cursor",
+        ]
+        .contains(&kind)
+    }
+}
+
+/// Decodes a frame of type `T`, refusing anything over the frame limit (in bytes on the
+/// wire) before parsing.
+pub fn decode<T: Frame>(codec: Codec, bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
     match codec {
-        Codec::Json => serde_json::from_slice(bytes).map_err(|e| classify_json_error(bytes, e)),
+        Codec::Json => {
+            serde_json::from_slice(bytes).map_err(|e| classify_json_error::<T>(bytes, e))
+        }
         Codec::Binary => {
             let (frame, used) =
-                bincode::decode_from_slice(bytes, bin_config()).map_err(|e| match e {
-                    bincode::error::DecodeError::UnexpectedVariant { found, .. } => {
+                bincode::decode_from_slice(bytes, bin_decode_config()).map_err(|e| match e {
+                    bincode::error::DecodeError::UnexpectedVariant {
+                        found, type_name, ..
+                    } if type_name == T::ENUM_NAME => {
                         DecodeError::UnknownType(format!("binary frame variant {found}"))
                     }
-                    e => DecodeError::Malformed(e.to_string()),
+                    e => DecodeError::Malformed(detail(e)),
                 })?;
             if used != bytes.len() {
                 return Err(DecodeError::Malformed(format!(
@@ -135,18 +247,28 @@ pub fn decode<T: DeserializeOwned + bincode::Decode<()>>(
     }
 }
 
-/// Tells an unknown `type` apart from malformed JSON (only on the error path).
-fn classify_json_error(bytes: &[u8], err: serde_json::Error) -> DecodeError {
-    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(bytes) {
-        match map.get("type") {
-            Some(serde_json::Value::String(t)) if err.to_string().contains("unknown variant") => {
-                return DecodeError::UnknownType(t.chars().take(64).collect());
-            }
-            None => return DecodeError::Malformed("missing \"type\"".into()),
-            _ => {}
+/// Tells an unknown `type` and a bad field of a known type apart from malformed JSON (only
+/// on the error path).
+fn classify_json_error<T: Frame>(bytes: &[u8], err: serde_json::Error) -> DecodeError {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return DecodeError::Malformed(detail(err));
+    };
+    let serde_json::Value::Object(map) = value else {
+        return DecodeError::Malformed("a frame is a JSON object".into());
+    };
+    match map.get("type") {
+        None => DecodeError::Malformed("missing \"type\"".into()),
+        Some(serde_json::Value::String(t)) if !T::is_kind(t) => {
+            let mut t = t.clone();
+            crate::limits::truncate_utf8(&mut t, 64);
+            DecodeError::UnknownType(t)
         }
+        Some(serde_json::Value::String(t)) => DecodeError::InvalidField {
+            kind: t.clone(),
+            message: T::field_error(t, &map).unwrap_or_else(|| detail(err)),
+        },
+        Some(_) => DecodeError::Malformed("\"type\" must be a string".into()),
     }
-    DecodeError::Malformed(err.to_string())
 }
 
 #[cfg(test)]
@@ -206,6 +328,42 @@ mod tests {
         ));
         assert!(matches!(
             decode::<ClientFrame>(Codec::Json, br#"{"type":"send","id":"x"}"#),
+            Err(DecodeError::InvalidField { kind, message }) if kind == "send" && message.contains("missing field `to`")
+        ));
+        for (frame, field) in [
+            (
+                &br#"{"type":"send","id":"x","to":{"foo":"1"},"body":"b"}"#[..],
+                "to",
+            ),
+            (
+                br#"{"type":"send","id":"x","to":{"user":"+42"},"body":"b"}"#,
+                "to",
+            ),
+            (
+                br#"{"type":"send","id":"x","to":{"user":42},"body":"b"}"#,
+                "to",
+            ),
+            (br#"{"type":"send","id":"x","to":"42","body":"b"}"#, "to"),
+            (
+                br#"{"type":"send","id":7,"to":{"user":"1"},"body":"b"}"#,
+                "id",
+            ),
+            (br#"{"type":"seen","message_id":"01"}"#, "message_id"),
+            (
+                br#"{"type":"history","conversation":"d:2:1"}"#,
+                "conversation",
+            ),
+            (br#"{"type":"subscribe_presence","users":[1]}"#, "users"),
+        ] {
+            match decode::<ClientFrame>(Codec::Json, frame) {
+                Err(e @ DecodeError::InvalidField { .. }) => {
+                    assert!(e.to_string().contains(&format!("field `{field}`")), "{e}")
+                }
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(frame)),
+            }
+        }
+        assert!(matches!(
+            decode::<ClientFrame>(Codec::Json, b"[1,2]"),
             Err(DecodeError::Malformed(_))
         ));
         let big = vec![b' '; MAX_FRAME_BYTES + 1];
@@ -231,6 +389,45 @@ mod tests {
         ] {
             assert!(decode::<ClientFrame>(Codec::Binary, garbage).is_err());
         }
+        // A bad recipient variant is a bad field, not an unknown frame type.
+        let mut bytes = encode(Codec::Binary, &f);
+        bytes[1] = 7;
+        assert!(matches!(
+            decode::<ClientFrame>(Codec::Binary, &bytes),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_binary_send_up_to_the_frame_limit_decodes_whatever_its_body() {
+        // bincode's own limit counts claimed memory, not wire bytes: a frame under the wire
+        // limit must decode (and then be judged by the body rule), one over it must not.
+        for len in [131_058, 131_072, 200_000, MAX_FRAME_BYTES] {
+            let mut f = ClientFrame::Send {
+                id: "c".into(),
+                to: Recipient::User(UserId(1)),
+                body: String::new(),
+            };
+            let overhead = encode(Codec::Binary, &f).len() + 4;
+            if let ClientFrame::Send { body, .. } = &mut f {
+                *body = "x".repeat(len - overhead);
+            }
+            let bytes = encode(Codec::Binary, &f);
+            assert!(
+                bytes.len() <= len && bytes.len() + 4 >= len,
+                "{}",
+                bytes.len()
+            );
+            assert_eq!(decode::<ClientFrame>(Codec::Binary, &bytes).unwrap(), f);
+        }
+        let ids = ClientFrame::SubscribePresence {
+            users: (0..(MAX_FRAME_BYTES as u64 - 8))
+                .map(|_| UserId(1))
+                .collect(),
+        };
+        let bytes = encode(Codec::Binary, &ids);
+        assert!(bytes.len() <= MAX_FRAME_BYTES);
+        assert!(decode::<ClientFrame>(Codec::Binary, &bytes).is_ok());
     }
 
     #[test]
@@ -238,6 +435,8 @@ mod tests {
         for (c, n) in [
             (CloseCode::Normal, 1000),
             (CloseCode::GoingAway, 1001),
+            (CloseCode::ProtocolError, 1002),
+            (CloseCode::InvalidData, 1007),
             (CloseCode::PolicyViolation, 1008),
             (CloseCode::TooBig, 1009),
         ] {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, Position, UserId};
+use crate::limits::{truncate_utf8, MAX_ECHOED_REF_BYTES, MAX_ERROR_MESSAGE_BYTES};
 
 /// Where a `send` goes: `{"user": id}` or `{"group": id}`.
 #[derive(
@@ -61,6 +62,18 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// Every `type` a client may send.
+    pub const KINDS: [&'static str; 8] = [
+        "auth",
+        "send",
+        "sync",
+        "heartbeat",
+        "subscribe_presence",
+        "unsubscribe_presence",
+        "history",
+        "seen",
+    ];
+
     /// The frame's `type` name, for logs and errors.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -152,6 +165,9 @@ pub enum ServerFrame {
         message: String,
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// With `rate_limited`: milliseconds after which the same request will be accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// The node is shutting down; reconnect elsewhere.
     Draining {
@@ -165,12 +181,33 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
-    /// An `error` frame.
+    /// An `error` frame. The message is cut to [`MAX_ERROR_MESSAGE_BYTES`] and a reference
+    /// longer than [`MAX_ECHOED_REF_BYTES`] is left out (echoing it would let a client make the
+    /// node send back what it sent, escaped larger).
     pub fn error(code: ErrorCode, message: impl Into<String>, reference: Option<String>) -> Self {
+        let mut message = message.into();
+        truncate_utf8(&mut message, MAX_ERROR_MESSAGE_BYTES);
         ServerFrame::Error {
             code,
-            message: message.into(),
-            reference,
+            message,
+            reference: reference.filter(|r| r.len() <= MAX_ECHOED_REF_BYTES),
+            retry_after_ms: None,
         }
+    }
+
+    /// A `rate_limited` error with the time after which the request will be accepted.
+    pub fn rate_limited(
+        message: impl Into<String>,
+        reference: Option<String>,
+        retry_after_ms: u64,
+    ) -> Self {
+        let mut frame = ServerFrame::error(ErrorCode::RateLimited, message, reference);
+        if let ServerFrame::Error {
+            retry_after_ms: r, ..
+        } = &mut frame
+        {
+            *r = Some(retry_after_ms);
+        }
+        frame
     }
 }
