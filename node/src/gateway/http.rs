@@ -1,10 +1,11 @@
 //! The HTTP API of `docs/protocol.md` (`/v1/...`), health and metrics, and how an
-//! [`ApiError`] becomes an HTTP answer.
+//! [`ApiError`] becomes an HTTP answer. Every refusal of the API is the protocol's JSON
+//! error body, the router's own included (no route, wrong method, bad path or query string,
+//! a body that is not a JSON object).
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +15,7 @@ use client_proto::http::{
     AddMemberRequest, CreateGroupRequest, HistoryPage, LoginRequest, PatchMeRequest, SignupRequest,
 };
 use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
-use client_proto::ErrorBody;
+use client_proto::{ErrorBody, ErrorCode};
 use serde::Deserialize;
 
 use crate::domain::auth::Identity;
@@ -49,23 +50,66 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            let body = ErrorBody::new(
+                ErrorCode::BadRequest,
+                "method not allowed on this route (see docs/protocol.md)",
+            );
+            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(node)
 }
 
-/// A JSON body whose rejections are protocol errors.
+/// A JSON object body ([`client_proto::http::decode_body`]) whose rejections are protocol
+/// errors.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => {
-                Err(ApiError::bad_request("send the body as application/json"))
-            }
-            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+        if !json {
+            return Err(ApiError::bad_request("send the body as application/json"));
         }
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        client_proto::http::decode_body(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
+/// Path parameters whose rejections are protocol errors.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// A query string whose rejections are protocol errors.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
     }
 }
 
