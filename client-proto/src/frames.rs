@@ -118,6 +118,39 @@ pub enum PresenceStatus {
     Offline,
 }
 
+/// The `retry_after_ms` of an `error` frame: an optional number in JSON. The binary codec does
+/// not carry it (it encodes as nothing and decodes as `None`), so that the binary layout of
+/// `error` stays that of the clients already deployed; binary clients read the wait from the
+/// message (`... retry in 120 ms`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RetryAfterMs(pub Option<u64>);
+
+impl RetryAfterMs {
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl bincode::Encode for RetryAfterMs {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        _: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        Ok(())
+    }
+}
+
+impl<C> bincode::Decode<C> for RetryAfterMs {
+    fn decode<D: bincode::de::Decoder<Context = C>>(
+        _: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        Ok(RetryAfterMs(None))
+    }
+}
+
+bincode::impl_borrow_decode!(RetryAfterMs);
+
 /// A frame from a node to a client.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -165,9 +198,10 @@ pub enum ServerFrame {
         message: String,
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
-        /// With `rate_limited`: milliseconds after which the same request will be accepted.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        retry_after_ms: Option<u64>,
+        /// With `rate_limited`: milliseconds after which the same request will be accepted
+        /// (JSON only; see [`RetryAfterMs`]).
+        #[serde(default, skip_serializing_if = "RetryAfterMs::is_none")]
+        retry_after_ms: RetryAfterMs,
     },
     /// The node is shutting down; reconnect elsewhere.
     Draining {
@@ -191,7 +225,7 @@ impl ServerFrame {
             code,
             message,
             reference: reference.filter(|r| r.len() <= MAX_ECHOED_REF_BYTES),
-            retry_after_ms: None,
+            retry_after_ms: RetryAfterMs(None),
         }
     }
 
@@ -206,8 +240,56 @@ impl ServerFrame {
             retry_after_ms: r, ..
         } = &mut frame
         {
-            *r = Some(retry_after_ms);
+            *r = RetryAfterMs(Some(retry_after_ms));
         }
         frame
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode, Codec};
+
+    #[test]
+    fn the_retry_hint_is_json_only_and_keeps_the_binary_error_layout() {
+        let f = ServerFrame::rate_limited("too many sends; retry in 120 ms", Some("a".into()), 120);
+        let json = String::from_utf8(encode(Codec::Json, &f)).unwrap();
+        assert!(
+            json.ends_with(r#""ref":"a","retry_after_ms":120}"#),
+            "{json}"
+        );
+        assert_eq!(
+            decode::<ServerFrame>(Codec::Json, json.as_bytes()).unwrap(),
+            f
+        );
+        // Binary: variant 6, code 8 (rate_limited), the message, the ref; nothing more.
+        let bin = encode(Codec::Binary, &f);
+        let plain = ServerFrame::error(
+            ErrorCode::RateLimited,
+            "too many sends; retry in 120 ms",
+            Some("a".into()),
+        );
+        assert_eq!(bin, encode(Codec::Binary, &plain));
+        assert_eq!(&bin[..2], &[6, 8]);
+        assert_eq!(decode::<ServerFrame>(Codec::Binary, &bin).unwrap(), plain);
+    }
+
+    #[test]
+    fn error_frames_are_bounded() {
+        let f = ServerFrame::error(
+            ErrorCode::InvalidFrame,
+            "\u{1}".repeat(100_000),
+            Some("r".repeat(300)),
+        );
+        match f {
+            ServerFrame::Error {
+                message, reference, ..
+            } => {
+                assert_eq!(message.len(), crate::limits::MAX_ERROR_MESSAGE_BYTES);
+                assert_eq!(reference, None);
+            }
+            _ => unreachable!(),
+        }
     }
 }

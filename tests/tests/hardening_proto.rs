@@ -27,7 +27,7 @@ async fn next_error(conn: &mut Connection) -> (ErrorCode, String, Option<u64>) {
             message,
             retry_after_ms,
             ..
-        } => Some((*code, message.clone(), *retry_after_ms)),
+        } => Some((*code, message.clone(), retry_after_ms.0)),
         _ => None,
     })
     .await
@@ -502,7 +502,7 @@ async fn sync_and_history_are_rate_limited_per_user_by_requests_and_bytes() {
                         code,
                         retry_after_ms,
                         ..
-                    } => Some(Some((*code, *retry_after_ms))),
+                    } => Some(Some((*code, retry_after_ms.0))),
                     _ => None,
                 })
                 .await

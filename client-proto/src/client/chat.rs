@@ -446,7 +446,7 @@ impl Driver {
                     // Safe to retry with the same client id, after a pause (at least what the
                     // node asked for).
                     let jitter = rand::thread_rng().gen_range(200..1000);
-                    let pause = Duration::from_millis(retry_after_ms.unwrap_or(0).max(jitter));
+                    let pause = Duration::from_millis(retry_after_ms.0.unwrap_or(0).max(jitter));
                     tokio::time::sleep(pause).await;
                     return self.unacked.get(&r).map(|p| p.frame.clone());
                 }
@@ -472,7 +472,7 @@ impl Driver {
                     // The sync stopped part-way (the batches so far moved the cursor) or was
                     // refused: sync again from the cursor after a pause.
                     let jitter = rand::thread_rng().gen_range(1000..3000);
-                    let pause = Duration::from_millis(retry_after_ms.unwrap_or(0).max(jitter));
+                    let pause = Duration::from_millis(retry_after_ms.0.unwrap_or(0).max(jitter));
                     tokio::time::sleep(pause).await;
                     return Some(self.sync_frame());
                 }
