@@ -2,7 +2,9 @@
 //! made of the characters JSON escapes the most (U+0001 becomes `\u0001`, six bytes) or
 //! that it escapes in two (`\n`) is sent, delivered live, synced and read from history by a
 //! conforming client (one that closes with 1009 on any frame over 655,360 bytes), and the
-//! conversation goes on after it.
+//! conversation goes on after it; `sync_batch` and `history` frames are split by their
+//! encoded size, not their raw one. Whatever the sender's transport, a JSON device of the
+//! recipient gets it too (a binary sender's body is a JSON client's six-fold frame).
 
 use chat_tests::{next_message, to, TestNode, Transport, WAIT};
 use client_proto::limits::MAX_BODY_BYTES;
@@ -14,10 +16,15 @@ async fn maximal_escaped_bodies_arrive_live_by_sync_and_by_history(t: Transport)
     let bob = node.user("bob").await;
     let mut a = t.connect(&node, &alice.login).await;
     let mut b = t.connect(&node, &bob.login).await;
+    let mut bj = Transport::WsJson.connect(&node, &bob.login).await;
     let bodies = [
         "\u{1}".repeat(MAX_BODY_BYTES),
         "\n".repeat(MAX_BODY_BYTES),
         "\"\\".repeat(MAX_BODY_BYTES / 2),
+        // Two that fit one frame by their raw size (the old budget) but not escaped: a
+        // `sync_batch` or `history` frame must split them.
+        "\u{1}".repeat(54_790),
+        "\u{1}".repeat(54_790),
     ];
     let mut sent = Vec::new();
     for (i, body) in bodies.iter().enumerate() {
@@ -25,9 +32,11 @@ async fn maximal_escaped_bodies_arrive_live_by_sync_and_by_history(t: Transport)
             .send_message(&format!("big{i}"), to(bob.id), body)
             .await
             .unwrap();
-        let got = next_message(&mut b).await;
-        assert_eq!(got.message_id, ack.message_id);
-        assert!(got.body == *body, "body {i} arrived changed");
+        for conn in [&mut b, &mut bj] {
+            let got = next_message(conn).await;
+            assert_eq!(got.message_id, ack.message_id);
+            assert!(got.body == *body, "body {i} arrived changed");
+        }
         sent.push(ack.message_id);
     }
     // A later message still arrives.
@@ -43,6 +52,8 @@ async fn maximal_escaped_bodies_arrive_live_by_sync_and_by_history(t: Transport)
     for (m, body) in synced.messages.iter().zip(&bodies) {
         assert!(m.body == *body);
     }
+    let synced_json = bj.sync_all(None, None).await.unwrap();
+    assert_eq!(synced_json.ids(), sent);
 
     // History over the connection, page by page.
     let conversation = client_proto::ConversationId::direct(alice.id, bob.id);
