@@ -554,6 +554,18 @@ async fn sync_and_history_are_rate_limited_per_user_by_requests_and_bytes() {
     }
     assert!(refused, "{full_syncs} full syncs of 200 KB, never refused");
     assert!((1..=2).contains(&full_syncs), "{full_syncs}");
+    // The same allowance covers history over HTTP.
+    let e = node
+        .api()
+        .history(
+            &bob.login.token,
+            client_proto::ConversationId::direct(bob.id, carol.id),
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::RateLimited), "{e}");
     // Others are served.
     still_serves(&node, &carol, &alice).await;
 }

@@ -310,10 +310,32 @@ async fn history(
         .map(|l| l.parse::<u32>())
         .transpose()
         .map_err(|_| ApiError::bad_request("limit must be a number from 1 to 200"))?;
+    // The user's allowance of read reply bytes, shared with their sessions' `sync` and
+    // `history` (a page is up to the frame limit: without it one small request after another
+    // would make the node send hundreds of MB).
+    let allowance = node.limits.register(who.user, std::time::Instant::now());
+    if let Err(wait) = allowance.try_read_bytes(std::time::Instant::now()) {
+        metrics::counter!("gateway_rate_limited_total").increment(1);
+        let secs = wait.as_secs() + 1;
+        let body = ErrorBody::new(
+            ErrorCode::RateLimited,
+            format!("too many history and sync bytes; retry in {secs} s"),
+        );
+        return Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            Json(body),
+        )
+            .into_response());
+    }
     let page = node
         .chat
         .history(who.user, conversation, before, limit)
         .await?;
+    allowance.charge_read_bytes(
+        crate::gateway::session::reply_bytes(&page.messages),
+        std::time::Instant::now(),
+    );
     Ok(Json(HistoryPage {
         messages: page.messages,
         next_before: page.next_before,

@@ -196,6 +196,20 @@ impl UserLimit {
             .unwrap_or(Ok(()))
     }
 
+    /// Whether the user has reply bytes left (for reads that take no request token: HTTP
+    /// history, whose requests the HTTP listener bounds); `Err(retry_after)` otherwise.
+    pub fn try_read_bytes(&self, now: Instant) -> Result<(), Duration> {
+        self.limits
+            .with(self.user, |e| {
+                if e.read_bytes.has_token(now) {
+                    Ok(())
+                } else {
+                    Err(e.read_bytes.retry_after(now))
+                }
+            })
+            .unwrap_or(Ok(()))
+    }
+
     /// Counts `bytes` of read replies against the user (known only once read).
     pub fn charge_read_bytes(&self, bytes: usize, now: Instant) {
         self.limits

@@ -437,7 +437,7 @@ impl Session {
 }
 
 /// Roughly what `messages` take in a reply, for the user's read-bytes allowance.
-pub(super) fn reply_bytes(messages: &[client_proto::Message]) -> usize {
+pub(crate) fn reply_bytes(messages: &[client_proto::Message]) -> usize {
     messages
         .iter()
         .map(|m| m.body.len() + m.client_id.len() + 100)
