@@ -461,6 +461,76 @@ mod tests {
         assert!(codec.decode(&mut big).is_err());
     }
 
+    /// The worst case of every frame that carries a body: the body and client id at their
+    /// limits, made of the character JSON escapes the most, the largest ids. Each fits the
+    /// frame limit in both codecs, and a page of messages within the budget does too.
+    #[test]
+    fn frames_at_the_limits_fit_the_frame_limit_in_both_codecs() {
+        use crate::frames::Message;
+        use crate::ids::{GroupId, Position};
+        use crate::limits::{
+            message_weight, FRAME_PAYLOAD_BUDGET, MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES,
+        };
+        use std::sync::Arc;
+        let body = "\u{1}".repeat(MAX_BODY_BYTES);
+        let client_id = "\u{1}".repeat(MAX_CLIENT_ID_BYTES);
+        let m = |body: &str| Message {
+            message_id: MessageId(u64::MAX),
+            conversation: ConversationId::direct(UserId(u64::MAX - 1), UserId(u64::MAX)),
+            from: UserId(u64::MAX),
+            to: Some(UserId(u64::MAX)),
+            group: Some(GroupId(u64::MAX)),
+            body: body.into(),
+            ts: u64::MAX,
+            client_id: client_id.clone(),
+        };
+        let max = m(&body);
+        // A page of smaller messages filling the budget.
+        let small = m(&"\u{1}".repeat(1000));
+        let per_page = FRAME_PAYLOAD_BUDGET / message_weight(1000, MAX_CLIENT_ID_BYTES);
+        let frames = [
+            ServerFrame::Message {
+                message: Arc::new(max.clone()),
+            },
+            ServerFrame::SyncBatch {
+                messages: vec![max.clone()],
+                cursor: Some(Position(u64::MAX)),
+                done: false,
+                gap: true,
+            },
+            ServerFrame::History {
+                conversation: ConversationId::direct(UserId(u64::MAX - 1), UserId(u64::MAX)),
+                messages: vec![max.clone()],
+                next_before: Some(MessageId(u64::MAX)),
+            },
+            ServerFrame::SyncBatch {
+                messages: vec![small; per_page],
+                cursor: Some(Position(u64::MAX)),
+                done: false,
+                gap: true,
+            },
+        ];
+        for f in &frames {
+            for c in [Codec::Json, Codec::Binary] {
+                let n = encode(c, f).len();
+                assert!(n <= MAX_FRAME_BYTES, "{c:?} {n}");
+            }
+        }
+        let weight = message_weight(MAX_BODY_BYTES, MAX_CLIENT_ID_BYTES);
+        assert!(encode(Codec::Json, &max).len() <= weight);
+        let send = ClientFrame::Send {
+            id: client_id.clone(),
+            to: Recipient::Group(GroupId(u64::MAX)),
+            body,
+        };
+        let n = encode(Codec::Json, &send).len();
+        assert!(n <= MAX_FRAME_BYTES, "{n}");
+        assert_eq!(
+            decode::<ClientFrame>(Codec::Json, &encode(Codec::Json, &send)).unwrap(),
+            send
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
