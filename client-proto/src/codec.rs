@@ -5,7 +5,7 @@
 //! ([`ALPN`]), the length prefix of QUIC frames ([`length_prefix_codec`]) and the close codes
 //! ([`CloseCode`]).
 
-use bincode::config::{Configuration, Limit};
+use bincode::config::Configuration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::codec::LengthDelimitedCodec;
@@ -110,22 +110,24 @@ fn detail(e: impl std::fmt::Display) -> String {
     s
 }
 
-/// The most memory one binary frame's decoding may claim, which bincode checks before each
-/// allocation (a length prefix cannot make the decoder reserve more). It is not the frame
-/// limit: bincode counts a decoded `Vec<UserId>` at 8 bytes an id that may be one byte on the
-/// wire, and a `Message` at its in-memory size, so a frame within [`MAX_FRAME_BYTES`] must
-/// never reach it; frames are refused by their wire size first ([`decode`]). The worst
-/// ratio of memory to wire bytes among the frame types is that of a `Vec<Message>` of tiny
-/// messages, under 16.
-const DECODE_MEMORY_LIMIT: usize = 16 * MAX_FRAME_BYTES;
+/// The most memory one client frame's binary decoding may claim, which bincode checks before
+/// each allocation (a length prefix cannot make the decoder reserve more). It is not the
+/// frame limit: bincode counts a `Vec<UserId>` at 8 bytes an id that may be one byte on the
+/// wire, so it is 8 times the frame limit, which no frame within [`MAX_FRAME_BYTES`] can
+/// reach (strings claim their length, at most their wire bytes); frames are refused by their
+/// wire size first ([`decode`]).
+const CLIENT_DECODE_MEMORY: usize = 8 * MAX_FRAME_BYTES;
+/// The same for server frames: a `Vec<Message>` claims `size_of::<Message>()` (128 bytes) a
+/// message of at least 10 bytes on the wire.
+const SERVER_DECODE_MEMORY: usize = 16 * MAX_FRAME_BYTES;
 
-type BinDecodeConfig =
-    Configuration<bincode::config::BigEndian, bincode::config::Varint, Limit<DECODE_MEMORY_LIMIT>>;
-
-fn bin_decode_config() -> BinDecodeConfig {
-    bincode::config::standard()
+fn bin_decode<T: bincode::Decode<()>, const LIMIT: usize>(
+    bytes: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    let config = bincode::config::standard()
         .with_big_endian()
-        .with_limit::<DECODE_MEMORY_LIMIT>()
+        .with_limit::<LIMIT>();
+    bincode::decode_from_slice(bytes, config)
 }
 
 fn bin_encode_config() -> Configuration<bincode::config::BigEndian, bincode::config::Varint> {
@@ -148,6 +150,9 @@ pub fn encode<T: Serialize + bincode::Encode>(codec: Codec, frame: &T) -> Vec<u8
 pub trait Frame: DeserializeOwned + bincode::Decode<()> {
     /// The binary codec's name of the enum (bincode's `type_name`).
     const ENUM_NAME: &'static str;
+    /// Decodes one frame from the start of `bytes` in the binary codec, with this type's
+    /// memory limit.
+    fn decode_binary(bytes: &[u8]) -> Result<(Self, usize), bincode::error::DecodeError>;
     /// Whether `kind` is one of this enum's `type`s.
     fn is_kind(kind: &str) -> bool;
     /// The first field of a `kind` frame in `fields` that does not decode, with why.
@@ -172,6 +177,10 @@ fn check_field<T: DeserializeOwned>(
 
 impl Frame for crate::frames::ClientFrame {
     const ENUM_NAME: &'static str = "ClientFrame";
+
+    fn decode_binary(bytes: &[u8]) -> Result<(Self, usize), bincode::error::DecodeError> {
+        bin_decode::<Self, CLIENT_DECODE_MEMORY>(bytes)
+    }
 
     fn is_kind(kind: &str) -> bool {
         Self::KINDS.contains(&kind)
@@ -200,6 +209,10 @@ impl Frame for crate::frames::ClientFrame {
 impl Frame for crate::frames::ServerFrame {
     const ENUM_NAME: &'static str = "ServerFrame";
 
+    fn decode_binary(bytes: &[u8]) -> Result<(Self, usize), bincode::error::DecodeError> {
+        bin_decode::<Self, SERVER_DECODE_MEMORY>(bytes)
+    }
+
     fn is_kind(kind: &str) -> bool {
         [
             "ready",
@@ -227,15 +240,14 @@ pub fn decode<T: Frame>(codec: Codec, bytes: &[u8]) -> Result<T, DecodeError> {
             serde_json::from_slice(bytes).map_err(|e| classify_json_error::<T>(bytes, e))
         }
         Codec::Binary => {
-            let (frame, used) =
-                bincode::decode_from_slice(bytes, bin_decode_config()).map_err(|e| match e {
-                    bincode::error::DecodeError::UnexpectedVariant {
-                        found, type_name, ..
-                    } if type_name == T::ENUM_NAME => {
-                        DecodeError::UnknownType(format!("binary frame variant {found}"))
-                    }
-                    e => DecodeError::Malformed(detail(e)),
-                })?;
+            let (frame, used) = T::decode_binary(bytes).map_err(|e| match e {
+                bincode::error::DecodeError::UnexpectedVariant {
+                    found, type_name, ..
+                } if type_name == T::ENUM_NAME => {
+                    DecodeError::UnknownType(format!("binary frame variant {found}"))
+                }
+                e => DecodeError::Malformed(detail(e)),
+            })?;
             if used != bytes.len() {
                 return Err(DecodeError::Malformed(format!(
                     "{} trailing bytes after the frame",
@@ -396,6 +408,13 @@ mod tests {
             decode::<ClientFrame>(Codec::Binary, &bytes),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn decode_memory_limits_cover_the_worst_ratio() {
+        // The smallest message on the wire is 10 bytes (ten one-byte fields).
+        assert!(16 * 10 >= std::mem::size_of::<crate::frames::Message>());
+        assert!(8 >= std::mem::size_of::<UserId>());
     }
 
     #[test]
