@@ -148,3 +148,77 @@ pub struct PresenceInfo {
     /// Unix ms the user was last seen online, if ever.
     pub last_seen: Option<u64>,
 }
+
+/// One logged-in device of the caller (`GET /v1/devices`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_id: DeviceId,
+    /// The `device_name` given at its first login (may be empty).
+    pub name: String,
+    /// Unix ms of its first login.
+    pub created_at: u64,
+    /// Unix ms it was last used (login, or a request or connection with its token), to
+    /// within the server's bookkeeping granularity (at most an hour).
+    pub last_seen: u64,
+    /// Whether this is the device whose token made the request.
+    pub current: bool,
+    /// Whether a push target is set for it.
+    pub push: bool,
+}
+
+/// Where a friendship stands, as `POST /v1/friends/{user_id}` answers.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FriendState {
+    /// Both sides agreed: they are friends.
+    Friends,
+    /// The caller asked; the other user has not accepted yet.
+    Requested,
+}
+
+/// The answer of `POST /v1/friends/{user_id}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FriendResponse {
+    pub user_id: UserId,
+    pub state: FriendState,
+}
+
+/// Pending friend requests (`GET /v1/friends/requests`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct FriendRequests {
+    /// Users who asked the caller (accept with `POST`, decline with `DELETE`).
+    pub incoming: Vec<UserProfile>,
+    /// Users the caller asked (cancel with `DELETE`).
+    pub outgoing: Vec<UserProfile>,
+}
+
+/// Who may do something to a user (privacy settings).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Audience {
+    /// Any user.
+    #[default]
+    Everyone,
+    /// Mutual friends only.
+    Friends,
+    /// No one (the user themselves excepted).
+    Nobody,
+}
+
+/// A user's privacy settings (`GET`/`PUT /v1/me/privacy`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct PrivacySettings {
+    /// Who may send this user direct messages.
+    pub messages: Audience,
+    /// Who may add this user to a group (creating a group with them included).
+    pub group_adds: Audience,
+}
+
+/// `PUT /v1/me/privacy`: the settings to change; absent ones stay as they are.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct PrivacyPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Audience>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_adds: Option<Audience>,
+}

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The log filter when none is given: this node's events at info, libraries' chatter only
+/// when something is wrong.
+pub const DEFAULT_LOG: &str = "info,chitchat=warn";
+
 /// Flags of `chatnode serve`. Every one also reads `CHATNODE_<NAME>` and the config file key
 /// of the same name in snake_case.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -21,16 +25,16 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATNODE_NODE_ID")]
     pub node_id: Option<u16>,
     /// HTTP and WebSocket listen address [default: 127.0.0.1:8080].
-    #[arg(long, env = "CHATNODE_HTTP_ADDR")]
+    #[arg(long, env = "CHATNODE_HTTP_ADDR", value_parser = listen_addr)]
     pub http_addr: Option<SocketAddr>,
     /// Client QUIC listen address [default: 127.0.0.1:8443].
-    #[arg(long, env = "CHATNODE_QUIC_ADDR")]
+    #[arg(long, env = "CHATNODE_QUIC_ADDR", value_parser = listen_addr)]
     pub quic_addr: Option<SocketAddr>,
     /// Peer QUIC listen address [default: 127.0.0.1:7947].
-    #[arg(long, env = "CHATNODE_PEER_ADDR")]
+    #[arg(long, env = "CHATNODE_PEER_ADDR", value_parser = listen_addr)]
     pub peer_addr: Option<SocketAddr>,
     /// Gossip listen address [default: 127.0.0.1:7946].
-    #[arg(long, env = "CHATNODE_GOSSIP_ADDR")]
+    #[arg(long, env = "CHATNODE_GOSSIP_ADDR", value_parser = listen_addr)]
     pub gossip_addr: Option<SocketAddr>,
     /// Host name or address that clients and peers use to reach this node [default: the
     /// HTTP listen host].
@@ -110,6 +114,10 @@ pub struct ServeArgs {
     /// Lifetime of a login token, seconds [default: 2592000, 30 days].
     #[arg(long, env = "CHATNODE_TOKEN_TTL_SECS")]
     pub token_ttl_secs: Option<u64>,
+    /// A device unused (no login, request or new connection) for this long is logged out,
+    /// seconds [default: 7776000, 90 days].
+    #[arg(long, env = "CHATNODE_DEVICE_IDLE_SECS")]
+    pub device_idle_secs: Option<u64>,
     /// Whether push notifications carry a preview of the body (100 characters) [default: true].
     #[arg(long, env = "CHATNODE_PUSH_PREVIEW", action = clap::ArgAction::Set)]
     pub push_preview: Option<bool>,
@@ -122,7 +130,8 @@ pub struct ServeArgs {
     /// Attempts before a notification is dead-lettered [default: 8].
     #[arg(long, env = "CHATNODE_PUSH_MAX_ATTEMPTS")]
     pub push_max_attempts: Option<u32>,
-    /// Log filter in tracing's EnvFilter syntax [default: info].
+    /// Log filter in tracing's EnvFilter syntax [default: info,chitchat=warn: the gossip
+    /// library's own chatter only when something is wrong].
     #[arg(long, env = "CHATNODE_LOG")]
     pub log: Option<String>,
 }
@@ -133,9 +142,13 @@ pub struct ServeArgs {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     node_id: Option<u16>,
+    #[serde(default, deserialize_with = "de_listen_addr")]
     http_addr: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_listen_addr")]
     quic_addr: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_listen_addr")]
     peer_addr: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_listen_addr")]
     gossip_addr: Option<SocketAddr>,
     advertise_host: Option<String>,
     #[serde(default)]
@@ -160,6 +173,7 @@ struct FileConfig {
     heal_interval_secs: Option<u64>,
     clock_offset_file: Option<PathBuf>,
     token_ttl_secs: Option<u64>,
+    device_idle_secs: Option<u64>,
     push_preview: Option<bool>,
     push_timeout_ms: Option<u64>,
     push_retry_base_ms: Option<u64>,
@@ -206,6 +220,8 @@ pub struct Config {
     /// Tests only: where this node's wall-clock offset is read from.
     pub clock_offset_file: Option<PathBuf>,
     pub token_ttl: Duration,
+    /// A device unused for this long is logged out (see `domain::accounts`).
+    pub device_idle: Duration,
     pub push: PushConfig,
     pub log: String,
 }
@@ -225,6 +241,27 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A listen address: `ip:port`, or `host:port` with a host name that resolves (the first
+/// address it resolves to is used, e.g. `localhost:8081`).
+pub fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    let wrong = |why: String| {
+        format!("{s:?} is not a listen address ({why}); expected host:port, e.g. 127.0.0.1:8080 or localhost:8080")
+    };
+    let mut addrs = s.to_socket_addrs().map_err(|e| wrong(e.to_string()))?;
+    addrs
+        .next()
+        .ok_or_else(|| wrong("the host name resolves to no address".into()))
+}
+
+fn de_listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    listen_addr(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 impl Config {
@@ -330,6 +367,11 @@ impl Config {
                     .or(file.token_ttl_secs)
                     .unwrap_or(30 * 24 * 3600),
             ),
+            device_idle: Duration::from_secs(
+                args.device_idle_secs
+                    .or(file.device_idle_secs)
+                    .unwrap_or(90 * 24 * 3600),
+            ),
             push: PushConfig {
                 preview: args.push_preview.or(file.push_preview).unwrap_or(true),
                 timeout: ms(args.push_timeout_ms.or(file.push_timeout_ms), 5_000),
@@ -339,7 +381,7 @@ impl Config {
                     .or(file.push_max_attempts)
                     .unwrap_or(8),
             },
-            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+            log: args.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into()),
             data_dir,
         };
         cfg.validate()?;
@@ -407,6 +449,9 @@ impl Config {
         if self.token_ttl < Duration::from_secs(1) {
             return bad("--token-ttl-secs must be at least 1".into());
         }
+        if self.device_idle < Duration::from_secs(1) {
+            return bad("--device-idle-secs must be at least 1".into());
+        }
         if self.push.max_attempts == 0
             || self.push.timeout.is_zero()
             || self.push.retry_base.is_zero()
@@ -468,6 +513,28 @@ pub struct PushConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_take_host_names() {
+        let a = listen_addr("localhost:8081").unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 8081, "{a}");
+        assert_eq!(
+            listen_addr("127.0.0.2:9").unwrap().to_string(),
+            "127.0.0.2:9"
+        );
+        assert!(listen_addr("localhost")
+            .unwrap_err()
+            .contains("expected host:port"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "http_addr = \"localhost:8082\"\n").unwrap();
+        let c = Config::resolve(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.http_addr.port(), 8082);
+    }
 
     #[test]
     fn defaults_are_valid() {

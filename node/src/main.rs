@@ -28,11 +28,13 @@ enum Command {
 enum CertsCommand {
     /// Make the cluster CA (ca.pem, ca.key) and the cluster secret in a new cluster dir.
     Init {
+        /// The new cluster dir (created; refused if it already holds a CA).
         #[arg(long)]
         cluster_dir: std::path::PathBuf,
     },
     /// Issue a certificate for node NAME (NAME.pem, NAME.key) signed by the cluster CA.
     Node {
+        /// The cluster dir made by `certs init` (its ca.pem and ca.key sign the certificate).
         #[arg(long)]
         cluster_dir: std::path::PathBuf,
         /// The node's name; `chatnode serve --node-id N` uses `node-N`.
@@ -91,7 +93,10 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             };
-            init_tracing(&cfg.log);
+            if let Err(e) = init_tracing(&cfg.log) {
+                eprintln!("chatnode: --log {:?} is not a log filter: {e}", cfg.log);
+                return std::process::ExitCode::from(2);
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -102,7 +107,7 @@ fn main() -> std::process::ExitCode {
             match runtime.block_on(chatnode::server::serve(cfg, shutdown_signal())) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
+                    // Once, on stderr: the log may be filtered or going elsewhere.
                     eprintln!("chatnode: {e:#}");
                     std::process::ExitCode::FAILURE
                 }
@@ -124,15 +129,15 @@ fn client(args: chat_tools::client_cli::ClientArgs) -> std::process::ExitCode {
     }
 }
 
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_tracing(filter: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::stdout().is_terminal())
         .init();
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -148,5 +153,40 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is for in `--help`.
+    #[test]
+    fn every_flag_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let said = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if said.trim().is_empty() {
+                    let name = arg.get_long().map_or(id.to_string(), |l| format!("--{l}"));
+                    missing.push(format!("{path} {name}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "chatnode", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without a description: {missing:#?}"
+        );
     }
 }

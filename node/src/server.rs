@@ -1,8 +1,9 @@
 //! A running node: builds every part from the config, serves until told to stop, and shuts
 //! down in order. This is the only module that knows every part.
 //!
-//! Start-up: data dir and cluster credentials, the store, the client listeners (bound before
-//! anything else starts, so a taken port fails fast), the mesh (peer endpoint, gossip, the
+//! Start-up: the HTTP listener is bound and the UDP ports probed before any file is made (a
+//! taken port leaves nothing behind), then the data dir and cluster credentials, the store,
+//! the client QUIC endpoint, the mesh (peer endpoint, gossip, the
 //! cluster lifecycle), presence and push, the domain services, then the gateways.
 //!
 //! Shutdown, in this order: stop accepting (HTTP and QUIC listeners), tell sessions to drain
@@ -108,6 +109,23 @@ pub async fn serve(
     mut cfg: Config,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // A taken or wrong address fails here, before any file is made: the HTTP listener is
+    // kept; the UDP ports are probed and released (QUIC and gossip bind them again below, once
+    // their credentials exist; a port taken in between still fails start-up, after the
+    // files).
+    let listener = tokio::net::TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} for HTTP and WebSocket", cfg.http_addr))?;
+    for (addr, what) in [
+        (cfg.quic_addr, "client QUIC"),
+        (cfg.peer_addr, "peers (QUIC)"),
+        (cfg.gossip_addr, "gossip"),
+    ] {
+        if addr.port() != 0 {
+            std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} for {what}"))?;
+        }
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
     let cert_name = format!("node-{}", cfg.node_id);
@@ -149,9 +167,6 @@ pub async fn serve(
         .context("cannot persist the clock's lease")?;
     let ids = store.ids();
 
-    let listener = tokio::net::TcpListener::bind(cfg.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} for HTTP and WebSocket", cfg.http_addr))?;
     let http_addr = listener.local_addr()?;
     cfg.http_addr = http_addr; // port 0 means "any": advertise the real one
     let quic_endpoint = crate::gateway::quic::bind(cfg.quic_addr, &tls)?;
@@ -178,6 +193,7 @@ pub async fn serve(
         feed,
         store.clone(),
     ));
+    mesh.attach_presence(presence.clone());
     let fanout = presence.spawn_fanout(shutdown.clone());
     let push = Arc::new(Push::new(store.clone(), ids.clone(), cfg.push.clone()));
     let push_worker = push.spawn(shutdown.clone());
@@ -189,16 +205,22 @@ pub async fn serve(
             ids.clone(),
             delivery.clone(),
             cfg.token_ttl,
+            cfg.device_idle,
         ),
         chat: Chat::new(
             store.clone(),
             ids.clone(),
-            delivery,
+            delivery.clone(),
             presence.clone(),
             push.clone(),
         ),
         groups: Groups::new(store.clone(), ids),
-        friends: Friends::new(store.clone(), hub.clone(), presence.clone()),
+        friends: Friends::new(
+            store.clone(),
+            hub.clone(),
+            presence.clone(),
+            delivery.clone(),
+        ),
         presence,
         mesh: mesh.clone(),
         store: store.clone(),

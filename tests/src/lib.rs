@@ -348,6 +348,30 @@ pub async fn live_active_members(api: &HttpClient) -> (usize, serde_json::Value)
     (n, view)
 }
 
+/// Sends and waits for the ack, sending again with the same client id while the node answers
+/// `unavailable` (the protocol's "retrying is safe"; a loaded test machine can miss a write
+/// timeout), up to 5 attempts.
+pub async fn send_until_acked(
+    conn: &mut WsConnection,
+    client_id: &str,
+    to: client_proto::Recipient,
+    body: &str,
+) -> client_proto::client::Ack {
+    let mut attempt = 1;
+    loop {
+        match conn.send_message(client_id, to, body).await {
+            Ok(ack) => return ack,
+            Err(client_proto::client::ClientError::Refused(b))
+                if b.code == client_proto::ErrorCode::Unavailable && attempt < 5 =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("send {client_id}: {e}"),
+        }
+    }
+}
+
 /// Runs `chatnode args` to completion and checks that it succeeded.
 fn run_chatnode(args: &[&str]) {
     let out = Command::new(chatnode_bin()).args(args).output().unwrap();

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chat_tests::{next_message, to};
+use chat_tests::{next_message, send_until_acked, to};
 use chat_tests::{TestCluster, TestNode, TestUser};
 use client_proto::client::{ChatClient, ClientOptions as ChatClientOptions, Connection, Event};
 use client_proto::{MessageId, PresenceStatus, Recipient, ServerFrame, UserId};
@@ -56,16 +56,10 @@ async fn messages_presence_and_sync_cross_nodes() {
     let bob = n2.user("bob").await;
     assert_eq!(n3.api().me(&bob.login.token).await.unwrap().user_id, bob.id);
 
-    let put = format!("/v1/friends/{}", bob.id);
-    n1.api()
-        .request_raw(
-            reqwest::Method::PUT,
-            &put,
-            Some(&alice.login.token),
-            None::<&()>,
-        )
-        .await
-        .unwrap();
+    // Mutual friends: alice asks on node 1, bob accepts on node 2.
+    n1.api().befriend(&alice.login.token, bob.id).await.unwrap();
+    let state = n2.api().befriend(&bob.login.token, alice.id).await.unwrap();
+    assert_eq!(state, client_proto::http::FriendState::Friends);
     let mut a = device_on(n1, &alice).await;
 
     // bob only on node 2: presence crosses to alice on node 1.
@@ -136,17 +130,11 @@ async fn a_hundred_member_group_spread_over_three_nodes() {
     for (i, u) in users.iter().enumerate() {
         devices.push(cluster.nodes[i % 3].connect(&u.login).await);
     }
-    let ack = devices[0]
-        .send_message("g1", Recipient::Group(g), "hello all")
-        .await
-        .unwrap();
+    let ack = send_until_acked(&mut devices[0], "g1", Recipient::Group(g), "hello all").await;
     // The largest body allowed: its ~100 inbox copies make one replica's share of the write
     // about 10 MB, sent as several requests under the peer frame limit.
     let largest = "x".repeat(client_proto::limits::MAX_BODY_BYTES);
-    let ack2 = devices[0]
-        .send_message("g2", Recipient::Group(g), &largest)
-        .await
-        .unwrap();
+    let ack2 = send_until_acked(&mut devices[0], "g2", Recipient::Group(g), &largest).await;
     let want = [ack.message_id, ack2.message_id];
     for (i, d) in devices.iter_mut().enumerate().skip(1) {
         // Linger on the first device only: by then every device's catch-up has run.
@@ -170,6 +158,10 @@ async fn sigkill_of_one_node_loses_no_acked_message() {
     let alice = cluster.nodes[0].user("alice").await;
     let bob = cluster.nodes[1].user("bob").await;
     let carol = cluster.nodes[2].user("carol").await;
+    // Presence is for friends: alice and carol befriend each other.
+    let api = cluster.nodes[0].api();
+    api.befriend(&alice.login.token, carol.id).await.unwrap();
+    api.befriend(&carol.login.token, alice.id).await.unwrap();
     let mut a = cluster.nodes[0].connect(&alice.login).await;
     let mut watcher = cluster.nodes[0].connect(&alice.login).await;
     watcher

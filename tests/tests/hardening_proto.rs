@@ -146,16 +146,17 @@ async fn a_malformed_field_is_named_and_ids_are_canonical_strings() {
             .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{body}");
     }
-    let e = api
-        .request_raw(
-            reqwest::Method::GET,
-            &format!("/v1/groups/+{}", group.group_id),
-            Some(token),
-            None::<&()>,
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Some(ErrorCode::BadRequest));
+    for path in [
+        format!("/v1/groups/+{}", group.group_id),
+        format!("/v1/groups/0{}", group.group_id),
+        format!("/v1/users/id/+{bob_id}"),
+    ] {
+        let e = api
+            .request_raw(reqwest::Method::GET, &path, Some(token), None::<&()>)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{path}");
+    }
     still_serves(&node, &alice, &bob).await;
 }
 

@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chat_tests::{TestNode, TestUser};
 use client_proto::client::WsConnection;
+use client_proto::http::FriendState;
 use client_proto::{ClientFrame, PresenceStatus, Recipient, ServerFrame, UserId};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -47,17 +48,13 @@ async fn friends_of(node: &TestNode, user: &TestUser) -> serde_json::Value {
         .unwrap()
 }
 
+/// Makes `a` and `b` friends: `a` asks, `b` accepts.
 async fn befriend(node: &TestNode, a: &TestUser, b: &TestUser) {
-    let path = format!("/v1/friends/{}", b.id);
-    node.api()
-        .request_raw(
-            reqwest::Method::PUT,
-            &path,
-            Some(&a.login.token),
-            None::<&()>,
-        )
-        .await
-        .unwrap();
+    let api = node.api();
+    let asked = api.befriend(&a.login.token, b.id).await.unwrap();
+    assert_eq!(asked, FriendState::Requested);
+    let accepted = api.befriend(&b.login.token, a.id).await.unwrap();
+    assert_eq!(accepted, FriendState::Friends);
 }
 
 #[tokio::test]
@@ -102,7 +99,11 @@ async fn friends_see_transitions_once_per_watching_device() {
     assert_eq!(friends[0]["status"], "offline");
     assert!(friends[0]["last_seen"].as_u64().unwrap() > 0);
 
-    // Anyone can be watched explicitly, and unwatched.
+    // A group co-member can be watched explicitly, and unwatched.
+    node.api()
+        .create_group(&carol.login.token, "co", &[alice.id])
+        .await
+        .unwrap();
     a.send(&ClientFrame::SubscribePresence {
         users: vec![carol.id],
     })

@@ -132,6 +132,13 @@ impl HttpClient {
             .await
     }
 
+    /// A user's profile by id.
+    pub async fn user_by_id(&self, token: &str, user: UserId) -> Result<UserProfile, ClientError> {
+        let path = format!("/v1/users/id/{user}");
+        self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
+            .await
+    }
+
     pub async fn user(&self, token: &str, username: &str) -> Result<UserProfile, ClientError> {
         let path = format!("/v1/users/{username}");
         self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
@@ -205,5 +212,77 @@ impl HttpClient {
         }
         self.request(reqwest::Method::GET, &path, Some(token), None::<&()>)
             .await
+    }
+    /// The caller's logged-in devices.
+    pub async fn devices(&self, token: &str) -> Result<Vec<DeviceInfo>, ClientError> {
+        self.request(
+            reqwest::Method::GET,
+            "/v1/devices",
+            Some(token),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Logs out one of the caller's devices (its token stops working, its connections close).
+    pub async fn revoke_device(&self, token: &str, device: DeviceId) -> Result<(), ClientError> {
+        let path = format!("/v1/devices/{device}");
+        self.request_raw(reqwest::Method::DELETE, &path, Some(token), None::<&()>)
+            .await
+            .map(|_| ())
+    }
+
+    /// Asks `user` to be friends, or accepts their request if they asked first.
+    pub async fn befriend(&self, token: &str, user: UserId) -> Result<FriendState, ClientError> {
+        let path = format!("/v1/friends/{user}");
+        let r: FriendResponse = self
+            .request(reqwest::Method::POST, &path, Some(token), None::<&()>)
+            .await?;
+        Ok(r.state)
+    }
+
+    /// Ends a friendship, or declines or cancels a friend request, on both sides.
+    pub async fn unfriend(&self, token: &str, user: UserId) -> Result<(), ClientError> {
+        let path = format!("/v1/friends/{user}");
+        self.request_raw(reqwest::Method::DELETE, &path, Some(token), None::<&()>)
+            .await
+            .map(|_| ())
+    }
+
+    /// Pending friend requests, to and from the caller.
+    pub async fn friend_requests(&self, token: &str) -> Result<FriendRequests, ClientError> {
+        self.request(
+            reqwest::Method::GET,
+            "/v1/friends/requests",
+            Some(token),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// The caller's privacy settings.
+    pub async fn privacy(&self, token: &str) -> Result<PrivacySettings, ClientError> {
+        self.request(
+            reqwest::Method::GET,
+            "/v1/me/privacy",
+            Some(token),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Changes some of the caller's privacy settings; answers all of them.
+    pub async fn set_privacy(
+        &self,
+        token: &str,
+        patch: &PrivacyPatch,
+    ) -> Result<PrivacySettings, ClientError> {
+        self.request(
+            reqwest::Method::PUT,
+            "/v1/me/privacy",
+            Some(token),
+            Some(patch),
+        )
+        .await
     }
 }

@@ -1,21 +1,36 @@
-//! Accounts: signup, login, logout, token checks and profiles.
+//! Accounts: signup, login, logout, token checks, profiles, devices and privacy settings.
+//!
+//! Devices: a user has at most [`MAX_DEVICES`] logged-in devices. A device is *used* when it
+//! logs in or its token is checked (an HTTP request, a new connection); that time is stored
+//! at most every [`touch_interval`] per device, so that requests do not all write. A device
+//! unused for the idle lifetime (`--device-idle-secs`) is removed when its token is next
+//! checked or at the next login of the user; a login at the cap evicts the device that was
+//! used least recently. A removed device's token stops working on every node and its
+//! connections are closed (1008 `logged out`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use client_proto::http::{LoginRequest, LoginResponse, NodeInfo, SignupRequest, UserProfile};
+use client_proto::http::{
+    DeviceInfo, LoginRequest, LoginResponse, NodeInfo, PrivacyPatch, PrivacySettings,
+    SignupRequest, UserProfile,
+};
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::limits::{valid_username, MAX_DISPLAY_NAME_BYTES, PASSWORD_LEN};
 
 use crate::domain::auth::{hash_password, verify_password, Claims, Identity, Tokens};
 use crate::domain::delivery::Delivery;
 use crate::domain::error::ApiError;
+use crate::domain::privacy;
 use crate::ids::{now_unix_ms, IdGen};
-use crate::store::records::{DeviceRecord, UserRecord};
+use crate::store::records::{DeviceRecord, Privacy, UserRecord};
 use crate::store::Store;
 
-/// Most devices one user may have logged in at once.
+/// Most devices one user may have logged in at once; a login past it evicts the device
+/// used least recently.
 pub const MAX_DEVICES: usize = 32;
+/// Longest time between two stores of a device's `last_used`.
+const MAX_TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
 /// Longest device name, in bytes.
 const MAX_DEVICE_NAME_BYTES: usize = 64;
 
@@ -26,6 +41,50 @@ pub struct Accounts {
     ids: Arc<IdGen>,
     delivery: Delivery,
     token_ttl: Duration,
+    /// A device unused for this long is removed.
+    device_idle: Duration,
+}
+
+/// How stale a device's stored `last_used` may get before a use stores it again: an hour, or
+/// an eighth of the idle lifetime if that is shorter (so a device in use never expires).
+pub fn touch_interval(device_idle: Duration) -> Duration {
+    MAX_TOUCH_INTERVAL.min(device_idle / 8)
+}
+
+/// Whether `d` was unused for `idle` at `now` (Unix ms).
+fn idle(d: &DeviceRecord, idle: Duration, now: u64) -> bool {
+    d.last_used.saturating_add(idle.as_millis() as u64) <= now
+}
+
+/// Removes the devices used least recently until a new one fits under [`MAX_DEVICES`];
+/// returns their ids.
+fn make_room(rec: &mut UserRecord) -> Vec<DeviceId> {
+    let mut gone = Vec::new();
+    while rec.devices.len() >= MAX_DEVICES {
+        let Some(oldest) = rec
+            .devices
+            .iter()
+            .min_by_key(|d| (d.last_used, d.created_at))
+            .map(|d| d.device_id)
+        else {
+            break;
+        };
+        rec.devices.retain(|d| d.device_id != oldest);
+        gone.push(oldest);
+    }
+    gone
+}
+
+/// Removes `rec`'s devices unused for `idle_for`; returns their ids.
+fn expire_idle(rec: &mut UserRecord, idle_for: Duration, now: u64) -> Vec<DeviceId> {
+    let gone: Vec<DeviceId> = rec
+        .devices
+        .iter()
+        .filter(|d| idle(d, idle_for, now))
+        .map(|d| d.device_id)
+        .collect();
+    rec.devices.retain(|d| !gone.contains(&d.device_id));
+    gone
 }
 
 fn profile(rec: &UserRecord) -> UserProfile {
@@ -52,6 +111,7 @@ impl Accounts {
         ids: Arc<IdGen>,
         delivery: Delivery,
         token_ttl: Duration,
+        device_idle: Duration,
     ) -> Self {
         Accounts {
             store,
@@ -59,6 +119,16 @@ impl Accounts {
             ids,
             delivery,
             token_ttl,
+            device_idle,
+        }
+    }
+
+    /// Closes the connections of devices that were removed (expired or evicted) everywhere.
+    fn close_removed(&self, user: UserId, removed: &[(DeviceId, &'static str)]) {
+        for &(device, why) in removed {
+            metrics::counter!("accounts_devices_removed_total", "why" => why).increment(1);
+            tracing::info!(%user, %device, why, "device removed");
+            self.delivery.close_device(user, device, "logged out");
         }
     }
 
@@ -91,6 +161,7 @@ impl Accounts {
             last_seen: 0,
             devices: Vec::new(),
             token_counter: 0,
+            privacy: Privacy::default(),
         };
         let out = profile(&rec);
         if !self.store.create_user(rec).await? {
@@ -132,22 +203,27 @@ impl Accounts {
             None => DeviceId(self.ids.next()?.0),
         };
         let now = now_unix_ms();
+        let idle_for = self.device_idle;
+        // Devices this login removed (the closure may run again on contention: reset each time).
+        let mut removed: Vec<(DeviceId, &'static str)> = Vec::new();
         let rec = self
             .store
             .update_user(user_id, |rec| {
+                removed.clear();
                 rec.token_counter += 1;
                 let token_id = rec.token_counter;
+                for gone in expire_idle(rec, idle_for, now) {
+                    if gone != device_id {
+                        removed.push((gone, "idle"));
+                    }
+                }
                 if let Some(d) = rec.devices.iter_mut().find(|d| d.device_id == device_id) {
                     d.token_id = token_id;
-                    return Ok(());
+                    d.last_used = now;
+                    return Ok::<_, ApiError>(());
                 }
-                if rec.devices.len() >= MAX_DEVICES {
-                    return Err(ApiError::new(
-                        client_proto::ErrorCode::Conflict,
-                        format!(
-                            "at most {MAX_DEVICES} devices may be logged in; log one out first"
-                        ),
-                    ));
+                for gone in make_room(rec) {
+                    removed.push((gone, "evicted"));
                 }
                 rec.devices.push(DeviceRecord {
                     device_id,
@@ -155,11 +231,13 @@ impl Accounts {
                     token_id,
                     created_at: now,
                     push_target: None,
+                    last_used: now,
                 });
                 Ok(())
             })
             .await?
             .ok_or_else(refused)?;
+        self.close_removed(user_id, &removed);
         let expires_at = now + self.token_ttl.as_millis() as u64;
         let token = self.tokens.issue(&Claims {
             user: user_id,
@@ -190,6 +268,112 @@ impl Accounts {
         Ok(())
     }
 
+    /// Removes `user`'s `device` (its token stops working everywhere) and closes its
+    /// connections. `Ok(false)` if the user had no such device.
+    async fn remove_device(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        why: &'static str,
+    ) -> Result<bool, ApiError> {
+        let mut found = false;
+        self.store
+            .update_user(user, |rec| {
+                found = rec.devices.iter().any(|d| d.device_id == device);
+                rec.devices.retain(|d| d.device_id != device);
+                Ok::<_, ApiError>(())
+            })
+            .await?;
+        if found {
+            self.close_removed(user, &[(device, why)]);
+        }
+        Ok(found)
+    }
+
+    /// Notes that `user`'s `device` was used at `now`. Best effort: a failure only means the
+    /// device looks idle a little longer, so it is logged, not returned.
+    async fn touch(&self, user: UserId, device: DeviceId, now: u64) {
+        let stored = self
+            .store
+            .update_user(user, |rec| {
+                if let Some(d) = rec.devices.iter_mut().find(|d| d.device_id == device) {
+                    d.last_used = d.last_used.max(now);
+                }
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
+        if let Err(e) = stored {
+            tracing::debug!(%user, %device, error = %e, "could not note a device's use");
+        }
+    }
+
+    /// The caller's logged-in devices (idle ones that are due to expire left out).
+    pub async fn devices(&self, who: Identity) -> Result<Vec<DeviceInfo>, ApiError> {
+        let rec = self
+            .store
+            .user(who.user)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("the token's user does not exist"))?;
+        let now = now_unix_ms();
+        Ok(rec
+            .devices
+            .iter()
+            .filter(|d| !idle(d, self.device_idle, now))
+            .map(|d| DeviceInfo {
+                device_id: d.device_id,
+                name: d.name.clone(),
+                created_at: d.created_at,
+                last_seen: d.last_used,
+                current: d.device_id == who.device,
+                push: d.push_target.is_some(),
+            })
+            .collect())
+    }
+
+    /// Logs out one of the caller's devices (any of them, the calling one included): its
+    /// token stops working on every node and its connections everywhere are closed.
+    pub async fn revoke_device(&self, who: Identity, device: DeviceId) -> Result<(), ApiError> {
+        if self.remove_device(who.user, device, "revoked").await? {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!(
+                "you have no logged-in device {device}"
+            )))
+        }
+    }
+
+    /// The caller's privacy settings.
+    pub async fn privacy(&self, who: Identity) -> Result<PrivacySettings, ApiError> {
+        let rec = self
+            .store
+            .user(who.user)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such user"))?;
+        Ok(privacy::to_wire(rec.privacy))
+    }
+
+    /// Changes the caller's privacy settings named in `patch`.
+    pub async fn set_privacy(
+        &self,
+        who: Identity,
+        patch: PrivacyPatch,
+    ) -> Result<PrivacySettings, ApiError> {
+        let rec = self
+            .store
+            .update_user(who.user, |rec| {
+                if let Some(a) = patch.messages {
+                    rec.privacy.messages = privacy::audience_from_wire(a);
+                }
+                if let Some(a) = patch.group_adds {
+                    rec.privacy.group_adds = privacy::audience_from_wire(a);
+                }
+                Ok::<_, ApiError>(())
+            })
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such user"))?;
+        Ok(privacy::to_wire(rec.privacy))
+    }
+
     /// Checks a bearer token: signature, expiry, and that the device is still logged in.
     pub async fn authenticate(&self, token: &str) -> Result<Identity, ApiError> {
         let claims = self
@@ -201,12 +385,22 @@ impl Accounts {
             .user(claims.user)
             .await?
             .ok_or_else(|| ApiError::unauthorized("the token's user does not exist"))?;
-        let live = rec
+        let device = rec
             .devices
             .iter()
-            .any(|d| d.device_id == claims.device && d.token_id == claims.token_id);
-        if !live {
-            return Err(ApiError::unauthorized("the token was revoked"));
+            .find(|d| d.device_id == claims.device && d.token_id == claims.token_id)
+            .ok_or_else(|| ApiError::unauthorized("the token was revoked"))?;
+        let now = now_unix_ms();
+        if idle(device, self.device_idle, now) {
+            self.remove_device(claims.user, claims.device, "idle")
+                .await?;
+            return Err(ApiError::unauthorized(
+                "the device was unused too long and was logged out; log in again",
+            ));
+        }
+        let touch = touch_interval(self.device_idle).as_millis() as u64;
+        if device.last_used.saturating_add(touch) <= now {
+            self.touch(claims.user, claims.device, now).await;
         }
         Ok(Identity {
             user: claims.user,
@@ -287,5 +481,62 @@ impl Accounts {
             .await?
             .ok_or_else(|| ApiError::not_found("no such user"))?;
         Ok(profile(&rec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_with(devices: &[(u64, u64)]) -> UserRecord {
+        UserRecord {
+            user_id: UserId(1),
+            username: "a".into(),
+            display_name: "a".into(),
+            password_hash: String::new(),
+            created_at: 0,
+            last_seen: 0,
+            devices: devices
+                .iter()
+                .map(|&(id, last_used)| DeviceRecord {
+                    device_id: DeviceId(id),
+                    name: String::new(),
+                    token_id: id,
+                    created_at: 0,
+                    push_target: None,
+                    last_used,
+                })
+                .collect(),
+            token_counter: 0,
+            privacy: Privacy::default(),
+        }
+    }
+
+    #[test]
+    fn the_cap_evicts_the_least_recently_used_device() {
+        let mut devices: Vec<(u64, u64)> = (0..MAX_DEVICES as u64).map(|i| (i, 100 + i)).collect();
+        devices[7].1 = 5; // device 7 was used least recently
+        let mut rec = user_with(&devices);
+        assert_eq!(make_room(&mut rec), vec![DeviceId(7)]);
+        assert_eq!(rec.devices.len(), MAX_DEVICES - 1);
+        // Under the cap nothing goes.
+        assert!(make_room(&mut rec).is_empty());
+    }
+
+    #[test]
+    fn idle_devices_expire_and_used_ones_stay() {
+        let day = 24 * 3600 * 1000;
+        let mut rec = user_with(&[(1, 0), (2, 89 * day), (3, 10 * day)]);
+        let gone = expire_idle(&mut rec, Duration::from_secs(90 * 24 * 3600), 99 * day);
+        assert_eq!(gone, vec![DeviceId(1)]);
+        let left: Vec<u64> = rec.devices.iter().map(|d| d.device_id.0).collect();
+        assert_eq!(left, vec![2, 3]);
+        // A device in use is noted often enough never to look idle.
+        let idle_for = Duration::from_secs(8);
+        assert!(touch_interval(idle_for) <= idle_for / 8);
+        assert_eq!(
+            touch_interval(Duration::from_secs(90 * 24 * 3600)),
+            MAX_TOUCH_INTERVAL
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! Chat logic: sending, syncing and reading history. It validates, decides who a message is
 //! for, and calls the store and the delivery port; it never touches sled, sockets or peers.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use client_proto::ids::{ConversationId, GroupId, MessageId, Position, UserId};
 use client_proto::limits::{
@@ -16,8 +16,10 @@ use crate::domain::auth::Identity;
 use crate::domain::delivery::Delivery;
 use crate::domain::error::ApiError;
 use crate::domain::presence::Presence;
+use crate::domain::privacy::{self, Action};
 use crate::domain::push::Push;
 use crate::ids::{now_unix_ms, ClockSkew, IdGen};
+use crate::store::records::Audience;
 use crate::store::{HistoryPage, SendOutcome, Store, SyncPage};
 
 /// The chat service.
@@ -27,12 +29,16 @@ pub struct Chat {
     delivery: Delivery,
     presence: Arc<Presence>,
     push: Arc<Push>,
-    /// Users known to exist (see [`Chat::user_exists`]).
-    known_users: parking_lot::Mutex<HashSet<UserId>>,
+    /// Recent recipients' `messages` settings (see [`Chat::messages_setting`]). A std-like
+    /// mutex is fine: it is held for a map lookup or insert, never across an await.
+    recipient_settings: parking_lot::Mutex<HashMap<UserId, (Audience, Instant)>>,
 }
 
-/// How many known users [`Chat::user_exists`] remembers before it starts over.
+/// How many recipients' settings [`Chat::messages_setting`] remembers before it starts over.
 const KNOWN_USERS: usize = 100_000;
+/// How long a recipient's `messages` setting is used before it is read again: a change of
+/// the setting takes effect within this time on every node.
+const SETTING_TTL: Duration = Duration::from_secs(5);
 
 /// Who a new message is for (see [`Chat::recipients`]).
 struct Recipients {
@@ -104,7 +110,7 @@ impl Chat {
             delivery,
             presence,
             push,
-            known_users: parking_lot::Mutex::new(HashSet::new()),
+            recipient_settings: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
@@ -186,13 +192,15 @@ impl Chat {
 
     /// Who a new message from `sender` to `to` is for: its conversation, its direct
     /// recipient or group, and the inboxes it goes to (the sender's and every recipient's;
-    /// for a group, every current member's). Refuses unknown recipients and non-members.
+    /// for a group, every current member's). Refuses unknown recipients, recipients whose
+    /// `messages` setting excludes the sender, and non-members.
     async fn recipients(&self, sender: UserId, to: Recipient) -> Result<Recipients, ApiError> {
         match to {
             Recipient::User(u) => {
-                if !self.user_exists(u).await? {
+                let Some(setting) = self.messages_setting(u).await? else {
                     return Err(ApiError::not_found(format!("no user {u}")));
-                }
+                };
+                privacy::check(&self.store, setting, Action::Message, u, sender).await?;
                 let inboxes = if u == sender {
                     vec![u]
                 } else {
@@ -224,21 +232,31 @@ impl Chat {
         }
     }
 
-    /// Whether user `u` exists. Accounts are never deleted, so a user once read stays known
-    /// (up to [`KNOWN_USERS`] ids) and is not read again for every message sent to them.
-    async fn user_exists(&self, u: UserId) -> Result<bool, ApiError> {
-        if self.known_users.lock().contains(&u) {
-            return Ok(true);
-        }
-        let exists = self.store.user(u).await?.is_some();
-        if exists {
-            let mut known = self.known_users.lock();
-            if known.len() >= KNOWN_USERS {
-                known.clear();
+    /// User `u`'s `messages` setting, `None` if there is no such user. Read at most every
+    /// [`SETTING_TTL`] per recipient (up to [`KNOWN_USERS`] of them), so that sends to one
+    /// user do not all read the user's record.
+    async fn messages_setting(&self, u: UserId) -> Result<Option<Audience>, ApiError> {
+        if let Some((setting, at)) = self.recipient_settings.lock().get(&u) {
+            if at.elapsed() < SETTING_TTL {
+                return Ok(Some(*setting));
             }
-            known.insert(u);
         }
-        Ok(exists)
+        let Some(rec) = self.store.user(u).await? else {
+            return Ok(None);
+        };
+        let setting = rec.privacy.messages;
+        let mut known = self.recipient_settings.lock();
+        if known.len() >= KNOWN_USERS {
+            known.clear();
+        }
+        known.insert(u, (setting, Instant::now()));
+        Ok(Some(setting))
+    }
+
+    /// `u` changed their privacy settings: this node reads them again at the next send to
+    /// them (other nodes within [`SETTING_TTL`]).
+    pub fn settings_changed(&self, u: UserId) {
+        self.recipient_settings.lock().remove(&u);
     }
 
     /// Acks a send whose client id was claimed before, like a new send: writes the first

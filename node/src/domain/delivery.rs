@@ -16,6 +16,9 @@ pub trait Forward: Send + Sync {
     fn forward(&self, users: &[UserId], message: &Message);
     /// Closes `user`'s `device` on other nodes (logout).
     fn close_device(&self, user: UserId, device: DeviceId);
+    /// `a` and `b` became friends (`true`) or stopped being friends (`false`): their
+    /// connections on other nodes start or stop watching each other's presence.
+    fn friendship_changed(&self, a: UserId, b: UserId, friends: bool);
 }
 
 /// No other nodes: everything is local (unit tests, tools).
@@ -24,6 +27,7 @@ pub struct LocalOnly;
 impl Forward for LocalOnly {
     fn forward(&self, _: &[UserId], _: &Message) {}
     fn close_device(&self, _: UserId, _: DeviceId) {}
+    fn friendship_changed(&self, _: UserId, _: UserId, _: bool) {}
 }
 
 /// The delivery port; cheap to clone.
@@ -46,6 +50,12 @@ impl Delivery {
         };
         self.hub.deliver(users, &frame, except_conn);
         self.forward.forward(users, message);
+    }
+
+    /// Tells the other nodes that `a` and `b` became friends or stopped being friends (this
+    /// node's connections are the caller's to update: see `friends::apply_friendship`).
+    pub fn friendship_changed(&self, a: UserId, b: UserId, friends: bool) {
+        self.forward.friendship_changed(a, b, friends);
     }
 
     /// Closes every connection of `user`'s `device`, here and on other nodes (logout).

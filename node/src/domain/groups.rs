@@ -1,6 +1,7 @@
 //! Groups of up to 100 members: create, list, read, add, remove/leave.
 //!
-//! Rules: any member may add; the owner removes anyone; anyone may remove themselves; the
+//! Rules: any member may add (if the added user's `group_adds` setting allows it: see
+//! `privacy`); the owner removes anyone; anyone may remove themselves; the
 //! owner leaving hands ownership to the longest-standing member; the last member leaving
 //! deletes the group. A member reads only history from after they joined.
 
@@ -12,6 +13,7 @@ use client_proto::limits::MAX_GROUP_MEMBERS;
 use client_proto::ErrorCode;
 
 use crate::domain::error::ApiError;
+use crate::domain::privacy::{self, Action};
 use crate::ids::{now_unix_ms, IdGen};
 use crate::store::records::{GroupMember, GroupRecord};
 use crate::store::Store;
@@ -54,9 +56,19 @@ impl Groups {
         Groups { store, ids }
     }
 
-    async fn check_user(&self, user: UserId) -> Result<(), ApiError> {
+    /// `user` exists and lets `adder` add them to a group (their `group_adds` setting).
+    async fn check_user(&self, adder: UserId, user: UserId) -> Result<(), ApiError> {
         match self.store.user(user).await? {
-            Some(_) => Ok(()),
+            Some(rec) => {
+                privacy::check(
+                    &self.store,
+                    rec.privacy.group_adds,
+                    Action::GroupAdd,
+                    user,
+                    adder,
+                )
+                .await
+            }
             None => Err(ApiError::not_found(format!("no user {user}"))),
         }
     }
@@ -96,7 +108,7 @@ impl Groups {
             }
         }
         for &m in &ids {
-            self.check_user(m).await?;
+            self.check_user(owner, m).await?;
             self.check_room(m).await?;
         }
         let joined_at = self.ids.next()?;
@@ -145,7 +157,7 @@ impl Groups {
 
     /// `who` (a member) adds `user`. Adding a member twice is a no-op.
     pub async fn add(&self, who: UserId, id: GroupId, user: UserId) -> Result<(), ApiError> {
-        self.check_user(user).await?;
+        self.check_user(who, user).await?;
         self.check_room(user).await?;
         let joined_at = self.ids.next()?;
         self.store

@@ -11,4 +11,5 @@ pub mod friends;
 pub mod groups;
 pub mod hub;
 pub mod presence;
+pub mod privacy;
 pub mod push;

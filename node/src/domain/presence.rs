@@ -26,6 +26,15 @@ use crate::store::Store;
 /// Most users one connection may watch (friends included).
 pub const MAX_WATCHED_PER_CONNECTION: usize = 5_000;
 
+/// The granularity of the `last_seen` times others see: a watcher learns when someone came
+/// or went to the minute, not to the millisecond.
+pub const LAST_SEEN_GRANULARITY_MS: u64 = 60_000;
+
+/// `t` (Unix ms) rounded down to [`LAST_SEEN_GRANULARITY_MS`].
+pub fn coarse(t: u64) -> u64 {
+    t - t % LAST_SEEN_GRANULARITY_MS
+}
+
 /// Where online users are known, cluster-wide.
 pub trait Directory: Send + Sync {
     /// This node gained its first device of `user` (`true`) or lost its last one (`false`).
@@ -142,7 +151,8 @@ impl Presence {
         self.local_devices.lock().contains_key(&user) || self.directory.online_elsewhere(user)
     }
 
-    /// The status of `user`, with last_seen from the user record.
+    /// The status of `user`, with last_seen from the user record (to the minute). Callers
+    /// show it only to those who may see it (friends, group co-members).
     pub async fn status(&self, user: UserId) -> PresenceInfo {
         let online = self.is_online(user);
         let last_seen = self
@@ -161,15 +171,16 @@ impl Presence {
                 PresenceStatus::Offline
             },
             last_seen: if online {
-                Some(now_unix_ms())
+                Some(coarse(now_unix_ms()))
             } else {
-                last_seen
+                last_seen.map(coarse)
             },
         }
     }
 
     /// Connection `conn` watches `users`. Returns false (and watches none of them) if that
-    /// would pass the per-connection limit.
+    /// would pass the per-connection limit. Callers pass only users the connection's user
+    /// may see (`Friends::visible`).
     pub fn watch(
         &self,
         conn: u64,
@@ -258,10 +269,11 @@ impl Presence {
         let frame = ServerFrame::Presence {
             user_id: user,
             status,
-            last_seen: Some(at),
+            last_seen: Some(coarse(at)),
         };
         let w = self.watchers.read();
         let mut sent = 0u64;
+        // Watchers were checked when they started watching: friends and group co-members.
         for watcher in w.by_user.get(&user).into_iter().flat_map(HashMap::values) {
             match watcher
                 .tx

@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use client_proto::http::{
-    AddMemberRequest, CreateGroupRequest, HistoryPage, LoginRequest, PatchMeRequest, SignupRequest,
+    AddMemberRequest, CreateGroupRequest, FriendResponse, HistoryPage, LoginRequest,
+    PatchMeRequest, PrivacyPatch, SignupRequest,
 };
 use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
 use client_proto::{ErrorBody, ErrorCode};
@@ -34,9 +35,17 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/login", post(login))
         .route("/v1/logout", post(logout))
         .route("/v1/me", get(me).patch(patch_me))
+        .route("/v1/me/privacy", get(get_privacy).put(put_privacy))
         .route("/v1/users/{username}", get(user))
+        .route("/v1/users/id/{user}", get(user_by_id))
         .route("/v1/friends", get(list_friends))
-        .route("/v1/friends/{user}", put(add_friend).delete(remove_friend))
+        .route("/v1/friends/requests", get(friend_requests))
+        .route(
+            "/v1/friends/{user}",
+            post(add_friend).put(add_friend).delete(remove_friend),
+        )
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{device}", delete(revoke_device))
         .route("/v1/devices/{device}/push", put(set_push))
         .route("/v1/groups", post(create_group).get(list_groups))
         .route("/v1/groups/{group}", get(get_group))
@@ -172,10 +181,26 @@ async fn user(
     Ok(Json(node.accounts.by_username(&username).await?).into_response())
 }
 
-/// Parses an id from a path segment.
+/// A profile by user id (a client names a sender it has not looked up by username).
+async fn user_by_id(
+    State(node): AppState,
+    Caller(_): Caller,
+    Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    let user = path_id(&user, "user")?;
+    Ok(Json(node.accounts.profile(UserId(user)).await?).into_response())
+}
+
+/// Parses an id from a path segment: canonical decimal digits only (docs/protocol.md 2.1),
+/// whatever type it is parsed into.
 fn path_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
-    s.parse()
-        .map_err(|_| ApiError::bad_request(format!("{what} must be a decimal id")))
+    let bad = || {
+        ApiError::bad_request(format!(
+            "{what} must be a decimal id (digits only, no sign or leading zeros)"
+        ))
+    };
+    client_proto::ids::parse_id(s).map_err(|_| bad())?;
+    s.parse().map_err(|_| bad())
 }
 
 #[derive(Deserialize)]
@@ -208,11 +233,43 @@ async fn add_friend(
     State(node): AppState,
     Caller(who): Caller,
     Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    let user_id = path_id(&user, "user id")?;
+    let state = node.friends.request(who.user, user_id).await?;
+    Ok(Json(FriendResponse { user_id, state }).into_response())
+}
+
+async fn friend_requests(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
+    Ok(Json(node.friends.requests(who.user).await?).into_response())
+}
+
+async fn list_devices(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
+    Ok(Json(node.accounts.devices(who).await?).into_response())
+}
+
+async fn revoke_device(
+    State(node): AppState,
+    Caller(who): Caller,
+    Path(device): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    node.friends
-        .add(who.user, path_id(&user, "user id")?)
+    node.accounts
+        .revoke_device(who, path_id(&device, "device id")?)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_privacy(State(node): AppState, Caller(who): Caller) -> Result<Response, ApiError> {
+    Ok(Json(node.accounts.privacy(who).await?).into_response())
+}
+
+async fn put_privacy(
+    State(node): AppState,
+    Caller(who): Caller,
+    Body(patch): Body<PrivacyPatch>,
+) -> Result<Response, ApiError> {
+    let settings = node.accounts.set_privacy(who, patch).await?;
+    node.chat.settings_changed(who.user);
+    Ok(Json(settings).into_response())
 }
 
 async fn remove_friend(

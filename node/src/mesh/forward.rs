@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use client_proto::ids::{DeviceId, UserId};
@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::delivery::Forward;
+use crate::domain::friends::apply_friendship;
 use crate::domain::hub::Hub;
+use crate::domain::presence::Presence;
 use crate::store::SledReplica;
 
 /// Request kind: close a device's connections (logout).
@@ -36,6 +38,9 @@ const KIND_DELIVER_BATCH: u16 = 0x0202;
 /// Request kind: deliveries to these users (or to anyone) were lost; catch their
 /// connections up with their inboxes ([`Resync`]).
 const KIND_RESYNC: u16 = 0x0203;
+/// Request kind: two users became friends or stopped being friends; their connections here
+/// start or stop watching each other ([`FriendshipChanged`]).
+const KIND_FRIENDSHIP: u16 = 0x0204;
 
 /// Users owed to one peer, past which the peer is told to catch everyone up.
 const MAX_OWED_USERS: usize = 10_000;
@@ -122,6 +127,13 @@ impl Owed {
 }
 
 #[derive(bincode::Encode, bincode::Decode)]
+struct FriendshipChanged {
+    a: UserId,
+    b: UserId,
+    friends: bool,
+}
+
+#[derive(bincode::Encode, bincode::Decode)]
 struct CloseDevice {
     user: UserId,
     device: DeviceId,
@@ -131,6 +143,9 @@ struct CloseDevice {
 pub(super) struct Handler {
     pub(super) replication: ReplicaService<SledReplica, PeerReplicaClient>,
     pub(super) hub: Hub,
+    /// The presence service, once the node made it (it is built after the mesh, whose
+    /// gossip directory it uses): until then there are no connections to update.
+    pub(super) presence: Arc<OnceLock<Arc<Presence>>>,
 }
 
 impl RpcHandler for Handler {
@@ -173,6 +188,13 @@ impl RpcHandler for Handler {
                             connections = n,
                             "a peer could not forward deliveries here; catching those users up"
                         );
+                    }
+                }
+                KIND_FRIENDSHIP => {
+                    let (c, _): (FriendshipChanged, _) =
+                        bincode::decode_from_slice(&request.body, config).map_err(bad)?;
+                    if let Some(presence) = self.presence.get() {
+                        apply_friendship(&self.hub, presence, c.a, c.b, c.friends);
                     }
                 }
                 KIND_CLOSE_DEVICE => {
@@ -261,6 +283,27 @@ impl Forward for Forwarder {
             if node != inner.self_id {
                 inner.send(node, KIND_CLOSE_DEVICE, &CloseDevice { user, device });
             }
+        }
+    }
+
+    fn friendship_changed(&self, a: UserId, b: UserId, friends: bool) {
+        // Every live member, not only those gossip names as holding a or b: gossip may not
+        // have told this node yet of a device that connected a moment ago. Friendship
+        // changes are rare and the request is a few bytes.
+        let inner = &self.inner;
+        let mut nodes: Vec<NodeId> = inner
+            .membership
+            .watch_members()
+            .borrow()
+            .iter()
+            .filter(|m| m.live)
+            .map(|m| m.node_id)
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let change = FriendshipChanged { a, b, friends };
+        for node in nodes.into_iter().filter(|n| *n != inner.self_id) {
+            inner.send(node, KIND_FRIENDSHIP, &change);
         }
     }
 }

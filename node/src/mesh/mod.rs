@@ -11,7 +11,7 @@ mod directory;
 mod forward;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -41,7 +41,7 @@ pub use forward::Forwarder;
 
 use crate::config::Config;
 use crate::domain::hub::Hub;
-use crate::domain::presence::Feed;
+use crate::domain::presence::{Feed, Presence};
 use crate::ids::now_unix_ms;
 use crate::store::{SledReplica, Store, TABLES};
 use cluster::lifecycle::node_cert_name as cert_name;
@@ -68,6 +68,8 @@ pub struct Mesh {
     lifecycle: parking_lot::Mutex<Option<LifecycleHandle>>,
     /// Forwards deliveries and logouts to other nodes.
     forwarder: Forwarder,
+    /// The presence service the peer request handler updates watches in.
+    presence: Arc<OnceLock<Arc<Presence>>>,
     /// The lifecycle, presence and watcher tasks.
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -91,9 +93,11 @@ impl Mesh {
         stop: CancellationToken,
     ) -> anyhow::Result<Started> {
         let replication = ReplicaService::new(store.local_replica());
+        let presence = Arc::new(OnceLock::new());
         let handler = Arc::new(Handler {
             replication,
             hub: hub.clone(),
+            presence: presence.clone(),
         });
         let peer_config = PeerConfig {
             reset_secret: Some(secret.clone()),
@@ -190,6 +194,7 @@ impl Mesh {
                 cfg.node_id,
                 stop.child_token(),
             ),
+            presence,
             endpoint,
             membership,
             tasks: TaskTracker::new(),
@@ -312,6 +317,12 @@ impl Mesh {
     /// The domain's `Forward` port: deliveries and logouts to other nodes.
     pub fn forwarder(&self) -> Forwarder {
         self.forwarder.clone()
+    }
+
+    /// Gives the peer request handler the presence service (once, at start), so that
+    /// friendship changes made on other nodes reach the watches of this node's connections.
+    pub fn attach_presence(&self, presence: Arc<Presence>) {
+        let _ = self.presence.set(presence);
     }
 
     /// Whether this node is an active member: false while it joins (`/readyz` says so).

@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 use crate::ids::{ClockSkew, IdGen};
 
 pub use commit::GroupCommit;
+pub use friends::Link;
 pub use messages::{HistoryPage, SendOutcome, SyncPage};
 pub use replica::SledReplica;
 
@@ -59,7 +60,8 @@ pub enum Table {
     Groups,
     /// `user | group`: the groups a user belongs to (an index; the group record decides).
     UserGroups,
-    /// `user | friend`: friendships, written on both users.
+    /// `user | other`: friendships and friend requests, written on both users (value: a
+    /// [`Link`] tag, see `friends`).
     Friends,
     /// `due ms | job id`: pending push notifications. Node-local, not replicated.
     PushOutbox,
@@ -99,7 +101,7 @@ impl Table {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage engine: {0}")]
-    Engine(#[from] sled::Error),
+    Engine(sled::Error),
     #[error("flush failed: {0}")]
     Flush(Arc<sled::Error>),
     #[error("the write was not durable within {0:?}")]
@@ -110,17 +112,35 @@ pub enum StoreError {
     Contention,
     /// A read or write could not reach its quorum of replicas.
     #[error("the replicas needed are not reachable: {0}")]
-    Quorum(#[from] QuorumError),
+    Quorum(QuorumError),
     /// A compare-and-swap got no definite answer from its partition's primary.
     #[error("the replicas needed are not reachable: {0}")]
-    Cas(#[from] CasError),
+    Cas(CasError),
     /// This node's clock is too far from its peers' to issue the write's version.
     #[error("{0}")]
-    ClockSkew(#[from] ClockSkew),
+    ClockSkew(ClockSkew),
     /// The store is not attached to the cluster yet (start-up).
     #[error("the store is not attached to the cluster yet")]
     NotAttached,
 }
+
+// The causes are part of each variant's message, so they are not also reported as a
+// `source()` (that printed every store error twice in `{:#}` chains).
+macro_rules! store_error_from {
+    ($($variant:ident($cause:ty)),*) => {$(
+        impl From<$cause> for StoreError {
+            fn from(e: $cause) -> Self {
+                StoreError::$variant(e)
+            }
+        }
+    )*};
+}
+store_error_from!(
+    Engine(sled::Error),
+    Quorum(QuorumError),
+    Cas(CasError),
+    ClockSkew(ClockSkew)
+);
 
 impl StoreError {
     /// Whether the operation failed for want of replicas or time, so that retrying later is
@@ -545,7 +565,7 @@ impl Store {
         mut change: impl FnMut(Option<T>) -> Result<Option<T>, E>,
     ) -> Result<Option<T>, E>
     where
-        T: bincode::Encode + bincode::Decode<()>,
+        T: records::Record,
         E: From<StoreError>,
     {
         for _ in 0..MAX_CAS_RETRIES {

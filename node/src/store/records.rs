@@ -1,35 +1,73 @@
 //! Stored records and their versioned encoding: one version byte, then bincode 2. A reader
-//! that meets an unknown version refuses it instead of misreading it; a new version adds a
-//! decoder here (the migration path).
+//! that meets an unknown version refuses it instead of misreading it; a kind whose layout
+//! changed keeps its old layout here and a [`Record::migrate`] from it (the migration path).
 
 use bincode::{Decode, Encode};
 use client_proto::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
 
 use super::StoreError;
 
-/// The current version of every record kind.
-const VERSION: u8 = 1;
+/// A stored record kind: its current layout's version, and how older layouts are read.
+pub trait Record: Encode + Decode<()> + Sized {
+    /// The version byte this kind is written with.
+    const VERSION: u8 = 1;
+    /// Reads a record written with an older `version` (its bincode bytes `rest`).
+    fn migrate(version: u8, rest: &[u8]) -> Result<Self, StoreError> {
+        let _ = rest;
+        Err(StoreError::Corrupt(format!(
+            "unknown record version {version}"
+        )))
+    }
+}
+
+fn bincode_decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, StoreError> {
+    bincode::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
 
 /// Encodes a record with its version byte.
-pub fn encode<T: Encode>(value: &T) -> Vec<u8> {
-    let mut out = vec![VERSION];
+pub fn encode<T: Record>(value: &T) -> Vec<u8> {
+    let mut out = vec![T::VERSION];
     // Encoding into a Vec cannot fail for our record types.
     let _ = bincode::encode_into_std_write(value, &mut out, bincode::config::standard());
     out
 }
 
-/// Decodes a record written by [`encode`].
-pub fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, StoreError> {
+/// Decodes a record written by [`encode`] (of this or an older version).
+pub fn decode<T: Record>(bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&VERSION, rest)) => bincode::decode_from_slice(rest, bincode::config::standard())
-            .map(|(v, _)| v)
-            .map_err(|e| StoreError::Corrupt(e.to_string())),
+        Some((&v, rest)) if v == T::VERSION => bincode_decode(rest),
+        Some((&v, rest)) if v < T::VERSION => T::migrate(v, rest),
         Some((v, _)) => Err(StoreError::Corrupt(format!("unknown record version {v}"))),
         None => Err(StoreError::Corrupt("empty record".into())),
     }
 }
 
-/// A user account.
+impl Record for client_proto::Message {}
+impl Record for PushJob {}
+impl Record for GroupRecord {}
+
+/// Who may do something to a user (a privacy setting; `client_proto::http::Audience`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
+pub enum Audience {
+    #[default]
+    Everyone,
+    /// Mutual friends only.
+    Friends,
+    Nobody,
+}
+
+/// A user's privacy settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
+pub struct Privacy {
+    /// Who may send them direct messages.
+    pub messages: Audience,
+    /// Who may add them to a group.
+    pub group_adds: Audience,
+}
+
+/// A user account. Version 2 added `privacy` and each device's `last_used`.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct UserRecord {
     pub user_id: UserId,
@@ -45,6 +83,17 @@ pub struct UserRecord {
     pub devices: Vec<DeviceRecord>,
     /// Source of `token_id`s; only grows, so a token from before a logout never matches again.
     pub token_counter: u64,
+    pub privacy: Privacy,
+}
+
+impl Record for UserRecord {
+    const VERSION: u8 = 2;
+    fn migrate(version: u8, rest: &[u8]) -> Result<Self, StoreError> {
+        match version {
+            1 => Ok(bincode_decode::<UserRecordV1>(rest)?.into()),
+            v => Err(StoreError::Corrupt(format!("unknown record version {v}"))),
+        }
+    }
 }
 
 /// One logged-in device of a user.
@@ -56,6 +105,62 @@ pub struct DeviceRecord {
     pub created_at: u64,
     /// Webhook URL for this device's push notifications.
     pub push_target: Option<String>,
+    /// Unix ms the device last logged in or authenticated (noted at a coarse granularity:
+    /// see `domain::accounts`). Idle devices expire; the oldest-idle one is evicted at the cap.
+    pub last_used: u64,
+}
+
+/// Version 1 of [`UserRecord`] (no privacy settings, devices without `last_used`).
+#[derive(Decode)]
+#[cfg_attr(test, derive(Encode))]
+struct UserRecordV1 {
+    user_id: UserId,
+    username: String,
+    display_name: String,
+    password_hash: String,
+    created_at: u64,
+    last_seen: u64,
+    devices: Vec<DeviceRecordV1>,
+    token_counter: u64,
+}
+
+/// Version 1 of [`DeviceRecord`].
+#[derive(Decode)]
+#[cfg_attr(test, derive(Encode))]
+struct DeviceRecordV1 {
+    device_id: DeviceId,
+    name: String,
+    token_id: u64,
+    created_at: u64,
+    push_target: Option<String>,
+}
+
+impl From<UserRecordV1> for UserRecord {
+    fn from(v: UserRecordV1) -> Self {
+        UserRecord {
+            user_id: v.user_id,
+            username: v.username,
+            display_name: v.display_name,
+            password_hash: v.password_hash,
+            created_at: v.created_at,
+            last_seen: v.last_seen,
+            devices: v
+                .devices
+                .into_iter()
+                .map(|d| DeviceRecord {
+                    device_id: d.device_id,
+                    name: d.name,
+                    token_id: d.token_id,
+                    created_at: d.created_at,
+                    push_target: d.push_target,
+                    // Unknown: counted from its first login.
+                    last_used: d.created_at,
+                })
+                .collect(),
+            token_counter: v.token_counter,
+            privacy: Privacy::default(),
+        }
+    }
 }
 
 /// A pending push notification for one target of one offline recipient.
@@ -125,15 +230,51 @@ mod tests {
                 token_id: 5,
                 created_at: 6,
                 push_target: Some("http://x".into()),
+                last_used: 7,
             }],
             token_counter: 5,
+            privacy: Privacy {
+                messages: Audience::Friends,
+                group_adds: Audience::Nobody,
+            },
         };
         let bytes = encode(&u);
+        assert_eq!(bytes[0], 2);
         assert_eq!(decode::<UserRecord>(&bytes).unwrap(), u);
         let mut future = bytes.clone();
-        future[0] = 2;
+        future[0] = 3;
         assert!(decode::<UserRecord>(&future).is_err());
         assert!(decode::<UserRecord>(&[]).is_err());
         assert!(decode::<UserRecord>(&bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn version_1_user_records_migrate() {
+        let v1 = UserRecordV1 {
+            user_id: UserId(1),
+            username: "a".into(),
+            display_name: "A".into(),
+            password_hash: "h".into(),
+            created_at: 2,
+            last_seen: 3,
+            devices: vec![DeviceRecordV1 {
+                device_id: DeviceId(4),
+                name: "phone".into(),
+                token_id: 5,
+                created_at: 6,
+                push_target: None,
+            }],
+            token_counter: 5,
+        };
+        let mut bytes = vec![1];
+        bincode::encode_into_std_write(&v1, &mut bytes, bincode::config::standard()).unwrap();
+        let u = decode::<UserRecord>(&bytes).unwrap();
+        assert_eq!(u.username, "a");
+        assert_eq!(
+            u.devices[0].last_used, 6,
+            "a migrated device counts from its login"
+        );
+        assert_eq!(u.privacy, Privacy::default());
+        assert_eq!(decode::<UserRecord>(&encode(&u)).unwrap(), u);
     }
 }

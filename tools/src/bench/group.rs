@@ -37,13 +37,16 @@ pub struct GroupArgs {
     /// Most unacked sends per sender at `max`.
     #[arg(long, default_value_t = 4)]
     pub window: usize,
+    /// How long each step sends, seconds.
     #[arg(long, default_value_t = 10)]
     pub duration_secs: u64,
     /// Stop each sender after this many messages per step.
     #[arg(long)]
     pub messages: Option<u64>,
+    /// How long to wait for outstanding acks and deliveries after a step, seconds.
     #[arg(long, default_value_t = 5)]
     pub grace_secs: u64,
+    /// Message body size in bytes.
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
 }

@@ -148,6 +148,10 @@ pub fn run(args: BenchArgs) -> ExitCode {
 async fn run_scenario(scenario: Scenario) -> Result<Outcome> {
     match scenario {
         Scenario::Direct(a) => direct::run(a, false).await,
+        Scenario::RelayBaseline(a) if a.target.baseline => bail!(
+            "relay-baseline is the baseline itself: drop --baseline (it adds the relay's \
+             figures to another scenario's table)"
+        ),
         Scenario::RelayBaseline(a) => direct::run(a, true).await,
         Scenario::Group(a) => group::run(a).await,
         Scenario::Presence(a) => presence::run(a).await,

@@ -121,14 +121,18 @@ async fn measure(target: &Target, args: &PresenceArgs) -> Result<PresenceResult>
     for pair in accounts.chunks(2) {
         let (w, c) = (pair[0].clone(), pair[1].clone());
         let api = target.endpoint.api(w.server).context("no HTTP server")?;
-        api.request_raw(
-            reqwest::Method::PUT,
-            &format!("/v1/friends/{}", c.user_id),
-            Some(&w.token),
-            None::<&()>,
-        )
-        .await
-        .context("making friends")?;
+        // Friendship is mutual: one asks, the other accepts.
+        api.befriend(&w.token, c.user_id)
+            .await
+            .context("asking to be friends")?;
+        let state = api
+            .befriend(&c.token, w.user_id)
+            .await
+            .context("accepting a friend request")?;
+        anyhow::ensure!(
+            state == client_proto::http::FriendState::Friends,
+            "the friend request was not accepted: {state:?}"
+        );
         let watcher = conn::connect(&w.ws_url, &w.token, target.codec).await?;
         tasks.spawn(pair_task(
             watcher,

@@ -410,7 +410,19 @@ impl Session {
                 if users.len() > MAX_SUBSCRIBE_USERS {
                     let msg = format!("at most {MAX_SUBSCRIBE_USERS} users per subscribe_presence");
                     self.error(ApiError::bad_request(msg), None).await;
-                } else if !self
+                    return None;
+                }
+                // Presence is for friends and group co-members only: the others are not
+                // watched, and one `forbidden` error says so.
+                let (users, hidden) =
+                    match Box::pin(self.node.friends.visible(self.who.user, &users)).await {
+                        Ok(split) => split,
+                        Err(e) => {
+                            self.error(e, None).await;
+                            return None;
+                        }
+                    };
+                if !self
                     .node
                     .presence
                     .watch(self.conn_id, &self.out, &self.kick, &users)
@@ -419,6 +431,13 @@ impl Session {
                         "a connection may watch at most {MAX_WATCHED_PER_CONNECTION} users"
                     );
                     self.error(ApiError::bad_request(msg), None).await;
+                } else if let Some(first) = hidden.first() {
+                    let msg = format!(
+                        "not watching {} of these users (the first: {first}): presence is \
+                         visible only to friends and fellow group members",
+                        hidden.len()
+                    );
+                    self.error(ApiError::forbidden(msg), None).await;
                 }
                 None
             }
