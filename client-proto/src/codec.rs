@@ -411,6 +411,30 @@ mod tests {
     }
 
     #[test]
+    fn the_retry_hint_is_json_only_and_keeps_the_binary_error_layout() {
+        let f = ServerFrame::rate_limited("too many sends; retry in 120 ms", Some("a".into()), 120);
+        let json = String::from_utf8(encode(Codec::Json, &f)).unwrap();
+        assert!(
+            json.ends_with(r#""ref":"a","retry_after_ms":120}"#),
+            "{json}"
+        );
+        assert_eq!(
+            decode::<ServerFrame>(Codec::Json, json.as_bytes()).unwrap(),
+            f
+        );
+        // Binary: variant 6, code 8 (rate_limited), the message, the ref; nothing more.
+        let bin = encode(Codec::Binary, &f);
+        let plain = ServerFrame::error(
+            crate::ErrorCode::RateLimited,
+            "too many sends; retry in 120 ms",
+            Some("a".into()),
+        );
+        assert_eq!(bin, encode(Codec::Binary, &plain));
+        assert_eq!(&bin[..2], &[6, 8]);
+        assert_eq!(decode::<ServerFrame>(Codec::Binary, &bin).unwrap(), plain);
+    }
+
+    #[test]
     fn decode_memory_limits_cover_the_worst_ratio() {
         // The smallest message on the wire is 10 bytes (ten one-byte fields).
         assert!(16 * 10 >= std::mem::size_of::<crate::frames::Message>());

@@ -249,31 +249,6 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{decode, encode, Codec};
-
-    #[test]
-    fn the_retry_hint_is_json_only_and_keeps_the_binary_error_layout() {
-        let f = ServerFrame::rate_limited("too many sends; retry in 120 ms", Some("a".into()), 120);
-        let json = String::from_utf8(encode(Codec::Json, &f)).unwrap();
-        assert!(
-            json.ends_with(r#""ref":"a","retry_after_ms":120}"#),
-            "{json}"
-        );
-        assert_eq!(
-            decode::<ServerFrame>(Codec::Json, json.as_bytes()).unwrap(),
-            f
-        );
-        // Binary: variant 6, code 8 (rate_limited), the message, the ref; nothing more.
-        let bin = encode(Codec::Binary, &f);
-        let plain = ServerFrame::error(
-            ErrorCode::RateLimited,
-            "too many sends; retry in 120 ms",
-            Some("a".into()),
-        );
-        assert_eq!(bin, encode(Codec::Binary, &plain));
-        assert_eq!(&bin[..2], &[6, 8]);
-        assert_eq!(decode::<ServerFrame>(Codec::Binary, &bin).unwrap(), plain);
-    }
 
     #[test]
     fn error_frames_are_bounded() {
