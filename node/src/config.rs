@@ -130,6 +130,55 @@ pub struct ServeArgs {
     /// Attempts before a notification is dead-lettered [default: 8].
     #[arg(long, env = "CHATNODE_PUSH_MAX_ATTEMPTS")]
     pub push_max_attempts: Option<u32>,
+    /// Most client connections (HTTP and WebSocket) open at once; past it new ones are
+    /// refused [default: the open-file limit less 1024 for the store and peers, at most
+    /// 100000].
+    #[arg(long, env = "CHATNODE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most client connections (HTTP and WebSocket) from one source address at once
+    /// [default: 1000]. The source is the TCP peer: behind a proxy, raise it or set it on the
+    /// proxy.
+    #[arg(long, env = "CHATNODE_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Time a client has to send a whole HTTP request head, counted from the moment the
+    /// connection is ready for a request (so it also closes idle keep-alive connections), ms
+    /// [default: 10000].
+    #[arg(long, env = "CHATNODE_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// An HTTP connection (before a WebSocket upgrade) that moves no byte either way for this
+    /// long is closed: a stalled request body or a client that stopped reading, ms
+    /// [default: 30000].
+    #[arg(long, env = "CHATNODE_HTTP_IDLE_TIMEOUT_MS")]
+    pub http_idle_timeout_ms: Option<u64>,
+    /// Time a new WebSocket or QUIC connection has to authenticate before it is closed, ms
+    /// [default: 10000].
+    #[arg(long, env = "CHATNODE_AUTH_TIMEOUT_MS")]
+    pub auth_timeout_ms: Option<u64>,
+    /// Password hashes (argon2id, ~19 MiB each) computed at once [default: the number of
+    /// CPU cores].
+    #[arg(long, env = "CHATNODE_HASH_WORKERS")]
+    pub hash_workers: Option<usize>,
+    /// Logins and signups that may wait for a hashing worker; past it they are refused with
+    /// `busy` [default: 64].
+    #[arg(long, env = "CHATNODE_HASH_QUEUE")]
+    pub hash_queue: Option<usize>,
+    /// Wrong passwords for one username before logins to it are delayed [default: 5].
+    #[arg(long, env = "CHATNODE_LOGIN_FREE_FAILURES")]
+    pub login_free_failures: Option<u32>,
+    /// Failed logins from one source address before its logins are delayed [default: 50].
+    #[arg(long, env = "CHATNODE_LOGIN_FREE_FAILURES_PER_IP")]
+    pub login_free_failures_per_ip: Option<u32>,
+    /// The first login delay once the free failures are used up, doubled per further
+    /// failure, ms [default: 1000].
+    #[arg(long, env = "CHATNODE_LOGIN_DELAY_BASE_MS")]
+    pub login_delay_base_ms: Option<u64>,
+    /// The longest login delay, ms [default: 300000].
+    #[arg(long, env = "CHATNODE_LOGIN_DELAY_MAX_MS")]
+    pub login_delay_max_ms: Option<u64>,
+    /// Signups allowed per source address per hour (a burst of this many, then refilled
+    /// evenly) [default: 20; 0: unlimited].
+    #[arg(long, env = "CHATNODE_SIGNUPS_PER_IP_PER_HOUR")]
+    pub signups_per_ip_per_hour: Option<u32>,
     /// Log filter in tracing's EnvFilter syntax [default: info,chitchat=warn: the gossip
     /// library's own chatter only when something is wrong].
     #[arg(long, env = "CHATNODE_LOG")]
@@ -178,6 +227,18 @@ struct FileConfig {
     push_timeout_ms: Option<u64>,
     push_retry_base_ms: Option<u64>,
     push_max_attempts: Option<u32>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    http_header_timeout_ms: Option<u64>,
+    http_idle_timeout_ms: Option<u64>,
+    auth_timeout_ms: Option<u64>,
+    hash_workers: Option<usize>,
+    hash_queue: Option<usize>,
+    login_free_failures: Option<u32>,
+    login_free_failures_per_ip: Option<u32>,
+    login_delay_base_ms: Option<u64>,
+    login_delay_max_ms: Option<u64>,
+    signups_per_ip_per_hour: Option<u32>,
     log: Option<String>,
 }
 
@@ -223,6 +284,12 @@ pub struct Config {
     /// A device unused for this long is logged out (see `domain::accounts`).
     pub device_idle: Duration,
     pub push: PushConfig,
+    /// Connection caps and timeouts of the HTTP/WebSocket listener.
+    pub conn: ConnLimits,
+    /// Time a new WebSocket or QUIC connection has to authenticate.
+    pub auth_timeout: Duration,
+    /// Password hashing, login throttling and signup limits.
+    pub login: LoginLimits,
     pub log: String,
 }
 
@@ -381,6 +448,49 @@ impl Config {
                     .or(file.push_max_attempts)
                     .unwrap_or(8),
             },
+            conn: ConnLimits {
+                max_connections: args
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or_else(default_max_connections),
+                max_per_ip: args
+                    .max_connections_per_ip
+                    .or(file.max_connections_per_ip)
+                    .unwrap_or(1000),
+                header_timeout: ms(
+                    args.http_header_timeout_ms.or(file.http_header_timeout_ms),
+                    10_000,
+                ),
+                idle_timeout: ms(
+                    args.http_idle_timeout_ms.or(file.http_idle_timeout_ms),
+                    30_000,
+                ),
+            },
+            auth_timeout: ms(
+                args.auth_timeout_ms.or(file.auth_timeout_ms),
+                client_proto::limits::AUTH_TIMEOUT_MS,
+            ),
+            login: LoginLimits {
+                hash_workers: args
+                    .hash_workers
+                    .or(file.hash_workers)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                hash_queue: args.hash_queue.or(file.hash_queue).unwrap_or(64),
+                free_failures: args
+                    .login_free_failures
+                    .or(file.login_free_failures)
+                    .unwrap_or(5),
+                free_failures_per_ip: args
+                    .login_free_failures_per_ip
+                    .or(file.login_free_failures_per_ip)
+                    .unwrap_or(50),
+                delay_base: ms(args.login_delay_base_ms.or(file.login_delay_base_ms), 1_000),
+                delay_max: ms(args.login_delay_max_ms.or(file.login_delay_max_ms), 300_000),
+                signups_per_ip_per_hour: args
+                    .signups_per_ip_per_hour
+                    .or(file.signups_per_ip_per_hour)
+                    .unwrap_or(20),
+            },
             log: args.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into()),
             data_dir,
         };
@@ -461,6 +571,29 @@ impl Config {
                     .into(),
             );
         }
+        if self.conn.max_connections == 0 || self.conn.max_per_ip == 0 {
+            return bad("--max-connections and --max-connections-per-ip must be above 0".into());
+        }
+        if self.conn.header_timeout < Duration::from_millis(100)
+            || self.conn.idle_timeout < Duration::from_millis(100)
+            || self.auth_timeout < Duration::from_millis(100)
+        {
+            return bad(
+                "--http-header-timeout-ms, --http-idle-timeout-ms and --auth-timeout-ms must be at least 100"
+                    .into(),
+            );
+        }
+        if self.login.hash_workers == 0 || self.login.hash_workers > 256 {
+            return bad(format!(
+                "--hash-workers is {}; it must be between 1 and 256 (each takes ~19 MiB while it hashes)",
+                self.login.hash_workers
+            ));
+        }
+        if self.login.delay_base.is_zero() || self.login.delay_max < self.login.delay_base {
+            return bad(
+                "--login-delay-base-ms must be above 0 and at most --login-delay-max-ms".into(),
+            );
+        }
         if self.advertise_host.is_empty() {
             return bad("--advertise-host must not be empty".into());
         }
@@ -495,6 +628,49 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source: Box::new(source),
     })
+}
+
+/// The default `--max-connections`: what the open-file limit leaves after 1024 descriptors
+/// for the store, peers and QUIC, at least 64 and at most 100,000. (`serve` raises the soft
+/// limit to the hard one before reading it.)
+fn default_max_connections() -> usize {
+    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft.saturating_sub(1024))
+        .unwrap_or(usize::MAX)
+        .clamp(64, 100_000)
+}
+
+/// Caps and timeouts of the HTTP/WebSocket listener (`--max-connections*`, `--http-*`).
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Most client connections from one source address at once.
+    pub max_per_ip: usize,
+    /// Time to send a whole request head, from when the connection awaits one.
+    pub header_timeout: Duration,
+    /// Time without a byte either way before an HTTP connection is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Password hashing, login throttling and signup limits (`--hash-*`, `--login-*`,
+/// `--signups-*`).
+#[derive(Clone, Debug)]
+pub struct LoginLimits {
+    /// Hashes computed at once.
+    pub hash_workers: usize,
+    /// Hashes that may wait for a worker.
+    pub hash_queue: usize,
+    /// Wrong passwords for one username before its logins are delayed.
+    pub free_failures: u32,
+    /// Failed logins from one source address before its logins are delayed.
+    pub free_failures_per_ip: u32,
+    /// The first delay; doubled per further failure.
+    pub delay_base: Duration,
+    /// The longest delay.
+    pub delay_max: Duration,
+    /// Signups per source address per hour; 0: unlimited.
+    pub signups_per_ip_per_hour: u32,
 }
 
 /// Settings of the push worker (`--push-*`).

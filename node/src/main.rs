@@ -86,6 +86,11 @@ fn main() -> std::process::ExitCode {
         Command::Certs(cmd) => certs(cmd),
         Command::Client(args) => client(args),
         Command::Serve(args) => {
+            // Every client connection is a descriptor: use all the hard limit allows (the
+            // default `--max-connections` is read from the result).
+            if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+                eprintln!("chatnode: cannot raise the open-file limit: {e}");
+            }
             let cfg = match Config::resolve(*args) {
                 Ok(c) => c,
                 Err(e) => {

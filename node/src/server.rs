@@ -11,7 +11,6 @@
 //! reach the other replicas), stop presence fan-out and the push worker, flush the store.
 //! Every task's result is checked; a task that panicked is reported.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -206,6 +205,7 @@ pub async fn serve(
             delivery.clone(),
             cfg.token_ttl,
             cfg.device_idle,
+            &cfg.login,
         ),
         chat: Chat::new(
             store.clone(),
@@ -231,20 +231,13 @@ pub async fn serve(
     }));
 
     let quic = crate::gateway::quic::spawn_accept(node.clone(), quic_endpoint, shutdown.clone());
-    let app = crate::gateway::http::router(node.clone())
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let http_shutdown = shutdown.clone();
-    // Frames are small and latency-bound: no Nagle delay on client sockets.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await
-    });
+    // Connection caps, head and idle timeouts: `gateway::listener`.
+    let server = crate::gateway::listener::spawn(
+        listener,
+        crate::gateway::http::router(node.clone()),
+        node.cfg.conn.clone(),
+        shutdown.clone(),
+    );
 
     // The bench and the test harness parse this line (`ReadyLine::parse`); its target is
     // fixed so that they can turn it on alone (`--log warn,chatnode::ready=info`).
@@ -267,8 +260,7 @@ pub async fn serve(
         tracing::warn!("some sessions did not finish within {DRAIN_TIMEOUT:?}");
     }
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "HTTP server task failed"),
         Err(_) => tracing::warn!("HTTP server did not stop within {DRAIN_TIMEOUT:?}"),
     }

@@ -3,9 +3,10 @@
 //! error body, the router's own included (no route, wrong method, bad path or query string,
 //! a body that is not a JSON object).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -140,16 +141,23 @@ impl FromRequestParts<Arc<Node>> for Caller {
 
 async fn signup(
     State(node): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Body(req): Body<SignupRequest>,
 ) -> Result<Response, ApiError> {
-    let p = node.accounts.signup(req).await?;
+    let p = node.accounts.signup(req, peer.ip()).await?;
     let body = serde_json::json!({"user_id": p.user_id, "username": p.username});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn login(State(node): AppState, Body(req): Body<LoginRequest>) -> Result<Response, ApiError> {
+/// The source address is the TCP peer's: behind a proxy every client shares the proxy's
+/// (see the README on `--login-*` and `--signups-per-ip-per-hour`).
+async fn login(
+    State(node): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Body(req): Body<LoginRequest>,
+) -> Result<Response, ApiError> {
     let recommended = node.recommended().await;
-    Ok(Json(node.accounts.login(req, recommended).await?).into_response())
+    Ok(Json(node.accounts.login(req, recommended, peer.ip()).await?).into_response())
 }
 
 async fn logout(State(node): AppState, Caller(who): Caller) -> Result<StatusCode, ApiError> {
@@ -428,6 +436,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody::new(self.code, self.message))).into_response()
+        let mut response = (status, Json(ErrorBody::new(self.code, self.message))).into_response();
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up.
+            let secs = after.as_millis().div_ceil(1000).max(1);
+            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
     }
 }

@@ -229,6 +229,10 @@ impl Mesh {
     /// - this node was paused or starved (a stopped process misses forwards, and peers give
     ///   up on it).
     ///
+    /// And it tells a peer that comes back in its view to catch up everyone
+    /// ([`Forwarder::peer_back`]): the two sides see each other again at different moments,
+    /// and what this node stored in between was forwarded nowhere.
+    ///
     /// (Forwards that fail while both sides are up are reported by the sender: `forward.rs`.)
     fn spawn_catch_up_triggers(self: &Arc<Self>, hub: Hub, mut view: watch::Receiver<ClusterView>) {
         let this = self.clone();
@@ -241,10 +245,18 @@ impl Mesh {
                     changed = view.changed() => if changed.is_err() { break },
                 }
                 let now = view.borrow_and_update().members.clone();
-                let moved: Vec<String> = member_changes(&last, &now)
+                let changes: Vec<_> = member_changes(&last, &now)
                     .into_iter()
                     .filter(|c| c.node != this.self_id)
                     .filter(|c| c.was_live != c.now_live || c.generation_changed)
+                    .collect();
+                for c in &changes {
+                    if c.now_live {
+                        this.forwarder.peer_back(c.node);
+                    }
+                }
+                let moved: Vec<String> = changes
+                    .into_iter()
                     .map(|c| match (c.now_live, c.generation_changed) {
                         (_, true) => format!("node {} restarted", c.node),
                         (true, false) => format!("node {} is back", c.node),

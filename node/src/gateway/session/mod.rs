@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client_proto::codec::{self, CloseCode, Codec, DecodeError};
-use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_SUBSCRIBE_USERS};
+use client_proto::limits::MAX_SUBSCRIBE_USERS;
 use client_proto::{ClientFrame, ErrorCode, MessageId, ServerFrame};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -138,14 +138,16 @@ where
     R: Stream<Item = Inbound> + Unpin,
     W: Sink<OutFrame> + Unpin,
 {
-    let first = tokio::time::timeout(Duration::from_millis(AUTH_TIMEOUT_MS), reader.next()).await;
+    // Pings do not count: the transports filter them out of `reader`.
+    let budget = node.cfg.auth_timeout;
+    let first = tokio::time::timeout(budget, reader.next()).await;
 
     let (codec, bytes) = match first {
         Err(_) => {
             let _ = writer
                 .send(OutFrame::Close(
                     CloseCode::PolicyViolation.code(),
-                    "authenticate within 10 s".into(),
+                    format!("authenticate within {} ms", budget.as_millis()),
                 ))
                 .await;
             return None;
