@@ -59,12 +59,32 @@ pub struct ServeArgs {
     /// A device silent for this long is dropped, ms [default: 30000].
     #[arg(long, env = "CHATNODE_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
-    /// Sustained sends per second per connection [default: 50].
+    /// Sustained sends per second per user, all of the user's connections to this node
+    /// together [default: 50].
     #[arg(long, env = "CHATNODE_RATE_LIMIT_PER_SEC")]
     pub rate_limit_per_sec: Option<f64>,
-    /// Burst of sends per connection [default: 100].
+    /// Burst of sends per user [default: 100].
     #[arg(long, env = "CHATNODE_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
+    /// Sustained `sync` and `history` requests per second per user [default: 10].
+    #[arg(long, env = "CHATNODE_READ_RATE_LIMIT_PER_SEC")]
+    pub read_rate_limit_per_sec: Option<f64>,
+    /// Burst of `sync` and `history` requests per user [default: 40].
+    #[arg(long, env = "CHATNODE_READ_RATE_LIMIT_BURST")]
+    pub read_rate_limit_burst: Option<u32>,
+    /// Sustained bytes of `sync` and `history` replies per second per user; a request is
+    /// refused while the user is over it [default: 8388608, 8 MiB].
+    #[arg(long, env = "CHATNODE_READ_BYTES_PER_SEC")]
+    pub read_bytes_per_sec: Option<u32>,
+    /// Burst of bytes of `sync` and `history` replies per user [default: 33554432, 32 MiB].
+    #[arg(long, env = "CHATNODE_READ_BYTES_BURST")]
+    pub read_bytes_burst: Option<u32>,
+    /// Web origins (`scheme://host[:port]`, comma-separated) allowed to open WebSockets, on
+    /// top of the node's own (an `Origin` whose host and port are the request's `Host`);
+    /// `*` allows any. Requests without an `Origin` (native clients) are always allowed
+    /// [default: none].
+    #[arg(long, env = "CHATNODE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// A write not durable within this time fails with `unavailable`, ms [default: 2000].
     #[arg(long, env = "CHATNODE_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
@@ -199,6 +219,12 @@ struct FileConfig {
     heartbeat_timeout_ms: Option<u64>,
     rate_limit_per_sec: Option<f64>,
     rate_limit_burst: Option<u32>,
+    read_rate_limit_per_sec: Option<f64>,
+    read_rate_limit_burst: Option<u32>,
+    read_bytes_per_sec: Option<u32>,
+    read_bytes_burst: Option<u32>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
     write_timeout_ms: Option<u64>,
     anti_entropy_secs: Option<u64>,
     seal_window_ms: Option<u64>,
@@ -245,8 +271,17 @@ pub struct Config {
     pub partitions: u32,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Sends per second per user, and their burst.
     pub rate_limit_per_sec: f64,
     pub rate_limit_burst: u32,
+    /// `sync`/`history` requests per second per user, and their burst.
+    pub read_rate_limit_per_sec: f64,
+    pub read_rate_limit_burst: u32,
+    /// Bytes of `sync`/`history` replies per second per user, and their burst.
+    pub read_bytes_per_sec: u32,
+    pub read_bytes_burst: u32,
+    /// Extra origins allowed to open WebSockets (`*`: any); see `gateway::ws`.
+    pub allowed_origins: Vec<String>,
     pub write_timeout: Duration,
     /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
     pub anti_entropy: Option<Duration>,
@@ -366,6 +401,27 @@ impl Config {
                 .rate_limit_burst
                 .or(file.rate_limit_burst)
                 .unwrap_or(100),
+            read_rate_limit_per_sec: args
+                .read_rate_limit_per_sec
+                .or(file.read_rate_limit_per_sec)
+                .unwrap_or(10.0),
+            read_rate_limit_burst: args
+                .read_rate_limit_burst
+                .or(file.read_rate_limit_burst)
+                .unwrap_or(40),
+            read_bytes_per_sec: args
+                .read_bytes_per_sec
+                .or(file.read_bytes_per_sec)
+                .unwrap_or(8 << 20),
+            read_bytes_burst: args
+                .read_bytes_burst
+                .or(file.read_bytes_burst)
+                .unwrap_or(32 << 20),
+            allowed_origins: if args.allowed_origins.is_empty() {
+                file.allowed_origins
+            } else {
+                args.allowed_origins
+            },
             write_timeout: ms(args.write_timeout_ms.or(file.write_timeout_ms), 2_000),
             anti_entropy: match args
                 .anti_entropy_secs
@@ -493,6 +549,23 @@ impl Config {
         {
             return bad("--rate-limit-per-sec and --rate-limit-burst must be above 0".into());
         }
+        if !(self.read_rate_limit_per_sec > 0.0 && self.read_rate_limit_per_sec.is_finite())
+            || self.read_rate_limit_burst == 0
+            || self.read_bytes_per_sec == 0
+            || self.read_bytes_burst == 0
+        {
+            return bad(
+                "--read-rate-limit-per-sec, --read-rate-limit-burst, --read-bytes-per-sec and --read-bytes-burst must be above 0"
+                    .into(),
+            );
+        }
+        for o in &self.allowed_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return bad(format!(
+                    "--allowed-origins: {o:?} is not `*` or scheme://host[:port]"
+                ));
+            }
+        }
         if self.write_timeout < Duration::from_millis(100) {
             return bad("--write-timeout-ms must be at least 100".into());
         }
@@ -502,8 +575,8 @@ impl Config {
         if self.max_clock_skew < Duration::from_millis(100) {
             return bad("--max-clock-skew-ms must be at least 100".into());
         }
-        if self.token_ttl < Duration::from_secs(60) {
-            return bad("--token-ttl-secs must be at least 60".into());
+        if self.token_ttl < Duration::from_secs(1) {
+            return bad("--token-ttl-secs must be at least 1".into());
         }
         if self.device_idle < Duration::from_secs(1) {
             return bad("--device-idle-secs must be at least 1".into());

@@ -539,6 +539,15 @@ impl Accounts {
         })
     }
 
+    /// When `token` expires (Unix ms), if it is a valid token: a session authenticated with
+    /// it ends then.
+    pub fn token_expires_at(&self, token: &str) -> Option<u64> {
+        self.tokens
+            .verify(token, now_unix_ms())
+            .ok()
+            .map(|c| c.expires_at)
+    }
+
     /// Sets where `device` (one of the caller's devices) gets push notifications.
     pub async fn set_push_target(
         &self,
