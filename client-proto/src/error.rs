@@ -28,6 +28,9 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Internal,
+    /// The node is at a capacity limit (password hashing): retry after `Retry-After`
+    /// seconds. Nothing was done. (Last, so that the binary codec's numbers of the others stay.)
+    Busy,
 }
 
 impl ErrorCode {
@@ -41,7 +44,7 @@ impl ErrorCode {
             ErrorCode::Conflict | ErrorCode::GroupFull => 409,
             ErrorCode::MessageTooLarge => 413,
             ErrorCode::RateLimited => 429,
-            ErrorCode::Unavailable => 503,
+            ErrorCode::Busy | ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
     }
@@ -58,6 +61,7 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::GroupFull => "group_full",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Busy => "busy",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

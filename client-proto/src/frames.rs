@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, Position, UserId};
+use crate::limits::{truncate_utf8, MAX_ECHOED_REF_BYTES, MAX_ERROR_MESSAGE_BYTES};
 
 /// Where a `send` goes: `{"user": id}` or `{"group": id}`.
 #[derive(
@@ -20,8 +21,8 @@ pub enum Recipient {
     Group(GroupId),
 }
 
-/// A frame from a client to a node.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+/// A frame from a client to a node. `Debug` leaves tokens and bodies out (`redact.rs`).
+#[derive(Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// Must be the first frame of a connection.
@@ -61,6 +62,18 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// Every `type` a client may send.
+    pub const KINDS: [&'static str; 8] = [
+        "auth",
+        "send",
+        "sync",
+        "heartbeat",
+        "subscribe_presence",
+        "unsubscribe_presence",
+        "history",
+        "seen",
+    ];
+
     /// The frame's `type` name, for logs and errors.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -76,8 +89,8 @@ impl ClientFrame {
     }
 }
 
-/// A stored message as clients see it.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+/// A stored message as clients see it. `Debug` leaves the body out (`redact.rs`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct Message {
     pub message_id: MessageId,
     pub conversation: ConversationId,
@@ -104,6 +117,39 @@ pub enum PresenceStatus {
     Online,
     Offline,
 }
+
+/// The `retry_after_ms` of an `error` frame: an optional number in JSON. The binary codec does
+/// not carry it (it encodes as nothing and decodes as `None`), so that the binary layout of
+/// `error` stays that of the clients already deployed; binary clients read the wait from the
+/// message (`... retry in 120 ms`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RetryAfterMs(pub Option<u64>);
+
+impl RetryAfterMs {
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl bincode::Encode for RetryAfterMs {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        _: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        Ok(())
+    }
+}
+
+impl<C> bincode::Decode<C> for RetryAfterMs {
+    fn decode<D: bincode::de::Decoder<Context = C>>(
+        _: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        Ok(RetryAfterMs(None))
+    }
+}
+
+bincode::impl_borrow_decode!(RetryAfterMs);
 
 /// A frame from a node to a client.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
@@ -152,6 +198,10 @@ pub enum ServerFrame {
         message: String,
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// With `rate_limited`: milliseconds after which the same request will be accepted
+        /// (JSON only; see [`RetryAfterMs`]).
+        #[serde(default, skip_serializing_if = "RetryAfterMs::is_none")]
+        retry_after_ms: RetryAfterMs,
     },
     /// The node is shutting down; reconnect elsewhere.
     Draining {
@@ -165,12 +215,56 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
-    /// An `error` frame.
+    /// An `error` frame. The message is cut to [`MAX_ERROR_MESSAGE_BYTES`] and a reference
+    /// longer than [`MAX_ECHOED_REF_BYTES`] is left out (echoing it would let a client make the
+    /// node send back what it sent, escaped larger).
     pub fn error(code: ErrorCode, message: impl Into<String>, reference: Option<String>) -> Self {
+        let mut message = message.into();
+        truncate_utf8(&mut message, MAX_ERROR_MESSAGE_BYTES);
         ServerFrame::Error {
             code,
-            message: message.into(),
-            reference,
+            message,
+            reference: reference.filter(|r| r.len() <= MAX_ECHOED_REF_BYTES),
+            retry_after_ms: RetryAfterMs(None),
+        }
+    }
+
+    /// A `rate_limited` error with the time after which the request will be accepted.
+    pub fn rate_limited(
+        message: impl Into<String>,
+        reference: Option<String>,
+        retry_after_ms: u64,
+    ) -> Self {
+        let mut frame = ServerFrame::error(ErrorCode::RateLimited, message, reference);
+        if let ServerFrame::Error {
+            retry_after_ms: r, ..
+        } = &mut frame
+        {
+            *r = RetryAfterMs(Some(retry_after_ms));
+        }
+        frame
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_frames_are_bounded() {
+        let f = ServerFrame::error(
+            ErrorCode::InvalidFrame,
+            "\u{1}".repeat(100_000),
+            Some("r".repeat(300)),
+        );
+        match f {
+            ServerFrame::Error {
+                message, reference, ..
+            } => {
+                assert_eq!(message.len(), crate::limits::MAX_ERROR_MESSAGE_BYTES);
+                assert_eq!(reference, None);
+            }
+            _ => unreachable!(),
         }
     }
 }

@@ -1,11 +1,60 @@
 //! Request and response bodies of the HTTP API (`/v1/...`).
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::frames::{Message, PresenceStatus};
 use crate::ids::{DeviceId, GroupId, MessageId, UserId};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Why a request body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON at all.
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not an object (an array would match fields by position).
+    #[error("the body must be a JSON object")]
+    NotObject,
+    /// An object with a field missing or of the wrong shape (`field` is its path, empty when
+    /// the object as a whole is wrong, e.g. a missing field).
+    #[error("{}{message}", if field.is_empty() { String::new() } else { format!("field `{field}`: ") })]
+    Field { field: String, message: String },
+}
+
+/// Decodes a request body of the HTTP API: a JSON object, nothing else (refused before any
+/// field is looked at), with errors that name the field. Never panics.
+pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BodyError> {
+    let short = |e: &dyn std::fmt::Display| {
+        let mut s = e.to_string();
+        crate::limits::truncate_utf8(&mut s, 256);
+        s
+    };
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Tell "not JSON" from "JSON of the wrong kind" (only on the error path).
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => Err(BodyError::NotObject),
+            Err(e) => Err(BodyError::NotJson(short(&e))),
+        };
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return BodyError::NotJson(short(&inner));
+        }
+        BodyError::Field {
+            field: if field == "." { String::new() } else { field },
+            message: short(&inner),
+        }
+    })?;
+    de.end().map_err(|e| BodyError::NotJson(short(&e)))?;
+    Ok(value)
+}
+
+/// `Debug` leaves the password out (`redact.rs`).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SignupRequest {
     pub username: String,
     pub password: String,
@@ -19,7 +68,8 @@ pub struct SignupResponse {
     pub username: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `Debug` leaves the password out (`redact.rs`).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LoginRequest {
     pub username: String,
     pub password: String,
@@ -37,7 +87,8 @@ pub struct NodeInfo {
     pub quic_addr: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `Debug` leaves the token out (`redact.rs`).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LoginResponse {
     pub token: String,
     pub user_id: UserId,

@@ -7,7 +7,25 @@ use std::str::FromStr;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Serde helpers for a `u64` written as a decimal string (numbers are accepted on input).
+/// Why an id did not parse: ids are canonical decimal strings, `0` to `18446744073709551615`,
+/// digits only (no sign, no leading zeros, no spaces).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid id {0:?}: ids are decimal strings of digits, without sign or leading zeros")]
+pub struct InvalidId(pub String);
+
+/// Parses a canonical decimal id.
+pub fn parse_id(s: &str) -> Result<u64, InvalidId> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    let bad = || InvalidId(s.chars().take(32).collect());
+    if !canonical {
+        return Err(bad());
+    }
+    s.parse().map_err(|_| bad())
+}
+
+/// Serde helpers for a `u64` written as a decimal string. Only strings are accepted: a JSON
+/// number would be silently rounded by JavaScript clients above 2^53.
 mod decimal {
     use super::*;
 
@@ -20,17 +38,13 @@ mod decimal {
         impl Visitor<'_> for V {
             type Value = u64;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a 64-bit id as a decimal string")
+                f.write_str("an id as a string of decimal digits, such as \"42\"")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<u64, E> {
-                s.parse()
-                    .map_err(|_| E::custom(format!("invalid id {s:?}")))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
-                Ok(v)
+                parse_id(s).map_err(E::custom)
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_str(V)
     }
 }
 
@@ -56,9 +70,9 @@ macro_rules! define_id {
         }
 
         impl FromStr for $name {
-            type Err = std::num::ParseIntError;
+            type Err = InvalidId;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                s.parse().map($name)
+                parse_id(s).map($name)
             }
         }
 
@@ -238,6 +252,35 @@ mod tests {
         assert_eq!(back, UserId(7301820283641856));
         assert!(serde_json::from_str::<UserId>("\"12x\"").is_err());
         assert!(serde_json::from_str::<UserId>("\"-1\"").is_err());
+    }
+
+    #[test]
+    fn ids_are_canonical_digit_strings_only() {
+        for bad in [
+            "42",
+            "\"+42\"",
+            "\"042\"",
+            "\"\"",
+            "\" 1\"",
+            "\"1 \"",
+            "\"1e3\"",
+            "\"0x10\"",
+            "\"18446744073709551616\"",
+            "null",
+            "4.2",
+            "true",
+        ] {
+            let e = serde_json::from_str::<UserId>(bad).unwrap_err().to_string();
+            assert!(e.contains("decimal"), "{bad}: {e}");
+        }
+        assert_eq!(serde_json::from_str::<UserId>("\"0\"").unwrap(), UserId(0));
+        assert_eq!(
+            serde_json::from_str::<UserId>("\"18446744073709551615\"").unwrap(),
+            UserId(u64::MAX)
+        );
+        assert!("+1".parse::<GroupId>().is_err());
+        assert!("007".parse::<MessageId>().is_err());
+        assert_eq!("7".parse::<MessageId>().unwrap(), MessageId(7));
     }
 
     #[test]

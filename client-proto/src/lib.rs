@@ -19,6 +19,7 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod ready;
+mod redact;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use frames::{ClientFrame, Message, PresenceStatus, Recipient, ServerFrame};

@@ -29,6 +29,9 @@ pub mod placement;
 pub mod replication;
 pub mod transport;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use certs::{ClusterSecret, NodeTls};
 pub use membership::{Lifecycle, Member, Membership, MembershipConfig, NodeAddrs};
 pub use placement::{partition_of, replicas, NodeId, Partition};

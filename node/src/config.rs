@@ -59,12 +59,32 @@ pub struct ServeArgs {
     /// A device silent for this long is dropped, ms [default: 30000].
     #[arg(long, env = "CHATNODE_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
-    /// Sustained sends per second per connection [default: 50].
+    /// Sustained sends per second per user, all of the user's connections to this node
+    /// together [default: 50].
     #[arg(long, env = "CHATNODE_RATE_LIMIT_PER_SEC")]
     pub rate_limit_per_sec: Option<f64>,
-    /// Burst of sends per connection [default: 100].
+    /// Burst of sends per user [default: 100].
     #[arg(long, env = "CHATNODE_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
+    /// Sustained `sync` and `history` requests per second per user [default: 10].
+    #[arg(long, env = "CHATNODE_READ_RATE_LIMIT_PER_SEC")]
+    pub read_rate_limit_per_sec: Option<f64>,
+    /// Burst of `sync` and `history` requests per user [default: 40].
+    #[arg(long, env = "CHATNODE_READ_RATE_LIMIT_BURST")]
+    pub read_rate_limit_burst: Option<u32>,
+    /// Sustained bytes of `sync` and `history` replies per second per user; a request is
+    /// refused while the user is over it [default: 8388608, 8 MiB].
+    #[arg(long, env = "CHATNODE_READ_BYTES_PER_SEC")]
+    pub read_bytes_per_sec: Option<u32>,
+    /// Burst of bytes of `sync` and `history` replies per user [default: 33554432, 32 MiB].
+    #[arg(long, env = "CHATNODE_READ_BYTES_BURST")]
+    pub read_bytes_burst: Option<u32>,
+    /// Web origins (`scheme://host[:port]`, comma-separated) allowed to open WebSockets, on
+    /// top of the node's own (an `Origin` whose host and port are the request's `Host`);
+    /// `*` allows any. Requests without an `Origin` (native clients) are always allowed
+    /// [default: none].
+    #[arg(long, env = "CHATNODE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// A write not durable within this time fails with `unavailable`, ms [default: 2000].
     #[arg(long, env = "CHATNODE_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
@@ -110,6 +130,65 @@ pub struct ServeArgs {
     /// Attempts before a notification is dead-lettered [default: 8].
     #[arg(long, env = "CHATNODE_PUSH_MAX_ATTEMPTS")]
     pub push_max_attempts: Option<u32>,
+    /// Webhook targets allowed although internal: CIDRs, addresses or host names, comma
+    /// separated (e.g. `10.0.0.0/8,hooks.internal`). By default webhooks may only reach
+    /// public addresses (no loopback, private, link-local or metadata ranges).
+    #[arg(long, env = "CHATNODE_PUSH_ALLOW_HOSTS", value_delimiter = ',')]
+    pub push_allow_hosts: Vec<String>,
+    /// Key of the webhook signatures (`X-Chat-Signature`), at least 16 bytes [default:
+    /// derived from the cluster secret; `chatnode certs push-secret` prints it]. Prefer
+    /// the environment variable or the config file: flags show in `ps`.
+    #[arg(long, env = "CHATNODE_PUSH_SIGNING_SECRET", hide_env_values = true)]
+    pub push_signing_secret: Option<Redacted<String>>,
+    /// Most client connections (HTTP and WebSocket) open at once; past it new ones are
+    /// refused [default: the open-file limit less 1024 for the store and peers, at most
+    /// 100000].
+    #[arg(long, env = "CHATNODE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most client connections (HTTP and WebSocket) from one source address at once
+    /// [default: 1000]. The source is the TCP peer: behind a proxy, raise it or set it on the
+    /// proxy.
+    #[arg(long, env = "CHATNODE_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Time a client has to send a whole HTTP request head, counted from the moment the
+    /// connection is ready for a request (so it also closes idle keep-alive connections), ms
+    /// [default: 10000].
+    #[arg(long, env = "CHATNODE_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// An HTTP connection (before a WebSocket upgrade) that moves no byte either way for this
+    /// long is closed: a stalled request body or a client that stopped reading, ms
+    /// [default: 30000].
+    #[arg(long, env = "CHATNODE_HTTP_IDLE_TIMEOUT_MS")]
+    pub http_idle_timeout_ms: Option<u64>,
+    /// Time a new WebSocket or QUIC connection has to authenticate before it is closed, ms
+    /// [default: 10000].
+    #[arg(long, env = "CHATNODE_AUTH_TIMEOUT_MS")]
+    pub auth_timeout_ms: Option<u64>,
+    /// Password hashes (argon2id, ~19 MiB each) computed at once [default: the number of
+    /// CPU cores].
+    #[arg(long, env = "CHATNODE_HASH_WORKERS")]
+    pub hash_workers: Option<usize>,
+    /// Logins and signups that may wait for a hashing worker; past it they are refused with
+    /// `busy` [default: 64].
+    #[arg(long, env = "CHATNODE_HASH_QUEUE")]
+    pub hash_queue: Option<usize>,
+    /// Wrong passwords for one username before logins to it are delayed [default: 5].
+    #[arg(long, env = "CHATNODE_LOGIN_FREE_FAILURES")]
+    pub login_free_failures: Option<u32>,
+    /// Failed logins from one source address before its logins are delayed [default: 50].
+    #[arg(long, env = "CHATNODE_LOGIN_FREE_FAILURES_PER_IP")]
+    pub login_free_failures_per_ip: Option<u32>,
+    /// The first login delay once the free failures are used up, doubled per further
+    /// failure, ms [default: 1000].
+    #[arg(long, env = "CHATNODE_LOGIN_DELAY_BASE_MS")]
+    pub login_delay_base_ms: Option<u64>,
+    /// The longest login delay, ms [default: 300000].
+    #[arg(long, env = "CHATNODE_LOGIN_DELAY_MAX_MS")]
+    pub login_delay_max_ms: Option<u64>,
+    /// Signups allowed per source address per hour (a burst of this many, then refilled
+    /// evenly) [default: 20; 0: unlimited].
+    #[arg(long, env = "CHATNODE_SIGNUPS_PER_IP_PER_HOUR")]
+    pub signups_per_ip_per_hour: Option<u32>,
     /// Log filter in tracing's EnvFilter syntax [default: info,chitchat=warn: the gossip
     /// library's own chatter only when something is wrong].
     #[arg(long, env = "CHATNODE_LOG")]
@@ -140,6 +219,12 @@ struct FileConfig {
     heartbeat_timeout_ms: Option<u64>,
     rate_limit_per_sec: Option<f64>,
     rate_limit_burst: Option<u32>,
+    read_rate_limit_per_sec: Option<f64>,
+    read_rate_limit_burst: Option<u32>,
+    read_bytes_per_sec: Option<u32>,
+    read_bytes_burst: Option<u32>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
     write_timeout_ms: Option<u64>,
     anti_entropy_secs: Option<u64>,
     seal_window_ms: Option<u64>,
@@ -152,6 +237,21 @@ struct FileConfig {
     push_timeout_ms: Option<u64>,
     push_retry_base_ms: Option<u64>,
     push_max_attempts: Option<u32>,
+    #[serde(default)]
+    push_allow_hosts: Vec<String>,
+    push_signing_secret: Option<Redacted<String>>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    http_header_timeout_ms: Option<u64>,
+    http_idle_timeout_ms: Option<u64>,
+    auth_timeout_ms: Option<u64>,
+    hash_workers: Option<usize>,
+    hash_queue: Option<usize>,
+    login_free_failures: Option<u32>,
+    login_free_failures_per_ip: Option<u32>,
+    login_delay_base_ms: Option<u64>,
+    login_delay_max_ms: Option<u64>,
+    signups_per_ip_per_hour: Option<u32>,
     log: Option<String>,
 }
 
@@ -171,8 +271,17 @@ pub struct Config {
     pub partitions: u32,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Sends per second per user, and their burst.
     pub rate_limit_per_sec: f64,
     pub rate_limit_burst: u32,
+    /// `sync`/`history` requests per second per user, and their burst.
+    pub read_rate_limit_per_sec: f64,
+    pub read_rate_limit_burst: u32,
+    /// Bytes of `sync`/`history` replies per second per user, and their burst.
+    pub read_bytes_per_sec: u32,
+    pub read_bytes_burst: u32,
+    /// Extra origins allowed to open WebSockets (`*`: any); see `gateway::ws`.
+    pub allowed_origins: Vec<String>,
     pub write_timeout: Duration,
     /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
     pub anti_entropy: Option<Duration>,
@@ -188,6 +297,12 @@ pub struct Config {
     /// A device unused for this long is logged out (see `domain::accounts`).
     pub device_idle: Duration,
     pub push: PushConfig,
+    /// Connection caps and timeouts of the HTTP/WebSocket listener.
+    pub conn: ConnLimits,
+    /// Time a new WebSocket or QUIC connection has to authenticate.
+    pub auth_timeout: Duration,
+    /// Password hashing, login throttling and signup limits.
+    pub login: LoginLimits,
     pub log: String,
 }
 
@@ -286,6 +401,27 @@ impl Config {
                 .rate_limit_burst
                 .or(file.rate_limit_burst)
                 .unwrap_or(100),
+            read_rate_limit_per_sec: args
+                .read_rate_limit_per_sec
+                .or(file.read_rate_limit_per_sec)
+                .unwrap_or(10.0),
+            read_rate_limit_burst: args
+                .read_rate_limit_burst
+                .or(file.read_rate_limit_burst)
+                .unwrap_or(40),
+            read_bytes_per_sec: args
+                .read_bytes_per_sec
+                .or(file.read_bytes_per_sec)
+                .unwrap_or(8 << 20),
+            read_bytes_burst: args
+                .read_bytes_burst
+                .or(file.read_bytes_burst)
+                .unwrap_or(32 << 20),
+            allowed_origins: if args.allowed_origins.is_empty() {
+                file.allowed_origins
+            } else {
+                args.allowed_origins
+            },
             write_timeout: ms(args.write_timeout_ms.or(file.write_timeout_ms), 2_000),
             anti_entropy: match args
                 .anti_entropy_secs
@@ -324,6 +460,55 @@ impl Config {
                     .push_max_attempts
                     .or(file.push_max_attempts)
                     .unwrap_or(8),
+                allow_hosts: if args.push_allow_hosts.is_empty() {
+                    file.push_allow_hosts
+                } else {
+                    args.push_allow_hosts
+                },
+                signing_secret: args.push_signing_secret.or(file.push_signing_secret),
+            },
+            conn: ConnLimits {
+                max_connections: args
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or_else(default_max_connections),
+                max_per_ip: args
+                    .max_connections_per_ip
+                    .or(file.max_connections_per_ip)
+                    .unwrap_or(1000),
+                header_timeout: ms(
+                    args.http_header_timeout_ms.or(file.http_header_timeout_ms),
+                    10_000,
+                ),
+                idle_timeout: ms(
+                    args.http_idle_timeout_ms.or(file.http_idle_timeout_ms),
+                    30_000,
+                ),
+            },
+            auth_timeout: ms(
+                args.auth_timeout_ms.or(file.auth_timeout_ms),
+                client_proto::limits::AUTH_TIMEOUT_MS,
+            ),
+            login: LoginLimits {
+                hash_workers: args
+                    .hash_workers
+                    .or(file.hash_workers)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                hash_queue: args.hash_queue.or(file.hash_queue).unwrap_or(64),
+                free_failures: args
+                    .login_free_failures
+                    .or(file.login_free_failures)
+                    .unwrap_or(5),
+                free_failures_per_ip: args
+                    .login_free_failures_per_ip
+                    .or(file.login_free_failures_per_ip)
+                    .unwrap_or(50),
+                delay_base: ms(args.login_delay_base_ms.or(file.login_delay_base_ms), 1_000),
+                delay_max: ms(args.login_delay_max_ms.or(file.login_delay_max_ms), 300_000),
+                signups_per_ip_per_hour: args
+                    .signups_per_ip_per_hour
+                    .or(file.signups_per_ip_per_hour)
+                    .unwrap_or(20),
             },
             log: args.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into()),
             data_dir,
@@ -364,6 +549,23 @@ impl Config {
         {
             return bad("--rate-limit-per-sec and --rate-limit-burst must be above 0".into());
         }
+        if !(self.read_rate_limit_per_sec > 0.0 && self.read_rate_limit_per_sec.is_finite())
+            || self.read_rate_limit_burst == 0
+            || self.read_bytes_per_sec == 0
+            || self.read_bytes_burst == 0
+        {
+            return bad(
+                "--read-rate-limit-per-sec, --read-rate-limit-burst, --read-bytes-per-sec and --read-bytes-burst must be above 0"
+                    .into(),
+            );
+        }
+        for o in &self.allowed_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return bad(format!(
+                    "--allowed-origins: {o:?} is not `*` or scheme://host[:port]"
+                ));
+            }
+        }
         if self.write_timeout < Duration::from_millis(100) {
             return bad("--write-timeout-ms must be at least 100".into());
         }
@@ -373,8 +575,8 @@ impl Config {
         if self.max_clock_skew < Duration::from_millis(100) {
             return bad("--max-clock-skew-ms must be at least 100".into());
         }
-        if self.token_ttl < Duration::from_secs(60) {
-            return bad("--token-ttl-secs must be at least 60".into());
+        if self.token_ttl < Duration::from_secs(1) {
+            return bad("--token-ttl-secs must be at least 1".into());
         }
         if self.device_idle < Duration::from_secs(1) {
             return bad("--device-idle-secs must be at least 1".into());
@@ -386,6 +588,40 @@ impl Config {
             return bad(
                 "--push-max-attempts, --push-timeout-ms and --push-retry-base-ms must be above 0"
                     .into(),
+            );
+        }
+        if let Err(e) = crate::domain::push::target::TargetPolicy::parse(&self.push.allow_hosts) {
+            return bad(e);
+        }
+        if self
+            .push
+            .signing_secret
+            .as_ref()
+            .is_some_and(|s| s.0.len() < 16)
+        {
+            return bad("--push-signing-secret must be at least 16 bytes".into());
+        }
+        if self.conn.max_connections == 0 || self.conn.max_per_ip == 0 {
+            return bad("--max-connections and --max-connections-per-ip must be above 0".into());
+        }
+        if self.conn.header_timeout < Duration::from_millis(100)
+            || self.conn.idle_timeout < Duration::from_millis(100)
+            || self.auth_timeout < Duration::from_millis(100)
+        {
+            return bad(
+                "--http-header-timeout-ms, --http-idle-timeout-ms and --auth-timeout-ms must be at least 100"
+                    .into(),
+            );
+        }
+        if self.login.hash_workers == 0 || self.login.hash_workers > 256 {
+            return bad(format!(
+                "--hash-workers is {}; it must be between 1 and 256 (each takes ~19 MiB while it hashes)",
+                self.login.hash_workers
+            ));
+        }
+        if self.login.delay_base.is_zero() || self.login.delay_max < self.login.delay_base {
+            return bad(
+                "--login-delay-base-ms must be above 0 and at most --login-delay-max-ms".into(),
             );
         }
         if self.advertise_host.is_empty() {
@@ -424,6 +660,49 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// The default `--max-connections`: what the open-file limit leaves after 1024 descriptors
+/// for the store, peers and QUIC, at least 64 and at most 100,000. (`serve` raises the soft
+/// limit to the hard one before reading it.)
+fn default_max_connections() -> usize {
+    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft.saturating_sub(1024))
+        .unwrap_or(usize::MAX)
+        .clamp(64, 100_000)
+}
+
+/// Caps and timeouts of the HTTP/WebSocket listener (`--max-connections*`, `--http-*`).
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Most client connections from one source address at once.
+    pub max_per_ip: usize,
+    /// Time to send a whole request head, from when the connection awaits one.
+    pub header_timeout: Duration,
+    /// Time without a byte either way before an HTTP connection is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Password hashing, login throttling and signup limits (`--hash-*`, `--login-*`,
+/// `--signups-*`).
+#[derive(Clone, Debug)]
+pub struct LoginLimits {
+    /// Hashes computed at once.
+    pub hash_workers: usize,
+    /// Hashes that may wait for a worker.
+    pub hash_queue: usize,
+    /// Wrong passwords for one username before its logins are delayed.
+    pub free_failures: u32,
+    /// Failed logins from one source address before its logins are delayed.
+    pub free_failures_per_ip: u32,
+    /// The first delay; doubled per further failure.
+    pub delay_base: Duration,
+    /// The longest delay.
+    pub delay_max: Duration,
+    /// Signups per source address per hour; 0: unlimited.
+    pub signups_per_ip_per_hour: u32,
+}
+
 /// Settings of the push worker (`--push-*`).
 #[derive(Clone, Debug)]
 pub struct PushConfig {
@@ -435,6 +714,28 @@ pub struct PushConfig {
     pub retry_base: Duration,
     /// Attempts before a notification is dropped as a dead letter.
     pub max_attempts: u32,
+    /// Internal targets the operator allows (`--push-allow-hosts`).
+    pub allow_hosts: Vec<String>,
+    /// The signing key; `None`: derived from the cluster secret.
+    pub signing_secret: Option<Redacted<String>>,
+}
+
+/// A secret that `Debug` does not print.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted<T>(pub T);
+
+impl std::str::FromStr for Redacted<String> {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Redacted(s.to_string()))
+    }
+}
+
+impl<T> std::fmt::Debug for Redacted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[cfg(test)]
@@ -492,6 +793,23 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("nod_id"), "{err}");
+    }
+
+    #[test]
+    fn the_push_signing_secret_is_not_in_debug_output() {
+        let c = Config::resolve(ServeArgs {
+            push_signing_secret: Some(Redacted("very-secret-signing-key".into())),
+            push_allow_hosts: vec!["127.0.0.0/8".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!format!("{c:?}").contains("very-secret"), "{c:?}");
+        let err = Config::resolve(ServeArgs {
+            push_allow_hosts: vec!["what?".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("push-allow-hosts"), "{err}");
     }
 
     #[test]

@@ -17,12 +17,14 @@
 //!   deliveries to other nodes, the gossip presence directory.
 //! - [`store`]: every record, partitioned and replicated through `cluster::replication`,
 //!   with this node's replica in sled.
-//! - [`config`] and [`ids`]: settings, and the time-ordered id generator.
+//! - [`config`] and [`ids`]: settings, and the time-ordered id generator; [`logging`]:
+//!   rate limits for warnings a client or peer can repeat.
 
 pub mod config;
 pub mod domain;
 pub mod gateway;
 pub mod ids;
+pub mod logging;
 pub mod mesh;
 pub mod node;
 pub mod server;

@@ -44,6 +44,12 @@ enum CertsCommand {
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
     },
+    /// Print (hex) the key that signs webhook POSTs by default, derived from the cluster
+    /// secret, for receivers to verify `X-Chat-Signature` with (see the README).
+    PushSecret {
+        #[arg(long)]
+        cluster_dir: std::path::PathBuf,
+    },
 }
 
 fn certs(cmd: CertsCommand) -> std::process::ExitCode {
@@ -66,6 +72,8 @@ fn certs(cmd: CertsCommand) -> std::process::ExitCode {
                 cluster_dir.display()
             )
         }),
+        CertsCommand::PushSecret { cluster_dir } => cluster::certs::load_secret(cluster_dir)
+            .map(|secret| chatnode::domain::push::derive_signing_key(secret.as_bytes())),
     };
     match result {
         Ok(done) => {
@@ -86,6 +94,11 @@ fn main() -> std::process::ExitCode {
         Command::Certs(cmd) => certs(cmd),
         Command::Client(args) => client(args),
         Command::Serve(args) => {
+            // Every client connection is a descriptor: use all the hard limit allows (the
+            // default `--max-connections` is read from the result).
+            if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+                eprintln!("chatnode: cannot raise the open-file limit: {e}");
+            }
             let cfg = match Config::resolve(*args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -130,7 +143,7 @@ fn client(args: chat_tools::client_cli::ClientArgs) -> std::process::ExitCode {
 }
 
 fn init_tracing(filter: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
+    let filter = chatnode::logging::filter(filter)?;
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

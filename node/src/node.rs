@@ -34,6 +34,8 @@ pub struct Node {
     pub friends: Friends,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
+    /// Per-user rate limits of this node's sessions.
+    pub limits: crate::gateway::ratelimit::UserLimits,
     store: Store,
     mesh: Arc<Mesh>,
     metrics: Option<PrometheusHandle>,
@@ -100,7 +102,13 @@ pub struct Parts {
 
 impl Node {
     pub fn new(p: Parts) -> Self {
+        let limits = crate::gateway::ratelimit::UserLimits::new(crate::gateway::ratelimit::Rates {
+            sends: (p.cfg.rate_limit_per_sec, p.cfg.rate_limit_burst),
+            reads: (p.cfg.read_rate_limit_per_sec, p.cfg.read_rate_limit_burst),
+            read_bytes: (f64::from(p.cfg.read_bytes_per_sec), p.cfg.read_bytes_burst),
+        });
         Node {
+            limits,
             cfg: p.cfg,
             hub: p.hub,
             accounts: p.accounts,

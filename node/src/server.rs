@@ -11,7 +11,6 @@
 //! reach the other replicas), stop presence fan-out and the push worker, flush the store.
 //! Every task's result is checked; a task that panicked is reported.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +29,7 @@ use crate::domain::friends::Friends;
 use crate::domain::groups::Groups;
 use crate::domain::hub::Hub;
 use crate::domain::presence::{Feed, Presence};
-use crate::domain::push::Push;
+use crate::domain::push::{Push, TargetPolicy};
 use crate::mesh::{GossipDirectory, Mesh};
 use crate::node::{Node, Parts};
 use crate::store::{Store, StoreOptions};
@@ -104,6 +103,18 @@ fn spawn_clock_offset(path: std::path::PathBuf) -> JoinHandle<()> {
     })
 }
 
+/// Creates `dir` (and missing parents) as 0700 whatever the umask, and makes an existing
+/// one 0700: it holds the store (password hashes, message bodies) and usually the cluster
+/// dir with the node's key.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Runs a node until `stop` resolves, then shuts it down.
 pub async fn serve(
     mut cfg: Config,
@@ -126,7 +137,7 @@ pub async fn serve(
                 .with_context(|| format!("cannot listen on {addr} for {what}"))?;
         }
     }
-    std::fs::create_dir_all(&cfg.data_dir)
+    create_private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create the data dir {}", cfg.data_dir.display()))?;
     let cert_name = format!("node-{}", cfg.node_id);
     let hosts = vec![
@@ -195,7 +206,19 @@ pub async fn serve(
     ));
     mesh.attach_presence(presence.clone());
     let fanout = presence.spawn_fanout(shutdown.clone());
-    let push = Arc::new(Push::new(store.clone(), ids.clone(), cfg.push.clone()));
+    let push_targets =
+        Arc::new(TargetPolicy::parse(&cfg.push.allow_hosts).map_err(|e| anyhow::anyhow!(e))?);
+    let signing_key = match &cfg.push.signing_secret {
+        Some(s) => s.0.as_bytes().to_vec(),
+        None => crate::domain::push::derive_signing_key(secret.as_bytes()).into_bytes(),
+    };
+    let push = Arc::new(Push::new(
+        store.clone(),
+        ids.clone(),
+        cfg.push.clone(),
+        push_targets.clone(),
+        &signing_key,
+    ));
     let push_worker = push.spawn(shutdown.clone());
     let delivery = Delivery::new(hub.clone(), Arc::new(mesh.forwarder()));
     let node = Arc::new(Node::new(Parts {
@@ -206,7 +229,9 @@ pub async fn serve(
             delivery.clone(),
             cfg.token_ttl,
             cfg.device_idle,
-        ),
+            &cfg.login,
+        )
+        .with_push_targets(push_targets),
         chat: Chat::new(
             store.clone(),
             ids.clone(),
@@ -231,20 +256,13 @@ pub async fn serve(
     }));
 
     let quic = crate::gateway::quic::spawn_accept(node.clone(), quic_endpoint, shutdown.clone());
-    let app = crate::gateway::http::router(node.clone())
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let http_shutdown = shutdown.clone();
-    // Frames are small and latency-bound: no Nagle delay on client sockets.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await
-    });
+    // Connection caps, head and idle timeouts: `gateway::listener`.
+    let server = crate::gateway::listener::spawn(
+        listener,
+        crate::gateway::http::router(node.clone()),
+        node.cfg.conn.clone(),
+        shutdown.clone(),
+    );
 
     // The bench and the test harness parse this line (`ReadyLine::parse`); its target is
     // fixed so that they can turn it on alone (`--log warn,chatnode::ready=info`).
@@ -267,8 +285,7 @@ pub async fn serve(
         tracing::warn!("some sessions did not finish within {DRAIN_TIMEOUT:?}");
     }
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "HTTP server task failed"),
         Err(_) => tracing::warn!("HTTP server did not stop within {DRAIN_TIMEOUT:?}"),
     }

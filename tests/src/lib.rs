@@ -131,13 +131,22 @@ impl TestNode {
             .addrs
             .clone()
             .unwrap_or(("127.0.0.1:0".into(), "127.0.0.1:0".into()));
+        // The default log filter, unless the test chose one.
+        let log: &[&str] = if self.args.iter().any(|a| a == "--log") {
+            &[]
+        } else {
+            &["--log", "info,chatnode=debug"]
+        };
         let mut cmd = Command::new(chatnode_bin());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--http-addr", &http, "--quic-addr", &quic])
             .args(["--gossip-addr", &self.gossip, "--peer-addr", &self.peer])
-            .args(["--log", "info,chatnode=debug"])
+            .args(log)
+            // Tests sign up hundreds of users from 127.0.0.1; a test of the signup limit sets
+            // the flag, which wins over the environment.
+            .env("CHATNODE_SIGNUPS_PER_IP_PER_HOUR", "0")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -177,6 +186,11 @@ impl TestNode {
         self.quic = format!("quic://{quic}");
         self.addrs = Some((http, quic));
         self.child = Some(child);
+    }
+
+    /// The running process's id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The node's log so far.

@@ -113,3 +113,42 @@ fn connections_are_held_over_websocket_and_quic() {
         assert!(r["node_kib_per_connection"].is_number(), "{r}");
     }
 }
+
+#[test]
+fn attack_scenarios_keep_the_victim_served() {
+    let json = bench(&[
+        "attack-login",
+        "--spawn-node",
+        "--concurrency",
+        "32",
+        "--rounds",
+        "2",
+        "--node-arg=--hash-workers=1",
+        "--node-arg=--hash-queue=2",
+    ]);
+    let answers = &json["results"]["answers"];
+    assert!(answers["503 busy"].as_u64().unwrap_or(0) > 0, "{json}");
+    assert_eq!(
+        json["results"]["victim"]["victim_sends_failed"], 0,
+        "{json}"
+    );
+    let json = bench(&[
+        "attack-idle",
+        "--spawn-node",
+        "--idle",
+        "60",
+        "--slowloris",
+        "5",
+        "--secs",
+        "4",
+        "--node-arg=--max-connections-per-ip=50",
+        "--node-arg=--http-header-timeout-ms=1000",
+    ]);
+    let results = &json["results"];
+    assert!(
+        results["idle_ends"]["refused"].as_u64().unwrap() >= 10,
+        "{json}"
+    );
+    assert_eq!(results["slowloris_ends"]["closed"], 5, "{json}");
+    assert_eq!(results["victim"]["victim_logins_failed"], 0, "{json}");
+}

@@ -657,3 +657,59 @@ async fn a_node_without_a_read_quorum_to_pull_from_stays_joining_and_not_ready()
     let log = cluster.nodes[joiner].log_text();
     assert!(log.contains("pulling again"), "{log}");
 }
+
+/// A node started with another cluster secret than its seed's (its own fresh cluster dir)
+/// used to form a one-node cluster of its own, silently. Now the seed answers its sealed
+/// gossip with a refusal, and the node exits non-zero saying why; the cluster serves on.
+#[tokio::test]
+async fn a_node_with_the_wrong_secret_refuses_to_start_and_says_why() {
+    let cluster = TestCluster::start(1, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gossip = format!("127.0.0.1:{}", chat_tests::free_udp_port());
+    let peer = format!("127.0.0.1:{}", chat_tests::free_udp_port());
+    let mut child = std::process::Command::new(chat_tests::chatnode_bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--node-id", "1", "--seed", &cluster.nodes[0].gossip])
+        .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+        .args(["--gossip-addr", &gossip, "--peer-addr", &peer])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the node with the wrong secret kept running:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!status.success(), "exit status {status}");
+    assert!(
+        stderr.contains("cluster secret differs"),
+        "stderr: {stderr}\nstdout: {stdout}"
+    );
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| client_proto::ReadyLine::parse(l).is_some()),
+        "it never served: {stdout}"
+    );
+    // The cluster is untouched and serves.
+    let (live, view) = chat_tests::live_active_members(&cluster.nodes[0].api()).await;
+    assert_eq!(live, 1, "{view}");
+    cluster.nodes[0].user("still-serving").await;
+}

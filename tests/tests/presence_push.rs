@@ -15,6 +15,8 @@ use client_proto::http::FriendState;
 use client_proto::{ClientFrame, PresenceStatus, Recipient, ServerFrame, UserId};
 
 const WAIT: Duration = Duration::from_secs(20);
+/// The webhook signing secret of the tests that set one.
+const SIGNING_SECRET: &str = "test-push-signing-secret-0123456789";
 
 /// Waits for the next presence or message frame (skipping acks and the like).
 async fn next_event(ws: &mut WsConnection) -> ServerFrame {
@@ -192,11 +194,16 @@ async fn a_silent_device_goes_offline_after_the_heartbeat_timeout() {
     drop(silent);
 }
 
-/// A webhook receiver: records every body; fails the first `fail_first` requests, or all of
-/// them while `down` is set.
+/// A request's `X-Chat-Signature` header and raw body.
+type Signed = (String, Vec<u8>);
+
+/// A webhook receiver: records every body and its `X-Chat-Signature` header; fails the
+/// first `fail_first` requests, or all of them while `down` is set.
 #[derive(Clone, Default)]
 struct Receiver {
     bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// `(signature header, raw body)` of every request.
+    signed: Arc<Mutex<Vec<Signed>>>,
     requests: Arc<AtomicUsize>,
     fail_first: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
@@ -206,13 +213,23 @@ impl Receiver {
     async fn start(self) -> String {
         async fn hook(
             State(r): State<Receiver>,
-            body: axum::Json<serde_json::Value>,
+            headers: axum::http::HeaderMap,
+            body: axum::body::Bytes,
         ) -> StatusCode {
+            let sig = headers
+                .get("x-chat-signature")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            r.signed.lock().unwrap().push((sig, body.to_vec()));
             let n = r.requests.fetch_add(1, Ordering::SeqCst);
             if r.down.load(Ordering::SeqCst) || n < r.fail_first.load(Ordering::SeqCst) {
                 return StatusCode::INTERNAL_SERVER_ERROR;
             }
-            r.bodies.lock().unwrap().push(body.0);
+            let Ok(json) = serde_json::from_slice(&body) else {
+                return StatusCode::BAD_REQUEST;
+            };
+            r.bodies.lock().unwrap().push(json);
             StatusCode::OK
         }
         let app = axum::Router::new()
@@ -222,6 +239,36 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         format!("http://{addr}/hook")
+    }
+
+    /// Checks every request's signature as a receiver would (see the README): HMAC-SHA256
+    /// keyed by `key` over `"<t>." + body`, with `t` recent.
+    fn assert_all_signed(&self, key: &[u8]) {
+        use hmac::Mac;
+        let signed = self.signed.lock().unwrap().clone();
+        assert!(!signed.is_empty());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        for (header, body) in signed {
+            let (t, v1) = header
+                .split_once(',')
+                .and_then(|(t, v)| Some((t.strip_prefix("t=")?, v.strip_prefix("v1=")?)))
+                .unwrap_or_else(|| panic!("bad signature header {header:?}"));
+            let t: u64 = t.parse().unwrap();
+            assert!(now.abs_diff(t) < 600, "stale timestamp {t}");
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+            mac.update(format!("{t}.").as_bytes());
+            mac.update(&body);
+            let want: String = mac
+                .finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(v1, want, "signature of {}", String::from_utf8_lossy(&body));
+        }
     }
 
     fn delivered(&self) -> Vec<serde_json::Value> {
@@ -266,7 +313,13 @@ async fn register_push(
 
 #[tokio::test]
 async fn offline_users_get_one_push_per_target_online_users_none() {
-    let node = TestNode::start(&[]);
+    // The receiver is on loopback: the operator allows it.
+    let node = TestNode::start(&[
+        "--push-allow-hosts",
+        "127.0.0.1",
+        "--push-signing-secret",
+        SIGNING_SECRET,
+    ]);
     let receiver = Receiver::default();
     let base = receiver.clone().start().await;
     let alice = node.user("alice").await;
@@ -341,11 +394,17 @@ async fn offline_users_get_one_push_per_target_online_users_none() {
         .iter()
         .all(|b| b["message_id"] != m3.message_id.to_string()));
     assert_eq!(got_after.last().unwrap()["recipient"], carol.id.to_string());
+    receiver.assert_all_signed(SIGNING_SECRET.as_bytes());
 }
 
 #[tokio::test]
 async fn failing_receivers_get_the_notification_once_even_across_a_restart() {
-    let mut node = TestNode::start(&["--push-retry-base-ms", "100"]);
+    let mut node = TestNode::start(&[
+        "--push-retry-base-ms",
+        "100",
+        "--push-allow-hosts",
+        "127.0.0.0/8",
+    ]);
     let receiver = Receiver::default();
     receiver.fail_first.store(3, Ordering::SeqCst);
     let base = receiver.clone().start().await;
@@ -383,4 +442,99 @@ async fn failing_receivers_get_the_notification_once_even_across_a_restart() {
     node.restart();
     let got = receiver.wait_delivered(2).await;
     assert_eq!(got[1]["message_id"], m2.message_id.to_string());
+    // Signed with the key derived from the cluster secret, as `certs push-secret` prints it.
+    let out = std::process::Command::new(chat_tests::chatnode_bin())
+        .args(["certs", "push-secret", "--cluster-dir"])
+        .arg(node.data_dir().join("cluster"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap();
+    receiver.assert_all_signed(key.trim().as_bytes());
+}
+
+/// Webhooks could target the node's own ports and the private network. Now internal
+/// targets are refused at registration (400 with a sentence) however the address is
+/// written, a host name is checked against every address it resolves to when the POST is
+/// made, and the log names a target by scheme and host only. The node serves on.
+#[tokio::test]
+async fn webhooks_to_internal_addresses_are_refused_without_the_allowlist() {
+    let node = TestNode::start(&["--push-retry-base-ms", "100"]);
+    let receiver = Receiver::default();
+    let base = receiver.clone().start().await;
+    let port = base
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/hook")
+        .to_string();
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let device = bob.login.device_id;
+    for target in [
+        format!("http://127.0.0.1:{port}/hook/{device}"),
+        format!("http://[::1]:{port}/hook/{device}"),
+        format!("http://0x7f000001:{port}/hook/{device}"),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://10.0.0.1/".to_string(),
+        "http://[fe80::1]/".to_string(),
+    ] {
+        let body = serde_json::json!({"kind": "webhook", "target": target});
+        let e = node
+            .api()
+            .request_raw(
+                reqwest::Method::PUT,
+                &format!("/v1/devices/{device}/push"),
+                Some(&bob.login.token),
+                Some(&body),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(client_proto::ErrorCode::BadRequest),
+            "{target}: {e}"
+        );
+        assert!(e.to_string().contains("public addresses"), "{target}: {e}");
+    }
+
+    // A host name that resolves to loopback passes registration and is refused when sent.
+    register_push(
+        &node,
+        &bob,
+        device,
+        &format!("http://localhost:{port}/hook/SECRET-PATH"),
+    )
+    .await;
+    let mut a = node.connect(&alice.login).await;
+    a.send_message("r1", Recipient::User(bob.id), "to a rebinding name")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !node.log_text().contains("push target refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        receiver.requests.load(Ordering::SeqCst),
+        0,
+        "nothing was POSTed"
+    );
+    let log = node.log_text();
+    assert!(
+        !log.contains("SECRET-PATH"),
+        "the log holds the target's path:\n{log}"
+    );
+    assert!(log.contains(&format!("http://localhost:{port}")), "{log}");
+
+    // The node serves on: another user's message is stored and delivered.
+    let carol = node.user("carol").await;
+    let mut c = node.connect(&carol.login).await;
+    a.send_message("r2", Recipient::User(carol.id), "still serving")
+        .await
+        .unwrap();
+    let got = next_event(&mut c).await;
+    assert!(matches!(got, ServerFrame::Message { .. }), "{got:?}");
 }

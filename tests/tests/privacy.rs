@@ -220,6 +220,7 @@ async fn presence_is_for_friends_and_group_co_members_only() {
                 code,
                 message,
                 reference: None,
+                ..
             } => Some((*code, message.clone())),
             _ => None,
         })

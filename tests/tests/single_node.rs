@@ -188,3 +188,185 @@ async fn accounts_http_api() {
         "login names a node to use"
     );
 }
+
+/// The store was world-readable under the default umask (`db/db` 0644 holds password
+/// hashes and every message body). Now, started with umask 022 on a data dir that already
+/// exists as 0755, the node makes the data dir 0700 and every file of the store 0600;
+/// nothing in the data dir is readable by others except the public certificates, which
+/// sit behind the 0700 directory.
+#[tokio::test]
+async fn the_data_dir_is_private_whatever_the_umask() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let gossip = format!("127.0.0.1:{}", chat_tests::free_udp_port());
+    let peer = format!("127.0.0.1:{}", chat_tests::free_udp_port());
+    let script = format!(
+        "umask 022 && exec \"$0\" serve --data-dir \"$1\" --http-addr 127.0.0.1:0 \
+         --quic-addr 127.0.0.1:0 --gossip-addr {gossip} --peer-addr {peer}"
+    );
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(chat_tests::chatnode_bin())
+        .arg(&data)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| client_proto::ReadyLine::parse(&l))
+    })
+    .join()
+    .unwrap();
+    let ready = ready.expect("the node did not become ready");
+    // Write something, so the store has data files.
+    let api = client_proto::client::HttpClient::new(format!("http://{}", ready.http));
+    api.signup("modes", "a long enough password").await.unwrap();
+
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data dir");
+    let mut checked = 0;
+    let mut stack = vec![data.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let m = mode(&path);
+            if path.is_dir() {
+                assert_eq!(m & 0o077, 0, "{} is {m:o}", path.display());
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "pem") {
+                continue; // certificates are public
+            } else if path.starts_with(data.join("db")) {
+                assert_eq!(m, 0o600, "{} is {m:o}", path.display());
+                checked += 1;
+            } else {
+                assert_eq!(m & 0o077, 0, "{} is {m:o}", path.display());
+            }
+        }
+    }
+    assert!(checked >= 2, "the store's files were checked ({checked})");
+    assert_eq!(mode(&data.join("db").join("db")), 0o600);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `--log trace` wrote tokens and message bodies (WebSocket frame payloads). Now no level
+/// writes a token, a password or a body.
+#[tokio::test]
+async fn trace_logs_hold_no_token_password_or_body() {
+    let node = TestNode::start(&["--log", "trace"]);
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let mut a = node.connect(&alice.login).await;
+    let mut b = node.connect(&bob.login).await;
+    let body = "zebra-quartz-unique-body-4711";
+    a.send_message("t1", to(bob.id), body).await.unwrap();
+    let got = chat_tests::next_message(&mut b).await;
+    assert_eq!(got.body, body);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let log = node.log_text();
+    assert!(log.lines().count() > 50, "trace logging is on:\n{log}");
+    for secret in [
+        alice.login.token.as_str(),
+        bob.login.token.as_str(),
+        alice.password.as_str(),
+        body,
+    ] {
+        assert!(!log.contains(secret), "the log holds {secret:?}");
+    }
+}
+
+/// Readers that stop reading flooded the log (21,608 WARN lines in 20 s from one group: a
+/// line per delivery to a kicked device, per kick). Now the warning is logged once per kick
+/// and rate limited (10 per 10 s, then `suppressed = N`), and a kicked session ends even
+/// while its socket is blocked. Here 15 devices stop reading and are all kicked.
+#[tokio::test]
+async fn slow_readers_are_kicked_without_flooding_the_log() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    const STALLED: usize = 15;
+    let node = TestNode::start(&[
+        "--rate-limit-per-sec",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let carol = node.user("carol").await;
+    // bob's devices authenticate, read the first answer, then never read again.
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let login = node
+            .api()
+            .login(&bob.name, &bob.password, None)
+            .await
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(node.ws_url())
+            .await
+            .unwrap();
+        let auth = serde_json::to_string(&ClientFrame::Auth { token: login.token }).unwrap();
+        ws.send(WsMessage::Text(auth.into())).await.unwrap();
+        let _ready = ws.next().await.unwrap().unwrap();
+        stalled.push(ws);
+    }
+
+    let mut a = node.connect(&alice.login).await;
+    let body = "x".repeat(30_000);
+    let kicked = || async {
+        let text = reqwest::get(format!("{}/metrics", node.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with("gateway_slow_consumer_kicks_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut sent = 0;
+    // Until every stalled device was kicked, or 3,000 messages.
+    while sent < 3_000 {
+        a.send_message(&format!("s{sent}"), to(bob.id), &body)
+            .await
+            .unwrap();
+        sent += 1;
+        if sent % 50 == 0 && kicked().await >= STALLED as f64 {
+            break;
+        }
+    }
+    assert!(
+        kicked().await >= STALLED as f64,
+        "not every slow device was kicked"
+    );
+    let warnings = node
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("outbound queue full"))
+        .count();
+    assert!(
+        (1..=10).contains(&warnings),
+        "{warnings} slow-device warnings after {sent} messages"
+    );
+    // The node serves on.
+    let mut c = node.connect(&carol.login).await;
+    a.send_message("to-carol", to(carol.id), "still here")
+        .await
+        .unwrap();
+    assert_eq!(chat_tests::next_message(&mut c).await.body, "still here");
+    let health = reqwest::get(format!("{}/healthz", node.http))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    drop(stalled);
+}

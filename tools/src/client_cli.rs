@@ -169,16 +169,41 @@ fn password(args: &ClientArgs) -> anyhow::Result<String> {
              or set CHATNODE_PASSWORD"
         );
     }
-    let first = rpassword::prompt_password(format!("password for {}: ", args.user))
+    let first = ask_hidden(&format!("password for {}: ", args.user))
         .context("cannot read the password from the terminal")?;
     if args.signup {
-        let again = rpassword::prompt_password("the same password again: ")
+        let again = ask_hidden("the same password again: ")
             .context("cannot read the password from the terminal")?;
         if again != first {
             bail!("the two passwords differ; nothing was created");
         }
     }
     Ok(first)
+}
+
+/// Asks for a line on the terminal with echo off. Echo goes off before the prompt is
+/// written, so nothing typed after the prompt shows; the terminal's modes are put back after.
+fn ask_hidden(prompt: &str) -> std::io::Result<String> {
+    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    use std::io::BufRead;
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let before = tcgetattr(&tty)?;
+    let mut hidden = before.clone();
+    hidden.local_modes.remove(LocalModes::ECHO);
+    hidden.local_modes.insert(LocalModes::ECHONL);
+    tcsetattr(&tty, OptionalActions::Now, &hidden)?;
+    let read = (|| {
+        (&tty).write_all(prompt.as_bytes())?;
+        (&tty).flush()?;
+        let mut line = String::new();
+        std::io::BufReader::new(&tty).read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    })();
+    tcsetattr(&tty, OptionalActions::Now, &before)?;
+    read
 }
 
 /// Whether `e` is the server saying the token is no good.

@@ -440,10 +440,13 @@ impl Driver {
                 code,
                 message,
                 reference: Some(r),
+                retry_after_ms,
             } => {
                 if matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited) {
-                    // Safe to retry with the same client id, after a pause.
-                    let pause = Duration::from_millis(rand::thread_rng().gen_range(200..1000));
+                    // Safe to retry with the same client id, after a pause (at least what the
+                    // node asked for).
+                    let jitter = rand::thread_rng().gen_range(200..1000);
+                    let pause = Duration::from_millis(retry_after_ms.0.unwrap_or(0).max(jitter));
                     tokio::time::sleep(pause).await;
                     return self.unacked.get(&r).map(|p| p.frame.clone());
                 }
@@ -458,11 +461,18 @@ impl Driver {
                 code,
                 message,
                 reference: None,
+                retry_after_ms,
             } => {
-                if self.syncing && matches!(code, ErrorCode::Unavailable | ErrorCode::Internal) {
-                    // The sync stopped part-way (the batches so far moved the cursor): sync
-                    // again from the cursor after a pause.
-                    let pause = Duration::from_millis(rand::thread_rng().gen_range(1000..3000));
+                if self.syncing
+                    && matches!(
+                        code,
+                        ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::RateLimited
+                    )
+                {
+                    // The sync stopped part-way (the batches so far moved the cursor) or was
+                    // refused: sync again from the cursor after a pause.
+                    let jitter = rand::thread_rng().gen_range(1000..3000);
+                    let pause = Duration::from_millis(retry_after_ms.0.unwrap_or(0).max(jitter));
                     tokio::time::sleep(pause).await;
                     return Some(self.sync_frame());
                 }

@@ -66,10 +66,10 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Opens a WebSocket without authenticating (for tests of the handshake itself).
 pub async fn connect_raw(url: &str) -> Result<Ws, ClientError> {
     let mut cfg = WebSocketConfig::default();
-    // Server frames stay under the protocol limit in bytes of content; JSON escaping can
-    // make a frame larger, so accept generous slack.
-    cfg.max_message_size = Some(8 * crate::limits::MAX_FRAME_BYTES);
-    cfg.max_frame_size = Some(8 * crate::limits::MAX_FRAME_BYTES);
+    // A conforming client: server frames are at most the protocol's frame limit, escaping
+    // included, so nothing larger is accepted.
+    cfg.max_message_size = Some(crate::limits::MAX_FRAME_BYTES);
+    cfg.max_frame_size = Some(crate::limits::MAX_FRAME_BYTES);
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
         .await
         .map_err(|e| ClientError::Transport(e.to_string()))?;
@@ -321,6 +321,7 @@ impl Connection {
                     code,
                     message,
                     reference: Some(r),
+                    ..
                 } if r == client_id => Some(Err(ErrorBody::new(*code, message.clone()))),
                 _ => None,
             })

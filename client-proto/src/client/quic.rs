@@ -20,10 +20,10 @@ pub struct QuicLink {
     pub endpoint: quinn::Endpoint,
 }
 
-/// The length-prefix codec; server frames may be somewhat larger than client frames (JSON
-/// escaping does not apply here, but leave slack for the frame envelope).
+/// The length-prefix codec: server frames are at most the protocol's frame limit, like
+/// client frames.
 fn codec() -> LengthDelimitedCodec {
-    length_prefix_codec(4 * MAX_FRAME_BYTES)
+    length_prefix_codec(MAX_FRAME_BYTES)
 }
 
 /// The client configuration: TLS 1.3 with ALPN `chat/1`, trusting `ca_pem` (PEM, the cluster

@@ -32,6 +32,7 @@ pub(super) async fn follow_topology<L: LocalReplica, C: ReplicaClient, M: Member
         let members = shared.membership.members().await;
         metrics::gauge!("cluster_members_live")
             .set(members.iter().filter(|m| m.live).count() as f64);
+        record_members_by_state(&members);
         let topology = shared.topology_of(&members);
         let pending = topology.joining_ids();
         view.send_replace(ClusterView {
@@ -47,6 +48,26 @@ pub(super) async fn follow_topology<L: LocalReplica, C: ReplicaClient, M: Member
         if changed && pending != published {
             shared.membership.set_pending(&pending).await;
             published = pending;
+        }
+    }
+}
+
+/// `cluster_members{state, live}`: the members this node sees, per published state and
+/// failure-detector verdict (every combination is set, so a state that empties reads 0).
+fn record_members_by_state(members: &[Member]) {
+    use crate::membership::Lifecycle;
+    for state in [Lifecycle::Joining, Lifecycle::Active, Lifecycle::Leaving] {
+        for live in [true, false] {
+            let n = members
+                .iter()
+                .filter(|m| m.state == state && m.live == live)
+                .count();
+            metrics::gauge!(
+                "cluster_members",
+                "state" => state.as_str(),
+                "live" => if live { "true" } else { "false" }
+            )
+            .set(n as f64);
         }
     }
 }

@@ -66,7 +66,14 @@ impl FileMarker {
     }
 
     fn write(&self) -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&self.path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Private like everything in the data dir, whatever the umask.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&self.path)?;
         file.write_all(
             b"this node holds partitions; delete the whole data dir to make it join anew\n",
         )?;

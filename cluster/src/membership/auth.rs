@@ -15,11 +15,23 @@
 //! clock is pulled past the sender's reading (`crate::clock::Hlc::observe`), and the "sent at"
 //! time feeds its clock-skew estimate (`crate::clock::SkewGuard`). chitchat fills datagrams up to the UDP limit, so a
 //! message that does not fit with the header goes as two fragments. Datagrams more than
-//! [`MAX_SKEW`] away from this node's clock are refused (a bound on replays; nodes need
-//! clocks within that of each other).
+//! [`MAX_SKEW`] away from this node's clock are refused (nodes need clocks within that of
+//! each other), and a datagram seen once within that window is refused the second time
+//! ([`ReplayGuard`]): a captured datagram cannot be replayed to make a node answer, so a
+//! node never sends anything to an address whose datagrams it has not verified except a
+//! [`NAK_LEN`]-byte refusal notice, smaller than any datagram it answers (no amplification).
+//!
+//! The refusal notice (`NAK_MAGIC | the refused datagram's tag`, at most
+//! [`NAKS_PER_SEC`] a second) tells a node whose secret differs from its seeds' that it
+//! was refused: the node checks that the echoed tag is one it sent to that address (so an
+//! off-path attacker cannot forge one), and counts it in [`GossipHealth`], which the node
+//! reads before it starts serving (a node with the wrong secret stops with a clear error
+//! instead of forming a cluster of its own).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -45,11 +57,131 @@ pub const MAX_SKEW: Duration = Duration::from_secs(120);
 const MAX_PARTIAL: usize = 256;
 /// How long the loopback hop to or from chitchat's codec socket may take.
 const CODEC_HOP: Duration = Duration::from_secs(1);
+/// Datagrams remembered by the replay guard. Within [`MAX_SKEW`] (240 s of timestamps) this
+/// allows ~270 verified datagrams a second, far above what gossip sends (a few per peer and
+/// round); past it, the oldest are forgotten and anything not newer than them is refused.
+/// About 40 bytes each: ~2.6 MB at most.
+pub const REPLAY_WINDOW_ENTRIES: usize = 65_536;
+/// The first bytes of a refusal notice.
+pub const NAK_MAGIC: [u8; 8] = *b"chatNAK1";
+/// A refusal notice's length: magic and the refused datagram's tag. Smaller than
+/// [`HEADER_LEN`], so never larger than the datagram it answers.
+pub const NAK_LEN: usize = NAK_MAGIC.len() + TAG_LEN;
+/// Refusal notices sent per second at most (a reflection bound).
+pub const NAKS_PER_SEC: u32 = 10;
+/// Tags of datagrams recently sent, kept to check refusal notices against.
+const SENT_REMEMBERED: usize = 256;
+
+/// What the gossip transport has seen, shared with whoever watches it (the node reads it
+/// before serving: see the module docs). Cheap to clone.
+#[derive(Clone, Default, Debug)]
+pub struct GossipHealth {
+    inner: Arc<HealthInner>,
+}
+
+#[derive(Default, Debug)]
+struct HealthInner {
+    verified: AtomicU64,
+    refused_by_peers: AtomicU64,
+    replays: AtomicU64,
+    /// The last peer that refused this node's datagrams.
+    // A std-style lock held for a copy only; parking_lot never poisons.
+    last_refuser: parking_lot::Mutex<Option<SocketAddr>>,
+}
+
+impl GossipHealth {
+    /// Datagrams received that carried this cluster's seal and were fresh.
+    pub fn verified(&self) -> u64 {
+        self.inner.verified.load(Ordering::Relaxed)
+    }
+
+    /// Refusal notices received for datagrams this node sent: its peers hold another
+    /// cluster secret.
+    pub fn refused_by_peers(&self) -> u64 {
+        self.inner.refused_by_peers.load(Ordering::Relaxed)
+    }
+
+    /// Correctly sealed datagrams refused because they had been seen before.
+    pub fn replays(&self) -> u64 {
+        self.inner.replays.load(Ordering::Relaxed)
+    }
+
+    /// The last peer that refused this node's datagrams.
+    pub fn last_refuser(&self) -> Option<SocketAddr> {
+        *self.inner.last_refuser.lock()
+    }
+}
+
+/// Remembers the sealed datagrams verified within the skew window and refuses a second
+/// copy of any of them. Memory is bounded by [`REPLAY_WINDOW_ENTRIES`]: when full, the
+/// oldest (by their timestamp) are forgotten and the guard refuses everything not newer
+/// than them, so a forgotten datagram still cannot be replayed.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    /// `(sent at, first 16 bytes of the tag)` of the datagrams seen.
+    seen: BTreeSet<(u64, [u8; 16])>,
+    /// Datagrams sent at or before this were forgotten for lack of room: refused.
+    floor: Option<u64>,
+    capacity: usize,
+}
+
+impl ReplayGuard {
+    /// A guard remembering at most `capacity` datagrams.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            seen: BTreeSet::new(),
+            floor: None,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records a verified datagram (its tag and timestamp) at `now_ms`; `false` if it was
+    /// seen before (a replay) or is too old to tell.
+    pub fn admit(&mut self, tag: &[u8], sent_ms: u64, now_ms: u64) -> bool {
+        // Forget what the skew check refuses anyway.
+        let expired = now_ms.saturating_sub(MAX_SKEW.as_millis() as u64);
+        if self.seen.first().is_some_and(|(t, _)| *t < expired) {
+            self.seen = self.seen.split_off(&(expired, [0; 16]));
+        }
+        if self.floor.is_some_and(|f| sent_ms <= f) {
+            return false;
+        }
+        let mut short = [0u8; 16];
+        let n = tag.len().min(16);
+        short[..n].copy_from_slice(&tag[..n]);
+        if !self.seen.insert((sent_ms, short)) {
+            return false;
+        }
+        while self.seen.len() > self.capacity {
+            if let Some((t, _)) = self.seen.pop_first() {
+                self.floor = Some(self.floor.map_or(t, |f| f.max(t)));
+            }
+        }
+        true
+    }
+
+    /// Datagrams remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// The gossip key of `secret`, for the fuzz targets.
+#[cfg(test)]
+pub(crate) fn test_key(secret: &ClusterSecret) -> hmac::Key {
+    AuthTransport::new(secret).key
+}
 
 /// A chitchat transport that seals every datagram with the cluster secret.
 pub struct AuthTransport {
     key: hmac::Key,
     clock: Option<ClusterClock>,
+    health: GossipHealth,
 }
 
 impl AuthTransport {
@@ -60,7 +192,13 @@ impl AuthTransport {
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
             clock: None,
+            health: GossipHealth::default(),
         }
+    }
+
+    /// What this transport's sockets have seen.
+    pub fn health(&self) -> GossipHealth {
+        self.health.clone()
     }
 
     /// Stamps datagrams with `clock`'s readings and feeds it the peers' (see the module
@@ -96,6 +234,10 @@ impl Transport for AuthTransport {
             next_id: rand::random(),
             partial: HashMap::new(),
             last_warning: None,
+            replay: ReplayGuard::new(REPLAY_WINDOW_ENTRIES),
+            sent_tags: VecDeque::with_capacity(SENT_REMEMBERED),
+            naks: NakBudget::default(),
+            health: self.health.clone(),
         }))
     }
 }
@@ -125,6 +267,48 @@ struct AuthSocket {
     next_id: u32,
     partial: HashMap<(SocketAddr, u32), Partial>,
     last_warning: Option<Instant>,
+    replay: ReplayGuard,
+    /// `(to, tag)` of the last datagrams sent, to check refusal notices against.
+    sent_tags: VecDeque<(SocketAddr, [u8; TAG_LEN])>,
+    naks: NakBudget,
+    health: GossipHealth,
+}
+
+/// At most [`NAKS_PER_SEC`] refusal notices a second.
+#[derive(Default)]
+struct NakBudget {
+    second: u64,
+    sent: u32,
+}
+
+impl NakBudget {
+    fn take(&mut self, now_ms: u64) -> bool {
+        let second = now_ms / 1000;
+        if second != self.second {
+            self.second = second;
+            self.sent = 0;
+        }
+        if self.sent < NAKS_PER_SEC {
+            self.sent += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A refusal notice for a datagram with this tag.
+pub(crate) fn nak(tag: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(NAK_LEN);
+    out.extend_from_slice(&NAK_MAGIC);
+    out.extend_from_slice(tag);
+    out
+}
+
+/// The tag a refusal notice echoes, if `datagram` is one.
+pub(crate) fn nak_tag(datagram: &[u8]) -> Option<&[u8]> {
+    (datagram.len() == NAK_LEN && datagram.starts_with(&NAK_MAGIC))
+        .then(|| &datagram[NAK_MAGIC.len()..])
 }
 
 /// What a sealed datagram's header says besides the fragment fields.
@@ -175,6 +359,7 @@ pub(crate) enum Refused {
     BadTag,
     Skewed(i64),
     BadFragment,
+    Replayed,
 }
 
 /// Checks a sealed datagram's tag, clock and fragment fields.
@@ -204,8 +389,15 @@ pub(crate) fn open<'a>(
             .map_err(|_| Refused::Short)?,
     );
     let (index, count) = (datagram[TAG_LEN + 20], datagram[TAG_LEN + 21]);
-    let skew = sent_ms as i64 - now_ms as i64;
-    if skew.unsigned_abs() > MAX_SKEW.as_millis() as u64 {
+    // Any u64 may arrive: no signed arithmetic that can overflow (the fuzz target found one).
+    let distance = sent_ms.abs_diff(now_ms);
+    if distance > MAX_SKEW.as_millis() as u64 {
+        let magnitude = i64::try_from(distance).unwrap_or(i64::MAX);
+        let skew = if sent_ms >= now_ms {
+            magnitude
+        } else {
+            -magnitude
+        };
         return Err(Refused::Skewed(skew));
     }
     if count == 0 || index >= count || count > 2 {
@@ -221,6 +413,29 @@ pub(crate) fn open<'a>(
 }
 
 impl AuthSocket {
+    /// A refusal notice from `from`: counted if it echoes a datagram this node sent there.
+    fn refused_by(&mut self, from: SocketAddr, tag: &[u8]) {
+        if self
+            .sent_tags
+            .iter()
+            .any(|(to, sent)| *to == from && sent.as_slice() == tag)
+        {
+            self.health
+                .inner
+                .refused_by_peers
+                .fetch_add(1, Ordering::Relaxed);
+            *self.health.inner.last_refuser.lock() = Some(from);
+            let now = Instant::now();
+            if self
+                .last_warning
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+            {
+                self.last_warning = Some(now);
+                tracing::error!(peer = %from, "a peer refused this node's gossip: it holds another cluster secret");
+            }
+        }
+    }
+
     fn warn_refused(&mut self, from: SocketAddr, why: &Refused) {
         let now = Instant::now();
         if self
@@ -228,7 +443,7 @@ impl AuthSocket {
             .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
         {
             self.last_warning = Some(now);
-            warn!(%from, reason = ?why, "gossip datagram refused (not sealed with this cluster's secret, or clocks more than 2 min apart)");
+            warn!(%from, reason = ?why, "gossip datagram refused (not sealed with this cluster's secret, replayed, or clocks more than 2 min apart)");
         }
     }
 
@@ -314,6 +529,12 @@ impl Socket for AuthSocket {
         let mut sent = 0;
         for (index, chunk) in chunks.iter().enumerate() {
             let datagram = seal(&self.key, stamp, id, index as u8, count, chunk);
+            let mut tag = [0; TAG_LEN];
+            tag.copy_from_slice(&datagram[..TAG_LEN]);
+            if self.sent_tags.len() >= SENT_REMEMBERED {
+                self.sent_tags.pop_front();
+            }
+            self.sent_tags.push_back((to, tag));
             match self.public.send_to(&datagram, to).await {
                 Ok(n) => sent += n,
                 // As chitchat's own socket: a peer that is gone is not a broken transport.
@@ -343,8 +564,24 @@ impl Socket for AuthSocket {
                 Err(e) => return Err(e).context("fatal gossip receive error"),
             };
             let now = wall_ms();
-            let fragment = match open(&self.key, &self.buf[..len], now) {
+            if let Some(tag) = nak_tag(&self.buf[..len]) {
+                let tag = tag.to_vec();
+                self.refused_by(from, &tag);
+                continue;
+            }
+            let opened = open(&self.key, &self.buf[..len], now).and_then(|o| {
+                if self
+                    .replay
+                    .admit(&self.buf[..TAG_LEN], o.stamp.sent_ms, now)
+                {
+                    Ok(o)
+                } else {
+                    Err(Refused::Replayed)
+                }
+            });
+            let fragment = match opened {
                 Ok(o) => {
+                    self.health.inner.verified.fetch_add(1, Ordering::Relaxed);
                     if let Some(clock) = &self.clock {
                         clock.guard.record(from, o.stamp.sent_ms, now);
                         clock.hlc.set_peers_ahead_ms(clock.guard.peers_ahead_ms());
@@ -358,7 +595,16 @@ impl Socket for AuthSocket {
                     }
                 }
                 Err(why) => {
+                    metrics::counter!("gossip_refused_total").increment(1);
+                    if why == Refused::Replayed {
+                        self.health.inner.replays.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.warn_refused(from, &why);
+                    if why == Refused::BadTag && self.naks.take(now) {
+                        let notice = nak(&self.buf[..TAG_LEN]);
+                        // Best effort: the notice is advice, not protocol.
+                        let _ = self.public.send_to(&notice, from).await;
+                    }
                     continue;
                 }
             };
@@ -417,10 +663,134 @@ mod tests {
         assert_eq!(open(&k, &sealed[..10], 1_000_500), Err(Refused::Short));
         let late = 1_000_000 + MAX_SKEW.as_millis() as u64 + 1;
         assert!(matches!(open(&k, &sealed, late), Err(Refused::Skewed(_))));
+        // A timestamp far in the future (any u64 can arrive) is refused, not an overflow.
+        let future = Stamp {
+            sent_ms: u64::MAX,
+            hlc: 0,
+        };
+        let far = seal(&k, future, 7, 0, 1, b"x");
+        assert_eq!(open(&k, &far, 1_000_000), Err(Refused::Skewed(i64::MAX)));
         let bad_fragment = seal(&k, stamp, 7, 2, 2, b"x");
         assert_eq!(
             open(&k, &bad_fragment, 1_000_000),
             Err(Refused::BadFragment)
         );
+    }
+
+    #[test]
+    fn the_replay_guard_admits_a_datagram_once_and_bounds_its_memory() {
+        let mut g = ReplayGuard::new(4);
+        let now = 10_000_000;
+        assert!(g.admit(&[1; 32], now, now));
+        assert!(!g.admit(&[1; 32], now, now + 1), "a replay is refused");
+        assert!(g.admit(&[2; 32], now, now), "another tag is fine");
+        for i in 3..=6u8 {
+            assert!(g.admit(&[i; 32], now + u64::from(i), now));
+        }
+        assert_eq!(g.len(), 4, "memory is bounded");
+        // Forgotten for lack of room: refused rather than replayable.
+        assert!(!g.admit(&[1; 32], now, now));
+        assert!(!g.admit(&[2; 32], now, now));
+        // Past the skew window, old entries are dropped.
+        let later = now + MAX_SKEW.as_millis() as u64 + 100;
+        assert!(g.admit(&[9; 32], later, later));
+        assert_eq!(g.len(), 1);
+    }
+
+    fn envelope(version: chitchat::ProtocolVersion) -> ChitchatEnvelope {
+        ChitchatEnvelope {
+            version,
+            message: chitchat::ChitchatMessage::BadCluster,
+        }
+    }
+
+    async fn open_socket(t: &AuthTransport) -> Box<dyn Socket> {
+        t.open(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .unwrap()
+    }
+
+    /// What `from` seals and sends for `envelope`, captured on a plain socket.
+    async fn capture(from: &mut Box<dyn Socket>, envelope: ChitchatEnvelope) -> Vec<u8> {
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        from.send(tap.local_addr().unwrap(), envelope)
+            .await
+            .unwrap();
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let (n, _) = tap.recv_from(&mut buf).await.unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[tokio::test]
+    async fn the_same_datagram_sent_twice_is_dropped_the_second_time() {
+        let secret = ClusterSecret::from_bytes([5; 32]);
+        let (ta, tb) = (AuthTransport::new(&secret), AuthTransport::new(&secret));
+        let health = tb.health();
+        let mut a = open_socket(&ta).await;
+        let mut b = open_socket(&tb).await;
+        let b_addr = b.local_addr().unwrap();
+        let first = capture(&mut a, envelope(chitchat::ProtocolVersion::V0)).await;
+        let second = capture(&mut a, envelope(chitchat::ProtocolVersion::V1)).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+
+        attacker.send_to(&first, b_addr).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.envelope.version, chitchat::ProtocolVersion::V0);
+
+        // The replay, then a fresh datagram: only the fresh one comes through.
+        attacker.send_to(&first, b_addr).await.unwrap();
+        attacker.send_to(&second, b_addr).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.envelope.version, chitchat::ProtocolVersion::V1);
+        assert_eq!(health.replays(), 1);
+        assert_eq!(health.verified(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_secret_answers_with_a_small_checked_refusal() {
+        let ta = AuthTransport::new(&ClusterSecret::from_bytes([1; 32]));
+        let tb = AuthTransport::new(&ClusterSecret::from_bytes([2; 32]));
+        let (health_a, health_b) = (ta.health(), tb.health());
+        let mut a = open_socket(&ta).await;
+        let mut b = open_socket(&tb).await;
+        let a_addr = a.local_addr().unwrap();
+        let b_addr = b.local_addr().unwrap();
+
+        // A forged notice (a tag A never sent) is ignored.
+        let forger = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        forger.send_to(&nak(&[7; TAG_LEN]), a_addr).await.unwrap();
+
+        a.send(b_addr, envelope(chitchat::ProtocolVersion::V0))
+            .await
+            .unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                r = a.recv() => panic!("A got a datagram: {:?}", r.map(|o| o.envelope)),
+                r = b.recv() => panic!("B accepted a datagram: {:?}", r.map(|o| o.envelope)),
+                () = async {
+                    while health_a.refused_by_peers() == 0 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                } => {}
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "A was never told it was refused");
+        assert_eq!(health_a.refused_by_peers(), 1, "the forged notice counted");
+        assert_eq!(health_a.last_refuser(), Some(b_addr));
+        assert_eq!(health_b.verified(), 0);
+        const {
+            assert!(
+                NAK_LEN < HEADER_LEN,
+                "a notice is smaller than any datagram"
+            )
+        };
     }
 }

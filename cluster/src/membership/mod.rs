@@ -183,6 +183,7 @@ pub struct Membership {
     events: broadcast::Sender<PresenceEvent>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    health: Option<auth::GossipHealth>,
 }
 
 impl Membership {
@@ -230,9 +231,12 @@ impl Membership {
             ),
             (keys::LOAD.to_string(), "0".to_string()),
         ];
+        let mut health = None;
         let transport: Box<dyn Transport> = match &config.secret {
             Some(secret) => {
-                Box::new(auth::AuthTransport::new(secret).with_clock(config.clock.clone()))
+                let t = auth::AuthTransport::new(secret).with_clock(config.clock.clone());
+                health = Some(t.health());
+                Box::new(t)
             }
             None => Box::new(UdpTransport),
         };
@@ -258,7 +262,15 @@ impl Membership {
             events,
             cancel,
             tasks,
+            health,
         })
+    }
+
+    /// What the sealed gossip transport has seen (`None` without a secret): verified
+    /// datagrams, replays, and refusals of this node's datagrams by peers with another
+    /// secret.
+    pub fn gossip_health(&self) -> Option<auth::GossipHealth> {
+        self.health.clone()
     }
 
     /// This node's id.

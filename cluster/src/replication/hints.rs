@@ -81,11 +81,25 @@ impl HintStore {
 
     /// Keeps `batch` for `node`, dropping the oldest hints past the limits.
     pub fn record(&self, node: NodeId, batch: ApplyBatch) {
-        self.queues
-            .lock()
-            .entry(node)
-            .or_default()
-            .push_back(batch, self.limits);
+        let mut queues = self.queues.lock();
+        let queue = queues.entry(node).or_default();
+        let dropped = queue.dropped;
+        queue.push_back(batch, self.limits);
+        let newly_dropped = queue.dropped - dropped;
+        if newly_dropped > 0 {
+            metrics::counter!("cluster_hints_dropped_total").increment(newly_dropped);
+        }
+        Self::record_backlog(&queues);
+    }
+
+    /// `cluster_hints_pending` and `cluster_hints_pending_bytes`: the hinted-handoff backlog
+    /// this coordinator holds for replicas that were down, over all of them.
+    fn record_backlog(queues: &HashMap<NodeId, Queue>) {
+        let (batches, bytes) = queues
+            .values()
+            .fold((0, 0), |(n, b), q| (n + q.batches.len(), b + q.bytes));
+        metrics::gauge!("cluster_hints_pending").set(batches as f64);
+        metrics::gauge!("cluster_hints_pending_bytes").set(bytes as f64);
     }
 
     /// The oldest hint for `node`, removed.
@@ -94,6 +108,7 @@ impl HintStore {
         let queue = queues.get_mut(&node)?;
         let (batch, size) = queue.batches.pop_front()?;
         queue.bytes -= size;
+        Self::record_backlog(&queues);
         Some(batch)
     }
 
@@ -105,6 +120,7 @@ impl HintStore {
         queue.bytes += size;
         queue.batches.push_front((batch, size));
         queue.trim(self.limits);
+        Self::record_backlog(&queues);
     }
 
     /// Hints waiting for `node`.

@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::certs::{ClusterSecret, NodeTls};
 
 mod error;
-mod frame;
+pub(crate) mod frame;
 mod server;
 mod tls;
 

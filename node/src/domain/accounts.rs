@@ -7,9 +7,15 @@
 //! checked or at the next login of the user; a login at the cap evicts the device that was
 //! used least recently. A removed device's token stops working on every node and its
 //! connections are closed (1008 `logged out`).
+//!
+//! Logins and signups pass the throttles (`throttle.rs`) before any password is hashed, and
+//! hash on the bounded pool (`passwords.rs`); a login for a username that does not exist
+//! hashes against a dummy hash, so its answer costs what a wrong password costs.
 
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use client_proto::http::{
     DeviceInfo, LoginRequest, LoginResponse, NodeInfo, PrivacyPatch, PrivacySettings,
@@ -18,10 +24,13 @@ use client_proto::http::{
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::limits::{valid_username, MAX_DISPLAY_NAME_BYTES, PASSWORD_LEN};
 
-use crate::domain::auth::{hash_password, verify_password, Claims, Identity, Tokens};
+use crate::config::LoginLimits;
+use crate::domain::auth::{Claims, Identity, Tokens};
 use crate::domain::delivery::Delivery;
 use crate::domain::error::ApiError;
+use crate::domain::passwords::{HashError, Passwords};
 use crate::domain::privacy;
+use crate::domain::throttle::{LoginThrottle, Refusal, SignupLimit};
 use crate::ids::{now_unix_ms, IdGen};
 use crate::store::records::{DeviceRecord, Privacy, UserRecord};
 use crate::store::Store;
@@ -34,6 +43,9 @@ const MAX_TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
 /// Longest device name, in bytes.
 const MAX_DEVICE_NAME_BYTES: usize = 64;
 
+/// How long a client told `busy` (the hashing queue was full) should wait.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+
 /// The account service.
 pub struct Accounts {
     store: Store,
@@ -41,8 +53,17 @@ pub struct Accounts {
     ids: Arc<IdGen>,
     delivery: Delivery,
     token_ttl: Duration,
+    /// Which webhook targets may be registered (public addresses only by default).
+    push_targets: Arc<crate::domain::push::TargetPolicy>,
     /// A device unused for this long is removed.
     device_idle: Duration,
+    passwords: Passwords,
+    /// Login failures by username and source. A `parking_lot` mutex: held for a map lookup
+    /// or update, never across an await.
+    throttle: parking_lot::Mutex<LoginThrottle>,
+    /// Signups by source (same locking as `throttle`).
+    signups: parking_lot::Mutex<SignupLimit>,
+    failure_log: LogGate,
 }
 
 /// How stale a device's stored `last_used` may get before a use stores it again: an hour, or
@@ -87,6 +108,63 @@ fn expire_idle(rec: &mut UserRecord, idle_for: Duration, now: u64) -> Vec<Device
     gone
 }
 
+/// At most one WARN per second for failed logins; the ones in between are counted and the
+/// next line says how many were not logged (`accounts_login_failures_total` counts all).
+#[derive(Default)]
+struct LogGate {
+    /// Seconds since `origin` of the last line written, plus one (0: none yet).
+    last: AtomicU64,
+    skipped: AtomicU64,
+    origin: std::sync::OnceLock<Instant>,
+}
+
+impl LogGate {
+    /// Whether to write a line now, and how many were skipped since the last one.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let origin = *self.origin.get_or_init(|| now);
+        let second = now.saturating_duration_since(origin).as_secs() + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last < second
+            && self
+                .last
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.skipped.swap(0, Ordering::Relaxed))
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+fn busy(e: HashError) -> ApiError {
+    match e {
+        HashError::Busy => {
+            ApiError::new(client_proto::ErrorCode::Busy, e.to_string()).retry_after(BUSY_RETRY)
+        }
+        HashError::Failed(_) => {
+            tracing::error!(error = %e, "password hashing failed");
+            ApiError::new(client_proto::ErrorCode::Internal, "password hashing failed")
+        }
+    }
+}
+
+fn throttled(r: Refusal) -> ApiError {
+    let scope = match r {
+        Refusal::Account(_) => "account",
+        Refusal::Source(_) => "source",
+    };
+    metrics::counter!("accounts_login_throttled_total", "scope" => scope).increment(1);
+    // Whole seconds, rounded up, at least 1 (what `Retry-After` carries).
+    let secs = r.retry_after().as_millis().div_ceil(1000).max(1) as u64;
+    ApiError::new(
+        client_proto::ErrorCode::RateLimited,
+        format!("too many failed logins; retry in {secs} s"),
+    )
+    .retry_after(Duration::from_secs(secs))
+}
+
 fn profile(rec: &UserRecord) -> UserProfile {
     UserProfile {
         user_id: rec.user_id,
@@ -112,6 +190,7 @@ impl Accounts {
         delivery: Delivery,
         token_ttl: Duration,
         device_idle: Duration,
+        limits: &LoginLimits,
     ) -> Self {
         Accounts {
             store,
@@ -119,7 +198,12 @@ impl Accounts {
             ids,
             delivery,
             token_ttl,
+            push_targets: Arc::default(),
             device_idle,
+            passwords: Passwords::new(limits.hash_workers, limits.hash_queue),
+            throttle: parking_lot::Mutex::new(LoginThrottle::new(limits)),
+            signups: parking_lot::Mutex::new(SignupLimit::new(limits.signups_per_ip_per_hour)),
+            failure_log: LogGate::default(),
         }
     }
 
@@ -132,7 +216,18 @@ impl Accounts {
         }
     }
 
-    pub async fn signup(&self, req: SignupRequest) -> Result<UserProfile, ApiError> {
+    /// Checks webhook targets against `policy` (the default allows public addresses only).
+    pub fn with_push_targets(mut self, policy: Arc<crate::domain::push::TargetPolicy>) -> Self {
+        self.push_targets = policy;
+        self
+    }
+
+    /// Signs up a user; `source` is the client's address (signups per address are limited).
+    pub async fn signup(
+        &self,
+        req: SignupRequest,
+        source: IpAddr,
+    ) -> Result<UserProfile, ApiError> {
         if !valid_username(&req.username) {
             return Err(ApiError::bad_request(
                 "username must be 3 to 32 characters of a-z 0-9 _ . -",
@@ -143,15 +238,22 @@ impl Accounts {
         }
         let display_name = req.display_name.unwrap_or_else(|| req.username.clone());
         check_display_name(&display_name)?;
+        if let Err(r) = self.signups.lock().take(source, Instant::now()) {
+            metrics::counter!("accounts_signups_refused_total").increment(1);
+            let secs = r.retry_after().as_secs().max(1);
+            return Err(ApiError::new(
+                client_proto::ErrorCode::RateLimited,
+                format!("too many signups from this address; retry in {secs} s"),
+            )
+            .retry_after(Duration::from_secs(secs)));
+        }
         if self.store.user_id_by_name(&req.username).await?.is_some() {
             return Err(ApiError::new(
                 client_proto::ErrorCode::Conflict,
                 "that username is taken",
             ));
         }
-        let password_hash = hash_password(req.password)
-            .await
-            .map_err(|e| ApiError::new(client_proto::ErrorCode::Internal, e.to_string()))?;
+        let password_hash = self.passwords.hash(req.password).await.map_err(busy)?;
         let rec = UserRecord {
             user_id: UserId(self.ids.next()?.0),
             username: req.username,
@@ -174,10 +276,13 @@ impl Accounts {
         Ok(out)
     }
 
+    /// Logs a device in; `source` is the client's address (failures are throttled by
+    /// username and by address).
     pub async fn login(
         &self,
         req: LoginRequest,
         node: NodeInfo,
+        source: IpAddr,
     ) -> Result<LoginResponse, ApiError> {
         let refused = || ApiError::unauthorized("wrong username or password");
         if !valid_username(&req.username) || !PASSWORD_LEN.contains(&req.password.len()) {
@@ -189,15 +294,25 @@ impl Accounts {
                 "device_name must be at most 64 bytes",
             ));
         }
-        let user_id = self
-            .store
-            .user_id_by_name(&req.username)
-            .await?
-            .ok_or_else(refused)?;
-        let rec = self.store.user(user_id).await?.ok_or_else(refused)?;
-        if !verify_password(req.password, rec.password_hash.clone()).await {
+        self.throttle
+            .lock()
+            .check(&req.username, source, Instant::now())
+            .map_err(throttled)?;
+        let user = match self.store.user_id_by_name(&req.username).await? {
+            Some(id) => self.store.user(id).await?,
+            None => None,
+        };
+        let stored = user.as_ref().map(|rec| rec.password_hash.clone());
+        let ok = self
+            .passwords
+            .verify(req.password, stored)
+            .await
+            .map_err(busy)?;
+        let Some(user_id) = user.filter(|_| ok).map(|rec| rec.user_id) else {
+            self.login_failed(&req.username, source);
             return Err(refused());
-        }
+        };
+        self.throttle.lock().succeeded(&req.username);
         let device_id = match req.device_id {
             Some(d) => d,
             None => DeviceId(self.ids.next()?.0),
@@ -253,6 +368,22 @@ impl Accounts {
             expires_at,
             node,
         })
+    }
+
+    /// Counts, throttles and (rate-limited) logs a failed login.
+    fn login_failed(&self, username: &str, source: IpAddr) {
+        metrics::counter!("accounts_login_failures_total").increment(1);
+        let now = Instant::now();
+        let locked = self.throttle.lock().failed(username, source, now);
+        if let Some(skipped) = self.failure_log.admit(now) {
+            tracing::warn!(
+                username,
+                %source,
+                locked,
+                not_logged_since_last = skipped,
+                "login failed: wrong username or password"
+            );
+        }
     }
 
     /// Revokes the caller's device token and closes its live connections.
@@ -408,6 +539,15 @@ impl Accounts {
         })
     }
 
+    /// When `token` expires (Unix ms), if it is a valid token: a session authenticated with
+    /// it ends then.
+    pub fn token_expires_at(&self, token: &str) -> Option<u64> {
+        self.tokens
+            .verify(token, now_unix_ms())
+            .ok()
+            .map(|c| c.expires_at)
+    }
+
     /// Sets where `device` (one of the caller's devices) gets push notifications.
     pub async fn set_push_target(
         &self,
@@ -415,7 +555,7 @@ impl Accounts {
         device: DeviceId,
         target: String,
     ) -> Result<(), ApiError> {
-        crate::domain::push::validate_target(&target)?;
+        crate::domain::push::validate_target(&self.push_targets, &target)?;
         self.store
             .update_user(who.user, |rec| {
                 let dev = rec

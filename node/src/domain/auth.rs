@@ -1,13 +1,9 @@
-//! Credentials: argon2id password hashes and HMAC-signed, expiring tokens.
+//! Credentials: HMAC-signed, expiring tokens (password hashes are `passwords.rs`).
 //!
 //! A token is `base64url(claims) "." base64url(HMAC-SHA256(secret, claims))`. Any node with
 //! the cluster secret checks the signature and expiry without a lookup; revocation (logout)
 //! is checked against the user record's device list (see `accounts`).
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
-use argon2::Argon2;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use client_proto::ids::{DeviceId, UserId};
@@ -88,33 +84,6 @@ impl Tokens {
     }
 }
 
-/// Hashes a password with argon2id (on a blocking thread: it is deliberately slow).
-pub async fn hash_password(password: String) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
-    })
-    .await?
-}
-
-/// Checks a password against a stored argon2id hash (on a blocking thread).
-pub async fn verify_password(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash)
-            .map(|h| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &h)
-                    .is_ok()
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,13 +109,5 @@ mod tests {
         assert!(t.verify(&forged, 0).is_err());
         assert_eq!(t.verify("nodot", 0), Err(TokenError::Malformed));
         assert_eq!(t.verify(&"a".repeat(600), 0), Err(TokenError::Malformed));
-    }
-
-    #[tokio::test]
-    async fn passwords() {
-        let h = hash_password("correct horse".into()).await.unwrap();
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse".into(), h.clone()).await);
-        assert!(!verify_password("wrong horse".into(), h).await);
     }
 }

@@ -13,6 +13,8 @@ use crate::store::StoreError;
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// When a retry may succeed (`Retry-After` on HTTP), for refusals that know it.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -20,7 +22,13 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+    /// The same refusal, saying when to retry.
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)

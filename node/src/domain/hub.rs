@@ -17,6 +17,12 @@ use parking_lot::RwLock;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::logging::RateLimitedLog;
+
+/// Slow-device kicks logged: a burst of 10 per 10 s, the rest counted.
+static SLOW_DEVICE_LOG: RateLimitedLog =
+    RateLimitedLog::new(10, std::time::Duration::from_secs(10));
+
 /// Room in one connection's outbound queue.
 pub const OUTBOUND_QUEUE: usize = 256;
 
@@ -220,9 +226,16 @@ impl Hub {
                 match dev.tx.try_send(Outbound::Shared(shared)) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::warn!(user = %user, device = %dev.device_id, "outbound queue full; disconnecting the slow device");
+                        // Once per kick: deliveries keep finding the queue full until the
+                        // session is gone.
+                        if dev.kick.is_cancelled() {
+                            continue;
+                        }
                         metrics::counter!("gateway_slow_consumer_kicks_total").increment(1);
                         dev.kick.cancel();
+                        if let Some(suppressed) = SLOW_DEVICE_LOG.allow() {
+                            tracing::warn!(user = %user, device = %dev.device_id, suppressed, "outbound queue full; disconnecting the slow device");
+                        }
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }

@@ -10,6 +10,8 @@ pub mod error;
 pub mod friends;
 pub mod groups;
 pub mod hub;
+pub mod passwords;
 pub mod presence;
 pub mod privacy;
 pub mod push;
+pub mod throttle;

@@ -2,6 +2,14 @@
 //! (see `Store::store_message`); this worker POSTs each to its webhook with a timeout, retries
 //! with capped exponential backoff, and dead-letters after the last attempt. It runs beside
 //! chat delivery and never blocks it: a slow webhook only occupies one of the worker's slots.
+//!
+//! Targets are restricted to public addresses unless the operator allows more ([`target`]),
+//! checked at registration and again, on every resolved address, at send time. Every POST
+//! is signed: `X-Chat-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(key, "<t>." + body)>`
+//! (the key: `--push-signing-secret`, or one derived from the cluster secret, printed by
+//! `chatnode certs push-secret`). A receiver recomputes the HMAC over the timestamp, a dot
+//! and the raw body, compares in constant time, and refuses timestamps older than a few
+//! minutes. Logs name a target by scheme and host only.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,8 +26,17 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::PushConfig;
 use crate::domain::error::ApiError;
 use crate::ids::{now_unix_ms, IdGen};
+use crate::logging::RateLimitedLog;
 use crate::store::records::PushJob;
 use crate::store::Store;
+
+pub mod target;
+
+use target::{redacted, GuardedResolver};
+pub use target::{TargetError, TargetPolicy, MAX_TARGET_BYTES};
+
+/// The header that carries a notification's signature.
+pub const SIGNATURE_HEADER: &str = "x-chat-signature";
 
 /// Characters of the body a notification carries.
 pub const PREVIEW_CHARS: usize = 100;
@@ -27,8 +44,14 @@ pub const PREVIEW_CHARS: usize = 100;
 const MAX_CONCURRENT: usize = 16;
 /// Longest wait between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Longest accepted webhook URL.
-pub const MAX_TARGET_BYTES: usize = 2048;
+
+/// Why a POST did not succeed.
+enum Failure {
+    /// The target is not allowed (never retried).
+    Refused(TargetError),
+    /// Anything else (retried).
+    Other(String),
+}
 
 /// The JSON body POSTed to a webhook.
 #[derive(Serialize, Debug)]
@@ -49,36 +72,81 @@ pub struct Push {
     ids: Arc<IdGen>,
     cfg: PushConfig,
     http: reqwest::Client,
+    policy: Arc<TargetPolicy>,
+    signing: hmac::Hmac<sha2::Sha256>,
     wake: Notify,
+    /// Repeated failure warnings, rate limited.
+    warn_limit: RateLimitedLog,
 }
 
 /// Checks a webhook target before it is stored.
-pub fn validate_target(target: &str) -> Result<(), ApiError> {
-    let ok = target.len() <= MAX_TARGET_BYTES
-        && (target.starts_with("http://") || target.starts_with("https://"))
-        && reqwest::Url::parse(target).is_ok_and(|u| u.host().is_some());
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "target must be an http:// or https:// URL of at most {MAX_TARGET_BYTES} bytes"
-        )))
-    }
+pub fn validate_target(policy: &TargetPolicy, target: &str) -> Result<(), ApiError> {
+    policy
+        .check_url(target)
+        .map(drop)
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 over "<t>." and the body>`.
+pub fn signature(mac: &hmac::Hmac<sha2::Sha256>, unix_secs: u64, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = mac.clone();
+    mac.update(unix_secs.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={unix_secs},v1={hex}")
+}
+
+/// The default signing secret: derived from the cluster secret, so every node of a cluster
+/// signs with the same key (`chatnode certs push-secret` prints it). Like a
+/// `--push-signing-secret`, the HMAC key is this text's bytes.
+pub fn derive_signing_key(cluster_secret: &[u8]) -> String {
+    use hmac::Mac;
+    // HMAC accepts keys of any length.
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(cluster_secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(b"chatnode push signing v1");
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Push {
-    pub fn new(store: Store, ids: Arc<IdGen>, cfg: PushConfig) -> Self {
+    /// The push service; targets are checked against `policy` and POSTs signed with
+    /// `signing_key`.
+    pub fn new(
+        store: Store,
+        ids: Arc<IdGen>,
+        cfg: PushConfig,
+        policy: Arc<TargetPolicy>,
+        signing_key: &[u8],
+    ) -> Self {
+        use hmac::Mac;
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve (and reach) the target itself, past the policy.
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: policy.clone(),
+            }))
             .build()
             .unwrap_or_default();
+        let signing = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(signing_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         Push {
             store,
             ids,
             cfg,
             http,
+            policy,
+            signing,
             wake: Notify::new(),
+            warn_limit: RateLimitedLog::new(5, Duration::from_secs(10)),
         }
     }
 
@@ -180,6 +248,38 @@ impl Push {
         })
     }
 
+    /// Checks the target, then POSTs the signed body. Host names are checked as they are
+    /// resolved ([`GuardedResolver`]); IP literals, which are not resolved, here.
+    async fn post(&self, target: &str, body: &Notification<'_>) -> Result<(), Failure> {
+        let url = self.policy.check_url(target).map_err(Failure::Refused)?;
+        let bytes = serde_json::to_vec(body).map_err(|e| Failure::Other(e.to_string()))?;
+        let sig = signature(&self.signing, now_unix_ms() / 1000, &bytes);
+        let result = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(SIGNATURE_HEADER, sig)
+            .body(bytes)
+            .send()
+            .await;
+        match result {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(Failure::Other(format!("HTTP {}", r.status()))),
+            Err(e) => {
+                // The resolver's refusal is somewhere in the error's sources.
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                while let Some(s) = source {
+                    if let Some(refused) = s.downcast_ref::<TargetError>() {
+                        return Err(Failure::Refused(refused.clone()));
+                    }
+                    source = s.source();
+                }
+                // reqwest's error text includes the URL: keep the scheme and host only.
+                Err(Failure::Other(e.without_url().to_string()))
+            }
+        }
+    }
+
     /// Sends one job and records the outcome in the outbox.
     async fn deliver(&self, key: &[u8], mut job: PushJob) {
         let body = Notification {
@@ -191,11 +291,19 @@ impl Push {
             preview: job.preview.as_deref(),
             ts: job.ts,
         };
-        let result = self.http.post(&job.target).json(&body).send().await;
-        let failure = match result {
-            Ok(r) if r.status().is_success() => None,
-            Ok(r) => Some(format!("HTTP {}", r.status())),
-            Err(e) => Some(e.to_string()),
+        let host = redacted(&job.target);
+        let failure = match self.post(&job.target, &body).await {
+            Ok(()) => None,
+            Err(Failure::Refused(e)) => {
+                // Permanent until the operator's policy changes: no retries.
+                metrics::counter!("push_refused_total").increment(1);
+                if let Some(suppressed) = self.warn_limit.allow() {
+                    tracing::warn!(recipient = %job.recipient, target = %host, error = %e, suppressed, "push target refused");
+                }
+                job.attempts = self.cfg.max_attempts.saturating_sub(1);
+                Some(e.to_string())
+            }
+            Err(Failure::Other(why)) => Some(why),
         };
         let outcome = match failure {
             None => {
@@ -208,11 +316,13 @@ impl Push {
                 metrics::counter!("push_failures_total").increment(1);
                 if job.attempts >= self.cfg.max_attempts {
                     metrics::counter!("push_dead_letters_total").increment(1);
-                    tracing::warn!(recipient = %job.recipient, target = %job.target, attempts = job.attempts, %why, "push dead-lettered");
+                    if let Some(suppressed) = self.warn_limit.allow() {
+                        tracing::warn!(recipient = %job.recipient, target = %host, attempts = job.attempts, %why, suppressed, "push dead-lettered");
+                    }
                     self.store.finish_push(key, None).await
                 } else {
                     let due = now_unix_ms() + self.backoff(job.attempts - 1).as_millis() as u64;
-                    tracing::debug!(target = %job.target, attempts = job.attempts, %why, "push failed; will retry");
+                    tracing::debug!(target = %host, attempts = job.attempts, %why, "push failed; will retry");
                     self.store.finish_push(key, Some((&job, due))).await
                 }
             }

@@ -1,10 +1,12 @@
 //! The HTTP API of `docs/protocol.md` (`/v1/...`), health and metrics, and how an
-//! [`ApiError`] becomes an HTTP answer.
+//! [`ApiError`] becomes an HTTP answer. Every refusal of the API is the protocol's JSON
+//! error body, the router's own included (no route, wrong method, bad path or query string,
+//! a body that is not a JSON object).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +17,7 @@ use client_proto::http::{
     PatchMeRequest, PrivacyPatch, SignupRequest,
 };
 use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
-use client_proto::ErrorBody;
+use client_proto::{ErrorBody, ErrorCode};
 use serde::Deserialize;
 
 use crate::domain::auth::Identity;
@@ -60,23 +62,66 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            let body = ErrorBody::new(
+                ErrorCode::BadRequest,
+                "method not allowed on this route (see docs/protocol.md)",
+            );
+            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(node)
 }
 
-/// A JSON body whose rejections are protocol errors.
+/// A JSON object body ([`client_proto::http::decode_body`]) whose rejections are protocol
+/// errors.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => {
-                Err(ApiError::bad_request("send the body as application/json"))
-            }
-            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+        if !json {
+            return Err(ApiError::bad_request("send the body as application/json"));
         }
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        client_proto::http::decode_body(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
+/// Path parameters whose rejections are protocol errors.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// A query string whose rejections are protocol errors.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
     }
 }
 
@@ -98,16 +143,23 @@ impl FromRequestParts<Arc<Node>> for Caller {
 
 async fn signup(
     State(node): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Body(req): Body<SignupRequest>,
 ) -> Result<Response, ApiError> {
-    let p = node.accounts.signup(req).await?;
+    let p = node.accounts.signup(req, peer.ip()).await?;
     let body = serde_json::json!({"user_id": p.user_id, "username": p.username});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn login(State(node): AppState, Body(req): Body<LoginRequest>) -> Result<Response, ApiError> {
+/// The source address is the TCP peer's: behind a proxy every client shares the proxy's
+/// (see the README on `--login-*` and `--signups-per-ip-per-hour`).
+async fn login(
+    State(node): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Body(req): Body<LoginRequest>,
+) -> Result<Response, ApiError> {
     let recommended = node.recommended().await;
-    Ok(Json(node.accounts.login(req, recommended).await?).into_response())
+    Ok(Json(node.accounts.login(req, recommended, peer.ip()).await?).into_response())
 }
 
 async fn logout(State(node): AppState, Caller(who): Caller) -> Result<StatusCode, ApiError> {
@@ -149,10 +201,16 @@ async fn user_by_id(
     Ok(Json(node.accounts.profile(UserId(user)).await?).into_response())
 }
 
-/// Parses an id from a path segment.
+/// Parses an id from a path segment: canonical decimal digits only (docs/protocol.md 2.1),
+/// whatever type it is parsed into.
 fn path_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
-    s.parse()
-        .map_err(|_| ApiError::bad_request(format!("{what} must be a decimal id")))
+    let bad = || {
+        ApiError::bad_request(format!(
+            "{what} must be a decimal id (digits only, no sign or leading zeros)"
+        ))
+    };
+    client_proto::ids::parse_id(s).map_err(|_| bad())?;
+    s.parse().map_err(|_| bad())
 }
 
 #[derive(Deserialize)]
@@ -319,10 +377,32 @@ async fn history(
         .map(|l| l.parse::<u32>())
         .transpose()
         .map_err(|_| ApiError::bad_request("limit must be a number from 1 to 200"))?;
+    // The user's allowance of read reply bytes, shared with their sessions' `sync` and
+    // `history` (a page is up to the frame limit: without it one small request after another
+    // would make the node send hundreds of MB).
+    let allowance = node.limits.register(who.user, std::time::Instant::now());
+    if let Err(wait) = allowance.try_read_bytes(std::time::Instant::now()) {
+        metrics::counter!("gateway_rate_limited_total").increment(1);
+        let secs = wait.as_secs() + 1;
+        let body = ErrorBody::new(
+            ErrorCode::RateLimited,
+            format!("too many history and sync bytes; retry in {secs} s"),
+        );
+        return Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            Json(body),
+        )
+            .into_response());
+    }
     let page = node
         .chat
         .history(who.user, conversation, before, limit)
         .await?;
+    allowance.charge_read_bytes(
+        crate::gateway::session::reply_bytes(&page.messages),
+        std::time::Instant::now(),
+    );
     Ok(Json(HistoryPage {
         messages: page.messages,
         next_before: page.next_before,
@@ -363,6 +443,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody::new(self.code, self.message))).into_response()
+        let mut response = (status, Json(ErrorBody::new(self.code, self.message))).into_response();
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up.
+            let secs = after.as_millis().div_ceil(1000).max(1);
+            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
     }
 }

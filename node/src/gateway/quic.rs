@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use client_proto::codec::{length_prefix_codec, CloseCode, Codec, ALPN};
-use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_FRAME_BYTES};
+use client_proto::limits::MAX_FRAME_BYTES;
 use cluster::NodeTls;
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -122,7 +122,7 @@ pub fn spawn_accept(
 }
 
 async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
-    let auth_deadline = Duration::from_millis(AUTH_TIMEOUT_MS);
+    let auth_deadline = node.cfg.auth_timeout;
     let conn = match tokio::time::timeout(auth_deadline, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {

@@ -1,16 +1,22 @@
-//! The WebSocket transport: adapts an axum WebSocket to the session's frame stream and sink.
+//! The WebSocket transport: checks the upgrade (a WebSocket request, from an allowed
+//! `Origin`), then adapts an axum WebSocket to the session's frame stream and sink. A peer
+//! that breaks the WebSocket rules is told why with the close code RFC 6455 gives (1002,
+//! 1007, 1009) before the connection is dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
-use client_proto::codec::Codec;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use client_proto::codec::{CloseCode, Codec};
 use client_proto::limits::MAX_FRAME_BYTES;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite;
 
+use crate::domain::error::ApiError;
 use crate::gateway::session::{self, Inbound, OutFrame};
 use crate::node::Node;
 
@@ -27,8 +33,24 @@ const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    if let Err(why) = check_origin(&headers, &node.cfg.allowed_origins) {
+        metrics::counter!("gateway_origin_refused_total").increment(1);
+        tracing::debug!(%peer, why, "WebSocket origin refused");
+        return ApiError::forbidden(why).into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::bad_request(format!(
+                "this is the WebSocket endpoint; open it with a WebSocket upgrade ({})",
+                e.body_text()
+            ))
+            .into_response()
+        }
+    };
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
@@ -66,10 +88,119 @@ async fn serve(node: Arc<Node>, peer: SocketAddr, socket: WebSocket) {
     session::run(node, peer, reader, Box::pin(writer)).await;
 }
 
-/// Tells "frame over the size limit" (close 1009) apart from a broken connection.
+/// Tells a peer that broke the rules (a frame over the size limit: 1009; a text frame that
+/// is not UTF-8: 1007; any other protocol violation: 1002) apart from a broken connection.
 fn classify(e: axum::Error) -> Inbound {
-    match e.into_inner().downcast::<tungstenite::Error>() {
-        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => Inbound::TooLarge,
+    use tungstenite::error::ProtocolError;
+    let Ok(e) = e.into_inner().downcast::<tungstenite::Error>() else {
+        return Inbound::Closed;
+    };
+    match *e {
+        tungstenite::Error::Capacity(_) => Inbound::TooLarge,
+        tungstenite::Error::Utf8(_) => {
+            Inbound::Violation(CloseCode::InvalidData, "text frame is not UTF-8")
+        }
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            Inbound::Closed
+        }
+        tungstenite::Error::Protocol(ProtocolError::UnmaskedFrameFromClient) => {
+            Inbound::Violation(CloseCode::ProtocolError, "client frames must be masked")
+        }
+        tungstenite::Error::Protocol(
+            ProtocolError::UnknownDataFrameType(_) | ProtocolError::UnknownControlFrameType(_),
+        ) => Inbound::Violation(CloseCode::ProtocolError, "reserved opcode"),
+        tungstenite::Error::Protocol(_) => {
+            Inbound::Violation(CloseCode::ProtocolError, "WebSocket protocol error")
+        }
         _ => Inbound::Closed,
+    }
+}
+
+/// Whether a WebSocket request may come from its `Origin`: no `Origin` (a native client);
+/// the node's own origin (its host and port are the request's `Host`); or one of `allowed`
+/// (`*`: any). Browsers always send `Origin` on WebSocket requests, so this stops another
+/// site's page from using a visitor's token here.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin
+        .to_str()
+        .map_err(|_| "the Origin header is not ASCII".to_string())?;
+    let shown: String = origin.chars().take(100).collect();
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (authority, host) {
+        (Some(a), Some(h)) if !a.contains('/') && a.eq_ignore_ascii_case(h) => Ok(()),
+        _ => Err(format!(
+            "WebSocket connections from origin {shown:?} are not allowed (see --allowed-origins)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, host.parse().unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, o.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = Vec::new();
+        assert!(check_origin(&headers(None, "chat.example:8080"), &none).is_ok());
+        assert!(check_origin(
+            &headers(Some("http://chat.example:8080"), "chat.example:8080"),
+            &none
+        )
+        .is_ok());
+        assert!(check_origin(
+            &headers(Some("https://Chat.Example:8080"), "chat.example:8080"),
+            &none
+        )
+        .is_ok());
+        for bad in [
+            "http://evil.example",
+            "http://chat.example",
+            "null",
+            "http://chat.example:8080/x",
+            "ftp://chat.example:8080",
+        ] {
+            assert!(
+                check_origin(&headers(Some(bad), "chat.example:8080"), &none).is_err(),
+                "{bad}"
+            );
+        }
+        let some = vec!["https://app.example".to_string()];
+        assert!(check_origin(
+            &headers(Some("https://app.example"), "chat.example:8080"),
+            &some
+        )
+        .is_ok());
+        assert!(check_origin(
+            &headers(Some("http://app.example"), "chat.example:8080"),
+            &some
+        )
+        .is_err());
+        let any = vec!["*".to_string()];
+        assert!(check_origin(
+            &headers(Some("http://evil.example"), "chat.example:8080"),
+            &any
+        )
+        .is_ok());
     }
 }

@@ -28,7 +28,13 @@ use crate::domain::delivery::Forward;
 use crate::domain::friends::apply_friendship;
 use crate::domain::hub::Hub;
 use crate::domain::presence::Presence;
+use crate::logging::RateLimitedLog;
 use crate::store::SledReplica;
+
+/// Failed peer requests logged: 10 per 10 s (a down peer fails every one), the rest counted.
+static PEER_REQUEST_LOG: RateLimitedLog = RateLimitedLog::new(10, Duration::from_secs(10));
+/// Failed forwards logged: 10 per 10 s, the rest counted.
+static FORWARD_LOG: RateLimitedLog = RateLimitedLog::new(10, Duration::from_secs(10));
 
 /// Request kind: close a device's connections (logout).
 const KIND_CLOSE_DEVICE: u16 = 0x0201;
@@ -220,7 +226,7 @@ struct Inner {
     endpoint: PeerEndpoint,
     self_id: NodeId,
     /// One queue per peer, drained by that peer's forwarding task.
-    queues: parking_lot::Mutex<HashMap<NodeId, mpsc::Sender<Deliver>>>,
+    queues: parking_lot::Mutex<HashMap<NodeId, PeerQueue>>,
     /// Deliveries lost on the way to each peer, until the peer has been told.
     owed: parking_lot::Mutex<HashMap<NodeId, Owed>>,
     /// The forwarding tasks and one-off requests.
@@ -228,7 +234,28 @@ struct Inner {
     stop: CancellationToken,
 }
 
+/// A peer's forwarding task: its queue, and a wake-up for when it owes the peer a resync
+/// without a delivery to send.
+#[derive(Clone)]
+struct PeerQueue {
+    tx: mpsc::Sender<Deliver>,
+    kick: Arc<tokio::sync::Notify>,
+}
+
 impl Forwarder {
+    /// `node` came back (or restarted) in this node's view. While it was down here, this
+    /// node forwarded nothing to it (gossip listed none of its devices), and it may have
+    /// caught up its own devices before this node saw it again: so it is told to catch up
+    /// everyone once it answers, after everything this node stored meanwhile is durable.
+    pub(super) fn peer_back(&self, node: NodeId) {
+        let inner = &self.inner;
+        if node == inner.self_id {
+            return;
+        }
+        inner.owed.lock().insert(node, Owed::Everyone);
+        inner.peer_queue(node).kick.notify_one();
+    }
+
     pub(super) fn new(
         membership: Arc<Membership>,
         endpoint: PeerEndpoint,
@@ -311,13 +338,7 @@ impl Forward for Forwarder {
 impl Inner {
     /// Hands `delivery` to `node`'s forwarding task (started on first use).
     fn queue(self: &Arc<Self>, node: NodeId, delivery: Deliver) {
-        let tx = {
-            let mut queues = self.queues.lock();
-            queues
-                .entry(node)
-                .or_insert_with(|| self.spawn_peer_task(node))
-                .clone()
-        };
+        let tx = self.peer_queue(node).tx;
         match tx.try_send(delivery) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(lost)) => {
@@ -335,10 +356,21 @@ impl Inner {
         }
     }
 
+    /// `node`'s forwarding task, started on first use.
+    fn peer_queue(self: &Arc<Self>, node: NodeId) -> PeerQueue {
+        let mut queues = self.queues.lock();
+        queues
+            .entry(node)
+            .or_insert_with(|| self.spawn_peer_task(node))
+            .clone()
+    }
+
     /// The task that sends `node` its deliveries, in order, many per request, and tells it
     /// what was lost on the way.
-    fn spawn_peer_task(self: &Arc<Self>, node: NodeId) -> mpsc::Sender<Deliver> {
+    fn spawn_peer_task(self: &Arc<Self>, node: NodeId) -> PeerQueue {
         let (tx, mut rx) = mpsc::channel::<Deliver>(FORWARD_QUEUE);
+        let kick = Arc::new(tokio::sync::Notify::new());
+        let kicked = kick.clone();
         let this = self.clone();
         self.tasks.spawn(async move {
             let mut batch = Vec::with_capacity(FORWARD_BATCH);
@@ -354,6 +386,7 @@ impl Inner {
                         }
                     }
                     _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => {}
+                    _ = kicked.notified() => {}
                 }
                 // Requests stay well under the peer frame limit: at most about 1 MiB each.
                 while !batch.is_empty() {
@@ -389,7 +422,7 @@ impl Inner {
                 }
             }
         });
-        tx
+        PeerQueue { tx, kick }
     }
 
     /// Records that deliveries to `users` were lost on the way to `node`.
@@ -435,7 +468,9 @@ impl Inner {
             let request = Request { kind, body };
             if let Err(e) = this.endpoint.request(addr, &cert_name(node), request).await {
                 metrics::counter!("cluster_forward_failures_total").increment(1);
-                tracing::warn!(node, error = %e, "a request to a peer failed");
+                if let Some(suppressed) = PEER_REQUEST_LOG.allow() {
+                    tracing::warn!(node, error = %e, suppressed, "a request to a peer failed");
+                }
             }
         });
     }
@@ -462,7 +497,9 @@ impl Inner {
             }
             Err(e) => {
                 metrics::counter!("cluster_forward_failures_total").increment(sent);
-                tracing::warn!(node, messages = sent, error = %e, "forwarding to a peer failed; it will be told to catch up");
+                if let Some(suppressed) = FORWARD_LOG.allow() {
+                    tracing::warn!(node, messages = sent, error = %e, suppressed, "forwarding to a peer failed; it will be told to catch up");
+                }
                 false
             }
         }

@@ -23,6 +23,7 @@ use cluster::lifecycle::{
     member_changes, seeds_elsewhere, ClusterLifecycle, ClusterView, FileMarker, LifecycleConfig,
     LifecycleHandle,
 };
+use cluster::membership::auth::GossipHealth;
 use cluster::membership::Duplicate;
 use cluster::replication::{
     Coordinator, CoordinatorConfig, PeerReplicaClient, PullPlan, ReplicaService, RpcReplicaClient,
@@ -50,6 +51,9 @@ use forward::Handler;
 /// How long a seeded node listens to gossip for another live node with its id before it
 /// serves (a few gossip rounds).
 const DUPLICATE_CHECK: Duration = Duration::from_millis(1500);
+/// How long a seeded node waits, after the duplicate check, for its first verified gossip
+/// datagram or a refusal before it serves.
+const SECRET_CHECK: Duration = Duration::from_millis(1500);
 /// How often this node's load goes into gossip.
 const LOAD_EVERY: Duration = Duration::from_secs(1);
 /// How often the pause detector looks at the clock.
@@ -157,6 +161,11 @@ impl Mesh {
                     cfg.node_id
                 );
             }
+            if seeds_elsewhere(&cfg.seeds, cfg.gossip_addr, gossip_advertise) {
+                if let Some(health) = membership.gossip_health() {
+                    check_secret(&health, SECRET_CHECK).await?;
+                }
+            }
         }
         let membership = Arc::new(membership);
         let plan = PullPlan::new(
@@ -229,6 +238,10 @@ impl Mesh {
     /// - this node was paused or starved (a stopped process misses forwards, and peers give
     ///   up on it).
     ///
+    /// And it tells a peer that comes back in its view to catch up everyone
+    /// ([`Forwarder::peer_back`]): the two sides see each other again at different moments,
+    /// and what this node stored in between was forwarded nowhere.
+    ///
     /// (Forwards that fail while both sides are up are reported by the sender: `forward.rs`.)
     fn spawn_catch_up_triggers(self: &Arc<Self>, hub: Hub, mut view: watch::Receiver<ClusterView>) {
         let this = self.clone();
@@ -241,10 +254,18 @@ impl Mesh {
                     changed = view.changed() => if changed.is_err() { break },
                 }
                 let now = view.borrow_and_update().members.clone();
-                let moved: Vec<String> = member_changes(&last, &now)
+                let changes: Vec<_> = member_changes(&last, &now)
                     .into_iter()
                     .filter(|c| c.node != this.self_id)
                     .filter(|c| c.was_live != c.now_live || c.generation_changed)
+                    .collect();
+                for c in &changes {
+                    if c.now_live {
+                        this.forwarder.peer_back(c.node);
+                    }
+                }
+                let moved: Vec<String> = changes
+                    .into_iter()
                     .map(|c| match (c.now_live, c.generation_changed) {
                         (_, true) => format!("node {} restarted", c.node),
                         (true, false) => format!("node {} is back", c.node),
@@ -380,6 +401,33 @@ impl Mesh {
 }
 
 /// Waits (at most `within`) for gossip to report another live node with this node's id.
+/// Refuses to serve when the seeds refused this node's gossip and none was verified: the
+/// node holds another cluster secret than its seeds, and serving would form a cluster of
+/// its own. Seeds that are down (nothing heard at all) do not stop it.
+async fn check_secret(health: &GossipHealth, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while health.verified() == 0
+        && health.refused_by_peers() == 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if health.verified() == 0 && health.refused_by_peers() > 0 {
+        let peer = health
+            .last_refuser()
+            .map_or_else(|| "the seeds".to_string(), |a| a.to_string());
+        tracing::error!(%peer, "the seeds refuse this node's gossip: its cluster secret is not theirs");
+        anyhow::bail!(
+            "the seed {peer} refuses this node's gossip: this node's cluster secret differs from the cluster's; \
+             give it the cluster dir (secret, CA and a node certificate) of the cluster it should join (--cluster-dir)"
+        );
+    }
+    if health.verified() == 0 {
+        tracing::warn!("no seed answered gossip yet; serving alone until one does");
+    }
+    Ok(())
+}
+
 async fn wait_for_duplicate(membership: &Membership, within: Duration) -> Option<Duplicate> {
     let mut watch = membership.watch_members();
     let deadline = tokio::time::Instant::now() + within;

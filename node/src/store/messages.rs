@@ -38,9 +38,10 @@ pub struct HistoryPage {
     pub next_before: Option<MessageId>,
 }
 
-/// Rough encoded size of a message, for keeping frames under the protocol limit.
+/// A bound on a message's encoded size in any frame (JSON escaping at its worst), for
+/// keeping `sync_batch` and `history` frames under the protocol's frame limit.
 fn weight(m: &Message) -> usize {
-    m.body.len() + m.client_id.len() + 200
+    client_proto::limits::message_weight(m.body.len(), m.client_id.len())
 }
 
 /// Gathers messages up to a count and a byte budget; always takes the first one, so a

@@ -267,6 +267,23 @@ const CAS_ATTEMPTS: u64 = 5;
 /// Live records fetched per page of a scan.
 const SCAN_PAGE: usize = 128;
 
+/// Makes `dir` and everything in it private to this user (directories 0700, files 0600)
+/// whatever the umask: the store holds password hashes and every message body. sled creates
+/// files with the process umask; files it makes later are inside the 0700 directory.
+pub fn restrict_permissions(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        for entry in std::fs::read_dir(dir)? {
+            restrict_permissions(&entry?.path())?;
+        }
+    } else if meta.is_file() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir` with this node's id generator (`node_id`). The
     /// returned task is the group-commit flusher; it ends once every clone of the store is
@@ -278,6 +295,7 @@ impl Store {
             // Durability comes from our own group-committed flushes.
             .flush_every_ms(None)
             .open()?;
+        restrict_permissions(dir).map_err(|e| StoreError::Engine(sled::Error::Io(e)))?;
         let trees = TABLES
             .iter()
             .map(|t| db.open_tree(t.tree_name()))

@@ -120,6 +120,8 @@ impl ChaosCluster {
             flag("--advertise-host", ip.to_string());
             flag("--seed", seed.to_string());
             flag("--replication-factor", REPLICATION_FACTOR.to_string());
+            // The workload signs its users up from a few loopback addresses.
+            flag("--signups-per-ip-per-hour", "0".into());
             let log = std::env::var("CHAOS_NODE_LOG").unwrap_or_else(|_| "info".into());
             flag("--log", log);
             let clock_file = clock_files.then(|| node_dir.join("clock-offset"));

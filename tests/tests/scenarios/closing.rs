@@ -39,7 +39,7 @@ async fn send_frame_at_the_limit(conn: &mut Connection, t: Transport) {
             let mut body = r#"{"type":"heartbeat","pad":""#.to_string();
             body.push_str(&"p".repeat(MAX_FRAME_BYTES - body.len() - 2));
             body.push_str("\"}");
-            assert_eq!(body.len(), 131_072);
+            assert_eq!(body.len(), MAX_FRAME_BYTES);
             conn.send_raw(WsMessage::Text(body.into())).await.unwrap();
         }
         Transport::WsBinary | Transport::Quic => {

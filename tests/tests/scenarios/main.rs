@@ -44,6 +44,7 @@ mod bad_input;
 mod closing;
 mod cursor;
 mod delivery;
+mod escaping;
 mod groups;
 mod history;
 mod rate_limit;

@@ -7,8 +7,11 @@
 //! - [`group`]: groups whose members are all connected; fan-out to the last member.
 //! - [`presence`]: friends watching each other connect and disconnect.
 //! - [`connections`]: many idle heartbeating connections; the node's memory per connection.
+//! - [`attack`]: the unauthenticated attacks of issue 13 (login flood, idle and slowloris
+//!   connections) while a victim logs in and sends every second.
 //! - [`relay`]: the in-process minimal relay that `relay-baseline` and `--baseline` measure.
 
+pub mod attack;
 pub mod conn;
 pub mod connections;
 pub mod direct;
@@ -52,6 +55,10 @@ pub enum Scenario {
     Connections(connections::ConnectionsArgs),
     /// The `direct` traffic against an in-process minimal WebSocket relay.
     RelayBaseline(direct::DirectArgs),
+    /// Rounds of concurrent wrong logins while a victim logs in and sends every second.
+    AttackLogin(attack::AttackLoginArgs),
+    /// Idle and slowloris connections while a victim logs in and sends every second.
+    AttackIdle(attack::AttackIdleArgs),
 }
 
 /// Where the load goes, shared by every scenario.
@@ -156,6 +163,8 @@ async fn run_scenario(scenario: Scenario) -> Result<Outcome> {
         Scenario::Group(a) => group::run(a).await,
         Scenario::Presence(a) => presence::run(a).await,
         Scenario::Connections(a) => connections::run(a).await,
+        Scenario::AttackLogin(a) => attack::run_login(a).await,
+        Scenario::AttackIdle(a) => attack::run_idle(a).await,
     }
 }
 

@@ -145,7 +145,7 @@ pub(super) async fn pair_task(
                         report::record(&mut st.ack, since(plan.t0, now, sent));
                         Counters::add(&counters.acked, 1);
                     }
-                    Some(ServerFrame::Error { code, message, reference: Some(reference) })
+                    Some(ServerFrame::Error { code, message, reference: Some(reference), .. })
                         if parse_id(&reference).is_some_and(|(step, ..)| step == plan.step) =>
                     {
                         in_flight = in_flight.saturating_sub(1);

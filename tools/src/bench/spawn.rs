@@ -75,6 +75,10 @@ impl SpawnedNode {
                 "--rate-limit-burst",
                 "1000000",
             ])
+            // Every bench client comes from loopback: no per-address limits on signups and
+            // connections. Environment, not flags, so that `--node-arg` flags win.
+            .env("CHATNODE_SIGNUPS_PER_IP_PER_HOUR", "0")
+            .env("CHATNODE_MAX_CONNECTIONS_PER_IP", "1000000")
             .args(["--log", "warn,chatnode::ready=info"])
             .args(&self.extra)
             .stdin(Stdio::null())

@@ -176,6 +176,10 @@ impl Session {
                 (false, _, _) => None,
             };
             first = false;
+            self.limit.charge_read_bytes(
+                super::reply_bytes(&page.messages),
+                std::time::Instant::now(),
+            );
             let done = !page.more;
             let cursor = cursor_after(after, page.last, seal, done);
             if page.last.is_some() {

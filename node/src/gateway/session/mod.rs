@@ -1,5 +1,5 @@
 //! One device session, whatever the transport: authentication, the frame loop, heartbeat
-//! timeout, rate limit, the inbox (`sync` and the node's own catch-ups, `catchup.rs`) and
+//! timeout, token expiry, the user's rate limits (`ratelimit.rs`), the inbox (`sync` and the node's own catch-ups, `catchup.rs`) and
 //! the writer (`writer.rs`). WebSocket and QUIC only adapt their socket to a stream of
 //! [`Inbound`] and a sink of [`OutFrame`].
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client_proto::codec::{self, CloseCode, Codec, DecodeError};
-use client_proto::limits::{AUTH_TIMEOUT_MS, MAX_SUBSCRIBE_USERS};
+use client_proto::limits::MAX_SUBSCRIBE_USERS;
 use client_proto::{ClientFrame, ErrorCode, MessageId, ServerFrame};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -24,7 +24,7 @@ use crate::domain::auth::Identity;
 use crate::domain::error::ApiError;
 use crate::domain::hub::{Outbound, OUTBOUND_QUEUE};
 use crate::domain::presence::MAX_WATCHED_PER_CONNECTION;
-use crate::gateway::ratelimit::TokenBucket;
+use crate::gateway::ratelimit::UserLimit;
 use crate::node::Node;
 use catchup::CatchUp;
 
@@ -38,6 +38,9 @@ pub enum Inbound {
     Data(Codec, bytes::Bytes),
     /// The peer sent a frame over the protocol's size limit.
     TooLarge,
+    /// The peer broke the transport's rules (WebSocket: invalid UTF-8 in a text frame, a
+    /// reserved opcode, an unmasked frame): close with this code and reason.
+    Violation(CloseCode, &'static str),
     /// The peer closed or the transport failed.
     Closed,
 }
@@ -61,7 +64,8 @@ where
         // The rarely taken, deep paths below are boxed: an idle connection's task then holds
         // only the state of the loops it waits in, not the largest of every future it might
         // ever await (the state machine reserves room for that), which is per-connection memory.
-        let Some((who, codec)) = Box::pin(authenticate(&node, &mut reader, &mut writer)).await
+        let Some((who, codec, expires_at)) =
+            Box::pin(authenticate(&node, &mut reader, &mut writer)).await
         else {
             return;
         };
@@ -100,11 +104,8 @@ where
             who,
             conn_id,
             kick: kick.clone(),
-            bucket: TokenBucket::new(
-                node.cfg.rate_limit_per_sec,
-                node.cfg.rate_limit_burst,
-                Instant::now(),
-            ),
+            limit: node.limits.register(who.user, Instant::now()),
+            expires_at,
             out: tx,
             catch_up: CatchUp::new(node.chat.clock_now(), node.cfg.seal_window),
             seen: None,
@@ -126,24 +127,27 @@ where
     .await
 }
 
-/// Waits for the `auth` frame. On failure tells the client why and closes (1008).
+/// Waits for the `auth` frame. On failure tells the client why and closes (1008). Returns
+/// who it is, the codec, and when the token expires (an instant of this process's clock).
 async fn authenticate<R, W>(
     node: &Node,
     reader: &mut R,
     writer: &mut W,
-) -> Option<(Identity, Codec)>
+) -> Option<(Identity, Codec, tokio::time::Instant)>
 where
     R: Stream<Item = Inbound> + Unpin,
     W: Sink<OutFrame> + Unpin,
 {
-    let first = tokio::time::timeout(Duration::from_millis(AUTH_TIMEOUT_MS), reader.next()).await;
+    // Pings do not count: the transports filter them out of `reader`.
+    let budget = node.cfg.auth_timeout;
+    let first = tokio::time::timeout(budget, reader.next()).await;
 
     let (codec, bytes) = match first {
         Err(_) => {
             let _ = writer
                 .send(OutFrame::Close(
                     CloseCode::PolicyViolation.code(),
-                    "authenticate within 10 s".into(),
+                    format!("authenticate within {} ms", budget.as_millis()),
                 ))
                 .await;
             return None;
@@ -158,10 +162,22 @@ where
                 .await;
             return None;
         }
+        Ok(Some(Inbound::Violation(code, reason))) => {
+            let _ = writer
+                .send(OutFrame::Close(code.code(), reason.into()))
+                .await;
+            return None;
+        }
         Ok(Some(Inbound::Closed)) | Ok(None) => return None,
     };
     let result = match codec::decode::<ClientFrame>(codec, &bytes) {
-        Ok(ClientFrame::Auth { token }) => node.accounts.authenticate(&token).await,
+        Ok(ClientFrame::Auth { token }) => match node.accounts.authenticate(&token).await {
+            Ok(who) => match node.accounts.token_expires_at(&token) {
+                Some(at) => Ok((who, expiry_instant(at))),
+                None => Err(ApiError::unauthorized("the token expired")),
+            },
+            Err(e) => Err(e),
+        },
         Ok(other) => Err(ApiError::unauthorized(format!(
             "the first frame must be auth, not {}",
             other.kind()
@@ -169,7 +185,7 @@ where
         Err(e) => Err(ApiError::new(ErrorCode::InvalidFrame, e.to_string())),
     };
     match result {
-        Ok(who) => Some((who, codec)),
+        Ok((who, expires)) => Some((who, codec, expires)),
         Err(e) => {
             tracing::debug!(error = %e, "authentication refused");
             let frame = ServerFrame::error(e.code, e.message, None);
@@ -187,12 +203,25 @@ where
     }
 }
 
+/// The instant of this process's clock at Unix time `unix_ms`.
+fn expiry_instant(unix_ms: u64) -> tokio::time::Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    // At most a year ahead (a far deadline that cannot overflow the clock).
+    let left = unix_ms.saturating_sub(now_ms).min(365 * 86_400_000);
+    tokio::time::Instant::now() + Duration::from_millis(left)
+}
+
 struct Session {
     node: Arc<Node>,
     who: Identity,
     conn_id: u64,
     kick: CancellationToken,
-    bucket: TokenBucket,
+    /// The user's rate limits on this node, shared with their other connections.
+    limit: UserLimit,
+    /// When the token this session authenticated with expires: the session ends then.
+    expires_at: tokio::time::Instant,
     out: mpsc::Sender<Outbound>,
     /// Where the connection is in its inbox, and when it next catches up.
     catch_up: CatchUp,
@@ -218,6 +247,12 @@ impl Session {
                     Box::pin(self.run_catch_up()).await;
                 }
                 _ = asked.notified() => self.catch_up.ask(),
+                _ = tokio::time::sleep_until(self.expires_at) => {
+                    tracing::info!("token expired; closing the session");
+                    metrics::counter!("gateway_token_expired_total").increment(1);
+                    self.emit(Outbound::close(CloseCode::PolicyViolation.code(), "token expired")).await;
+                    break;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::info!("no heartbeat within {timeout:?}; dropping the device");
                     self.emit(Outbound::close(CloseCode::GoingAway.code(), "heartbeat timeout")).await;
@@ -229,6 +264,11 @@ impl Session {
                         None | Some(Inbound::Closed) => break,
                         Some(Inbound::TooLarge) => {
                             self.emit(Outbound::close(CloseCode::TooBig.code(), "frame too large")).await;
+                            break;
+                        }
+                        Some(Inbound::Violation(code, reason)) => {
+                            tracing::debug!(reason, "transport protocol violation");
+                            self.emit(Outbound::close(code.code(), reason)).await;
                             break;
                         }
                         Some(Inbound::Data(codec, bytes)) => {
@@ -263,6 +303,15 @@ impl Session {
         let _ = self.out.send(out).await; // fails only when the writer has gone
     }
 
+    /// Refuses a request over the user's rate limit, saying when to retry.
+    async fn rate_limited(&self, what: &str, wait: Duration, reference: Option<String>) {
+        metrics::counter!("gateway_rate_limited_total").increment(1);
+        let ms = (wait.as_millis() as u64).max(1);
+        let frame =
+            ServerFrame::rate_limited(format!("too many {what}; retry in {ms} ms"), reference, ms);
+        self.emit(Outbound::Frame(Box::new(frame))).await;
+    }
+
     async fn error(&self, e: ApiError, reference: Option<String>) {
         self.emit(Outbound::Frame(Box::new(ServerFrame::error(
             e.code, e.message, reference,
@@ -278,13 +327,8 @@ impl Session {
                     self.error(e, Some(id)).await;
                     return None;
                 }
-                if !self.bucket.try_take(Instant::now()) {
-                    metrics::counter!("gateway_rate_limited_total").increment(1);
-                    self.error(
-                        ApiError::new(ErrorCode::RateLimited, "too many sends; slow down"),
-                        Some(id),
-                    )
-                    .await;
+                if let Err(wait) = self.limit.try_send(Instant::now()) {
+                    self.rate_limited("sends", wait, Some(id)).await;
                     return None;
                 }
                 let node = self.node.clone();
@@ -312,6 +356,11 @@ impl Session {
                 ))
             }
             ClientFrame::Sync { after, limit } => {
+                if let Err(wait) = self.limit.try_read(Instant::now()) {
+                    self.rate_limited("sync and history requests", wait, None)
+                        .await;
+                    return None;
+                }
                 Box::pin(self.sync(after, limit)).await;
                 None
             }
@@ -325,17 +374,26 @@ impl Session {
                 before,
                 limit,
             } => {
+                if let Err(wait) = self.limit.try_read(Instant::now()) {
+                    self.rate_limited("sync and history requests", wait, None)
+                        .await;
+                    return None;
+                }
                 let frame = match self
                     .node
                     .chat
                     .history(self.who.user, conversation, before, limit)
                     .await
                 {
-                    Ok(page) => ServerFrame::History {
-                        conversation,
-                        messages: page.messages,
-                        next_before: page.next_before,
-                    },
+                    Ok(page) => {
+                        self.limit
+                            .charge_read_bytes(reply_bytes(&page.messages), Instant::now());
+                        ServerFrame::History {
+                            conversation,
+                            messages: page.messages,
+                            next_before: page.next_before,
+                        }
+                    }
                     Err(e) => ServerFrame::error(e.code, e.message, None),
                 };
                 self.emit(Outbound::Frame(Box::new(frame))).await;
@@ -397,4 +455,12 @@ impl Session {
             }
         }
     }
+}
+
+/// Roughly what `messages` take in a reply, for the user's read-bytes allowance.
+pub(crate) fn reply_bytes(messages: &[client_proto::Message]) -> usize {
+    messages
+        .iter()
+        .map(|m| m.body.len() + m.client_id.len() + 100)
+        .sum()
 }

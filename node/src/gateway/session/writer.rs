@@ -134,9 +134,14 @@ pub(super) async fn write_loop<W>(
                 return;
             }
         };
-        if writer.send(OutFrame::Data(codec, data)).await.is_err() {
-            kick.cancel();
-            return;
+        // A reader that stopped reading blocks the write: a kick must still end the session
+        // (it used to stay registered, and every delivery to it logged a warning).
+        tokio::select! {
+            sent = writer.send(OutFrame::Data(codec, data)) => if sent.is_err() {
+                kick.cancel();
+                return;
+            },
+            _ = kick.cancelled() => return,
         }
     }
 }
