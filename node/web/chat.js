@@ -61,6 +61,7 @@ export class Chat extends EventTarget {
   }
 
   stop() {
+    clearTimeout(this.resyncTimer);
     for (const t of this.retryTimers.values()) clearTimeout(t);
     this.conn.stop();
   }
@@ -109,11 +110,22 @@ export class Chat extends EventTarget {
         break;
       case "error":
         if (f.ref) await this.sendFailed(f);
+        else if (this.syncing && RETRY_CODES.has(f.code)) this.resyncLater(f.retry_after_ms);
         else this.emit("notice", { text: errorWords(f.code, f.message) });
         break;
       default:
         break; // frames this page does not know are ignored (protocol section 1)
     }
+  }
+
+  /** A refused or broken `sync`: ask again from the stored cursor after a pause. */
+  resyncLater(retryAfterMs) {
+    const wait = (Number(retryAfterMs) || 1000) + Math.random() * 1000;
+    clearTimeout(this.resyncTimer);
+    this.resyncTimer = setTimeout(() => {
+      this.lastSync = { after: this.cursor, count: 0 };
+      this.conn.send({ type: "sync", after: this.cursor });
+    }, wait);
   }
 
   async saveCursor(cursor) {
@@ -242,7 +254,8 @@ export class Chat extends EventTarget {
     if (RETRY_CODES.has(f.code)) {
       this.emit("retrying", { clientId: f.ref, text: errorWords(f.code) });
       this.clearRetry(f.ref);
-      const wait = 200 + Math.random() * 800;
+      // The server says how long to wait for rate_limited; else 200 to 1,000 ms.
+      const wait = (Number(f.retry_after_ms) || 200) + Math.random() * 800;
       this.retryTimers.set(
         f.ref,
         setTimeout(() => {

@@ -122,7 +122,7 @@ export class Connection {
       this.ready = false;
       clearInterval(this.heartbeatTimer);
       if (this.stopped) return;
-      if (authRefused || (ev.code === 1008 && ev.reason === "logged out")) {
+      if (authRefused || (ev.code === 1008 && (ev.reason === "logged out" || ev.reason === "token expired"))) {
         this.stop();
         this.handlers.loggedOut(ev.reason || "unauthorized");
         return;

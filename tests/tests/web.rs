@@ -529,9 +529,9 @@ async fn user_id(node: &TestNode, token: &str, name: &str) -> String {
     v["user_id"].as_str().unwrap().to_string()
 }
 
-/// Must-show 5, second half (needs the node's `Origin` check, `--allowed-origins`): a
-/// WebSocket upgrade from a foreign origin is refused with 403, one from the node's own
-/// origin (the page's) and one without `Origin` (native clients) are not.
+/// Must-show 5, second half: a WebSocket upgrade from a foreign origin is refused with 403;
+/// one from the node's own origin (the page's) and one without `Origin` (native clients) are
+/// not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_5_foreign_origin_websocket_is_refused() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -753,12 +753,9 @@ async fn web_4_failover_to_another_node() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().await;
-    // The page comes from node 0 and moves to another member: those members must accept its
-    // origin (`--allowed-origins`; unknown to a node without the Origin check, so given in
-    // the environment, which such a node ignores).
-    std::env::set_var("CHATNODE_ALLOWED_ORIGINS", "*");
-    let mut cluster = TestCluster::start(3, &[]).await;
-    std::env::remove_var("CHATNODE_ALLOWED_ORIGINS");
+    // The page comes from node 0 and moves to another member, which must accept node 0's
+    // origin (README, "Web client": list the members' origins, or serve them behind one).
+    let mut cluster = TestCluster::start(3, &["--allowed-origins", "*"]).await;
     let base = cluster.nodes[0].http.clone();
     let bob = cluster.nodes[1].user("bob").await;
     let driver = Driver::start().await;
