@@ -127,6 +127,33 @@ struct Page {
     _profile: tempfile::TempDir,
 }
 
+impl Drop for Page {
+    /// The WebDriver session is not ended on a failed test, and chromedriver leaves its
+    /// browsers running when it is killed: stop the Chromium processes of this page's own
+    /// profile (found by their `--user-data-dir`, which no other process uses).
+    fn drop(&mut self) {
+        let flag = format!("--user-data-dir={}", self._profile.path().display());
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if cmdline.split(|&b| b == 0).any(|arg| arg == flag.as_bytes()) {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+    }
+}
+
 impl Page {
     async fn open(&self, base: &str) {
         self.c.goto(&format!("{base}/")).await.unwrap();
