@@ -136,6 +136,7 @@ async function startSession(s) {
     document.body.dataset.synced = String(Number(document.body.dataset.synced || 0) + 1);
   });
   chat.addEventListener("ready", () => {
+    document.body.dataset.connects = String(Number(document.body.dataset.connects || 0) + 1);
     refresh();
     // Presence subscriptions live as long as a connection: renew the open group's.
     if (paging.conversation?.startsWith("g:")) loadGroup(paging.conversation.slice(2));

@@ -608,6 +608,16 @@ async fn web_2_closed_tab_goes_offline_and_comes_back() {
     bob.sign_in(&node.http, "bob", true).await;
     befriend(&alice, "alice", &bob, "bob").await;
     alice.chat_with("bob").await;
+    // Quiet for longer than the heartbeat timeout: the pages' heartbeats keep them connected.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for p in [&alice, &bob] {
+        assert_eq!(
+            p.js("return document.body.dataset.connects;").await,
+            json!("1"),
+            "{}",
+            p.who
+        );
+    }
     alice.send("one").await;
     bob.open_conversation("alice").await;
     bob.wait_body("one").await;
