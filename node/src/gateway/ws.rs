@@ -37,9 +37,14 @@ pub async fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Err(why) = check_origin(&headers, &node.cfg.allowed_origins) {
-        metrics::counter!("gateway_origin_refused_total").increment(1);
-        tracing::debug!(%peer, why, "WebSocket origin refused");
-        return ApiError::forbidden(why).into_response();
+        // A page served by another member of the cluster (the web client moving to this node
+        // when its own is gone) is as much ours as a page served here.
+        let members: Vec<String> = node.members().await.into_iter().map(|m| m.ws_url).collect();
+        if !from_a_member(&headers, &members) {
+            metrics::counter!("gateway_origin_refused_total").increment(1);
+            tracing::debug!(%peer, why, "WebSocket origin refused");
+            return ApiError::forbidden(why).into_response();
+        }
     }
     let ws = match ws {
         Ok(ws) => ws,
@@ -116,6 +121,26 @@ fn classify(e: axum::Error) -> Inbound {
     }
 }
 
+/// Whether the request's `Origin` is a cluster member's HTTP origin (`ws_urls` are the
+/// members' WebSocket URLs, `ws://host:port/v1/ws`).
+fn from_a_member(headers: &HeaderMap, ws_urls: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return false;
+    };
+    let Some(authority) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    ws_urls.iter().any(|url| {
+        url.strip_prefix("ws://")
+            .or_else(|| url.strip_prefix("wss://"))
+            .and_then(|rest| rest.split('/').next())
+            .is_some_and(|member| member.eq_ignore_ascii_case(authority))
+    })
+}
+
 /// Whether a WebSocket request may come from its `Origin`: no `Origin` (a native client);
 /// the node's own origin (its host and port are the request's `Host`); or one of `allowed`
 /// (`*`: any). Browsers always send `Origin` on WebSocket requests, so this stops another
@@ -157,6 +182,21 @@ mod tests {
             h.insert(header::ORIGIN, o.parse().unwrap());
         }
         h
+    }
+
+    #[test]
+    fn origins_of_members() {
+        let members = vec![
+            "ws://127.0.0.1:9001/v1/ws".to_string(),
+            "wss://chat-2.example:443/v1/ws".to_string(),
+        ];
+        let h = |o: &str| headers(Some(o), "127.0.0.1:9000");
+        assert!(from_a_member(&h("http://127.0.0.1:9001"), &members));
+        assert!(from_a_member(&h("https://CHAT-2.example:443"), &members));
+        assert!(!from_a_member(&h("http://127.0.0.1:9002"), &members));
+        assert!(!from_a_member(&h("http://evil.example"), &members));
+        assert!(!from_a_member(&h("null"), &members));
+        assert!(!from_a_member(&headers(None, "x"), &members));
     }
 
     #[test]
