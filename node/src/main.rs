@@ -47,6 +47,7 @@ enum CertsCommand {
     /// Print (hex) the key that signs webhook POSTs by default, derived from the cluster
     /// secret, for receivers to verify `X-Chat-Signature` with (see the README).
     PushSecret {
+        /// The cluster dir whose `secret` the webhook signing key is derived from.
         #[arg(long)]
         cluster_dir: std::path::PathBuf,
     },
