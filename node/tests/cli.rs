@@ -88,7 +88,16 @@ fn start(data: &std::path::Path) -> (std::process::Child, String) {
 #[test]
 fn a_taken_port_or_data_dir_is_refused_and_sigterm_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, addr) = start(&dir.path().join("a"));
+    let (first, addr) = start(&dir.path().join("a"));
+    // Killed if an assertion below fails first, so it never outlives the test.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut first = KillOnDrop(first);
 
     let (code, text) = run_to_end(
         chatnode()
@@ -98,9 +107,23 @@ fn a_taken_port_or_data_dir_is_refused_and_sigterm_stops_cleanly() {
     assert_ne!(code, 0);
     assert!(text.contains(&format!("cannot listen on {addr}")), "{text}");
 
+    // Other ports than the first node's (every address is checked before the data dir).
+    let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let (code, text) = run_to_end(
         chatnode()
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--quic-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--peer-addr", "127.0.0.1:0", "--gossip-addr", &gossip])
+            .arg("--data-dir")
             .arg(dir.path().join("a")),
     );
     assert_ne!(code, 0);
@@ -111,12 +134,12 @@ fn a_taken_port_or_data_dir_is_refused_and_sigterm_stops_cleanly() {
 
     Command::new("kill")
         .arg("-TERM")
-        .arg(first.id().to_string())
+        .arg(first.0.id().to_string())
         .status()
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(status) = first.try_wait().unwrap() {
+        if let Some(status) = first.0.try_wait().unwrap() {
             assert!(status.success(), "{status:?}");
             break;
         }
