@@ -326,7 +326,7 @@ fn fuzz_chitchat_datagrams() {
 /// Writes the seed corpus from real encodings. Not a test: run it with `--ignored` after a
 /// wire format changed, and commit the files.
 #[test]
-#[ignore]
+#[ignore = "rewrites the committed seed corpus; run after a wire format change"]
 fn write_seed_corpus() {
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let dir = corpus_dir(target);
