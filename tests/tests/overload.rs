@@ -186,13 +186,21 @@ async fn idle_sockets_past_the_per_ip_cap_are_refused() {
     ]);
     let alice = node.user("alice").await;
     let addr = http_addr(&node);
+    // The attacker has an address of its own: the harness's pooled connections from
+    // 127.0.0.1 (closing when they like) must not take or free slots under the test.
+    let attacker: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let connect = || async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(attacker, 0)).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
     let mut held = Vec::new();
     for _ in 0..40 {
-        held.push(TcpStream::connect(addr).await.unwrap());
+        held.push(connect().await);
     }
     // The 41st to 100th: answered and closed by the node.
     for n in 41..=100 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = connect().await;
         let mut buf = Vec::new();
         let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "connection {n} past the cap was not closed");
@@ -228,11 +236,17 @@ async fn idle_sockets_past_the_per_ip_cap_are_refused() {
             .unwrap();
         assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
     }
-    // Their slots came back: 127.0.0.1 is served again.
+    // Their slots came back: the attacker's address is served again.
+    let again = reqwest::Client::builder()
+        .local_address(Some(attacker))
+        .build()
+        .unwrap();
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while reqwest::get(format!("{}/healthz", node.http))
+    while !again
+        .get(format!("{}/healthz", node.http))
+        .send()
         .await
-        .is_err()
+        .is_ok_and(|r| r.status().is_success())
     {
         assert!(
             tokio::time::Instant::now() < deadline,
