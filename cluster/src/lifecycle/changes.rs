@@ -85,6 +85,8 @@ mod tests {
             load: 0,
             pending: Vec::new(),
             pending_version: 0,
+            removals: Default::default(),
+            moved: Vec::new(),
         }
     }
 

@@ -22,6 +22,8 @@ fn member(node: NodeId, generation: u64, state: Lifecycle, live: bool) -> Member
         load: 0,
         pending: Vec::new(),
         pending_version: 0,
+        removals: Default::default(),
+        moved: Vec::new(),
     }
 }
 

@@ -21,6 +21,11 @@ pub(crate) mod keys {
     /// The joining nodes this node's coordinator treats as pending, comma-separated ids,
     /// published once no operation of its older view still runs (the join barrier).
     pub const PENDING: &str = "pending";
+    /// The removal map this node knows ([`super::super::removals::Removals`], merged).
+    pub const REMOVALS: &str = "removals";
+    /// The outgoing nodes this node has pulled every partition it takes over from,
+    /// comma-separated ids (see `lifecycle/moves.rs`).
+    pub const MOVED: &str = "moved";
     /// Prefix of per-user keys: `u:<user id in decimal>`, set while a device of that user is
     /// connected to the node.
     pub const USER_PREFIX: &str = "u:";
@@ -98,6 +103,10 @@ pub struct Member {
     /// The gossip version of `pending`: it changes whenever the member republishes it, so a
     /// joining node can tell that a view it relied on stayed in place.
     pub pending_version: u64,
+    /// The removal map it publishes (see [`super::Removals`]).
+    pub removals: super::Removals,
+    /// The outgoing nodes it has pulled every partition it takes over from, ascending.
+    pub moved: Vec<NodeId>,
 }
 
 impl Member {
@@ -122,6 +131,14 @@ impl Member {
                 .map(|v| v.split(',').filter_map(|id| id.parse().ok()).collect())
                 .unwrap_or_default(),
             pending_version: state.get_versioned(keys::PENDING).map_or(0, |v| v.version),
+            removals: state
+                .get(keys::REMOVALS)
+                .map(super::Removals::parse)
+                .unwrap_or_default(),
+            moved: state
+                .get(keys::MOVED)
+                .map(|v| v.split(',').filter_map(|id| id.parse().ok()).collect())
+                .unwrap_or_default(),
         })
     }
 }

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use crate::membership::{Lifecycle, Member};
+use crate::membership::{Lifecycle, Member, Removals};
 use crate::placement::{replicas, NodeId, Partition};
 
 /// A node that may hold replicas.
@@ -52,6 +52,11 @@ pub struct Topology {
     future_ids: Vec<NodeId>,
     /// Members that restarted empty and are joining again (held as down meanwhile).
     rejoining: BTreeSet<NodeId>,
+    /// Members on their way out (decommissioning or removed): still in their partitions'
+    /// current sets, left out of the future ones.
+    outgoing: BTreeSet<NodeId>,
+    /// The removal map gossip agrees on (merged from every member's).
+    removals: Removals,
 }
 
 /// The replicas one read or write of a partition must reach: its replica set, and while a
@@ -103,7 +108,33 @@ impl Topology {
             pending,
             future_ids,
             rejoining: BTreeSet::new(),
+            outgoing: BTreeSet::new(),
+            removals: Removals::new(),
         }
+    }
+
+    /// This topology with `outgoing` members on their way out: they stay in their
+    /// partitions' current sets and are left out of the future ones (ids that are not
+    /// members are ignored).
+    pub fn with_outgoing(mut self, outgoing: impl IntoIterator<Item = NodeId>) -> Self {
+        self.outgoing = outgoing
+            .into_iter()
+            .filter(|id| self.nodes.contains_key(id))
+            .collect();
+        self.future_ids = self
+            .ids
+            .iter()
+            .chain(self.pending.keys())
+            .copied()
+            .filter(|id| !self.outgoing.contains(id))
+            .collect();
+        self.future_ids.sort_unstable();
+        self
+    }
+
+    /// Whether some partition may have a future set: a node joins or leaves.
+    fn changing(&self) -> bool {
+        !self.pending.is_empty() || !self.outgoing.is_empty()
     }
 
     /// The topology gossip describes, from every generation of every member gossip knows:
@@ -115,8 +146,10 @@ impl Topology {
     ///   it is written to through hints and read from nowhere, so its emptiness is never
     ///   mistaken for a replica's answer, and its partitions do not move meanwhile.
     ///
-    /// A dead joining node is left out (it joins again when it comes back). `server_name`
-    /// names each member's certificate.
+    /// A dead joining node is left out (it joins again when it comes back). The removal
+    /// maps of all members are merged ([`Removals`]): a node whose removal is done is left
+    /// out whatever it publishes; a member being decommissioned or removed is outgoing
+    /// ([`Topology::with_outgoing`]). `server_name` names each member's certificate.
     pub fn from_members(
         self_id: NodeId,
         rf: usize,
@@ -124,9 +157,14 @@ impl Topology {
         server_name: impl Fn(&Member) -> String,
     ) -> Self {
         let placed = |m: &Member| matches!(m.state, Lifecycle::Active | Lifecycle::Leaving);
+        let mut removals = Removals::new();
+        for m in members {
+            removals.merge(&m.removals);
+        }
+        let gone: BTreeSet<NodeId> = removals.done().collect();
         let mut newest: BTreeMap<NodeId, &Member> = BTreeMap::new();
         let mut ever_placed = std::collections::BTreeSet::new();
-        for m in members {
+        for m in members.iter().filter(|m| !gone.contains(&m.node_id)) {
             if placed(m) {
                 ever_placed.insert(m.node_id);
             }
@@ -156,9 +194,26 @@ impl Topology {
                 pending.push(node(m, m.live || m.node_id == self_id));
             }
         }
-        let mut topology = Self::with_pending(self_id, rf, nodes, pending);
+        let outgoing: Vec<NodeId> = removals.outgoing().collect();
+        let mut topology = Self::with_pending(self_id, rf, nodes, pending).with_outgoing(outgoing);
         topology.rejoining = rejoining;
+        topology.removals = removals;
         topology
+    }
+
+    /// The removal map gossip agrees on (empty for a topology not built from gossip).
+    pub fn removals(&self) -> &Removals {
+        &self.removals
+    }
+
+    /// The members on their way out, ascending.
+    pub fn outgoing(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.outgoing.iter().copied()
+    }
+
+    /// Whether `id` is a member on its way out.
+    pub fn is_outgoing(&self, id: NodeId) -> bool {
+        self.outgoing.contains(&id)
     }
 
     /// This node's id.
@@ -186,11 +241,13 @@ impl Topology {
         self.pending.values()
     }
 
-    /// Every node that is joining: pending ones and members joining again after a restart on
-    /// an empty data dir. What a member publishes for the join barrier.
+    /// Every node whose partitions change hands: pending ones, members joining again after
+    /// a restart on an empty data dir, and outgoing ones. What a member publishes for the
+    /// join and move barriers.
     pub fn joining_ids(&self) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = self.pending.keys().copied().collect();
         ids.extend(self.rejoining.iter().copied());
+        ids.extend(self.outgoing.iter().copied());
         ids.sort_unstable();
         ids
     }
@@ -211,7 +268,7 @@ impl Topology {
     /// The replica set `partition` will have once the pending nodes are active (the current
     /// one when nothing is pending).
     pub fn future_set(&self, partition: Partition) -> Vec<ReplicaNode> {
-        if self.pending.is_empty() {
+        if !self.changing() {
             return self.replica_set(partition);
         }
         replicas(partition, &self.future_ids, self.rf)
@@ -225,7 +282,7 @@ impl Topology {
         let current = self.replica_set(partition);
         let mut sets = vec![current.iter().map(|n| n.id).collect::<Vec<_>>()];
         let mut nodes = current;
-        if !self.pending.is_empty() {
+        if self.changing() {
             let future = self.future_set(partition);
             let future_ids: Vec<NodeId> = future.iter().map(|n| n.id).collect();
             if future_ids.iter().any(|id| !sets[0].contains(id)) {
@@ -334,6 +391,8 @@ mod tests {
             load: 0,
             pending: Vec::new(),
             pending_version: 0,
+            removals: Default::default(),
+            moved: Vec::new(),
         };
         let members = [
             member(1, 1, Lifecycle::Active, true),
