@@ -252,6 +252,7 @@ pub async fn serve(
         hub,
         shutdown: shutdown.clone(),
         metrics: metrics_recorder(),
+        admin_token: crate::gateway::admin::derive_admin_token(secret.as_bytes()),
         cfg,
     }));
 
@@ -278,6 +279,7 @@ pub async fn serve(
 
     tokio::select! {
         _ = stop => tracing::info!("shutting down"),
+        why = node.stop_requested() => tracing::info!(why, "shutting down"),
         _ = shutdown.cancelled() => {}
     }
     shutdown.cancel();
