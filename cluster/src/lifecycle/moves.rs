@@ -40,6 +40,9 @@ use crate::replication::{LocalReplica, PullMode, ReplicaClient, Topology};
 /// How often the move task looks again without a membership change.
 const RECHECK: Duration = Duration::from_secs(5);
 
+/// How long a node whose removal is done waits for every other view to drop it.
+const LEAVE_WAIT: Duration = Duration::from_secs(30);
+
 /// The move barrier as seen once: each live node's generation and the gossip version of its
 /// pending list (see [`super::join`]'s barrier, of which this is the twin).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,7 +244,36 @@ pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
             published_map = Some(map.clone());
         }
         if map.state(shared.self_id) == Some(RemovalState::Done) {
-            info!("this node's partitions have moved to the others: it has left the cluster");
+            info!("this node's partitions have moved to the others; waiting for every view to drop it");
+            // Other coordinators may still run operations that reach this node (it was the
+            // primary of its partitions): it serves them until every live member has
+            // republished its pending list without this node, which each does only once
+            // the operations of its older view have ended.
+            let dropped = async {
+                loop {
+                    watch.borrow_and_update();
+                    let members = shared.membership.members().await;
+                    if members
+                        .iter()
+                        .filter(|m| m.live && m.node_id != shared.self_id)
+                        .all(|m| {
+                            m.removals.state(shared.self_id) == Some(RemovalState::Done)
+                                && !m.pending.contains(&shared.self_id)
+                        })
+                    {
+                        return;
+                    }
+                    if watch.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return,
+                _ = dropped => {}
+                _ = tokio::time::sleep(LEAVE_WAIT) => warn!(wait = ?LEAVE_WAIT, "some member still lists this node; leaving anyway"),
+            }
+            info!("every view has dropped this node: it has left the cluster");
             shared.phase.send_replace(Phase::Left);
             return;
         }

@@ -161,7 +161,10 @@ impl Topology {
         for m in members {
             removals.merge(&m.removals);
         }
-        let gone: BTreeSet<NodeId> = removals.done().collect();
+        // A node's own removal being done does not take it out of its own view: until it
+        // stops, coordinators whose view is a round behind still send it swaps as the
+        // primary of its partitions, and it serves them as an outgoing member.
+        let gone: BTreeSet<NodeId> = removals.done().filter(|&id| id != self_id).collect();
         let mut newest: BTreeMap<NodeId, &Member> = BTreeMap::new();
         let mut ever_placed = std::collections::BTreeSet::new();
         for m in members.iter().filter(|m| !gone.contains(&m.node_id)) {
@@ -194,7 +197,10 @@ impl Topology {
                 pending.push(node(m, m.live || m.node_id == self_id));
             }
         }
-        let outgoing: Vec<NodeId> = removals.outgoing().collect();
+        let mut outgoing: Vec<NodeId> = removals.outgoing().collect();
+        if removals.state(self_id) == Some(crate::membership::RemovalState::Done) {
+            outgoing.push(self_id);
+        }
         let mut topology = Self::with_pending(self_id, rf, nodes, pending).with_outgoing(outgoing);
         topology.rejoining = rejoining;
         topology.removals = removals;
@@ -426,5 +432,61 @@ mod tests {
         assert!(own.is_member(3) && !own.node(3).unwrap().live);
         // ...and never the primary of a partition, even in its own view.
         assert!((0..64).all(|p| own.primary(Partition(p)).is_some_and(|n| n.id != 3)));
+    }
+
+    #[test]
+    fn removals_make_members_outgoing_then_gone_except_in_their_own_view() {
+        use crate::membership::{NodeAddrs, RemovalState, Removals};
+        let member = |id: NodeId, removals: &Removals| Member {
+            node_id: id,
+            generation: 1,
+            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
+            addrs: NodeAddrs {
+                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
+                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
+                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id)),
+            },
+            state: Lifecycle::Active,
+            live: true,
+            load: 0,
+            pending: Vec::new(),
+            pending_version: 0,
+            removals: removals.clone(),
+            moved: Vec::new(),
+        };
+        let mut leaving = Removals::new();
+        leaving.request(4, RemovalState::Leaving);
+        // One member's map is enough: maps merge.
+        let empty = Removals::new();
+        let members: Vec<Member> = (1..=4)
+            .map(|id| member(id, if id == 2 { &leaving } else { &empty }))
+            .collect();
+        let t = Topology::from_members(1, 3, &members, |m| format!("node-{}", m.node_id));
+        assert!(t.is_member(4) && t.is_outgoing(4));
+        assert_eq!(t.joining_ids(), [4]);
+        let after = Topology::new(1, 3, (1..=3).map(|i| node(i, true)));
+        for p in (0..64).map(Partition) {
+            let ids = |set: Vec<ReplicaNode>| set.into_iter().map(|n| n.id).collect::<Vec<_>>();
+            assert_eq!(ids(t.future_set(p)), ids(after.replica_set(p)));
+            assert_eq!(
+                t.quorums(p).in_transition(),
+                t.replica_set(p).iter().any(|n| n.id == 4)
+            );
+        }
+        // Done: gone from every view but its own, where it stays an outgoing member.
+        let mut done = Removals::new();
+        done.merge_entry(
+            4,
+            crate::membership::Removal {
+                version: 1,
+                state: RemovalState::Done,
+            },
+        );
+        let members: Vec<Member> = (1..=4).map(|id| member(id, &done)).collect();
+        let t = Topology::from_members(1, 3, &members, |m| format!("node-{}", m.node_id));
+        assert!(t.node(4).is_none());
+        assert_eq!(t.outgoing().count(), 0);
+        let own = Topology::from_members(4, 3, &members, |m| format!("node-{}", m.node_id));
+        assert!(own.is_member(4) && own.is_outgoing(4));
     }
 }

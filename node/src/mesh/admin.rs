@@ -56,9 +56,21 @@ pub struct MoveStatus {
 
 impl Mesh {
     /// Publishes an operator's request (see `cluster::lifecycle::request`).
+    /// Returns once this node's view shows it (at most a second later), so the status that
+    /// follows shows it too.
     pub async fn admin_request(&self, request: Request) -> Result<(), RequestError> {
         let topology = self.view.borrow().topology.clone();
-        cluster::lifecycle::request(&*self.membership, &topology, self.is_active(), request).await
+        cluster::lifecycle::request(&*self.membership, &topology, self.is_active(), request)
+            .await?;
+        let (node, state) = match request {
+            Request::Decommission => (self.self_id, RemovalState::Leaving),
+            Request::Remove(node) => (node, RemovalState::Removing),
+            Request::Cancel(node) => (node, RemovalState::Cancelled),
+        };
+        let mut view = self.view.clone();
+        let seen = view.wait_for(|v| v.topology.removals().state(node) == Some(state));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), seen).await;
+        Ok(())
     }
 
     /// Waits until this node's removal is done (it was decommissioned, or removed while it
