@@ -625,6 +625,10 @@ impl MembershipPort for Panicky {
     async fn set_moved(&self, moved: &[NodeId]) {
         self.inner.set_moved(moved).await;
     }
+
+    async fn set_move_progress(&self, progress: cluster::membership::MoveProgress) {
+        self.inner.set_move_progress(progress).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]

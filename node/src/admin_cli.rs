@@ -195,25 +195,30 @@ pub fn render(s: &MoveStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:>6}  {:>6}  {}",
-        "node", "state", "live", "load", "partitions", "after", "pulled", "hints", "http"
+        "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:<26}  {:>6}  {}",
+        "node", "state", "live", "load", "partitions", "after", "pull", "hints", "http"
     );
     for m in &s.members {
-        let pulled = match m.moved {
-            None => "-",
-            Some(true) => "yes",
-            Some(false) => "no",
+        let pull = match (m.moved, m.pulling) {
+            (None, _) => "-".to_string(),
+            (Some(true), Some(p)) => format!("done, {} records", p.records),
+            (Some(true), None) => "done".to_string(),
+            (Some(false), Some(p)) => format!(
+                "{}/{} partitions, {} rec",
+                p.partitions_done, p.partitions_total, p.records
+            ),
+            (Some(false), None) => "waiting".to_string(),
         };
         let _ = writeln!(
             out,
-            "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:>6}  {:>6}  {}",
+            "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:<26}  {:>6}  {}",
             m.node_id,
             m.state,
             if m.live { "yes" } else { "no" },
             m.load,
             m.partitions,
             m.partitions_after,
-            pulled,
+            pull,
             m.hints,
             m.http_addr
         );
@@ -278,16 +283,30 @@ async fn follow(api: &Api, node: &str, first: &MoveStatus, leaving: u16) -> anyh
             println!("\rnode {leaving} is not moving any more (cancelled?)");
             return Ok(());
         }
-        let remaining: Vec<_> = status
-            .members
-            .iter()
-            .filter(|m| m.moved.is_some())
-            .collect();
-        let done = remaining.iter().filter(|m| m.moved == Some(true)).count();
+        // Partitions pulled over every remaining member (a member that has not started
+        // counts what it takes over as not pulled).
+        let (mut done, mut total, mut records) = (0usize, 0usize, 0u64);
+        for m in status.members.iter().filter(|m| m.moved.is_some()) {
+            let gained = m.partitions_after.saturating_sub(m.partitions);
+            match (m.moved, m.pulling) {
+                (Some(true), _) => {
+                    done += gained;
+                    total += gained;
+                }
+                (_, Some(p)) => {
+                    done += p.partitions_done as usize;
+                    total += (p.partitions_total as usize).max(gained);
+                    records += p.records;
+                }
+                _ => total += gained,
+            }
+            if let (Some(true), Some(p)) = (m.moved, m.pulling) {
+                records += p.records;
+            }
+        }
         print!(
-            "\r{} nodes have pulled their new partitions ({} partitions moving)   ",
-            bar(done, remaining.len()),
-            status.moving_partitions
+            "\r{} partitions pulled by the nodes taking over ({records} records)   ",
+            bar(done, total),
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();

@@ -87,6 +87,7 @@ mod tests {
             pending_version: 0,
             removals: Default::default(),
             moved: Vec::new(),
+            move_progress: None,
         }
     }
 

@@ -33,9 +33,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{MembershipPort, Phase, Shared};
-use crate::membership::{Member, RemovalState, Removals};
+use crate::membership::{Member, MoveProgress, RemovalState, Removals};
 use crate::placement::{NodeId, Partition};
 use crate::replication::{LocalReplica, PullMode, ReplicaClient, Topology};
+
+/// Partitions pulled per step of a move (progress is published after each).
+const PULL_CHUNK: usize = 64;
 
 /// How often the move task looks again without a membership change.
 const RECHECK: Duration = Duration::from_secs(5);
@@ -352,16 +355,30 @@ async fn pull_gained<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
         outgoing = ?view.outgoing().collect::<Vec<_>>(),
         "move: pulling the partitions this node takes over"
     );
-    let report = tokio::select! {
-        _ = shared.cancel.cancelled() => return None,
-        r = shared.coord.pull(&gained, &shared.config.plan, PullMode::Join) => r,
+    // In chunks, so that progress shows (`chatnode admin status`, gossip `move_progress`).
+    let total = gained.len() as u32;
+    let mut progress = MoveProgress {
+        partitions_done: 0,
+        partitions_total: total,
+        records: 0,
     };
-    metrics::counter!("cluster_pulled_records_total").increment(report.records);
-    metrics::counter!("cluster_move_pulled_records_total").increment(report.records);
-    if !report.incomplete.is_empty() {
+    shared.membership.set_move_progress(progress).await;
+    let mut incomplete = 0;
+    for chunk in gained.chunks(PULL_CHUNK) {
+        let report = tokio::select! {
+            _ = shared.cancel.cancelled() => return None,
+            r = shared.coord.pull(chunk, &shared.config.plan, PullMode::Join) => r,
+        };
+        metrics::counter!("cluster_pulled_records_total").increment(report.records);
+        metrics::counter!("cluster_move_pulled_records_total").increment(report.records);
+        incomplete += report.incomplete.len();
+        progress.partitions_done += (chunk.len() - report.incomplete.len()) as u32;
+        progress.records += report.records;
+        shared.membership.set_move_progress(progress).await;
+    }
+    if incomplete > 0 {
         warn!(
-            incomplete = report.incomplete.len(),
-            failed_sources = report.sources_failed,
+            incomplete,
             "move: some partitions lack a read quorum of complete answers; pulling again"
         );
         return Some(false);
@@ -373,8 +390,8 @@ async fn pull_gained<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
         return Some(false);
     }
     info!(
-        partitions = report.partitions,
-        records = report.records,
+        partitions = total,
+        records = progress.records,
         ms = started.elapsed().as_millis() as u64,
         "move: every partition this node takes over is pulled"
     );

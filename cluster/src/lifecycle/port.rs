@@ -6,7 +6,7 @@ use std::future::Future;
 
 use tokio::sync::watch;
 
-use crate::membership::{Lifecycle, Member, Membership, Removals};
+use crate::membership::{Lifecycle, Member, Membership, MoveProgress, Removals};
 use crate::placement::NodeId;
 use crate::transport::BoxFuture;
 
@@ -37,6 +37,9 @@ pub trait MembershipPort: Send + Sync + 'static {
 
     /// Publishes the outgoing nodes this node has pulled its new partitions from.
     fn set_moved(&self, moved: &[NodeId]) -> impl Future<Output = ()> + Send;
+
+    /// Publishes this node's progress pulling the partitions it takes over.
+    fn set_move_progress(&self, progress: MoveProgress) -> impl Future<Output = ()> + Send;
 }
 
 impl MembershipPort for Membership {
@@ -66,6 +69,10 @@ impl MembershipPort for Membership {
 
     async fn set_moved(&self, moved: &[NodeId]) {
         Membership::set_moved(self, moved).await;
+    }
+
+    async fn set_move_progress(&self, progress: MoveProgress) {
+        Membership::set_move_progress(self, progress).await;
     }
 }
 

@@ -24,6 +24,7 @@ fn member(node: NodeId, generation: u64, state: Lifecycle, live: bool) -> Member
         pending_version: 0,
         removals: Default::default(),
         moved: Vec::new(),
+        move_progress: None,
     }
 }
 

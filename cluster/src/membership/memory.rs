@@ -89,6 +89,7 @@ impl MemoryGossip {
             pending_version: 0,
             removals: Default::default(),
             moved: Vec::new(),
+            move_progress: None,
         };
         state.incarnations.insert(
             (node, generation),
@@ -271,6 +272,15 @@ impl MembershipPort for MemoryMembership {
             if inc.member.removals != *removals {
                 inc.version += 1;
                 inc.member.removals = removals.clone();
+            }
+        });
+    }
+
+    async fn set_move_progress(&self, progress: super::MoveProgress) {
+        self.gossip.update_own(self.key(), |inc| {
+            if inc.member.move_progress != Some(progress) {
+                inc.version += 1;
+                inc.member.move_progress = Some(progress);
             }
         });
     }

@@ -40,7 +40,7 @@ mod view;
 pub use removals::{Removal, RemovalState, Removals};
 
 use view::{keys, View};
-pub use view::{Lifecycle, Member, NodeAddrs, PresenceEvent};
+pub use view::{Lifecycle, Member, MoveProgress, NodeAddrs, PresenceEvent};
 
 /// How a node joins and gossips. `Default` is not provided: addresses must be chosen.
 #[derive(Clone, Debug)]
@@ -342,6 +342,11 @@ impl Membership {
     pub async fn set_moved(&self, moved: &[NodeId]) {
         let ids: Vec<String> = moved.iter().map(ToString::to_string).collect();
         self.set(keys::MOVED, ids.join(",")).await;
+    }
+
+    /// Publishes this node's progress pulling the partitions it takes over.
+    pub async fn set_move_progress(&self, progress: MoveProgress) {
+        self.set(keys::MOVE_PROGRESS, progress.to_value()).await;
     }
 
     /// Publishes this node's load (connected devices).

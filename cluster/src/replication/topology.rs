@@ -399,6 +399,7 @@ mod tests {
             pending_version: 0,
             removals: Default::default(),
             moved: Vec::new(),
+            move_progress: None,
         };
         let members = [
             member(1, 1, Lifecycle::Active, true),
@@ -453,6 +454,7 @@ mod tests {
             pending_version: 0,
             removals: removals.clone(),
             moved: Vec::new(),
+            move_progress: None,
         };
         let mut leaving = Removals::new();
         leaving.request(4, RemovalState::Leaving);

@@ -31,6 +31,20 @@ pub struct MemberStatus {
     pub moved: Option<bool>,
     /// Writes this node holds for it as hints (it was unreachable).
     pub hints: usize,
+    /// Its pull of the partitions it takes over, as it last published it (`None`: it has
+    /// not pulled for a move since it started).
+    pub pulling: Option<PullProgress>,
+}
+
+/// A member's progress pulling the partitions it takes over.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PullProgress {
+    /// Partitions pulled so far.
+    pub partitions_done: u32,
+    /// Partitions it takes over.
+    pub partitions_total: u32,
+    /// Records received so far.
+    pub records: u64,
 }
 
 /// The cluster as this node sees it, for `chatnode admin status`.
@@ -124,6 +138,11 @@ impl Mesh {
                     partitions_after,
                     moved,
                     hints: self.coord.hints_pending(m.node_id),
+                    pulling: m.move_progress.map(|p| PullProgress {
+                        partitions_done: p.partitions_done,
+                        partitions_total: p.partitions_total,
+                        records: p.records,
+                    }),
                 }
             })
             .collect();
