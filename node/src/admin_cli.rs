@@ -195,7 +195,7 @@ pub fn render(s: &MoveStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:<26}  {:>6}  {}",
+        "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:<30}  {:>6}  {}",
         "node", "state", "live", "load", "partitions", "after", "pull", "hints", "http"
     );
     for m in &s.members {
@@ -211,7 +211,7 @@ pub fn render(s: &MoveStatus) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:<26}  {:>6}  {}",
+            "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:<30}  {:>6}  {}",
             m.node_id,
             m.state,
             if m.live { "yes" } else { "no" },
