@@ -119,6 +119,21 @@ async fn a_node_decommissioned_under_load_hands_over_every_message_and_stops_by_
         .await
         .unwrap();
     assert_eq!(anon.status(), 401);
+    let forged = reqwest::Client::new()
+        .get(format!("{}/v1/admin/status", cluster.nodes[3].http))
+        .bearer_auth("0".repeat(64))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    // A client's token is no admin token either.
+    let as_client = reqwest::Client::new()
+        .post(format!("{}/v1/admin/drain", cluster.nodes[3].http))
+        .bearer_auth(&alice.login.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_client.status(), 401);
 
     let said = ok(&cluster.admin(3, &["decommission", "--wait"]));
     assert!(said.contains("decommissioning"), "{said}");

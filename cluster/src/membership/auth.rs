@@ -82,6 +82,7 @@ pub struct GossipHealth {
 #[derive(Default, Debug)]
 struct HealthInner {
     verified: AtomicU64,
+    sent_bytes: AtomicU64,
     refused_by_peers: AtomicU64,
     replays: AtomicU64,
     /// The last peer that refused this node's datagrams.
@@ -93,6 +94,11 @@ impl GossipHealth {
     /// Datagrams received that carried this cluster's seal and were fresh.
     pub fn verified(&self) -> u64 {
         self.inner.verified.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of sealed gossip datagrams this node has sent.
+    pub fn sent_bytes(&self) -> u64 {
+        self.inner.sent_bytes.load(Ordering::Relaxed)
     }
 
     /// Refusal notices received for datagrams this node sent: its peers hold another
@@ -544,6 +550,11 @@ impl Socket for AuthSocket {
                 }
             }
         }
+        self.health
+            .inner
+            .sent_bytes
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        metrics::counter!("gossip_sent_bytes_total").increment(sent as u64);
         Ok(SendOutcome {
             num_bytes_sent: sent,
         })
