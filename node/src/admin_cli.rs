@@ -184,6 +184,19 @@ async fn refusal(response: reqwest::Response) -> String {
     }
 }
 
+/// The status table's column names.
+const HEADER: [&str; 9] = [
+    "node",
+    "state",
+    "live",
+    "load",
+    "partitions",
+    "after",
+    "pull",
+    "hints",
+    "http",
+];
+
 /// The status as a table.
 pub fn render(s: &MoveStatus) -> String {
     use std::fmt::Write;
@@ -196,7 +209,15 @@ pub fn render(s: &MoveStatus) -> String {
     let _ = writeln!(
         out,
         "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:<30}  {:>6}  {}",
-        "node", "state", "live", "load", "partitions", "after", "pull", "hints", "http"
+        HEADER[0],
+        HEADER[1],
+        HEADER[2],
+        HEADER[3],
+        HEADER[4],
+        HEADER[5],
+        HEADER[6],
+        HEADER[7],
+        HEADER[8]
     );
     for m in &s.members {
         let pull = match (m.moved, m.pulling) {
