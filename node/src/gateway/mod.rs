@@ -5,6 +5,7 @@
 //! ([`web`]). Gateways call the domain services through
 //! [`crate::node::Node`]; they never touch the store or the cluster directly.
 
+pub mod drain;
 pub mod http;
 pub mod listener;
 pub mod quic;
