@@ -14,13 +14,13 @@ use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::gateway::drain::{Drain, DrainReport, Targets};
 use crate::domain::accounts::Accounts;
 use crate::domain::chat::Chat;
 use crate::domain::friends::Friends;
 use crate::domain::groups::Groups;
 use crate::domain::hub::Hub;
 use crate::domain::presence::Presence;
+use crate::gateway::drain::{Drain, DrainReport, Targets};
 use crate::ids::ClockSkew;
 use crate::mesh::Mesh;
 use crate::store::Store;

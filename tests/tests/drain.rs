@@ -137,7 +137,11 @@ async fn load(
         let (sender, acked, refused) = (sender.clone(), acked.clone(), refused.clone());
         inflight.spawn(async move {
             match sender
-                .send_with_id(id.clone(), Recipient::User(to.1), format!("{id} for u{}", to.0))
+                .send_with_id(
+                    id.clone(),
+                    Recipient::User(to.1),
+                    format!("{id} for u{}", to.0),
+                )
                 .await
             {
                 Ok(ack) => acked.lock().unwrap().push(Acked {
@@ -217,10 +221,14 @@ async fn rolling_restart_under_load_loses_nothing_and_refuses_nothing() {
     }
     // Every device is connected before the load starts.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while devices
-        .iter()
-        .any(|d| !d.log.lock().unwrap().links.iter().any(|l| matches!(l, Link::Connected(_))))
-    {
+    while devices.iter().any(|d| {
+        !d.log
+            .lock()
+            .unwrap()
+            .links
+            .iter()
+            .any(|l| matches!(l, Link::Connected(_)))
+    }) {
         assert!(Instant::now() < deadline, "devices did not connect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -331,7 +339,10 @@ async fn rolling_restart_under_load_loses_nothing_and_refuses_nothing() {
     let addr_of = |i: usize| {
         (
             cluster.nodes[i].ws_url(),
-            cluster.nodes[i].quic.trim_start_matches("quic://").to_string(),
+            cluster.nodes[i]
+                .quic
+                .trim_start_matches("quic://")
+                .to_string(),
         )
     };
     let node_of: HashMap<String, u16> = (0..cluster.nodes.len())
@@ -379,7 +390,11 @@ async fn rolling_restart_under_load_loses_nothing_and_refuses_nothing() {
         "acked messages not received (device, how many): {missing:?}"
     );
     assert!(problems.is_empty(), "{problems:#?}");
-    assert!(acked.len() > 100, "too little load to mean anything: {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "too little load to mean anything: {}",
+        acked.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,7 +436,12 @@ async fn a_draining_node_refuses_newcomers_and_closes_stayers_with_1001() {
     assert_eq!(ws_hint, Some(cluster.nodes[1].ws_url()), "WebSocket hint");
     assert_eq!(
         quic_hint,
-        Some(cluster.nodes[1].quic.trim_start_matches("quic://").to_string()),
+        Some(
+            cluster.nodes[1]
+                .quic
+                .trim_start_matches("quic://")
+                .to_string()
+        ),
         "QUIC hint"
     );
 
@@ -433,11 +453,17 @@ async fn a_draining_node_refuses_newcomers_and_closes_stayers_with_1001() {
     assert_eq!(readyz.text().await.unwrap(), "draining");
     match connect(Transport::WsJson, alice.login.token.clone()).await {
         Err(ClientError::Transport(e)) => assert!(e.contains("503"), "{e}"),
-        other => panic!("a new WebSocket during the drain: {:?}", other.map(|c| c.node_id)),
+        other => panic!(
+            "a new WebSocket during the drain: {:?}",
+            other.map(|c| c.node_id)
+        ),
     }
     match connect(Transport::Quic, alice.login.token.clone()).await {
         Err(e) => assert!(e.to_string().contains("refused"), "{e}"),
-        Ok(c) => panic!("a new QUIC connection during the drain got node {}", c.node_id),
+        Ok(c) => panic!(
+            "a new QUIC connection during the drain got node {}",
+            c.node_id
+        ),
     }
     ws.send_message("during-ws", Recipient::User(bob.id), "still here")
         .await

@@ -131,7 +131,10 @@ impl Drain {
 
     /// The node ids the hints point to.
     pub(crate) fn target_ids(&self) -> Vec<u16> {
-        self.targets.get().map(Targets::node_ids).unwrap_or_default()
+        self.targets
+            .get()
+            .map(Targets::node_ids)
+            .unwrap_or_default()
     }
 
     /// A session whose client left after its `draining` frame.

@@ -108,7 +108,8 @@ pub fn spawn_accept(
             };
             if node.drain.is_draining() {
                 // Refused before the handshake, like a connection over the per-IP cap.
-                metrics::counter!("gateway_drain_refused_total", "transport" => "quic").increment(1);
+                metrics::counter!("gateway_drain_refused_total", "transport" => "quic")
+                    .increment(1);
                 incoming.refuse();
                 continue;
             }

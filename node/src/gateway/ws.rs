@@ -104,7 +104,14 @@ async fn serve(node: Arc<Node>, peer: SocketAddr, socket: WebSocket) {
             })),
         })
     });
-    session::run(node, peer, Transport::WebSocket, &mut reader, Box::pin(writer)).await;
+    session::run(
+        node,
+        peer,
+        Transport::WebSocket,
+        &mut reader,
+        Box::pin(writer),
+    )
+    .await;
     // Wait (briefly) for the client's answer to our close frame before the socket goes:
     // closing a TCP socket with unread bytes in it sends a reset, which can make the
     // client lose the close frame (it then sees 1006 instead of our code). A session the

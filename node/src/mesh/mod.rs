@@ -406,7 +406,10 @@ impl Mesh {
         members
             .iter()
             .filter(|m| m.live && m.state == Lifecycle::Active)
-            .filter(|m| !(self.draining.load(std::sync::atomic::Ordering::Relaxed) && m.node_id == self.self_id))
+            .filter(|m| {
+                !(self.draining.load(std::sync::atomic::Ordering::Relaxed)
+                    && m.node_id == self.self_id)
+            })
             .min_by_key(|m| (m.load, m.node_id))
             .map(node_info)
     }
