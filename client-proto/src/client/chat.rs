@@ -557,10 +557,7 @@ impl Driver {
                     } else {
                         &self.stats.sends_rate_limited
                     });
-                    eprintln!(
-                        "DIAG {:?} send {r} refused {code}: {message}",
-                        std::time::SystemTime::now()
-                    );
+                    tracing::debug!(client_id = %r, %code, %message, "send refused; retrying it");
                     // Safe to retry with the same client id, after a pause (at least what the
                     // node asked for).
                     let jitter = rand::thread_rng().gen_range(200..1000);
