@@ -470,15 +470,11 @@ async fn a_draining_node_refuses_newcomers_and_closes_stayers_with_1001() {
         .unwrap();
 
     // The drain timeout passes: both are closed with 1001, after what was queued for them.
-    let closed = |r: Result<ServerFrame, ClientError>| match r {
-        Ok(_) => None,
-        Err(e) => Some(e),
-    };
     for (name, conn) in [("WebSocket", &mut ws), ("QUIC", &mut quic)] {
         let deadline = Instant::now() + Duration::from_secs(60);
         let end = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Some(e) = closed(conn.recv(left).await) {
+            if let Err(e) = conn.recv(left).await {
                 break e;
             }
         };
