@@ -655,3 +655,7 @@ enum Step {
     Cmd(Option<Cmd>),
     Frame(Result<ServerFrame, ClientError>),
 }
+
+#[cfg(test)]
+#[path = "chat_tests.rs"]
+mod tests;
