@@ -617,6 +617,18 @@ impl MembershipPort for Panicky {
     async fn set_pending(&self, pending: &[NodeId]) {
         self.inner.set_pending(pending).await;
     }
+
+    async fn set_removals(&self, removals: &cluster::membership::Removals) {
+        self.inner.set_removals(removals).await;
+    }
+
+    async fn set_moved(&self, moved: &[NodeId]) {
+        self.inner.set_moved(moved).await;
+    }
+
+    async fn set_move_progress(&self, progress: cluster::membership::MoveProgress) {
+        self.inner.set_move_progress(progress).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -650,6 +662,213 @@ async fn shutdown_reports_a_task_that_panicked() {
     let _other = gossip.join(2);
     sleep(Duration::from_millis(10)).await;
     let failed = handle.shutdown().await.unwrap_err();
-    assert_eq!(failed.panicked, ["topology follower"]);
+    // Both tasks that follow membership read it on the change, and both panic.
+    assert_eq!(failed.panicked, ["topology follower", "moves"]);
     assert!(failed.timed_out.is_empty());
+}
+
+/// Four active members, RF 3, with `count` keys written through node 1.
+async fn four_members_with_data(cluster: &mut Cluster, count: usize) -> Vec<String> {
+    assert_eq!(cluster.start(1).await, StartedAs::First);
+    for id in 2..=4 {
+        assert_eq!(cluster.start(id).await, StartedAs::Joining);
+        cluster.wait_active(id).await;
+    }
+    cluster.wait_settled_view(&[1, 2, 3, 4]).await;
+    write_keys(cluster.coord(1), "a", count).await
+}
+
+/// Writes through node 1 every 50 ms until cancelled; every write must be acked (a refused
+/// one panics the task, which the caller's `await` reports).
+fn steady_writes(
+    cluster: &Cluster,
+    prefix: &'static str,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let coord = cluster.coord(1).clone();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0.. {
+                let key = format!("{prefix}{i}");
+                tokio::select! {
+                    _ = stop.cancelled() => return acked,
+                    _ = write(&coord, &key) => acked.push(key),
+                }
+                sleep(Duration::from_millis(50)).await;
+            }
+            acked
+        })
+    };
+    (stop, task)
+}
+
+/// The keys some replica of their set in `view` lacks.
+fn not_on_every_replica(cluster: &Cluster, view: &Topology, keys: &[String]) -> Vec<String> {
+    keys.iter()
+        .filter(|key| {
+            view.replica_set(part_of(key)).iter().any(|n| {
+                cluster
+                    .node(n.id)
+                    .store
+                    .record(USERS, key.as_bytes())
+                    .is_none()
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+async fn ask(
+    cluster: &Cluster,
+    at: NodeId,
+    what: cluster::lifecycle::Request,
+) -> Result<(), cluster::lifecycle::RequestError> {
+    let view = cluster.lifecycle(at).watch_view().borrow().topology.clone();
+    cluster::lifecycle::request(
+        &*cluster.node(at).membership,
+        &view,
+        cluster.lifecycle(at).is_active(),
+        what,
+    )
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_decommissioned_node_hands_its_partitions_over_under_load_and_stops() {
+    use cluster::lifecycle::{Request, RequestError};
+    let mut cluster = Cluster::new(3);
+    let mut acked = four_members_with_data(&mut cluster, 200).await;
+    let held_by_4 = cluster.node(4).store.len();
+    assert!(held_by_4 > 50, "node 4 holds {held_by_4} records");
+
+    let (stop, writer) = steady_writes(&cluster, "d");
+    sleep(Duration::from_secs(1)).await;
+    // Refusals: removing a live node, or this node through `remove`.
+    assert_eq!(
+        ask(&cluster, 1, Request::Remove(4)).await,
+        Err(RequestError::Alive(4))
+    );
+    assert_eq!(
+        ask(&cluster, 4, Request::Remove(4)).await,
+        Err(RequestError::IsSelf(4))
+    );
+    ask(&cluster, 4, Request::Decommission).await.unwrap();
+    assert!(matches!(
+        ask(&cluster, 4, Request::Decommission).await,
+        Err(RequestError::AlreadyOutgoing(4, _))
+    ));
+    // Three would remain: a second decommission would leave fewer than RF.
+    assert_eq!(
+        ask(&cluster, 3, Request::Decommission).await,
+        Err(RequestError::TooFew { left: 2, rf: 3 })
+    );
+
+    cluster.wait_phase(4, Phase::Left).await;
+    sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let during = writer.await.unwrap();
+    assert!(
+        during.len() > 20,
+        "only {} writes during the move",
+        during.len()
+    );
+    acked.extend(during);
+    // Node 4 stops, as the node process does.
+    cluster.stop(4).await;
+    cluster.gossip.set_live(4, false);
+    cluster.net.set_node(4, Link::Down);
+
+    let mut running = cluster.nodes.keys().copied().collect::<Vec<_>>();
+    running.retain(|id| *id != 4);
+    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    assert_eq!(
+        view.removals().state(4),
+        Some(cluster::membership::RemovalState::Done)
+    );
+    let missing = not_on_every_replica(&cluster, &view, &acked);
+    assert!(
+        missing.is_empty(),
+        "{} acked keys not on all 3 replicas: {missing:?}",
+        missing.len()
+    );
+    // A done id cannot be cancelled, and cannot start again.
+    assert_eq!(
+        ask(&cluster, 1, Request::Cancel(4)).await,
+        Err(RequestError::Done(4))
+    );
+    let lifecycle = cluster.incarnate(4, true, cluster.config());
+    assert!(matches!(
+        lifecycle.start().await,
+        Err(cluster::lifecycle::StartError::Removed(4))
+    ));
+    for id in running {
+        cluster.stop(id).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_node_removed_for_good_leaves_every_partition_with_three_live_replicas() {
+    use cluster::lifecycle::Request;
+    let mut cluster = Cluster::new(3);
+    let mut acked = four_members_with_data(&mut cluster, 200).await;
+    // Node 4 dies for good (kill -9: no shutdown, its gossip state stays `active`).
+    cluster.node_mut(4).lifecycle.take();
+    cluster.gossip.set_live(4, false);
+    cluster.net.set_node(4, Link::Down);
+    acked.extend(write_keys(cluster.coord(1), "m", 50).await);
+
+    let (stop, writer) = steady_writes(&cluster, "r");
+    sleep(Duration::from_secs(1)).await;
+    ask(&cluster, 2, Request::Remove(4)).await.unwrap();
+    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    acked.extend(writer.await.unwrap());
+    let view = {
+        // Settled again after the last writes.
+        let _ = view;
+        cluster.wait_settled_view(&[1, 2, 3]).await
+    };
+    assert!(view.nodes().all(|n| n.live));
+    assert_eq!(view.replica_set(Partition(0)).len(), 3);
+    let missing = not_on_every_replica(&cluster, &view, &acked);
+    assert!(
+        missing.is_empty(),
+        "{} acked keys not on all 3 replicas: {missing:?}",
+        missing.len()
+    );
+    cluster.stop_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_removal_keeps_the_node_in_place() {
+    use cluster::lifecycle::{Request, RequestError};
+    let mut cluster = Cluster::new(3);
+    let acked = four_members_with_data(&mut cluster, 50).await;
+    // Node 3 cannot pull from anyone, so the move cannot complete before the cancel.
+    for other in [1, 2, 4] {
+        cluster.net.set_link(3, other, Link::Down);
+    }
+    ask(&cluster, 4, Request::Decommission).await.unwrap();
+    sleep(Duration::from_secs(10)).await;
+    assert!(cluster.coord(1).topology().is_outgoing(4));
+    assert_eq!(cluster.lifecycle(4).phase(), Phase::Active);
+    ask(&cluster, 1, Request::Cancel(4)).await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        ask(&cluster, 1, Request::Cancel(4)).await,
+        Err(RequestError::NotOutgoing(4))
+    );
+    cluster.net.heal();
+    let view = cluster.wait_settled_view(&[1, 2, 3, 4]).await;
+    sleep(Duration::from_secs(10)).await;
+    assert!(!view.is_outgoing(4));
+    assert_eq!(cluster.lifecycle(4).phase(), Phase::Active);
+    assert!(missed_by_some_read_quorum(&cluster, &view, &acked).is_empty());
+    cluster.stop_all().await;
 }

@@ -600,6 +600,47 @@ async fn two_primaries_cannot_both_win_a_claim() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_swap_sent_to_a_node_that_names_another_primary_follows_it_once() {
+    for round in 0..8u32 {
+        let cluster = Cluster::new(3, 3);
+        let p = Partition(round);
+        let set = cluster.replica_set(p);
+        let (first, second, third) = (set[0], set[1], set[2]);
+        // `first` has left placement in the views of `first` and `second` (so `first` names
+        // `second`); `third` still takes `first` for the primary, one gossip round behind.
+        for id in [first, second] {
+            let others = cluster
+                .ids
+                .iter()
+                .filter(|&&i| i != first)
+                .map(|&i| replica_node(i, true));
+            cluster
+                .coordinator(id)
+                .set_topology(Topology::new(id, 3, others));
+        }
+        let claim = Cas {
+            table: USERNAMES,
+            key: format!("user{round}").into_bytes(),
+            expected: None,
+            new: Some(vec![7]),
+            min_version: 1,
+        };
+        let outcome = cluster
+            .coordinator(third)
+            .compare_and_swap(p, claim)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(matches!(outcome, CasOutcome::Swapped { .. }), "{outcome:?}");
+        let stored = cluster
+            .coordinator(second)
+            .get(p, USERNAMES, format!("user{round}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(stored.unwrap().value, Some(vec![7]));
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn missed_writes_are_handed_off_when_the_replica_returns() {
     let cluster = Cluster::new(3, 3);
     let p = Partition(9);

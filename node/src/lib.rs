@@ -20,6 +20,7 @@
 //! - [`config`] and [`ids`]: settings, and the time-ordered id generator; [`logging`]:
 //!   rate limits for warnings a client or peer can repeat.
 
+pub mod admin_cli;
 pub mod config;
 pub mod domain;
 pub mod gateway;

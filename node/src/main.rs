@@ -22,6 +22,8 @@ enum Command {
     Client(chat_tools::client_cli::ClientArgs),
     /// The load generator: drive a node or a cluster and report throughput and latency.
     Bench(chat_tools::bench::BenchArgs),
+    /// Operate a cluster: status, decommission, remove, replace, cancel, drain.
+    Admin(chatnode::admin_cli::AdminArgs),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => chat_tools::bench::run(args),
         Command::Certs(cmd) => certs(cmd),
         Command::Client(args) => client(args),
+        Command::Admin(args) => admin(args),
         Command::Serve(args) => {
             // Every client connection is a descriptor: use all the hard limit allows (the
             // default `--max-connections` is read from the result).
@@ -138,6 +141,19 @@ fn client(args: chat_tools::client_cli::ClientArgs) -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatnode client: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn admin(args: chatnode::admin_cli::AdminArgs) -> std::process::ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(chatnode::admin_cli::run(args)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatnode admin: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

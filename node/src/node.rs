@@ -41,6 +41,9 @@ pub struct Node {
     store: Store,
     mesh: Arc<Mesh>,
     metrics: Option<PrometheusHandle>,
+    admin_token: String,
+    /// Cancelled when an operator asks this node to drain and stop (`POST /v1/admin/drain`).
+    stop_requested: CancellationToken,
     sessions: TaskTracker,
     /// Drain state: new connections refused, sessions told to move ([`Node::drain`]).
     pub drain: Drain,
@@ -109,6 +112,8 @@ pub struct Parts {
     pub store: Store,
     pub mesh: Arc<Mesh>,
     pub metrics: Option<PrometheusHandle>,
+    /// The token `/v1/admin/*` requests carry (see `gateway::admin`).
+    pub admin_token: String,
 }
 
 impl Node {
@@ -131,10 +136,44 @@ impl Node {
             store: p.store,
             mesh: p.mesh,
             metrics: p.metrics,
+            admin_token: p.admin_token,
+            stop_requested: CancellationToken::new(),
             sessions: TaskTracker::new(),
             drain: Drain::default(),
             catch_ups: tokio::sync::Semaphore::new(CONCURRENT_CATCH_UPS),
         }
+    }
+
+    /// The token admin requests must carry.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// Asks the node to drain and stop, as SIGTERM does (`serve` waits on it).
+    pub fn request_stop(&self) {
+        self.stop_requested.cancel();
+    }
+
+    /// Resolves once an operator asked this node to stop, or its removal is done (it was
+    /// decommissioned): either way, `serve` drains and stops.
+    pub async fn stop_requested(&self) -> &'static str {
+        tokio::select! {
+            _ = self.stop_requested.cancelled() => "an operator asked this node to drain and stop",
+            _ = self.mesh.left() => "decommissioned: its partitions are held by the other nodes now",
+        }
+    }
+
+    /// Publishes an operator's request (decommission, remove, cancel).
+    pub async fn mesh_admin(
+        &self,
+        request: cluster::lifecycle::Request,
+    ) -> Result<(), cluster::lifecycle::RequestError> {
+        self.mesh.admin_request(request).await
+    }
+
+    /// The cluster as this node sees it, for `chatnode admin status`.
+    pub async fn move_status(&self) -> crate::mesh::MoveStatus {
+        self.mesh.move_status().await
     }
 
     /// Where a new client should connect: the least-loaded live node, else this one.

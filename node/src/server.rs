@@ -255,6 +255,7 @@ pub async fn serve(
         hub,
         shutdown: shutdown.clone(),
         metrics: metrics_recorder(),
+        admin_token: crate::gateway::admin::derive_admin_token(secret.as_bytes()),
         cfg,
     }));
 
@@ -280,13 +281,14 @@ pub async fn serve(
     tracing::info!(target: "chatnode::ready", "{ready}");
 
     let stopped = tokio::select! {
-        _ = stop => true,
-        _ = shutdown.cancelled() => false,
+        _ = stop => Some("a signal"),
+        why = node.stop_requested() => Some(why),
+        _ = shutdown.cancelled() => None,
     };
-    if stopped {
+    if let Some(why) = stopped {
         // Move the clients elsewhere before anything stops (an admin drain may have done it
         // already: then this returns its report at once).
-        tracing::info!("stopping: draining client connections first");
+        tracing::info!(why, "stopping: draining client connections first");
         tokio::select! {
             _ = node.drain(node.cfg.drain_timeout) => {}
             _ = shutdown.cancelled() => tracing::warn!("shutdown requested during the drain"),

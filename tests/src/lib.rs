@@ -213,8 +213,25 @@ impl TestNode {
         c.wait().ok()?.code()
     }
 
+    /// Waits, at most `limit`, for the process to exit by itself; its exit code, or `None`
+    /// if it is still running (it is left running) or was not started.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Sends SIGTERM and returns at once (the node drains, then stops); see
-    /// [`TestNode::wait_exit`].
+    /// [`TestNode::exit_within`].
     pub fn sigterm(&self) {
         if let Some(c) = &self.child {
             unsafe_free_sigterm(c.id());
@@ -223,7 +240,7 @@ impl TestNode {
 
     /// Waits (polling, without blocking the runtime) up to `within` for the process to exit;
     /// its exit code, or `None` if it is still running (it is then left running).
-    pub async fn wait_exit(&mut self, within: Duration) -> Option<Option<i32>> {
+    pub async fn exit_within(&mut self, within: Duration) -> Option<Option<i32>> {
         let deadline = std::time::Instant::now() + within;
         loop {
             let c = self.child.as_mut()?;
@@ -498,6 +515,47 @@ impl TestCluster {
         let mut args = vec!["--node-id", &id, "--cluster-dir", &dir, "--seed", seed];
         args.extend_from_slice(extra);
         self.nodes.push(TestNode::start_with_gossip(gossip, &args));
+    }
+
+    /// Runs `chatnode admin --node <node i> --cluster-dir <the cluster dir> args` to its end
+    /// (killed after 5 minutes); its exit status, stdout and stderr.
+    pub fn admin(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let dir = self.cluster_dir.path().to_str().unwrap().to_string();
+        let mut child = Command::new(chatnode_bin())
+            .args([
+                "admin",
+                "--node",
+                &self.nodes[i].http,
+                "--cluster-dir",
+                &dir,
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Starts a new, empty node with id `id` (a replacement), seeded with node `seed`; it
+    /// takes the slot `slot` of `nodes` (the dead node's).
+    pub fn start_replacement(&mut self, slot: usize, id: usize, seed: usize, extra: &[&str]) {
+        let dir = self.cluster_dir.path().to_str().unwrap().to_string();
+        let seed = self.nodes[seed].gossip.clone();
+        let id = id.to_string();
+        let mut args = vec!["--node-id", &id, "--cluster-dir", &dir, "--seed", &seed];
+        args.extend_from_slice(extra);
+        let node = TestNode::start_with_gossip(format!("127.0.0.1:{}", free_udp_port()), &args);
+        self.nodes[slot] = node;
     }
 
     /// Waits until every running node lists `live` live active members.

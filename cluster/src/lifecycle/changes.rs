@@ -85,6 +85,9 @@ mod tests {
             load: 0,
             pending: Vec::new(),
             pending_version: 0,
+            removals: Default::default(),
+            moved: Vec::new(),
+            move_progress: None,
         }
     }
 

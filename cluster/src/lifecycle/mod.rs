@@ -48,11 +48,15 @@ mod changes;
 mod handle;
 mod join;
 mod marker;
+mod moves;
 mod port;
 
 pub use changes::{member_changes, MemberChange};
 pub use handle::{LifecycleHandle, NeverActive, TasksFailed};
 pub use marker::{FileMarker, MarkerError, MemberMarker, MemoryMarker};
+pub use moves::{
+    gained_partitions, moving_partitions, request, waiting_for, Request, RequestError,
+};
 pub use port::MembershipPort;
 
 /// The name a node's peer certificate is issued for (its TLS server name).
@@ -168,6 +172,9 @@ pub enum Phase {
     },
     /// An active member: it holds its partitions and serves their reads.
     Active,
+    /// Its removal is done (it was decommissioned, or removed while it was away): it holds
+    /// no partition any more and should stop.
+    Left,
 }
 
 /// What the topology follower last read from membership.
@@ -197,6 +204,10 @@ pub enum StartError {
     /// The member marker could not be read or written.
     #[error(transparent)]
     Marker(#[from] MarkerError),
+    /// This node id was removed from the cluster (decommissioned or removed): it can never
+    /// hold partitions again.
+    #[error("node id {0} was removed from this cluster and cannot come back; start this node on an empty data dir with a new --node-id")]
+    Removed(NodeId),
 }
 
 /// What the lifecycle's tasks share.
@@ -268,7 +279,15 @@ impl<L: LocalReplica, C: ReplicaClient, M: MembershipPort> ClusterLifecycle<L, C
                 "no other node answered through the seeds in time; starting as the first node of a new cluster"
             );
         }
-        let started_as = decide(self_id, was_member, &membership.members().await);
+        let known = membership.members().await;
+        let mut removals = crate::membership::Removals::new();
+        for m in &known {
+            removals.merge(&m.removals);
+        }
+        if removals.state(self_id) == Some(crate::membership::RemovalState::Done) {
+            return Err(StartError::Removed(self_id));
+        }
+        let started_as = decide(self_id, was_member, &known);
         if started_as != StartedAs::Joining {
             marker.set()?;
             membership.set_state(Lifecycle::Active).await;
@@ -318,6 +337,7 @@ impl<L: LocalReplica, C: ReplicaClient, M: MembershipPort> ClusterLifecycle<L, C
             );
             tasks.push(("join", tracker.spawn(join::run(shared.clone(), marker))));
         }
+        tasks.push(("moves", tracker.spawn(moves::run(shared.clone()))));
         let restarted = started_as == StartedAs::Returning;
         if restarted || shared.config.anti_entropy.is_some() {
             tasks.push((

@@ -6,7 +6,7 @@ use std::future::Future;
 
 use tokio::sync::watch;
 
-use crate::membership::{Lifecycle, Member, Membership};
+use crate::membership::{Lifecycle, Member, Membership, MoveProgress, Removals};
 use crate::placement::NodeId;
 use crate::transport::BoxFuture;
 
@@ -31,6 +31,15 @@ pub trait MembershipPort: Send + Sync + 'static {
     /// Publishes the joining nodes this node's coordinator treats as pending (the join
     /// barrier). Publishing the list it already has changes nothing (not even its version).
     fn set_pending(&self, pending: &[NodeId]) -> impl Future<Output = ()> + Send;
+
+    /// Publishes the removal map this node knows (see [`crate::membership::Removals`]).
+    fn set_removals(&self, removals: &Removals) -> impl Future<Output = ()> + Send;
+
+    /// Publishes the outgoing nodes this node has pulled its new partitions from.
+    fn set_moved(&self, moved: &[NodeId]) -> impl Future<Output = ()> + Send;
+
+    /// Publishes this node's progress pulling the partitions it takes over.
+    fn set_move_progress(&self, progress: MoveProgress) -> impl Future<Output = ()> + Send;
 }
 
 impl MembershipPort for Membership {
@@ -52,6 +61,18 @@ impl MembershipPort for Membership {
 
     async fn set_pending(&self, pending: &[NodeId]) {
         Membership::set_pending(self, pending).await;
+    }
+
+    async fn set_removals(&self, removals: &Removals) {
+        Membership::set_removals(self, removals).await;
+    }
+
+    async fn set_moved(&self, moved: &[NodeId]) {
+        Membership::set_moved(self, moved).await;
+    }
+
+    async fn set_move_progress(&self, progress: MoveProgress) {
+        Membership::set_move_progress(self, progress).await;
     }
 }
 

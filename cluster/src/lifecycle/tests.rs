@@ -22,6 +22,9 @@ fn member(node: NodeId, generation: u64, state: Lifecycle, live: bool) -> Member
         load: 0,
         pending: Vec::new(),
         pending_version: 0,
+        removals: Default::default(),
+        moved: Vec::new(),
+        move_progress: None,
     }
 }
 

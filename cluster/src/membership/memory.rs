@@ -17,7 +17,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::{Lifecycle, Member, NodeAddrs};
+use super::{Lifecycle, Member, NodeAddrs, Removals};
 use crate::lifecycle::MembershipPort;
 use crate::placement::NodeId;
 
@@ -87,6 +87,9 @@ impl MemoryGossip {
             load: 0,
             pending: Vec::new(),
             pending_version: 0,
+            removals: Default::default(),
+            moved: Vec::new(),
+            move_progress: None,
         };
         state.incarnations.insert(
             (node, generation),
@@ -260,6 +263,33 @@ impl MembershipPort for MemoryMembership {
                 inc.version += 1;
                 inc.member.pending = pending.to_vec();
                 inc.member.pending_version = inc.version;
+            }
+        });
+    }
+
+    async fn set_removals(&self, removals: &Removals) {
+        self.gossip.update_own(self.key(), |inc| {
+            if inc.member.removals != *removals {
+                inc.version += 1;
+                inc.member.removals = removals.clone();
+            }
+        });
+    }
+
+    async fn set_move_progress(&self, progress: super::MoveProgress) {
+        self.gossip.update_own(self.key(), |inc| {
+            if inc.member.move_progress != Some(progress) {
+                inc.version += 1;
+                inc.member.move_progress = Some(progress);
+            }
+        });
+    }
+
+    async fn set_moved(&self, moved: &[NodeId]) {
+        self.gossip.update_own(self.key(), |inc| {
+            if inc.member.moved != moved {
+                inc.version += 1;
+                inc.member.moved = moved.to_vec();
             }
         });
     }

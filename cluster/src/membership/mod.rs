@@ -34,10 +34,13 @@ use crate::placement::NodeId;
 
 pub mod auth;
 pub mod memory;
+mod removals;
 mod view;
 
+pub use removals::{Removal, RemovalState, Removals};
+
 use view::{keys, View};
-pub use view::{Lifecycle, Member, NodeAddrs, PresenceEvent};
+pub use view::{Lifecycle, Member, MoveProgress, NodeAddrs, PresenceEvent};
 
 /// How a node joins and gossips. `Default` is not provided: addresses must be chosen.
 #[derive(Clone, Debug)]
@@ -328,6 +331,22 @@ impl Membership {
     pub async fn set_pending(&self, pending: &[NodeId]) {
         let ids: Vec<String> = pending.iter().map(ToString::to_string).collect();
         self.set(keys::PENDING, ids.join(",")).await;
+    }
+
+    /// Publishes the removal map this node knows (merged from every member's).
+    pub async fn set_removals(&self, removals: &Removals) {
+        self.set(keys::REMOVALS, removals.to_string()).await;
+    }
+
+    /// Publishes the outgoing nodes this node has pulled its new partitions from.
+    pub async fn set_moved(&self, moved: &[NodeId]) {
+        let ids: Vec<String> = moved.iter().map(ToString::to_string).collect();
+        self.set(keys::MOVED, ids.join(",")).await;
+    }
+
+    /// Publishes this node's progress pulling the partitions it takes over.
+    pub async fn set_move_progress(&self, progress: MoveProgress) {
+        self.set(keys::MOVE_PROGRESS, progress.to_value()).await;
     }
 
     /// Publishes this node's load (connected devices).

@@ -21,6 +21,13 @@ pub(crate) mod keys {
     /// The joining nodes this node's coordinator treats as pending, comma-separated ids,
     /// published once no operation of its older view still runs (the join barrier).
     pub const PENDING: &str = "pending";
+    /// The removal map this node knows ([`super::super::removals::Removals`], merged).
+    pub const REMOVALS: &str = "removals";
+    /// The outgoing nodes this node has pulled every partition it takes over from,
+    /// comma-separated ids (see `lifecycle/moves.rs`).
+    pub const MOVED: &str = "moved";
+    /// This node's pull of the partitions it takes over: `done/total/records`.
+    pub const MOVE_PROGRESS: &str = "move_progress";
     /// Prefix of per-user keys: `u:<user id in decimal>`, set while a device of that user is
     /// connected to the node.
     pub const USER_PREFIX: &str = "u:";
@@ -98,6 +105,44 @@ pub struct Member {
     /// The gossip version of `pending`: it changes whenever the member republishes it, so a
     /// joining node can tell that a view it relied on stayed in place.
     pub pending_version: u64,
+    /// The removal map it publishes (see [`super::Removals`]).
+    pub removals: super::Removals,
+    /// The outgoing nodes it has pulled every partition it takes over from, ascending.
+    pub moved: Vec<NodeId>,
+    /// Its pull of the partitions it takes over, as it last published it.
+    pub move_progress: Option<MoveProgress>,
+}
+
+/// A node's pull of the partitions it takes over from outgoing nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MoveProgress {
+    /// Partitions pulled so far in this pull.
+    pub partitions_done: u32,
+    /// Partitions this node takes over.
+    pub partitions_total: u32,
+    /// Records received so far in this pull.
+    pub records: u64,
+}
+
+impl MoveProgress {
+    /// The gossip value.
+    pub fn to_value(self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.partitions_done, self.partitions_total, self.records
+        )
+    }
+
+    /// Parses a gossip value.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s.split('/');
+        let p = Self {
+            partitions_done: it.next()?.parse().ok()?,
+            partitions_total: it.next()?.parse().ok()?,
+            records: it.next()?.parse().ok()?,
+        };
+        it.next().is_none().then_some(p)
+    }
 }
 
 impl Member {
@@ -122,6 +167,15 @@ impl Member {
                 .map(|v| v.split(',').filter_map(|id| id.parse().ok()).collect())
                 .unwrap_or_default(),
             pending_version: state.get_versioned(keys::PENDING).map_or(0, |v| v.version),
+            removals: state
+                .get(keys::REMOVALS)
+                .map(super::Removals::parse)
+                .unwrap_or_default(),
+            moved: state
+                .get(keys::MOVED)
+                .map(|v| v.split(',').filter_map(|id| id.parse().ok()).collect())
+                .unwrap_or_default(),
+            move_progress: state.get(keys::MOVE_PROGRESS).and_then(MoveProgress::parse),
         })
     }
 }

@@ -80,26 +80,26 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
             new: cas.new,
             min_version: cas.min_version,
         };
-        let reply = if primary.id == inner.self_id {
-            inner.cas_as_primary(request).await
-        } else {
-            let limit = inner.config.read_timeout + inner.config.write_timeout;
-            match timeout(limit, inner.client.cas(&primary, request)).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(error)) => {
-                    return Err(CasError::Forward {
-                        primary: primary.id,
-                        reason: FailureReason::failed(error),
-                    })
-                }
-                Err(_) => {
-                    return Err(CasError::Forward {
-                        primary: primary.id,
-                        reason: FailureReason::TimedOut,
-                    })
+        let (mut asked, mut reply) = (
+            primary.clone(),
+            self.cas_at(&primary, request.clone()).await?,
+        );
+        // Views differ for a moment while membership changes (a node joins, leaves, or
+        // restarts): the node this view names may name another. Follow that once; the
+        // replicas' version checks keep two primaries from both winning (see above).
+        if let CasReply::NotPrimary {
+            primary: Some(named),
+        } = reply
+        {
+            if named != asked.id {
+                if let Some(next) = topology.node(named).filter(|n| n.live).cloned() {
+                    metrics::counter!("cluster_cas_redirects_total").increment(1);
+                    reply = self.cas_at(&next, request).await?;
+                    asked = next;
                 }
             }
-        };
+        }
+        let primary = asked;
         match reply {
             CasReply::Swapped { version } => Ok(CasOutcome::Swapped { version }),
             CasReply::Mismatch { current } => Ok(CasOutcome::Mismatch { current }),
@@ -111,6 +111,32 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
             CasReply::Unavailable { acked, needed } => Err(CasError::Unavailable {
                 acked: acked as usize,
                 needed: needed as usize,
+            }),
+        }
+    }
+}
+
+impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
+    /// Sends `request` to `primary` (runs it here when that is this node).
+    async fn cas_at(
+        &self,
+        primary: &super::topology::ReplicaNode,
+        request: CasRequest,
+    ) -> Result<CasReply, CasError> {
+        let inner = &self.inner;
+        if primary.id == inner.self_id {
+            return Ok(inner.cas_as_primary(request).await);
+        }
+        let limit = inner.config.read_timeout + inner.config.write_timeout;
+        match timeout(limit, inner.client.cas(primary, request)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(error)) => Err(CasError::Forward {
+                primary: primary.id,
+                reason: FailureReason::failed(error),
+            }),
+            Err(_) => Err(CasError::Forward {
+                primary: primary.id,
+                reason: FailureReason::TimedOut,
             }),
         }
     }

@@ -202,8 +202,16 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
 
     /// Replaces the topology (after a membership change) and returns the one it replaced.
     /// Replicas that are live again and have hints waiting get them replayed in the
-    /// background.
+    /// background; the hints of a node whose removal is done are dropped.
     pub fn set_topology(&self, topology: Topology) -> Arc<Topology> {
+        // Hints for a node no view holds any more (its removal is done) would never be
+        // replayed.
+        for id in self.inner.hints.nodes() {
+            if topology.node(id).is_none() && topology.removals().state(id).is_some() {
+                let dropped = self.inner.hints.forget(id);
+                debug!(node = id, dropped, "dropped the hints of a removed node");
+            }
+        }
         let revived: Vec<NodeId> = self
             .inner
             .hints

@@ -133,6 +133,14 @@ impl HintStore {
         self.queues.lock().get(&node).map_or(0, |q| q.dropped)
     }
 
+    /// Drops every hint for `node` (it left placement for good); how many there were.
+    pub fn forget(&self, node: NodeId) -> usize {
+        let mut queues = self.queues.lock();
+        let n = queues.remove(&node).map_or(0, |q| q.batches.len());
+        Self::record_backlog(&queues);
+        n
+    }
+
     /// Nodes with hints waiting.
     pub fn nodes(&self) -> Vec<NodeId> {
         self.queues
@@ -173,6 +181,9 @@ mod tests {
         store.restore(7, first);
         assert_eq!(store.take(7).unwrap().ops[0].key, vec![2]);
         assert_eq!(store.nodes(), vec![7]);
+        assert_eq!(store.forget(7), 2);
+        assert_eq!(store.pending(7), 0);
+        assert!(store.nodes().is_empty());
 
         let small = HintStore::new(HintLimits {
             max_batches: 100,

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use crate::membership::{Lifecycle, Member};
+use crate::membership::{Lifecycle, Member, Removals};
 use crate::placement::{replicas, NodeId, Partition};
 
 /// A node that may hold replicas.
@@ -52,6 +52,11 @@ pub struct Topology {
     future_ids: Vec<NodeId>,
     /// Members that restarted empty and are joining again (held as down meanwhile).
     rejoining: BTreeSet<NodeId>,
+    /// Members on their way out (decommissioning or removed): still in their partitions'
+    /// current sets, left out of the future ones.
+    outgoing: BTreeSet<NodeId>,
+    /// The removal map gossip agrees on (merged from every member's).
+    removals: Removals,
 }
 
 /// The replicas one read or write of a partition must reach: its replica set, and while a
@@ -103,7 +108,33 @@ impl Topology {
             pending,
             future_ids,
             rejoining: BTreeSet::new(),
+            outgoing: BTreeSet::new(),
+            removals: Removals::new(),
         }
+    }
+
+    /// This topology with `outgoing` members on their way out: they stay in their
+    /// partitions' current sets and are left out of the future ones (ids that are not
+    /// members are ignored).
+    pub fn with_outgoing(mut self, outgoing: impl IntoIterator<Item = NodeId>) -> Self {
+        self.outgoing = outgoing
+            .into_iter()
+            .filter(|id| self.nodes.contains_key(id))
+            .collect();
+        self.future_ids = self
+            .ids
+            .iter()
+            .chain(self.pending.keys())
+            .copied()
+            .filter(|id| !self.outgoing.contains(id))
+            .collect();
+        self.future_ids.sort_unstable();
+        self
+    }
+
+    /// Whether some partition may have a future set: a node joins or leaves.
+    fn changing(&self) -> bool {
+        !self.pending.is_empty() || !self.outgoing.is_empty()
     }
 
     /// The topology gossip describes, from every generation of every member gossip knows:
@@ -115,8 +146,10 @@ impl Topology {
     ///   it is written to through hints and read from nowhere, so its emptiness is never
     ///   mistaken for a replica's answer, and its partitions do not move meanwhile.
     ///
-    /// A dead joining node is left out (it joins again when it comes back). `server_name`
-    /// names each member's certificate.
+    /// A dead joining node is left out (it joins again when it comes back). The removal
+    /// maps of all members are merged ([`Removals`]): a node whose removal is done is left
+    /// out whatever it publishes; a member being decommissioned or removed is outgoing
+    /// ([`Topology::with_outgoing`]). `server_name` names each member's certificate.
     pub fn from_members(
         self_id: NodeId,
         rf: usize,
@@ -124,9 +157,17 @@ impl Topology {
         server_name: impl Fn(&Member) -> String,
     ) -> Self {
         let placed = |m: &Member| matches!(m.state, Lifecycle::Active | Lifecycle::Leaving);
+        let mut removals = Removals::new();
+        for m in members {
+            removals.merge(&m.removals);
+        }
+        // A node's own removal being done does not take it out of its own view: until it
+        // stops, coordinators whose view is a round behind still send it swaps as the
+        // primary of its partitions, and it serves them as an outgoing member.
+        let gone: BTreeSet<NodeId> = removals.done().filter(|&id| id != self_id).collect();
         let mut newest: BTreeMap<NodeId, &Member> = BTreeMap::new();
         let mut ever_placed = std::collections::BTreeSet::new();
-        for m in members {
+        for m in members.iter().filter(|m| !gone.contains(&m.node_id)) {
             if placed(m) {
                 ever_placed.insert(m.node_id);
             }
@@ -156,9 +197,29 @@ impl Topology {
                 pending.push(node(m, m.live || m.node_id == self_id));
             }
         }
-        let mut topology = Self::with_pending(self_id, rf, nodes, pending);
+        let mut outgoing: Vec<NodeId> = removals.outgoing().collect();
+        if removals.state(self_id) == Some(crate::membership::RemovalState::Done) {
+            outgoing.push(self_id);
+        }
+        let mut topology = Self::with_pending(self_id, rf, nodes, pending).with_outgoing(outgoing);
         topology.rejoining = rejoining;
+        topology.removals = removals;
         topology
+    }
+
+    /// The removal map gossip agrees on (empty for a topology not built from gossip).
+    pub fn removals(&self) -> &Removals {
+        &self.removals
+    }
+
+    /// The members on their way out, ascending.
+    pub fn outgoing(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.outgoing.iter().copied()
+    }
+
+    /// Whether `id` is a member on its way out.
+    pub fn is_outgoing(&self, id: NodeId) -> bool {
+        self.outgoing.contains(&id)
     }
 
     /// This node's id.
@@ -186,11 +247,13 @@ impl Topology {
         self.pending.values()
     }
 
-    /// Every node that is joining: pending ones and members joining again after a restart on
-    /// an empty data dir. What a member publishes for the join barrier.
+    /// Every node whose partitions change hands: pending ones, members joining again after
+    /// a restart on an empty data dir, and outgoing ones. What a member publishes for the
+    /// join and move barriers.
     pub fn joining_ids(&self) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = self.pending.keys().copied().collect();
         ids.extend(self.rejoining.iter().copied());
+        ids.extend(self.outgoing.iter().copied());
         ids.sort_unstable();
         ids
     }
@@ -211,7 +274,7 @@ impl Topology {
     /// The replica set `partition` will have once the pending nodes are active (the current
     /// one when nothing is pending).
     pub fn future_set(&self, partition: Partition) -> Vec<ReplicaNode> {
-        if self.pending.is_empty() {
+        if !self.changing() {
             return self.replica_set(partition);
         }
         replicas(partition, &self.future_ids, self.rf)
@@ -225,7 +288,7 @@ impl Topology {
         let current = self.replica_set(partition);
         let mut sets = vec![current.iter().map(|n| n.id).collect::<Vec<_>>()];
         let mut nodes = current;
-        if !self.pending.is_empty() {
+        if self.changing() {
             let future = self.future_set(partition);
             let future_ids: Vec<NodeId> = future.iter().map(|n| n.id).collect();
             if future_ids.iter().any(|id| !sets[0].contains(id)) {
@@ -334,6 +397,9 @@ mod tests {
             load: 0,
             pending: Vec::new(),
             pending_version: 0,
+            removals: Default::default(),
+            moved: Vec::new(),
+            move_progress: None,
         };
         let members = [
             member(1, 1, Lifecycle::Active, true),
@@ -367,5 +433,62 @@ mod tests {
         assert!(own.is_member(3) && !own.node(3).unwrap().live);
         // ...and never the primary of a partition, even in its own view.
         assert!((0..64).all(|p| own.primary(Partition(p)).is_some_and(|n| n.id != 3)));
+    }
+
+    #[test]
+    fn removals_make_members_outgoing_then_gone_except_in_their_own_view() {
+        use crate::membership::{NodeAddrs, RemovalState, Removals};
+        let member = |id: NodeId, removals: &Removals| Member {
+            node_id: id,
+            generation: 1,
+            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
+            addrs: NodeAddrs {
+                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
+                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
+                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id)),
+            },
+            state: Lifecycle::Active,
+            live: true,
+            load: 0,
+            pending: Vec::new(),
+            pending_version: 0,
+            removals: removals.clone(),
+            moved: Vec::new(),
+            move_progress: None,
+        };
+        let mut leaving = Removals::new();
+        leaving.request(4, RemovalState::Leaving);
+        // One member's map is enough: maps merge.
+        let empty = Removals::new();
+        let members: Vec<Member> = (1..=4)
+            .map(|id| member(id, if id == 2 { &leaving } else { &empty }))
+            .collect();
+        let t = Topology::from_members(1, 3, &members, |m| format!("node-{}", m.node_id));
+        assert!(t.is_member(4) && t.is_outgoing(4));
+        assert_eq!(t.joining_ids(), [4]);
+        let after = Topology::new(1, 3, (1..=3).map(|i| node(i, true)));
+        for p in (0..64).map(Partition) {
+            let ids = |set: Vec<ReplicaNode>| set.into_iter().map(|n| n.id).collect::<Vec<_>>();
+            assert_eq!(ids(t.future_set(p)), ids(after.replica_set(p)));
+            assert_eq!(
+                t.quorums(p).in_transition(),
+                t.replica_set(p).iter().any(|n| n.id == 4)
+            );
+        }
+        // Done: gone from every view but its own, where it stays an outgoing member.
+        let mut done = Removals::new();
+        done.merge_entry(
+            4,
+            crate::membership::Removal {
+                version: 1,
+                state: RemovalState::Done,
+            },
+        );
+        let members: Vec<Member> = (1..=4).map(|id| member(id, &done)).collect();
+        let t = Topology::from_members(1, 3, &members, |m| format!("node-{}", m.node_id));
+        assert!(t.node(4).is_none());
+        assert_eq!(t.outgoing().count(), 0);
+        let own = Topology::from_members(4, 3, &members, |m| format!("node-{}", m.node_id));
+        assert!(own.is_member(4) && own.is_outgoing(4));
     }
 }

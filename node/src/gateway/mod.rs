@@ -6,6 +6,7 @@
 //! ([`web`]). Gateways call the domain services through
 //! [`crate::node::Node`]; they never touch the store or the cluster directly.
 
+pub mod admin;
 pub mod drain;
 pub mod http;
 pub mod listener;

@@ -7,6 +7,7 @@
 //!   (the domain's `Forward` port), and the peer requests this node serves;
 //! - [`directory`]: the gossip-backed presence directory (the domain's `Directory` port).
 
+mod admin;
 mod directory;
 mod forward;
 
@@ -37,6 +38,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use admin::{MemberStatus, MoveStatus};
 pub use directory::GossipDirectory;
 pub use forward::Forwarder;
 
@@ -83,6 +85,12 @@ pub struct Mesh {
     stop: CancellationToken,
     /// Set when the node starts draining: it publishes [`DRAINING_LOAD`] from then on.
     draining: std::sync::atomic::AtomicBool,
+    /// Membership and topology as the lifecycle last read them.
+    view: watch::Receiver<ClusterView>,
+    /// Where the lifecycle is (`Left` once this node's removal is done).
+    phase: watch::Receiver<cluster::lifecycle::Phase>,
+    /// The cluster's partition count.
+    partitions: u32,
 }
 
 /// What [`Mesh::start`] binds and learns.
@@ -199,7 +207,11 @@ impl Mesh {
         .context("cannot start the cluster lifecycle")?;
 
         let view = lifecycle.watch_view();
+        let phase = lifecycle.watch_phase();
         let mesh = Arc::new(Mesh {
+            view: view.clone(),
+            phase,
+            partitions: cfg.partitions,
             coord,
             self_id: cfg.node_id,
             lifecycle: parking_lot::Mutex::new(Some(lifecycle)),

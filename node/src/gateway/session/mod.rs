@@ -360,10 +360,12 @@ impl Session {
         match frame {
             ClientFrame::Send { id, to, body } => {
                 if let Err(e) = crate::domain::chat::validate_send(&id, &body) {
+                    send_refused(e.code.as_str());
                     self.error(e, Some(id)).await;
                     return None;
                 }
                 if let Err(wait) = self.limit.try_send(Instant::now()) {
+                    send_refused("rate_limited");
                     self.rate_limited("sends", wait, Some(id)).await;
                     return None;
                 }
@@ -384,7 +386,10 @@ impl Session {
                                 conversation: m.conversation,
                                 ts: m.ts,
                             },
-                            Err(e) => ServerFrame::error(e.code, e.message, Some(id)),
+                            Err(e) => {
+                                send_refused(e.code.as_str());
+                                ServerFrame::error(e.code, e.message, Some(id))
+                            }
                         };
                         let _ = out.send(Outbound::Frame(Box::new(frame))).await;
                     }
@@ -499,4 +504,9 @@ pub(crate) fn reply_bytes(messages: &[client_proto::Message]) -> usize {
         .iter()
         .map(|m| m.body.len() + m.client_id.len() + 100)
         .sum()
+}
+
+/// Counts a refused send, by the error code the client got (`chat_sends_refused_total`).
+fn send_refused(reason: &'static str) {
+    metrics::counter!("chat_sends_refused_total", "reason" => reason).increment(1);
 }
