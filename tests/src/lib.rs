@@ -214,7 +214,7 @@ impl TestNode {
     }
 
     /// Sends SIGTERM and returns at once (the node drains, then stops); see
-    /// [`TestNode::wait_exit`].
+    /// [`TestNode::exit_within`].
     pub fn sigterm(&self) {
         if let Some(c) = &self.child {
             unsafe_free_sigterm(c.id());
@@ -223,7 +223,7 @@ impl TestNode {
 
     /// Waits (polling, without blocking the runtime) up to `within` for the process to exit;
     /// its exit code, or `None` if it is still running (it is then left running).
-    pub async fn wait_exit(&mut self, within: Duration) -> Option<Option<i32>> {
+    pub async fn exit_within(&mut self, within: Duration) -> Option<Option<i32>> {
         let deadline = std::time::Instant::now() + within;
         loop {
             let c = self.child.as_mut()?;

@@ -258,7 +258,7 @@ async fn rolling_restart_under_load_loses_nothing_and_refuses_nothing() {
         let t = Instant::now();
         cluster.nodes[i].sigterm();
         let exit = cluster.nodes[i]
-            .wait_exit(Duration::from_secs(DRAIN_TIMEOUT_SECS) + EXIT_MARGIN)
+            .exit_within(Duration::from_secs(DRAIN_TIMEOUT_SECS) + EXIT_MARGIN)
             .await;
         assert_eq!(
             exit,
@@ -486,7 +486,7 @@ async fn a_draining_node_refuses_newcomers_and_closes_stayers_with_1001() {
         }
     }
     let exit = cluster.nodes[0]
-        .wait_exit(Duration::from_secs(4) + EXIT_MARGIN)
+        .exit_within(Duration::from_secs(4) + EXIT_MARGIN)
         .await;
     assert_eq!(exit, Some(Some(0)), "the drained node did not stop cleanly");
     let log = cluster.nodes[0].log_text();
