@@ -23,7 +23,7 @@ SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(dirname -- "$SCRIPT_DIR")"
 readonly SCRIPT_DIR REPO_DIR
 readonly READY_TIMEOUT_SECS="${READY_TIMEOUT_SECS:-30}"
-readonly STOP_TIMEOUT_SECS="${STOP_TIMEOUT_SECS:-15}"
+readonly STOP_TIMEOUT_SECS="${STOP_TIMEOUT_SECS:-45}"  # room for the drain (30 s by default)
 
 BASE_PORT=9000
 DIR="$PWD/local-cluster"

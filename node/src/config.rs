@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// A device silent for this long is dropped, ms [default: 30000].
     #[arg(long, env = "CHATNODE_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// On SIGTERM, how long connected devices get to move to another node (after the
+    /// `draining` frame) before the rest are closed with 1001, s [default: 30].
+    #[arg(long, env = "CHATNODE_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
     /// Sustained sends per second per user, all of the user's connections to this node
     /// together [default: 50].
     #[arg(long, env = "CHATNODE_RATE_LIMIT_PER_SEC")]
@@ -217,6 +221,7 @@ struct FileConfig {
     partitions: Option<u32>,
     heartbeat_interval_ms: Option<u64>,
     heartbeat_timeout_ms: Option<u64>,
+    drain_timeout_secs: Option<u64>,
     rate_limit_per_sec: Option<f64>,
     rate_limit_burst: Option<u32>,
     read_rate_limit_per_sec: Option<f64>,
@@ -271,6 +276,8 @@ pub struct Config {
     pub partitions: u32,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// How long a drain waits for devices to move before closing the rest (`Node::drain`).
+    pub drain_timeout: Duration,
     /// Sends per second per user, and their burst.
     pub rate_limit_per_sec: f64,
     pub rate_limit_burst: u32,
@@ -392,6 +399,11 @@ impl Config {
             heartbeat_timeout: ms(
                 args.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms),
                 30_000,
+            ),
+            drain_timeout: Duration::from_secs(
+                args.drain_timeout_secs
+                    .or(file.drain_timeout_secs)
+                    .unwrap_or(30),
             ),
             rate_limit_per_sec: args
                 .rate_limit_per_sec

@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::domain::accounts::Accounts;
@@ -19,6 +20,7 @@ use crate::domain::friends::Friends;
 use crate::domain::groups::Groups;
 use crate::domain::hub::Hub;
 use crate::domain::presence::Presence;
+use crate::gateway::drain::{Drain, DrainReport, Targets};
 use crate::ids::ClockSkew;
 use crate::mesh::Mesh;
 use crate::store::Store;
@@ -43,10 +45,19 @@ pub struct Node {
     /// Cancelled when an operator asks this node to drain and stop (`POST /v1/admin/drain`).
     stop_requested: CancellationToken,
     sessions: TaskTracker,
+    /// Drain state: new connections refused, sessions told to move ([`Node::drain`]).
+    pub drain: Drain,
     /// Connections catching up with their inboxes at once (a node-wide catch-up asks every
     /// connection; this keeps their reads from swamping the replicas).
     catch_ups: tokio::sync::Semaphore,
 }
+
+/// How often a drain logs how many sessions are left.
+const DRAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a drain waits, after its timeout, for the remaining sessions to finish their
+/// in-flight sends and close (a send takes at most the write timeout, 2 s by default; a
+/// connection still authenticating has up to 10 s).
+const DRAIN_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(12);
 
 /// Catch-ups that read their inboxes at once, node-wide.
 const CONCURRENT_CATCH_UPS: usize = 32;
@@ -128,6 +139,7 @@ impl Node {
             admin_token: p.admin_token,
             stop_requested: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            drain: Drain::default(),
             catch_ups: tokio::sync::Semaphore::new(CONCURRENT_CATCH_UPS),
         }
     }
@@ -192,7 +204,7 @@ impl Node {
 
     /// `Ok` when the node serves, else why not.
     pub fn readiness(&self) -> Result<(), NotReady> {
-        if self.shutdown.is_cancelled() {
+        if self.shutdown.is_cancelled() || self.drain.is_draining() {
             Err(NotReady::Draining)
         } else if !self.mesh.is_active() {
             Err(NotReady::Joining)
@@ -252,6 +264,89 @@ impl Node {
     /// Runs a session task that shutdown waits for.
     pub fn spawn_session(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
         self.sessions.spawn(fut);
+    }
+
+    /// Drains this node's client connections before it stops (or is upgraded): refuses new
+    /// WebSocket and QUIC connections (`/readyz` says `draining`, gossip load
+    /// [`crate::mesh::DRAINING_LOAD`]), sends every session a `draining` frame naming the
+    /// least-loaded other active member, waits up to `within` for the clients to leave
+    /// (their sends already taken are stored and acked), then closes the rest with 1001
+    /// after their in-flight sends finish. Returns what happened.
+    ///
+    /// Idempotent: a second call (SIGTERM after an admin drain) waits for the first and
+    /// returns its report. The node stays draining afterwards; stopping it is the caller's
+    /// job (`server::serve` goes on with the shutdown).
+    pub async fn drain(&self, within: std::time::Duration) -> DrainReport {
+        self.drain
+            .report
+            .get_or_init(|| self.run_drain(within))
+            .await
+            .clone()
+    }
+
+    async fn run_drain(&self, within: std::time::Duration) -> DrainReport {
+        let span = tracing::info_span!("drain", node = self.cfg.node_id);
+        async {
+            let started = tokio::time::Instant::now();
+            let sessions_at_start = self.hub.connections();
+            let targets = Targets::new(self.mesh.start_drain().await);
+            self.drain.start(targets);
+            let moved_to = self.drain.target_ids();
+            tracing::info!(
+                sessions = sessions_at_start,
+                targets = ?moved_to,
+                timeout_s = within.as_secs_f64(),
+                "draining: refusing new connections and moving devices"
+            );
+            metrics::gauge!("gateway_drain_sessions").set(sessions_at_start as f64);
+            self.sessions.close();
+            let deadline = started + within;
+            let mut timed_out = false;
+            loop {
+                let progress = tokio::time::Instant::now() + DRAIN_PROGRESS_EVERY;
+                tokio::select! {
+                    _ = self.sessions.wait() => break,
+                    _ = tokio::time::sleep_until(progress.min(deadline)) => {}
+                }
+                let left = self.hub.connections();
+                metrics::gauge!("gateway_drain_sessions").set(left as f64);
+                if tokio::time::Instant::now() >= deadline {
+                    timed_out = true;
+                    break;
+                }
+                let (moved, _) = self.drain.counts();
+                tracing::info!(sessions = left, moved, "draining");
+            }
+            let mut left_over = 0;
+            if timed_out {
+                tracing::info!(
+                    sessions = self.hub.connections(),
+                    "drain timeout: closing the remaining sessions (1001)"
+                );
+                self.drain.close_remaining();
+                if tokio::time::timeout(DRAIN_CLOSE_GRACE, self.sessions.wait())
+                    .await
+                    .is_err()
+                {
+                    left_over = self.sessions.len() as u64;
+                }
+            }
+            metrics::gauge!("gateway_drain_sessions").set(self.hub.connections() as f64);
+            let (moved, closed) = self.drain.counts();
+            let report = DrainReport {
+                sessions_at_start,
+                moved,
+                closed,
+                left_over,
+                timed_out,
+                moved_to,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            };
+            tracing::info!(?report, "drained");
+            report
+        }
+        .instrument(span)
+        .await
     }
 
     /// Stops taking sessions and waits (at most `within`) for the running ones to end;

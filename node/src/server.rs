@@ -6,8 +6,11 @@
 //! the client QUIC endpoint, the mesh (peer endpoint, gossip, the
 //! cluster lifecycle), presence and push, the domain services, then the gateways.
 //!
-//! Shutdown, in this order: stop accepting (HTTP and QUIC listeners), tell sessions to drain
-//! and wait for them, stop the mesh (it leaves gossip and lets writes past their quorum
+//! Shutdown, in this order: drain the client connections (`Node::drain`: refuse new ones,
+//! send every session a `draining` frame naming another node, wait up to
+//! `--drain-timeout-secs` for the devices to move, close the rest with 1001 after their
+//! in-flight sends), stop accepting (HTTP and QUIC listeners), end what is left of the
+//! sessions and wait for them, stop the mesh (it leaves gossip and lets writes past their quorum
 //! reach the other replicas), stop presence fan-out and the push worker, flush the store.
 //! Every task's result is checked; a task that panicked is reported.
 
@@ -34,7 +37,7 @@ use crate::mesh::{GossipDirectory, Mesh};
 use crate::node::{Node, Parts};
 use crate::store::{Store, StoreOptions};
 
-/// How long shutdown waits for sessions to finish.
+/// How long shutdown waits for sessions to finish once the drain is over.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the clock's lease is checked (it is renewed about every half second of clock
 /// time, and has 2.5 s to become durable).
@@ -277,11 +280,21 @@ pub async fn serve(
     };
     tracing::info!(target: "chatnode::ready", "{ready}");
 
-    tokio::select! {
-        _ = stop => tracing::info!("shutting down"),
-        why = node.stop_requested() => tracing::info!(why, "shutting down"),
-        _ = shutdown.cancelled() => {}
+    let stopped = tokio::select! {
+        _ = stop => Some("a signal"),
+        why = node.stop_requested() => Some(why),
+        _ = shutdown.cancelled() => None,
+    };
+    if let Some(why) = stopped {
+        // Move the clients elsewhere before anything stops (an admin drain may have done it
+        // already: then this returns its report at once).
+        tracing::info!(why, "stopping: draining client connections first");
+        tokio::select! {
+            _ = node.drain(node.cfg.drain_timeout) => {}
+            _ = shutdown.cancelled() => tracing::warn!("shutdown requested during the drain"),
+        }
     }
+    tracing::info!("shutting down");
     shutdown.cancel();
     if !node.drain_sessions(DRAIN_TIMEOUT).await {
         tracing::warn!("some sessions did not finish within {DRAIN_TIMEOUT:?}");

@@ -1,7 +1,8 @@
 // One device's WebSocket session (docs/protocol.md sections 5 and 7.5): authenticate, keep it
 // alive with heartbeats at the interval `ready` gives, and after any loss reconnect with a
 // jittered backoff, to the same node or, when it cannot be reached, to another one named by
-// `/v1/discover` (asked of every node this page has heard of).
+// `/v1/discover` (asked of every node this page has heard of). A `draining` frame moves it at
+// once to the node the frame names.
 
 const BASE_DELAY_MS = 1000;
 const MAX_DELAY_MS = 30000;
@@ -105,6 +106,10 @@ export class Connection {
       } catch {
         return;
       }
+      if (frame.type === "draining") {
+        this.moveTo(ws, frame.reconnect_to);
+        return;
+      }
       if (!this.ready) {
         if (frame.type === "ready") {
           this.onReady(frame);
@@ -130,6 +135,25 @@ export class Connection {
       if (!wasReady) this.failures++;
       this.scheduleReconnect();
     };
+  }
+
+  /**
+   * The node is draining (docs/protocol.md 5.6): leave it and connect at once, without
+   * backoff, to the node it names (or as after a lost connection when it names none). The
+   * new session syncs and resends the outbox on `ready`, as after any reconnect.
+   */
+  moveTo(ws, url) {
+    if (this.ws !== ws || this.stopped) return;
+    this.ws = null;
+    this.ready = false;
+    clearInterval(this.heartbeatTimer);
+    ws.close(1000);
+    if (url) {
+      this.url = url;
+      this.connect();
+    } else {
+      this.scheduleReconnect();
+    }
   }
 
   onReady(frame) {

@@ -230,6 +230,47 @@ impl TestNode {
         }
     }
 
+    /// Sends SIGTERM and returns at once (the node drains, then stops); see
+    /// [`TestNode::exit_within`].
+    pub fn sigterm(&self) {
+        if let Some(c) = &self.child {
+            unsafe_free_sigterm(c.id());
+        }
+    }
+
+    /// Waits (polling, without blocking the runtime) up to `within` for the process to exit;
+    /// its exit code, or `None` if it is still running (it is then left running).
+    pub async fn exit_within(&mut self, within: Duration) -> Option<Option<i32>> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status.code());
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to `within` for `GET /readyz` to answer 200; false if it never did.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let url = format!("{}/readyz", self.http);
+        let http = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status() == 200 {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
     /// The cluster CA certificate (PEM) that QUIC clients trust.
     pub fn ca_pem(&self) -> Vec<u8> {
         std::fs::read(self.data_dir().join("cluster").join("ca.pem")).unwrap()

@@ -884,3 +884,65 @@ async fn web_4_failover_to_another_node() {
     }
     alice.shot("11-after-failover").await;
 }
+
+/// The page follows a `draining` hint: node 0 (the page's node) is stopped with SIGTERM; the
+/// page moves at once to the node the hint names, so node 0's drain ends with the page moved
+/// (not closed at the drain timeout), and the page keeps chatting from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_6_a_draining_node_moves_the_page() {
+    if !have_chromium() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    // A drain timeout far longer than a move takes: a page that ignored the hint would be
+    // closed at the timeout, and the report would say so.
+    // Three nodes: with node 0 stopped, the other two still make write quorums.
+    let mut cluster = TestCluster::start(3, &["--drain-timeout-secs", "60"]).await;
+    let base = cluster.nodes[0].http.clone();
+    let _bob = cluster.nodes[1].user("bob").await;
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+    alice.sign_in(&base, "alice", true).await;
+    alice.chat_with("bob").await;
+    alice.send("before").await;
+    alice
+        .until(
+            "document.querySelector('#messages .msg.mine[data-state=\"sent\"]')",
+            "acked",
+        )
+        .await;
+
+    cluster.nodes[0].sigterm();
+    let exit = cluster.nodes[0]
+        .exit_within(Duration::from_secs(60 + 60))
+        .await;
+    assert_eq!(exit, Some(Some(0)), "node 0 did not stop cleanly");
+    let log = cluster.nodes[0].log_text();
+    let report = log
+        .lines()
+        .find(|l| l.contains("drained report"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        report.contains("moved: 1, closed: 0"),
+        "the page did not move by the hint: {report}"
+    );
+    alice.connected().await;
+    let now_url = alice
+        .js("return document.getElementById('conn-state').title;")
+        .await;
+    let on = |i: usize| {
+        now_url
+            .as_str()
+            .unwrap_or_default()
+            .contains(cluster.nodes[i].http.trim_start_matches("http://"))
+    };
+    assert!(on(1) || on(2), "the page is on {now_url}, not node 1 or 2");
+    alice.send("after").await;
+    alice
+        .until(
+            "[...document.querySelectorAll('#messages .msg.mine')].filter(e => e.dataset.state === 'sent').length === 2",
+            "the message sent after the move acknowledged",
+        )
+        .await;
+}

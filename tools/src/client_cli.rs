@@ -452,6 +452,10 @@ impl Ui {
             Event::Disconnected { reason } => {
                 say(format!("* disconnected ({reason}); reconnecting"))
             }
+            Event::Moving { to: Some(to) } => {
+                say(format!("* the node is draining; moving to {to}"))
+            }
+            Event::Moving { to: None } => say("* the node is draining; reconnecting"),
             Event::Message(m) => self.print_message(&m).await,
             Event::Presence {
                 user_id, status, ..

@@ -6,6 +6,12 @@
 //! it has already delivered (by message id), heartbeats, and re-sends unacknowledged sends
 //! with their original client ids (the server acks a retried id with the first message's id,
 //! without storing a second message).
+//!
+//! A `draining` frame (the node is about to stop) moves the client at once, without backoff,
+//! to the node it names (`reconnect_to`, same transport and token); without a hint it
+//! reconnects as after a lost connection (asking `discover` first). Either way the new
+//! connection syncs from the cursor and re-sends every unacknowledged send with its client
+//! id. [`ChatClient::stats`] counts moves and retries.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +42,10 @@ pub enum Event {
     Connected { node_id: u16 },
     /// The connection was lost; the client reconnects by itself.
     Disconnected { reason: String },
+    /// The node said it is draining (`draining` frame): the client closed that connection
+    /// and now connects to `to` (`None`: the node named no other node; it reconnects as
+    /// after a lost connection).
+    Moving { to: Option<String> },
     /// A message for this user, delivered once per message id.
     Message(Message),
     /// A watched user's status changed.
@@ -79,6 +89,61 @@ impl ClientOptions {
     }
 }
 
+/// What a [`ChatClient`] has done so far (counters since it started).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connections made (the first one included).
+    pub connects: u64,
+    /// Connections left because the node sent `draining` with a `reconnect_to` hint.
+    pub moves_by_hint: u64,
+    /// Connections left because the node sent `draining` without a hint.
+    pub moves_without_hint: u64,
+    /// Connections that ended otherwise (closed by the node, a network failure, a failed
+    /// send), after which the client reconnected.
+    pub lost: u64,
+    /// Attempts to connect that failed.
+    pub connect_failures: u64,
+    /// Sends the node refused with `unavailable` (retried with the same client id).
+    pub sends_unavailable: u64,
+    /// Sends the node refused with `rate_limited` (retried with the same client id).
+    pub sends_rate_limited: u64,
+    /// Sends re-sent on a new connection because the last one ended before their ack.
+    pub resent: u64,
+}
+
+/// The live counters behind [`ClientStats`], shared by the driver and the handle.
+#[derive(Default)]
+struct Stats {
+    connects: AtomicU64,
+    moves_by_hint: AtomicU64,
+    moves_without_hint: AtomicU64,
+    lost: AtomicU64,
+    connect_failures: AtomicU64,
+    sends_unavailable: AtomicU64,
+    sends_rate_limited: AtomicU64,
+    resent: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ClientStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ClientStats {
+            connects: get(&self.connects),
+            moves_by_hint: get(&self.moves_by_hint),
+            moves_without_hint: get(&self.moves_without_hint),
+            lost: get(&self.lost),
+            connect_failures: get(&self.connect_failures),
+            sends_unavailable: get(&self.sends_unavailable),
+            sends_rate_limited: get(&self.sends_rate_limited),
+            resent: get(&self.resent),
+        }
+    }
+}
+
 struct PendingSend {
     frame: ClientFrame,
     reply: oneshot::Sender<Result<Ack, ClientError>>,
@@ -94,6 +159,7 @@ pub struct ChatClient {
     sender: ChatSender,
     events: mpsc::Receiver<Event>,
     cursor: Arc<AtomicU64>,
+    stats: Arc<Stats>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -148,7 +214,9 @@ impl ChatClient {
         let (ev_tx, events) = mpsc::channel(EVENT_QUEUE);
         let cursor = Arc::new(AtomicU64::new(opts.cursor.map_or(0, |c| c.0)));
         let stop = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
         let driver = Driver {
+            stats: stats.clone(),
             opts,
             cmds: cmd_rx,
             events: ev_tx,
@@ -171,6 +239,7 @@ impl ChatClient {
             },
             events,
             cursor,
+            stats,
             stop,
             task: Some(tokio::spawn(driver.run())),
         }
@@ -217,6 +286,11 @@ impl ChatClient {
         Some(Position(self.cursor.load(Ordering::Relaxed))).filter(|c| c.0 > 0)
     }
 
+    /// What the client has done so far: connections, moves, retried sends.
+    pub fn stats(&self) -> ClientStats {
+        self.stats.snapshot()
+    }
+
     /// Stops the driver and closes the connection.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
@@ -249,12 +323,15 @@ struct Driver {
     seen: HashSet<MessageId>,
     seen_order: VecDeque<MessageId>,
     stop: CancellationToken,
+    stats: Arc<Stats>,
 }
 
 /// Why a connected session ended.
 enum End {
     Stop,
     Lost(String),
+    /// The node is draining; move to this address (the same transport), if it gave one.
+    Moved(Option<String>),
 }
 
 impl Driver {
@@ -268,6 +345,7 @@ impl Driver {
             match connected {
                 Ok(conn) => {
                     failures = 0;
+                    Stats::bump(&self.stats.connects);
                     let _ = self
                         .events
                         .send(Event::Connected {
@@ -277,7 +355,20 @@ impl Driver {
                     match self.session(conn).await {
                         End::Stop => return,
                         End::Lost(reason) => {
+                            Stats::bump(&self.stats.lost);
                             let _ = self.events.send(Event::Disconnected { reason }).await;
+                        }
+                        End::Moved(Some(to)) => {
+                            Stats::bump(&self.stats.moves_by_hint);
+                            self.opts.url = self.hinted_url(&to);
+                            let _ = self.events.send(Event::Moving { to: Some(to) }).await;
+                            // The hint names a node that takes clients now: no backoff.
+                            continue;
+                        }
+                        End::Moved(None) => {
+                            Stats::bump(&self.stats.moves_without_hint);
+                            let _ = self.events.send(Event::Moving { to: None }).await;
+                            self.rediscover().await;
                         }
                     }
                 }
@@ -293,6 +384,7 @@ impl Driver {
                 }
                 Err(_) => {
                     failures += 1;
+                    Stats::bump(&self.stats.connect_failures);
                     self.rediscover().await;
                 }
             }
@@ -327,6 +419,16 @@ impl Driver {
         }
     }
 
+    /// The URL to connect to for a `reconnect_to` hint: a WebSocket URL as is; a QUIC
+    /// address (`host:port`, or a `quic://` URL) as a `quic://` URL.
+    fn hinted_url(&self, to: &str) -> String {
+        if self.opts.url.starts_with("quic://") && !to.starts_with("quic://") {
+            format!("quic://{to}")
+        } else {
+            to.to_string()
+        }
+    }
+
     fn fail_all(&mut self, err: impl Fn() -> ClientError) {
         for (_, p) in self.unacked.drain() {
             let _ = p.reply.send(Err(err()));
@@ -345,6 +447,7 @@ impl Driver {
         self.syncing = true;
         for id in self.order.clone() {
             if let Some(p) = self.unacked.get(&id) {
+                Stats::bump(&self.stats.resent);
                 if let Err(e) = conn.send(&p.frame).await {
                     return End::Lost(e.to_string());
                 }
@@ -385,6 +488,12 @@ impl Driver {
                     conn.send(&ClientFrame::Heartbeat).await
                 }
                 Step::Frame(Err(e)) => return End::Lost(e.to_string()),
+                Step::Frame(Ok(ServerFrame::Draining { reconnect_to })) => {
+                    // Sends without an ack yet are re-sent on the next connection with the
+                    // same client ids (the server acks a repeat with the first message).
+                    conn.close().await;
+                    return End::Moved(reconnect_to);
+                }
                 Step::Frame(Ok(f)) => match self.handle(f).await {
                     Some(retry) => conn.send(&retry).await,
                     None => Ok(()),
@@ -443,6 +552,12 @@ impl Driver {
                 retry_after_ms,
             } => {
                 if matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited) {
+                    Stats::bump(if code == ErrorCode::Unavailable {
+                        &self.stats.sends_unavailable
+                    } else {
+                        &self.stats.sends_rate_limited
+                    });
+                    tracing::debug!(client_id = %r, %code, %message, "send refused; retrying it");
                     // Safe to retry with the same client id, after a pause (at least what the
                     // node asked for).
                     let jitter = rand::thread_rng().gen_range(200..1000);
@@ -540,3 +655,7 @@ enum Step {
     Cmd(Option<Cmd>),
     Frame(Result<ServerFrame, ClientError>),
 }
+
+#[cfg(test)]
+#[path = "chat_tests.rs"]
+mod tests;

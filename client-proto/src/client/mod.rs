@@ -27,7 +27,7 @@ mod conn;
 mod http;
 pub mod quic;
 
-pub use chat::{ChatClient, ChatSender, ClientOptions, Event};
+pub use chat::{ChatClient, ChatSender, ClientOptions, ClientStats, Event};
 pub use conn::{connect_raw, Ack, ConnectOptions, Connection, SyncResult, WsConnection};
 pub use http::HttpClient;
 

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodecError};
 use tokio_util::sync::CancellationToken;
 
+use crate::gateway::drain::Transport;
 use crate::gateway::session::{self, Inbound, OutFrame};
 use crate::node::Node;
 
@@ -105,6 +106,13 @@ pub fn spawn_accept(
                     None => break,
                 },
             };
+            if node.drain.is_draining() {
+                // Refused before the handshake, like a connection over the per-IP cap.
+                metrics::counter!("gateway_drain_refused_total", "transport" => "quic")
+                    .increment(1);
+                incoming.refuse();
+                continue;
+            }
             let Some(guard) = per_ip.try_acquire(incoming.remote_address().ip()) else {
                 metrics::counter!("quic_refused_total").increment(1);
                 incoming.refuse();
@@ -176,6 +184,6 @@ async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
             Ok::<_, std::io::Error>((w, conn))
         },
     );
-    session::run(node, peer, reader, Box::pin(writer)).await;
+    session::run(node, peer, Transport::Quic, reader, Box::pin(writer)).await;
     conn.close(CloseCode::Normal.code().into(), b"session ended");
 }

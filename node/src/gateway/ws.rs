@@ -17,6 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite;
 
 use crate::domain::error::ApiError;
+use crate::gateway::drain::Transport;
 use crate::gateway::session::{self, Inbound, OutFrame};
 use crate::node::Node;
 
@@ -29,6 +30,9 @@ const WRITE_BUFFER: usize = 4 * 1024;
 /// Most bytes queued for a slow reader before writes fail.
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
+/// How long a connection the server closed waits for the client's close frame.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `GET /v1/ws`.
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
@@ -36,6 +40,16 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    if node.drain.is_draining() {
+        metrics::counter!("gateway_drain_refused_total", "transport" => "ws").increment(1);
+        tracing::debug!(%peer, "WebSocket upgrade refused: draining");
+        return ApiError::new(
+            client_proto::ErrorCode::Unavailable,
+            "this node is draining; connect to another node (GET /v1/discover)",
+        )
+        .retry_after(std::time::Duration::from_secs(1))
+        .into_response();
+    }
     if let Err(why) = check_origin(&headers, &node.cfg.allowed_origins) {
         // A page served by another member of the cluster (the web client moving to this node
         // when its own is gone) is as much ours as a page served here.
@@ -67,7 +81,7 @@ pub async fn upgrade(
 async fn serve(node: Arc<Node>, peer: SocketAddr, socket: WebSocket) {
     let _tracked = node.connection_guard();
     let (sink, stream) = socket.split();
-    let reader = stream
+    let mut reader = stream
         .filter_map(|item| async move {
             match item {
                 Ok(Message::Text(t)) => Some(Inbound::Data(Codec::Json, t.into())),
@@ -90,7 +104,20 @@ async fn serve(node: Arc<Node>, peer: SocketAddr, socket: WebSocket) {
             })),
         })
     });
-    session::run(node, peer, reader, Box::pin(writer)).await;
+    session::run(
+        node,
+        peer,
+        Transport::WebSocket,
+        &mut reader,
+        Box::pin(writer),
+    )
+    .await;
+    // Wait (briefly) for the client's answer to our close frame before the socket goes:
+    // closing a TCP socket with unread bytes in it sends a reset, which can make the
+    // client lose the close frame (it then sees 1006 instead of our code). A session the
+    // client ended has nothing more to read, and this returns at once.
+    let linger = tokio::time::Instant::now() + CLOSE_LINGER;
+    while let Ok(Some(_)) = tokio::time::timeout_at(linger, reader.next()).await {}
 }
 
 /// Tells a peer that broke the rules (a frame over the size limit: 1009; a text frame that

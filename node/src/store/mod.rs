@@ -33,10 +33,10 @@ use std::time::Duration;
 
 use cluster::clock::{Hlc, SkewGuard};
 use cluster::replication::{
-    Cas, CasError, CasOutcome, Coordinator, PeerReplicaClient, QuorumError, ReplicaOp, ScanSpec,
-    SealPolicy, Sealer,
+    CallError, Cas, CasError, CasOutcome, Coordinator, FailureReason, PeerReplicaClient,
+    QuorumError, ReplicaOp, ScanSpec, SealPolicy, Sealer,
 };
-use cluster::{partition_of, Partition};
+use cluster::{partition_of, Partition, PeerError};
 use std::sync::OnceLock;
 use tokio::task::JoinHandle;
 
@@ -262,8 +262,31 @@ pub struct Store {
 
 /// Meta key of the id generator's lease.
 const ID_LEASE_KEY: &str = "id_lease_ms";
-/// Tries of a compare-and-swap that reached a node that was not (yet) the primary.
+/// Tries of a compare-and-swap that reached a node that was not (yet) the primary, or did
+/// not reach the primary at all (100 ms more pause before each: 1.5 s in all, about as long
+/// as the others take to stop naming a node that has stopped as the primary).
 const CAS_ATTEMPTS: u64 = 5;
+
+/// No compare-and-swap is tried again after this long (an attempt that waits for a
+/// connection to time out takes seconds).
+const CAS_RETRY_WITHIN: Duration = Duration::from_secs(3);
+
+/// Whether a failed compare-and-swap certainly did nothing, so that it may be sent again
+/// (to whichever node is the primary then): the node asked was not the primary, or the
+/// request never reached the primary (a connection it refused, or could not be made: a
+/// primary that is stopping, after a drain, before the others stop naming it).
+fn cas_did_nothing(e: &CasError) -> bool {
+    match e {
+        CasError::NotPrimary { .. } => true,
+        CasError::Forward {
+            reason: FailureReason::Failed(err),
+            ..
+        } => err
+            .downcast_ref::<CallError<PeerError>>()
+            .is_some_and(|c| matches!(c, CallError::Transport(p) if p.not_sent())),
+        _ => false,
+    }
+}
 /// Live records fetched per page of a scan.
 const SCAN_PAGE: usize = 128;
 
@@ -456,13 +479,23 @@ impl Store {
             min_version: self.inner.ids.next()?.0,
         };
         // Views of who is primary differ for a moment while membership changes; a swap the
-        // wrong node refused did nothing, so it is retried after a pause.
+        // wrong node refused, or that never reached the primary, did nothing, so it is
+        // retried after a pause.
         let partition = self.partition(partition_key);
         let mut attempt = 0;
+        let started = tokio::time::Instant::now();
         let outcome = loop {
             match self.coord()?.compare_and_swap(partition, cas.clone()).await {
                 Ok(o) => break o,
-                Err(CasError::NotPrimary { .. }) if attempt < CAS_ATTEMPTS => {
+                Err(e)
+                    if cas_did_nothing(&e)
+                        && attempt < CAS_ATTEMPTS
+                        && started.elapsed() < CAS_RETRY_WITHIN =>
+                {
+                    if !matches!(e, CasError::NotPrimary { .. }) {
+                        metrics::counter!("store_cas_primary_unreachable_total").increment(1);
+                        tracing::debug!(error = %e, attempt, "compare-and-swap did not reach the primary; retrying");
+                    }
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
                 }

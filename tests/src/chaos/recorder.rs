@@ -107,6 +107,17 @@ impl Recorder {
                     },
                 });
             }
+            Event::Moving { to } => {
+                let reason = format!("draining; moving to {to:?}");
+                if let Some(c) = inner.connected.get_mut(device) {
+                    *c = false;
+                }
+                inner.history.links.push(LinkEvent {
+                    device,
+                    at_ms,
+                    change: LinkChange::Disconnected { reason },
+                });
+            }
             Event::Disconnected { reason } => {
                 if let Some(c) = inner.connected.get_mut(device) {
                     *c = false;

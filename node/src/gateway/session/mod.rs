@@ -24,6 +24,7 @@ use crate::domain::auth::Identity;
 use crate::domain::error::ApiError;
 use crate::domain::hub::{Outbound, OUTBOUND_QUEUE};
 use crate::domain::presence::MAX_WATCHED_PER_CONNECTION;
+use crate::gateway::drain::Transport;
 use crate::gateway::ratelimit::UserLimit;
 use crate::node::Node;
 use catchup::CatchUp;
@@ -53,9 +54,14 @@ pub enum OutFrame {
     Close(u16, String),
 }
 
-/// Runs one connection to its end.
-pub async fn run<R, W>(node: Arc<Node>, peer: SocketAddr, mut reader: R, mut writer: W)
-where
+/// Runs one connection of `transport` to its end.
+pub async fn run<R, W>(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    transport: Transport,
+    mut reader: R,
+    mut writer: W,
+) where
     R: Stream<Item = Inbound> + Unpin + Send,
     W: Sink<OutFrame> + Unpin + Send,
 {
@@ -109,6 +115,7 @@ where
             out: tx,
             catch_up: CatchUp::new(node.chat.clock_now(), node.cfg.seal_window),
             seen: None,
+            transport,
         };
         let reader_done = CancellationToken::new();
         let writing = writer::write_loop(rx, writer, codec, kick.clone(), reader_done.clone());
@@ -228,6 +235,8 @@ struct Session {
     /// The largest message id the client said it has seen (`seen` frames): its next
     /// messages must sort after it.
     seen: Option<MessageId>,
+    /// WebSocket or QUIC: a `draining` frame names another node's address for the same.
+    transport: Transport,
 }
 
 impl Session {
@@ -239,10 +248,27 @@ impl Session {
         let mut deadline = tokio::time::Instant::now() + timeout;
         let mut inflight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        let node = self.node.clone();
+        let drain = &node.drain;
+        let mut told_draining = false;
+        // Set when the session ends with a close of its own, sent after its in-flight sends.
+        let mut close_after: Option<Outbound> = None;
         loop {
             let catch_up_at = self.catch_up.due();
             tokio::select! {
                 _ = kick.cancelled() => break,
+                _ = drain.started().cancelled(), if !told_draining => {
+                    told_draining = true;
+                    let reconnect_to = drain.pick(self.transport);
+                    tracing::debug!(?reconnect_to, "node draining: telling the device to move");
+                    self.emit(Outbound::Frame(Box::new(ServerFrame::Draining { reconnect_to }))).await;
+                }
+                _ = drain.closing().cancelled() => {
+                    tracing::info!("drain timeout: closing the session");
+                    drain.session_closed();
+                    close_after = Some(Outbound::close(CloseCode::GoingAway.code(), "going away"));
+                    break;
+                }
                 _ = tokio::time::sleep_until(catch_up_at.unwrap_or(far)), if catch_up_at.is_some() => {
                     Box::pin(self.run_catch_up()).await;
                 }
@@ -261,7 +287,13 @@ impl Session {
                 Some(()) = inflight.next(), if !inflight.is_empty() => {}
                 item = reader.next(), if inflight.len() < MAX_INFLIGHT_SENDS => {
                     match item {
-                        None | Some(Inbound::Closed) => break,
+                        None | Some(Inbound::Closed) => {
+                            if told_draining {
+                                tracing::debug!("the device left the draining node");
+                                drain.session_moved();
+                            }
+                            break;
+                        }
                         Some(Inbound::TooLarge) => {
                             self.emit(Outbound::close(CloseCode::TooBig.code(), "frame too large")).await;
                             break;
@@ -297,6 +329,10 @@ impl Session {
         }
         // Sends already accepted finish (and are acked if the socket still takes it).
         while inflight.next().await.is_some() {}
+        if let Some(close) = close_after {
+            // Behind the acks of those sends in the queue.
+            self.emit(close).await;
+        }
     }
 
     async fn emit(&self, out: Outbound) {
