@@ -267,8 +267,8 @@ impl Node {
     }
 
     /// Drains this node's client connections before it stops (or is upgraded): refuses new
-    /// WebSocket and QUIC connections (`/readyz` says `draining`, gossip load
-    /// [`crate::mesh::DRAINING_LOAD`]), sends every session a `draining` frame naming the
+    /// WebSocket and QUIC connections (`/readyz` says `draining`, gossip state
+    /// `leaving`), sends every session a `draining` frame naming the
     /// least-loaded other active member, waits up to `within` for the clients to leave
     /// (their sends already taken are stored and acked), then closes the rest with 1001
     /// after their in-flight sends finish. Returns what happened.

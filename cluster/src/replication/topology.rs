@@ -57,6 +57,9 @@ pub struct Topology {
     outgoing: BTreeSet<NodeId>,
     /// The removal map gossip agrees on (merged from every member's).
     removals: Removals,
+    /// Live members that announced `leaving` (draining before a stop): still replicas, but
+    /// not chosen as a partition's primary while another replica is live.
+    leaving: BTreeSet<NodeId>,
 }
 
 /// The replicas one read or write of a partition must reach: its replica set, and while a
@@ -110,6 +113,7 @@ impl Topology {
             rejoining: BTreeSet::new(),
             outgoing: BTreeSet::new(),
             removals: Removals::new(),
+            leaving: BTreeSet::new(),
         }
     }
 
@@ -187,6 +191,11 @@ impl Topology {
         let mut nodes = Vec::new();
         let mut pending = Vec::new();
         let mut rejoining = BTreeSet::new();
+        let leaving: BTreeSet<NodeId> = newest
+            .values()
+            .filter(|m| m.state == Lifecycle::Leaving && m.live)
+            .map(|m| m.node_id)
+            .collect();
         for m in newest.values() {
             if placed(m) {
                 nodes.push(node(m, m.live || m.node_id == self_id));
@@ -204,6 +213,7 @@ impl Topology {
         let mut topology = Self::with_pending(self_id, rf, nodes, pending).with_outgoing(outgoing);
         topology.rejoining = rejoining;
         topology.removals = removals;
+        topology.leaving = leaving;
         topology
     }
 
@@ -303,11 +313,16 @@ impl Topology {
         Quorums { nodes, sets }
     }
 
-    /// The partition's primary: its first live replica in rendezvous order. Compare-and-swaps
-    /// of the partition run there. This node is live in its own view ([`Topology::from_members`])
+    /// The partition's primary: its first live replica in rendezvous order that is not
+    /// leaving (draining before a stop), else its first live one. Compare-and-swaps of the
+    /// partition run there. This node is live in its own view ([`Topology::from_members`])
     /// unless it is joining again after losing its data, and then it must not be primary.
     pub fn primary(&self, partition: Partition) -> Option<ReplicaNode> {
-        self.replica_set(partition).into_iter().find(|n| n.live)
+        let set = self.replica_set(partition);
+        set.iter()
+            .find(|n| n.live && !self.leaving.contains(&n.id))
+            .or_else(|| set.iter().find(|n| n.live))
+            .cloned()
     }
 }
 
@@ -490,5 +505,45 @@ mod tests {
         assert_eq!(t.outgoing().count(), 0);
         let own = Topology::from_members(4, 3, &members, |m| format!("node-{}", m.node_id));
         assert!(own.is_member(4) && own.is_outgoing(4));
+    }
+
+    #[test]
+    fn a_leaving_member_stays_a_replica_and_hands_the_primary_role_on() {
+        use crate::membership::NodeAddrs;
+        let member = |id: NodeId, state: Lifecycle| Member {
+            node_id: id,
+            generation: 1,
+            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
+            addrs: NodeAddrs {
+                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
+                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
+                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id)),
+            },
+            state,
+            live: true,
+            load: 0,
+            pending: Vec::new(),
+            pending_version: 0,
+            removals: Default::default(),
+            moved: Vec::new(),
+            move_progress: None,
+        };
+        let all = [1, 2, 3].map(|id| member(id, Lifecycle::Active));
+        let mut one_leaving = all.clone();
+        one_leaving[0].state = Lifecycle::Leaving;
+        let name = |m: &Member| format!("node-{}", m.node_id);
+        let before = Topology::from_members(2, 3, &all, name);
+        let during = Topology::from_members(2, 3, &one_leaving, name);
+        let mut moved = 0;
+        for p in (0..64).map(Partition) {
+            assert_eq!(during.replica_set(p), before.replica_set(p));
+            let primary = during.primary(p).unwrap().id;
+            assert_ne!(primary, 1);
+            moved += usize::from(before.primary(p).unwrap().id == 1);
+        }
+        assert!(moved > 0);
+        // Alone, a leaving member is still the primary.
+        let alone = Topology::from_members(1, 3, &one_leaving[..1], name);
+        assert_eq!(alone.primary(Partition(0)).unwrap().id, 1);
     }
 }

@@ -58,10 +58,6 @@ const DUPLICATE_CHECK: Duration = Duration::from_millis(1500);
 const SECRET_CHECK: Duration = Duration::from_millis(1500);
 /// How often this node's load goes into gossip.
 const LOAD_EVERY: Duration = Duration::from_secs(1);
-/// The load a draining node publishes instead of its devices, so that no node recommends
-/// it (`/v1/discover`, the `draining` hints of another drain) while it empties. Gossip has
-/// no draining state of its own yet: the node counts as `active` until it leaves.
-pub const DRAINING_LOAD: u64 = u64::MAX;
 /// How often the pause detector looks at the clock.
 const PAUSE_TICK: Duration = Duration::from_millis(200);
 /// A tick this late means the process was stopped (SIGSTOP, a VM pause) or starved: long
@@ -83,8 +79,6 @@ pub struct Mesh {
     /// The lifecycle, presence and watcher tasks.
     tasks: TaskTracker,
     stop: CancellationToken,
-    /// Set when the node starts draining: it publishes [`DRAINING_LOAD`] from then on.
-    draining: std::sync::atomic::AtomicBool,
     /// Membership and topology as the lifecycle last read them.
     view: watch::Receiver<ClusterView>,
     /// Where the lifecycle is (`Left` once this node's removal is done).
@@ -226,7 +220,6 @@ impl Mesh {
             membership,
             tasks: TaskTracker::new(),
             stop,
-            draining: std::sync::atomic::AtomicBool::new(false),
         });
         mesh.spawn_load(hub.clone());
         mesh.spawn_presence(feed);
@@ -242,37 +235,24 @@ impl Mesh {
             loop {
                 tokio::select! {
                     _ = this.stop.cancelled() => break,
-                    _ = tick.tick() => this.membership.set_load(this.load(&hub)).await,
+                    _ = tick.tick() => this.membership.set_load(hub.connections()).await,
                 }
             }
         });
     }
 
-    /// The load this node publishes: its connected devices, or [`DRAINING_LOAD`].
-    fn load(&self, hub: &Hub) -> u64 {
-        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
-            DRAINING_LOAD
-        } else {
-            hub.connections()
-        }
-    }
-
-    /// This node starts draining: it publishes [`DRAINING_LOAD`] at once and from then on,
-    /// and returns the other live, active members its devices can move to, with their
-    /// published load (a draining member is left out).
+    /// This node starts draining: an active member publishes `leaving` at once (no node
+    /// recommends it or sends its devices there any more, and the others stop choosing it
+    /// as a partition's primary while it still answers), and returns the other live, active
+    /// members its devices can move to, with their published load.
     pub async fn start_drain(&self) -> Vec<(u64, NodeInfo)> {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.membership.set_load(DRAINING_LOAD).await;
+        if self.is_active() {
+            self.membership.set_state(Lifecycle::Leaving).await;
+        }
         self.members()
             .await
             .iter()
-            .filter(|m| {
-                m.live
-                    && m.state == Lifecycle::Active
-                    && m.node_id != self.self_id
-                    && m.load != DRAINING_LOAD
-            })
+            .filter(|m| m.live && m.state == Lifecycle::Active && m.node_id != self.self_id)
             .map(|m| (m.load, node_info(m)))
             .collect()
     }
@@ -412,16 +392,12 @@ impl Mesh {
         cluster::membership::newest_generations(self.membership.members().await)
     }
 
-    /// The least-loaded live active member (a draining one only when there is no other).
+    /// The least-loaded live active member (a draining one is `leaving`, so never chosen).
     pub async fn recommend(&self) -> Option<NodeInfo> {
         let members = self.membership.members().await;
         members
             .iter()
             .filter(|m| m.live && m.state == Lifecycle::Active)
-            .filter(|m| {
-                !(self.draining.load(std::sync::atomic::Ordering::Relaxed)
-                    && m.node_id == self.self_id)
-            })
             .min_by_key(|m| (m.load, m.node_id))
             .map(node_info)
     }
