@@ -95,8 +95,8 @@ fn main() -> std::process::ExitCode {
     match cli.command {
         Command::Bench(args) => chat_tools::bench::run(args),
         Command::Certs(cmd) => certs(cmd),
-        Command::Client(args) => client(args),
-        Command::Admin(args) => admin(args),
+        Command::Client(args) => run_async("client", chat_tools::client_cli::run(args)),
+        Command::Admin(args) => run_async("admin", chatnode::admin_cli::run(args)),
         Command::Serve(args) => {
             // Every client connection is a descriptor: use all the hard limit allows (the
             // default `--max-connections` is read from the result).
@@ -133,27 +133,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn client(args: chat_tools::client_cli::ClientArgs) -> std::process::ExitCode {
+/// Runs a subcommand's async body on a fresh runtime; its error goes to stderr once,
+/// prefixed with `chatnode <name>:`.
+fn run_async(
+    name: &str,
+    body: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
     let result = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(chat_tools::client_cli::run(args)));
+        .and_then(|rt| rt.block_on(body));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chatnode client: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn admin(args: chatnode::admin_cli::AdminArgs) -> std::process::ExitCode {
-    let result = tokio::runtime::Runtime::new()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(chatnode::admin_cli::run(args)));
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("chatnode admin: {e:#}");
+            eprintln!("chatnode {name}: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -90,6 +90,32 @@ fn ok(out: &std::process::Output) -> String {
     stdout
 }
 
+/// Four nodes, RF 3, with alice on node 0 sending steadily to six recipients spread over
+/// nodes 0 to 2.
+struct Loaded {
+    cluster: TestCluster,
+    alice: TestUser,
+    rcpts: Vec<TestUser>,
+    stop: tokio_util::sync::CancellationToken,
+    sender: tokio::task::JoinHandle<Sent>,
+}
+
+async fn loaded_cluster() -> Loaded {
+    let cluster = TestCluster::start(4, FLAGS).await;
+    let alice = cluster.nodes[0].user("alice").await;
+    let rcpts = recipients(&cluster, 6).await;
+    let ids: Vec<u64> = rcpts.iter().map(|u| u.id.0).collect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = steady_sender(&cluster, 0, &alice, ids, stop.clone());
+    Loaded {
+        cluster,
+        alice,
+        rcpts,
+        stop,
+        sender,
+    }
+}
+
 async fn recipients(cluster: &TestCluster, n: usize) -> Vec<TestUser> {
     let mut users = Vec::new();
     for i in 0..n {
@@ -100,12 +126,13 @@ async fn recipients(cluster: &TestCluster, n: usize) -> Vec<TestUser> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_decommissioned_under_load_hands_over_every_message_and_stops_by_itself() {
-    let mut cluster = TestCluster::start(4, FLAGS).await;
-    let alice = cluster.nodes[0].user("alice").await;
-    let rcpts = recipients(&cluster, 6).await;
-    let ids: Vec<u64> = rcpts.iter().map(|u| u.id.0).collect();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let sender = steady_sender(&cluster, 0, &alice, ids.clone(), stop.clone());
+    let Loaded {
+        mut cluster,
+        alice,
+        rcpts: _,
+        stop,
+        sender,
+    } = loaded_cluster().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Refused: removing a live node.
@@ -196,12 +223,13 @@ async fn assert_all_readable(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_removed_for_good_leaves_every_message_readable_with_any_node_down() {
-    let mut cluster = TestCluster::start(4, FLAGS).await;
-    let alice = cluster.nodes[0].user("alice").await;
-    let rcpts = recipients(&cluster, 6).await;
-    let ids: Vec<u64> = rcpts.iter().map(|u| u.id.0).collect();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let sender = steady_sender(&cluster, 0, &alice, ids.clone(), stop.clone());
+    let Loaded {
+        mut cluster,
+        alice: _,
+        rcpts,
+        stop,
+        sender,
+    } = loaded_cluster().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.nodes[3].kill();
     cluster.wait_members(3).await;
@@ -234,12 +262,13 @@ async fn a_dead_node_removed_for_good_leaves_every_message_readable_with_any_nod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_node_replaces_a_dead_one_and_serves_its_partitions() {
-    let mut cluster = TestCluster::start(4, FLAGS).await;
-    let alice = cluster.nodes[0].user("alice").await;
-    let rcpts = recipients(&cluster, 6).await;
-    let ids: Vec<u64> = rcpts.iter().map(|u| u.id.0).collect();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let sender = steady_sender(&cluster, 0, &alice, ids.clone(), stop.clone());
+    let Loaded {
+        mut cluster,
+        alice: _,
+        rcpts,
+        stop,
+        sender,
+    } = loaded_cluster().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Node 3's machine is lost, disk and all.
     cluster.nodes[3].kill();

@@ -4,8 +4,6 @@
 //! list against the last one seen: a watch never loses the latest state, so a slow
 //! subscriber sees several changes folded into one, never a stale picture.
 
-use std::collections::BTreeMap;
-
 use crate::membership::Member;
 use crate::placement::NodeId;
 
@@ -29,8 +27,8 @@ pub struct MemberChange {
 /// generations of a node allowed), ascending by node id. Other changes (state, load,
 /// pending list) are not reported.
 pub fn member_changes(before: &[Member], after: &[Member]) -> Vec<MemberChange> {
-    let before = newest(before);
-    let after = newest(after);
+    let before = crate::membership::newest_by_node(before);
+    let after = crate::membership::newest_by_node(after);
     let mut ids: Vec<NodeId> = before.keys().chain(after.keys()).copied().collect();
     ids.sort_unstable();
     ids.dedup();
@@ -46,20 +44,6 @@ pub fn member_changes(before: &[Member], after: &[Member]) -> Vec<MemberChange> 
             (change.was_live != change.now_live || change.generation_changed).then_some(change)
         })
         .collect()
-}
-
-/// The newest generation of each node id.
-fn newest(members: &[Member]) -> BTreeMap<NodeId, &Member> {
-    let mut newest: BTreeMap<NodeId, &Member> = BTreeMap::new();
-    for m in members {
-        match newest.get(&m.node_id) {
-            Some(seen) if seen.generation >= m.generation => {}
-            _ => {
-                newest.insert(m.node_id, m);
-            }
-        }
-    }
-    newest
 }
 
 #[cfg(test)]

@@ -63,24 +63,10 @@ fn move_barrier(outgoing: &[NodeId], members: &[Member]) -> Option<Barrier> {
     Some(Barrier(snapshot))
 }
 
-/// Each node id's newest generation.
-fn newest(members: &[Member]) -> BTreeMap<NodeId, &Member> {
-    let mut newest: BTreeMap<NodeId, &Member> = BTreeMap::new();
-    for m in members {
-        match newest.get(&m.node_id) {
-            Some(seen) if seen.generation >= m.generation => {}
-            _ => {
-                newest.insert(m.node_id, m);
-            }
-        }
-    }
-    newest
-}
-
 /// The remaining placement members that have not yet pulled what they gain from `outgoing`
 /// (empty: the move is complete).
 pub fn waiting_for(view: &Topology, members: &[Member], outgoing: &[NodeId]) -> Vec<NodeId> {
-    let newest = newest(members);
+    let newest = crate::membership::newest_by_node(members);
     view.nodes()
         .filter(|n| !view.is_outgoing(n.id))
         .filter(|n| newest.get(&n.id).is_none_or(|m| m.moved != outgoing))

@@ -416,7 +416,12 @@ impl Membership {
 /// Of several generations of one node id (a restarted node, its dead predecessor), keeps
 /// only the newest.
 pub fn newest_generations(members: Vec<Member>) -> Vec<Member> {
-    let mut newest: std::collections::BTreeMap<NodeId, Member> = std::collections::BTreeMap::new();
+    newest_by_node(&members).into_values().cloned().collect()
+}
+
+/// The newest generation of each node id, by id.
+pub fn newest_by_node(members: &[Member]) -> std::collections::BTreeMap<NodeId, &Member> {
+    let mut newest: std::collections::BTreeMap<NodeId, &Member> = std::collections::BTreeMap::new();
     for m in members {
         match newest.get(&m.node_id) {
             Some(seen) if seen.generation >= m.generation => {}
@@ -425,7 +430,7 @@ pub fn newest_generations(members: Vec<Member>) -> Vec<Member> {
             }
         }
     }
-    newest.into_values().collect()
+    newest
 }
 
 /// Feeds chitchat's live-node snapshots into the view until cancelled.

@@ -339,6 +339,30 @@ mod tests {
         }
     }
 
+    /// A member as gossip describes it: node `id`'s generation `generation`, addresses
+    /// derived from both.
+    fn gossip_member(id: NodeId, generation: u64, state: Lifecycle, live: bool) -> Member {
+        use crate::membership::NodeAddrs;
+        Member {
+            node_id: id,
+            generation,
+            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
+            addrs: NodeAddrs {
+                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
+                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
+                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id + generation as u16)),
+            },
+            state,
+            live,
+            load: 0,
+            pending: Vec::new(),
+            pending_version: 0,
+            removals: Default::default(),
+            moved: Vec::new(),
+            move_progress: None,
+        }
+    }
+
     #[test]
     fn dead_replicas_keep_their_place_and_lose_the_primary_role() {
         let all = Topology::new(1, 3, (1..=5).map(|i| node(i, true)));
@@ -397,25 +421,7 @@ mod tests {
 
     #[test]
     fn gossip_members_become_members_pending_or_rejoining() {
-        use crate::membership::NodeAddrs;
-        let member = |id: NodeId, generation: u64, state: Lifecycle, live: bool| Member {
-            node_id: id,
-            generation,
-            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
-            addrs: NodeAddrs {
-                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
-                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
-                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id + generation as u16)),
-            },
-            state,
-            live,
-            load: 0,
-            pending: Vec::new(),
-            pending_version: 0,
-            removals: Default::default(),
-            moved: Vec::new(),
-            move_progress: None,
-        };
+        let member = gossip_member;
         let members = [
             member(1, 1, Lifecycle::Active, true),
             // Node 2 restarted on its data dir: its newest generation is active.
@@ -452,24 +458,10 @@ mod tests {
 
     #[test]
     fn removals_make_members_outgoing_then_gone_except_in_their_own_view() {
-        use crate::membership::{NodeAddrs, RemovalState, Removals};
+        use crate::membership::{RemovalState, Removals};
         let member = |id: NodeId, removals: &Removals| Member {
-            node_id: id,
-            generation: 1,
-            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
-            addrs: NodeAddrs {
-                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
-                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
-                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id)),
-            },
-            state: Lifecycle::Active,
-            live: true,
-            load: 0,
-            pending: Vec::new(),
-            pending_version: 0,
             removals: removals.clone(),
-            moved: Vec::new(),
-            move_progress: None,
+            ..gossip_member(id, 1, Lifecycle::Active, true)
         };
         let mut leaving = Removals::new();
         leaving.request(4, RemovalState::Leaving);
@@ -509,25 +501,7 @@ mod tests {
 
     #[test]
     fn a_leaving_member_stays_a_replica_and_hands_the_primary_role_on() {
-        use crate::membership::NodeAddrs;
-        let member = |id: NodeId, state: Lifecycle| Member {
-            node_id: id,
-            generation: 1,
-            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
-            addrs: NodeAddrs {
-                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
-                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
-                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id)),
-            },
-            state,
-            live: true,
-            load: 0,
-            pending: Vec::new(),
-            pending_version: 0,
-            removals: Default::default(),
-            moved: Vec::new(),
-            move_progress: None,
-        };
+        let member = |id: NodeId, state: Lifecycle| gossip_member(id, 1, state, true);
         let all = [1, 2, 3].map(|id| member(id, Lifecycle::Active));
         let mut one_leaving = all.clone();
         one_leaving[0].state = Lifecycle::Leaving;

@@ -103,16 +103,7 @@ pub fn signature(mac: &hmac::Hmac<sha2::Sha256>, unix_secs: u64, body: &[u8]) ->
 /// signs with the same key (`chatnode certs push-secret` prints it). Like a
 /// `--push-signing-secret`, the HMAC key is this text's bytes.
 pub fn derive_signing_key(cluster_secret: &[u8]) -> String {
-    use hmac::Mac;
-    // HMAC accepts keys of any length.
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(cluster_secret)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    mac.update(b"chatnode push signing v1");
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    cluster::certs::derive_hex(cluster_secret, b"chatnode push signing v1")
 }
 
 impl Push {

@@ -24,15 +24,7 @@ use crate::node::Node;
 
 /// The admin token for a cluster secret: HMAC-SHA256(secret, "chatnode admin v1"), hex.
 pub fn derive_admin_token(cluster_secret: &[u8]) -> String {
-    use hmac::Mac;
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(cluster_secret)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    mac.update(b"chatnode admin v1");
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    cluster::certs::derive_hex(cluster_secret, b"chatnode admin v1")
 }
 
 /// The admin routes, merged into the HTTP router.
