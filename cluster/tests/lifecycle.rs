@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::lifecycle::{
-    ClusterLifecycle, ClusterView, LifecycleConfig, LifecycleHandle, MembershipPort, MemoryMarker,
-    Phase, StartedAs,
+    ClusterLifecycle, ClusterView, LifecycleConfig, LifecycleHandle, MemberMarker, MembershipPort,
+    MemoryMarker, Phase, StartedAs,
 };
 use cluster::membership::memory::{MemoryGossip, MemoryMembership};
 use cluster::membership::Lifecycle;
@@ -796,6 +796,16 @@ async fn a_decommissioned_node_hands_its_partitions_over_under_load_and_stops() 
         "{} acked keys not on all 3 replicas: {missing:?}",
         missing.len()
     );
+    // Every remaining node recorded the map on its "disk", so the removal outlives a
+    // restart of the whole cluster (gossip alone would forget it).
+    for id in [1, 2, 3] {
+        let recorded = cluster.node(id).marker.removals().unwrap().unwrap();
+        assert_eq!(
+            cluster::membership::Removals::parse(&recorded).state(4),
+            Some(cluster::membership::RemovalState::Done),
+            "node {id} recorded {recorded:?}"
+        );
+    }
     // A done id cannot be cancelled, and cannot start again.
     assert_eq!(
         ask(&cluster, 1, Request::Cancel(4)).await,

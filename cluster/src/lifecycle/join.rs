@@ -59,7 +59,7 @@ enum Pulled {
 /// The join task: retries until this node is active or the lifecycle stops.
 pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
     shared: Arc<Shared<L, C, M>>,
-    marker: Box<dyn MemberMarker>,
+    marker: Arc<dyn MemberMarker>,
 ) {
     let started = Instant::now();
     let mut watch = shared.membership.watch_members();

@@ -15,6 +15,13 @@ pub trait MemberMarker: Send + Sync + 'static {
 
     /// Records, durably, that this node holds partitions. Idempotent.
     fn set(&self) -> Result<(), MarkerError>;
+
+    /// The removal map this node last recorded (its gossip wire form), if any: republished
+    /// at start, so that removals outlive a restart of the whole cluster.
+    fn removals(&self) -> Result<Option<String>, MarkerError>;
+
+    /// Records, durably, the removal map (its gossip wire form).
+    fn set_removals(&self, removals: &str) -> Result<(), MarkerError>;
 }
 
 /// The marker could not be read or written.
@@ -60,25 +67,34 @@ impl FileMarker {
         Self { path }
     }
 
+    /// The file name of the recorded removal map, next to the marker.
+    pub const REMOVALS_FILE_NAME: &'static str = "cluster-removals";
+
     /// The marker file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn write(&self) -> std::io::Result<()> {
+    fn removals_path(&self) -> PathBuf {
+        self.path.with_file_name(Self::REMOVALS_FILE_NAME)
+    }
+
+    /// Writes `bytes` to `path` through a temporary file and a rename, syncing the file and
+    /// the directory: a crash leaves the old content or the new, never half.
+    fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
+        let tmp = path.with_extension("tmp");
         // Private like everything in the data dir, whatever the umask.
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&self.path)?;
-        file.write_all(
-            b"this node holds partitions; delete the whole data dir to make it join anew\n",
-        )?;
+            .open(&tmp)?;
+        file.write_all(bytes)?;
         file.sync_all()?;
-        let dir = match self.path.parent() {
+        std::fs::rename(&tmp, path)?;
+        let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
@@ -95,10 +111,29 @@ impl MemberMarker for FileMarker {
     }
 
     fn set(&self) -> Result<(), MarkerError> {
-        self.write().map_err(|source| MarkerError::Write {
+        Self::write_synced(
+            &self.path,
+            b"this node holds partitions; delete the whole data dir to make it join anew\n",
+        )
+        .map_err(|source| MarkerError::Write {
             path: self.path.clone(),
             source,
         })
+    }
+
+    fn removals(&self) -> Result<Option<String>, MarkerError> {
+        let path = self.removals_path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(MarkerError::Check { path, source }),
+        }
+    }
+
+    fn set_removals(&self, removals: &str) -> Result<(), MarkerError> {
+        let path = self.removals_path();
+        Self::write_synced(&path, format!("{removals}\n").as_bytes())
+            .map_err(|source| MarkerError::Write { path, source })
     }
 }
 
@@ -107,6 +142,7 @@ impl MemberMarker for FileMarker {
 #[derive(Clone, Debug, Default)]
 pub struct MemoryMarker {
     set: Arc<AtomicBool>,
+    removals: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 impl MemoryMarker {
@@ -114,6 +150,7 @@ impl MemoryMarker {
     pub fn new(set: bool) -> Self {
         Self {
             set: Arc::new(AtomicBool::new(set)),
+            removals: Arc::default(),
         }
     }
 
@@ -130,6 +167,15 @@ impl MemberMarker for MemoryMarker {
 
     fn set(&self) -> Result<(), MarkerError> {
         self.set.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn removals(&self) -> Result<Option<String>, MarkerError> {
+        Ok(self.removals.lock().clone())
+    }
+
+    fn set_removals(&self, removals: &str) -> Result<(), MarkerError> {
+        *self.removals.lock() = Some(removals.to_string());
         Ok(())
     }
 }
@@ -152,6 +198,12 @@ mod tests {
         // A data dir that is gone cannot take the marker: a typed error, not a panic.
         let gone = FileMarker::in_dir(&dir.path().join("missing"));
         assert!(matches!(gone.set(), Err(MarkerError::Write { .. })));
+        // The removal map: absent, then what was recorded last.
+        assert_eq!(marker.removals()?, None);
+        marker.set_removals("4:1:r")?;
+        marker.set_removals("4:1:d")?;
+        assert_eq!(marker.removals()?.as_deref(), Some("4:1:d"));
+        assert!(!dir.path().join("cluster-removals.tmp").exists());
         Ok(())
     }
 }

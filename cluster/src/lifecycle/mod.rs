@@ -269,7 +269,17 @@ impl<L: LocalReplica, C: ReplicaClient, M: MembershipPort> ClusterLifecycle<L, C
             marker,
         } = self;
         let self_id = membership.node_id();
+        let marker: Arc<dyn MemberMarker> = Arc::from(marker);
         let was_member = marker.is_set()?;
+        // Removals this node recorded go back into gossip first: they outlive a restart of
+        // the whole cluster (gossip alone forgets them).
+        let recorded = marker
+            .removals()?
+            .map(|s| crate::membership::Removals::parse(&s))
+            .unwrap_or_default();
+        if !recorded.is_empty() {
+            membership.set_removals(&recorded).await;
+        }
         // A new node seeded with another node's address must not take itself for the first
         // node of a new cluster (and skip the pull) just because gossip was slow.
         if config.seeded && !was_member && !hear_from_cluster(&*membership, config.seed_wait).await
@@ -280,7 +290,7 @@ impl<L: LocalReplica, C: ReplicaClient, M: MembershipPort> ClusterLifecycle<L, C
             );
         }
         let known = membership.members().await;
-        let mut removals = crate::membership::Removals::new();
+        let mut removals = recorded.clone();
         for m in &known {
             removals.merge(&m.removals);
         }
@@ -335,9 +345,15 @@ impl<L: LocalReplica, C: ReplicaClient, M: MembershipPort> ClusterLifecycle<L, C
                 node = self_id,
                 "joining: pulling partitions before serving them"
             );
-            tasks.push(("join", tracker.spawn(join::run(shared.clone(), marker))));
+            tasks.push((
+                "join",
+                tracker.spawn(join::run(shared.clone(), marker.clone())),
+            ));
         }
-        tasks.push(("moves", tracker.spawn(moves::run(shared.clone()))));
+        tasks.push((
+            "moves",
+            tracker.spawn(moves::run(shared.clone(), marker, recorded)),
+        ));
         let restarted = started_as == StartedAs::Returning;
         if restarted || shared.config.anti_entropy.is_some() {
             tasks.push((

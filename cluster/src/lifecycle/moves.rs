@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{MembershipPort, Phase, Shared};
+use super::{MemberMarker, MembershipPort, Phase, Shared};
 use crate::membership::{Member, MoveProgress, RemovalState, Removals};
 use crate::placement::{NodeId, Partition};
 use crate::replication::{LocalReplica, PullMode, ReplicaClient, Topology};
@@ -211,6 +211,8 @@ pub async fn request<M: MembershipPort>(
 /// own removal is done (it then moves to [`Phase::Left`]).
 pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
     shared: Arc<Shared<L, C, M>>,
+    marker: Arc<dyn MemberMarker>,
+    mut recorded: Removals,
 ) {
     let mut watch = shared.membership.watch_members();
     let mut published_map: Option<Removals> = None;
@@ -231,6 +233,14 @@ pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
                 shared.membership.set_removals(&map).await;
             }
             published_map = Some(map.clone());
+        }
+        if map != recorded {
+            match marker.set_removals(&map.to_string()) {
+                Ok(()) => recorded = map.clone(),
+                Err(e) => {
+                    warn!(error = %e, "cannot record the removal map; it lives in gossip only")
+                }
+            }
         }
         if map.state(shared.self_id) == Some(RemovalState::Done) {
             info!("this node's partitions have moved to the others; waiting for every view to drop it");
