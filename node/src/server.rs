@@ -263,7 +263,8 @@ pub async fn serve(
     // Connection caps, head and idle timeouts: `gateway::listener`.
     let server = crate::gateway::listener::spawn(
         listener,
-        crate::gateway::http::router(node.clone()),
+        crate::gateway::http::router(node.clone())
+            .merge(crate::gateway::admin::router(node.clone())),
         node.cfg.conn.clone(),
         shutdown.clone(),
     );

@@ -69,18 +69,6 @@ impl Clone for NodeTls {
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterSecret([u8; 32]);
 
-/// HMAC-SHA256(`key`, `label`) in lowercase hex: a key for one purpose derived from the
-/// cluster secret (the admin token, the webhook signing key), so that one leaked derived
-/// key reveals neither the secret nor the others.
-pub fn derive_hex(key: &[u8], label: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-    ring::hmac::sign(&key, label)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 impl ClusterSecret {
     /// A fresh secret from the operating system's random source.
     pub fn generate() -> Result<Self, CertError> {

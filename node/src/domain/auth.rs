@@ -10,6 +10,20 @@ use client_proto::ids::{DeviceId, UserId};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+/// HMAC-SHA256(`key`, `label`) in lowercase hex: a key for one purpose derived from the
+/// cluster secret (the admin token, the webhook signing key), so that one leaked derived key
+/// reveals neither the secret nor the others.
+pub fn derive_hex(key: &[u8], label: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(label);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A checked token: who is calling, from which device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Identity {

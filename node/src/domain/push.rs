@@ -103,7 +103,7 @@ pub fn signature(mac: &hmac::Hmac<sha2::Sha256>, unix_secs: u64, body: &[u8]) ->
 /// signs with the same key (`chatnode certs push-secret` prints it). Like a
 /// `--push-signing-secret`, the HMAC key is this text's bytes.
 pub fn derive_signing_key(cluster_secret: &[u8]) -> String {
-    cluster::certs::derive_hex(cluster_secret, b"chatnode push signing v1")
+    crate::domain::auth::derive_hex(cluster_secret, b"chatnode push signing v1")
 }
 
 impl Push {

@@ -24,17 +24,18 @@ use crate::node::Node;
 
 /// The admin token for a cluster secret: HMAC-SHA256(secret, "chatnode admin v1"), hex.
 pub fn derive_admin_token(cluster_secret: &[u8]) -> String {
-    cluster::certs::derive_hex(cluster_secret, b"chatnode admin v1")
+    crate::domain::auth::derive_hex(cluster_secret, b"chatnode admin v1")
 }
 
-/// The admin routes, merged into the HTTP router.
-pub fn routes() -> Router<Arc<Node>> {
+/// The admin routes (the server merges them with `gateway::http::router`).
+pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/admin/status", get(status))
         .route("/v1/admin/decommission", post(decommission))
         .route("/v1/admin/remove/{node}", post(remove))
         .route("/v1/admin/cancel/{node}", post(cancel))
         .route("/v1/admin/drain", post(drain))
+        .with_state(node)
 }
 
 /// An operator, authenticated by the admin token.

@@ -61,7 +61,6 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .merge(crate::gateway::admin::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             let body = ErrorBody::new(
