@@ -24,6 +24,7 @@ mod push;
 pub mod records;
 mod replica;
 mod users;
+pub mod wal;
 
 use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
@@ -104,6 +105,19 @@ pub enum StoreError {
     Engine(sled::Error),
     #[error("flush failed: {0}")]
     Flush(Arc<sled::Error>),
+    /// The commit log could not make a write durable.
+    #[error("{0}")]
+    Log(wal::LogError),
+    /// The commit log could not be read or checkpointed at start or shutdown.
+    #[error("commit log: {0}")]
+    Checkpoint(wal::CheckpointError),
+    /// The commit log's directory could not be set up or read at start.
+    #[error("commit log {what} in {dir}: {source}")]
+    LogDir {
+        what: &'static str,
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("the write was not durable within {0:?}")]
     Timeout(Duration),
     #[error("a stored record is unreadable: {0}")]
@@ -235,6 +249,29 @@ pub struct StoreOptions {
     pub max_clock_skew: Duration,
     /// The clock-skew guard (fed by gossip).
     pub guard: Arc<SkewGuard>,
+    /// The commit log's directory and checkpoint pacing.
+    pub log: wal::LogOptions,
+}
+
+/// The store's background tasks: the commit log's writer and checkpointer, and the flusher of
+/// the node-local tables. Stop them with [`StoreTasks::shutdown`] after [`Store::flush`].
+pub struct StoreTasks {
+    flusher: JoinHandle<()>,
+    writer: wal::WriterHandle,
+    checkpointer: wal::CheckpointerHandle,
+}
+
+impl StoreTasks {
+    /// Stops the checkpointer, then the log writer (after the appends already queued), then the
+    /// flusher, and waits for each. Writes after this fail (`Log(Stopped)`).
+    pub async fn shutdown(self) {
+        self.checkpointer.shutdown().await;
+        self.writer.shutdown().await;
+        // The flusher ends only once every handle to the store is gone, and the replication
+        // service's peers may still hold one; everything it covers was flushed by then.
+        self.flusher.abort();
+        let _ = self.flusher.await; // cancelled: nothing to report
+    }
 }
 
 /// The replication coordinator the store writes and reads through.
@@ -245,6 +282,7 @@ struct Inner {
     trees: Vec<sled::Tree>,
     partitions: u32,
     commit: GroupCommit,
+    checkpoints: wal::Checkpoints,
     write_timeout: Duration,
     local: Arc<SledReplica>,
     coord: OnceLock<Coord>,
@@ -285,14 +323,16 @@ pub fn restrict_permissions(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` with this node's id generator (`node_id`). The
-    /// returned task is the group-commit flusher; it ends once every clone of the store is
-    /// dropped. Replicated reads and writes work once [`Store::attach`] gave it a coordinator.
-    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, JoinHandle<()>), StoreError> {
+    /// Opens (or creates) the store in `dir` with this node's id generator (`node_id`), and
+    /// replays the commit log (`opts.log`) into it before anything is served. The returned
+    /// tasks are the log's writer and checkpointer and the local tables' flusher; stop them
+    /// with [`StoreTasks::shutdown`]. Replicated reads and writes work once [`Store::attach`]
+    /// gave the store a coordinator.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, StoreTasks), StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
-            // Durability comes from our own group-committed flushes.
+            // Durability comes from the commit log and our own flushes.
             .flush_every_ms(None)
             .open()?;
         restrict_permissions(dir).map_err(|e| StoreError::Engine(sled::Error::Io(e)))?;
@@ -300,7 +340,18 @@ impl Store {
             .iter()
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
-        let (commit, task) = GroupCommit::spawn(db.clone());
+        let next_seq = replay_log(&db, &trees, &opts.log.dir)?;
+        let full = Arc::new(tokio::sync::Notify::new());
+        let (log, writer) = wal::CommitLog::start(
+            opts.log.dir.clone(),
+            next_seq,
+            opts.log.checkpoint_bytes,
+            full.clone(),
+        )
+        .map_err(StoreError::Log)?;
+        let (checkpoints, checkpointer) =
+            wal::spawn_checkpointer(db.clone(), log.clone(), &opts.log, full);
+        let (commit, flusher) = GroupCommit::spawn(db.clone());
         let lease = trees[0]
             .get(ID_LEASE_KEY)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -319,7 +370,7 @@ impl Store {
         let ids = Arc::new(IdGen::new(hlc, opts.guard));
         let local = Arc::new(SledReplica::new(
             trees.clone(),
-            commit.clone(),
+            log,
             opts.write_timeout,
             sealer,
         ));
@@ -329,6 +380,7 @@ impl Store {
                 trees,
                 partitions: opts.partitions,
                 commit,
+                checkpoints,
                 write_timeout: opts.write_timeout,
                 local,
                 coord: OnceLock::new(),
@@ -336,7 +388,12 @@ impl Store {
                 lease_at_open: lease,
             }),
         };
-        Ok((store, task))
+        let tasks = StoreTasks {
+            flusher,
+            writer,
+            checkpointer,
+        };
+        Ok((store, tasks))
     }
 
     /// A clock reading (record version) older than every write this node can have missed
@@ -601,15 +658,74 @@ impl Store {
         Err(StoreError::Contention.into())
     }
 
-    /// Flushes everything to disk (used at shutdown).
+    /// Flushes everything to disk and checkpoints the commit log (used at shutdown, so that
+    /// the next start has nothing to replay).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.commit.durable().await.map_err(StoreError::Flush)
+        self.inner
+            .checkpoints
+            .now()
+            .await
+            .map_err(StoreError::Checkpoint)
     }
 
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
     }
+}
+
+/// Replays the commit log in `dir` into `trees` (newer versions win, as in a replica apply),
+/// flushes sled and deletes the replayed segments. Returns the number of the next segment.
+fn replay_log(db: &sled::Db, trees: &[sled::Tree], dir: &Path) -> Result<u64, StoreError> {
+    let dir_err = |what| {
+        move |source| StoreError::LogDir {
+            what,
+            dir: dir.to_path_buf(),
+            source,
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(dir_err("create the directory"))?;
+    restrict_permissions(dir).map_err(dir_err("restrict permissions"))?;
+    let started = std::time::Instant::now();
+    let replayed = wal::replay(dir, |op| {
+        let tree = match TABLES.get(usize::from(op.table)) {
+            Some(t) if t.replicated() => &trees[usize::from(op.table)],
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "the commit log names table {}, which is not replicated",
+                    op.table
+                )))
+            }
+        };
+        let incoming = cluster::replication::Versioned::from_bytes(op.versioned)
+            .map_err(|e| StoreError::Corrupt(format!("a logged record: {e}")))?;
+        replica::store_versioned(tree, op.key, op.versioned, &incoming)
+    })
+    .map_err(|e| match e {
+        wal::ReplayError::Apply(e) => e,
+        wal::ReplayError::Io(source) => StoreError::LogDir {
+            what: "read a segment",
+            dir: dir.to_path_buf(),
+            source,
+        },
+        e @ wal::ReplayError::Version { .. } => StoreError::Corrupt(e.to_string()),
+    })?;
+    metrics::counter!("store_log_replayed_records_total").increment(replayed.records);
+    let next = replayed.next_seq();
+    if !replayed.segments.is_empty() {
+        db.flush()?;
+        wal::delete_segments_below(dir, next).map_err(dir_err("delete replayed segments"))?;
+    }
+    tracing::info!(
+        segments = replayed.segments.len(),
+        records = replayed.records,
+        ops = replayed.ops,
+        bytes = replayed.bytes,
+        bytes_cut = replayed.bytes_cut,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "replayed the commit log into the store"
+    );
+    Ok(next)
 }
 
 fn quorum_failed(e: QuorumError) -> StoreError {
