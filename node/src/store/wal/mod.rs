@@ -14,8 +14,9 @@
 //! or corrupt); records after a corrupt one are lost from this node's log, and the other
 //! replicas and anti-entropy still hold them.
 //!
-//! Node-local tables (the id lease, the push outbox) are not logged: their writes wait for a
-//! sled flush (`commit`), as before.
+//! Node-local tables (the id lease, the push outbox) go through the log too, as plain writes
+//! (a `Versioned` at version 0, put or delete) that replay applies in log order; `Store::write`
+//! queues them right after their sled writes so that the order matches.
 
 mod format;
 mod replay;
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use format::{LoggedOp, RecordBuilder};
 pub use replay::{replay, ReplayError, Replayed};
-pub use writer::{CommitLog, LogError, Rotation, WriterHandle};
+pub use writer::{CommitLog, LogError, Rotation, Synced, WriterHandle};
 
 /// Where the log lives and how often it is checkpointed.
 #[derive(Clone, Debug)]

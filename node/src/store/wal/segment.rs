@@ -30,11 +30,14 @@ pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 /// Creates segment `seq` with its header, durably (file and directory entry), open for
-/// appending.
+/// appending. Private to this user (0600), like the rest of the store (it holds message
+/// bodies).
 pub fn create(dir: &Path, seq: u64) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = OpenOptions::new()
         .create_new(true)
         .append(true)
+        .mode(0o600)
         .open(path(dir, seq))?;
     file.write_all(&segment_header())?;
     file.sync_all()?;

@@ -116,12 +116,18 @@ impl CommitLog {
 
     /// Appends one framed record; resolves once it is durable.
     pub async fn append(&self, record: Vec<u8>) -> Result<(), LogError> {
+        self.enqueue(record).await?.wait().await
+    }
+
+    /// Queues one framed record for the writer (waiting only for room in the queue) and
+    /// returns the wait for its sync. Records are written in the order they are queued.
+    pub async fn enqueue(&self, record: Vec<u8>) -> Result<Synced, LogError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Cmd::Append(record, done))
             .await
             .map_err(|_| LogError::Stopped)?;
-        wait.await.map_err(|_| LogError::Stopped)?
+        Ok(Synced(wait))
     }
 
     /// Starts a new segment once every append queued before this call is written, unless the
@@ -133,6 +139,16 @@ impl CommitLog {
             .await
             .map_err(|_| LogError::Stopped)?;
         wait.await.map_err(|_| LogError::Stopped)?
+    }
+}
+
+/// The wait for one queued record's sync.
+pub struct Synced(oneshot::Receiver<Result<(), LogError>>);
+
+impl Synced {
+    /// Resolves once the record is durable.
+    pub async fn wait(self) -> Result<(), LogError> {
+        self.0.await.map_err(|_| LogError::Stopped)?
     }
 }
 
