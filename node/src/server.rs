@@ -171,6 +171,8 @@ pub async fn serve(
             checkpoint_bytes: cfg.checkpoint_bytes,
         },
     };
+    // Installed before the store opens, so that the replay's counters are recorded.
+    let metrics = metrics_recorder();
     let (store, store_tasks) = Store::open(&db_dir, options).with_context(|| {
         format!(
             "cannot open the store in {} (is another chatnode using this data dir?)",
@@ -257,7 +259,7 @@ pub async fn serve(
         store: store.clone(),
         hub,
         shutdown: shutdown.clone(),
-        metrics: metrics_recorder(),
+        metrics,
         admin_token: crate::gateway::admin::derive_admin_token(secret.as_bytes()),
         cfg,
     }));

@@ -345,7 +345,7 @@ impl Store {
             .iter()
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
-        let next_seq = replay_log(&db, &trees, &opts.log.dir)?;
+        let next_seq = replay_log(&db, dir, &trees, &opts.log.dir)?;
         let full = Arc::new(tokio::sync::Notify::new());
         let (log, writer) = wal::CommitLog::start(
             opts.log.dir.clone(),
@@ -355,7 +355,7 @@ impl Store {
         )
         .map_err(StoreError::Log)?;
         let (checkpoints, checkpointer) =
-            wal::spawn_checkpointer(db.clone(), log.clone(), &opts.log, full);
+            wal::spawn_checkpointer(db.clone(), dir, log.clone(), &opts.log, full);
         let lease = trees[0]
             .get(ID_LEASE_KEY)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -720,7 +720,12 @@ impl Store {
 
 /// Replays the commit log in `dir` into `trees` (newer versions win, as in a replica apply;
 /// node-local writes in log order), flushes sled and deletes the replayed segments. Returns the number of the next segment.
-fn replay_log(db: &sled::Db, trees: &[sled::Tree], dir: &Path) -> Result<u64, StoreError> {
+fn replay_log(
+    db: &sled::Db,
+    db_dir: &Path,
+    trees: &[sled::Tree],
+    dir: &Path,
+) -> Result<u64, StoreError> {
     let dir_err = |what| {
         move |source| StoreError::LogDir {
             what,
@@ -765,7 +770,7 @@ fn replay_log(db: &sled::Db, trees: &[sled::Tree], dir: &Path) -> Result<u64, St
     metrics::counter!("store_log_replayed_records_total").increment(replayed.records);
     let next = replayed.next_seq();
     if !replayed.segments.is_empty() {
-        db.flush()?;
+        wal::flush_sled(db, db_dir).map_err(StoreError::Checkpoint)?;
         wal::delete_segments_below(dir, next).map_err(dir_err("delete replayed segments"))?;
     }
     tracing::info!(

@@ -26,7 +26,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,9 +120,21 @@ impl CheckpointerHandle {
     }
 }
 
-/// Starts the checkpointer of `log` over `db`. `full` is the writer's size cue.
+/// Flushes sled durably: `Db::flush` writes its buffers with `sync_file_range`, which neither
+/// flushes the disk's write cache nor the file's metadata, so an `fsync` of sled's data file
+/// (`<db dir>/db`) follows before anything relies on it (deleting log segments).
+pub fn flush_sled(db: &sled::Db, db_dir: &Path) -> Result<(), CheckpointError> {
+    db.flush()
+        .map_err(|e| CheckpointError::Flush(Arc::new(e)))?;
+    std::fs::File::open(db_dir.join("db"))
+        .and_then(|f| f.sync_all())
+        .map_err(|e| CheckpointError::Flush(Arc::new(sled::Error::Io(e))))
+}
+
+/// Starts the checkpointer of `log` over `db` (in `db_dir`). `full` is the writer's size cue.
 pub fn spawn_checkpointer(
     db: sled::Db,
+    db_dir: &Path,
     log: CommitLog,
     opts: &LogOptions,
     full: Arc<Notify>,
@@ -131,6 +143,7 @@ pub fn spawn_checkpointer(
     let stop = CancellationToken::new();
     let task = tokio::spawn(checkpointer(
         db,
+        db_dir.to_path_buf(),
         log,
         opts.dir.clone(),
         opts.checkpoint_interval,
@@ -143,6 +156,7 @@ pub fn spawn_checkpointer(
 
 async fn checkpointer(
     db: sled::Db,
+    db_dir: PathBuf,
     log: CommitLog,
     dir: PathBuf,
     interval: Duration,
@@ -167,7 +181,7 @@ async fn checkpointer(
         while let Ok(done) = requests.try_recv() {
             waiters.push(done);
         }
-        let result = checkpoint(&db, &log, &dir, forced || !waiters.is_empty()).await;
+        let result = checkpoint(&db, &db_dir, &log, &dir, forced || !waiters.is_empty()).await;
         if let Err(e) = &result {
             tracing::error!(error = %e, "checkpoint failed; the log keeps its segments");
         }
@@ -181,8 +195,9 @@ async fn checkpointer(
 /// `always`, an idle log (no record since the last rotation) skips the flush.
 async fn checkpoint(
     db: &sled::Db,
+    db_dir: &Path,
     log: &CommitLog,
-    dir: &std::path::Path,
+    dir: &Path,
     always: bool,
 ) -> Result<(), CheckpointError> {
     let started = Instant::now();
@@ -191,12 +206,12 @@ async fn checkpoint(
         return Ok(());
     }
     let db = db.clone();
+    let db_dir = db_dir.to_path_buf();
     let dir = dir.to_path_buf();
     let current = rotation.current;
     let (flush, deleted) = tokio::task::spawn_blocking(move || {
         let flush_started = Instant::now();
-        db.flush()
-            .map_err(|e| CheckpointError::Flush(Arc::new(e)))?;
+        flush_sled(&db, &db_dir)?;
         let flush = flush_started.elapsed();
         let deleted = segment::delete_below(&dir, current)
             .map_err(|e| CheckpointError::Delete(Arc::new(e)))?;

@@ -188,14 +188,14 @@ async fn replay_is_idempotent_and_newer_versions_win() {
         trees[usize::from(Table::History.id())]
             .insert(b"b", Versioned::live(9, b"new".to_vec()).to_bytes())
             .expect("insert");
-        let next = replay_log(&db, &trees, &log_dir).expect("replay");
+        let next = replay_log(&db, &db_dir, &trees, &log_dir).expect("replay");
         assert_eq!(next, 2);
         assert_eq!(stored(&trees, b"a"), Some(5));
         assert_eq!(stored(&trees, b"b"), Some(9));
         // Replayed segments are gone once sled holds them durably.
         assert_eq!(segment::list(&log_dir).expect("list"), Vec::<u64>::new());
         // Replaying the same segment again changes nothing.
-        let next = replay_log(&db, &trees, &keep).expect("replay again");
+        let next = replay_log(&db, &db_dir, &trees, &keep).expect("replay again");
         assert_eq!(next, 2);
         assert_eq!(stored(&trees, b"a"), Some(5));
         assert_eq!(stored(&trees, b"b"), Some(9));
@@ -208,7 +208,8 @@ async fn replay_is_idempotent_and_newer_versions_win() {
 #[tokio::test]
 async fn a_checkpoint_deletes_the_segments_it_covers() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (db, trees) = open_db(&tmp.path().join("db"));
+    let db_dir = tmp.path().join("db");
+    let (db, trees) = open_db(&db_dir);
     let log_dir = tmp.path().join("log");
     std::fs::create_dir(&log_dir).expect("mkdir");
     let opts = LogOptions {
@@ -218,7 +219,8 @@ async fn a_checkpoint_deletes_the_segments_it_covers() {
     let full = Arc::new(Notify::new());
     let (log, writer) =
         CommitLog::start(log_dir.clone(), 1, u64::MAX, full.clone()).expect("start");
-    let (checkpoints, checkpointer) = spawn_checkpointer(db.clone(), log.clone(), &opts, full);
+    let (checkpoints, checkpointer) =
+        spawn_checkpointer(db.clone(), &db_dir, log.clone(), &opts, full);
     let history = &trees[usize::from(Table::History.id())];
     for i in 1..=3u64 {
         // As a replica apply does: sled's memory first, then the log.
@@ -247,7 +249,7 @@ async fn a_checkpoint_deletes_the_segments_it_covers() {
     for s in 1..=3 {
         std::fs::copy(segment::path(&log_dir, s), segment::path(&copy, s)).expect("copy");
     }
-    replay_log(&db, &trees, &copy).expect("replay");
+    replay_log(&db, &db_dir, &trees, &copy).expect("replay");
     for i in 1..=3u64 {
         assert_eq!(stored(&trees, format!("key-{i}").as_bytes()), Some(i));
     }
@@ -269,7 +271,8 @@ async fn a_checkpoint_deletes_the_segments_it_covers() {
 #[tokio::test]
 async fn a_full_segment_starts_a_checkpoint() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (db, _trees) = open_db(&tmp.path().join("db"));
+    let db_dir = tmp.path().join("db");
+    let (db, _trees) = open_db(&db_dir);
     let log_dir = tmp.path().join("log");
     std::fs::create_dir(&log_dir).expect("mkdir");
     let opts = LogOptions {
@@ -280,7 +283,7 @@ async fn a_full_segment_starts_a_checkpoint() {
     let full = Arc::new(Notify::new());
     let (log, writer) =
         CommitLog::start(log_dir.clone(), 1, opts.checkpoint_bytes, full.clone()).expect("start");
-    let (_checkpoints, checkpointer) = spawn_checkpointer(db, log.clone(), &opts, full);
+    let (_checkpoints, checkpointer) = spawn_checkpointer(db, &db_dir, log.clone(), &opts, full);
     for r in records(10) {
         log.append(r).await.expect("append"); // ~2.3 KiB in all
     }
