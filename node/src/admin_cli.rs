@@ -195,8 +195,8 @@ pub fn render(s: &MoveStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:>6}  {:>6}  {}",
-        "node", "state", "live", "load", "partitions", "after", "pulled", "hints", "http"
+        "{:>4}  {:<16} {:>4}  {:>6}  {:>10}  {:>6}  {:>6}  {:>6}  http",
+        "node", "state", "live", "load", "partitions", "after", "pulled", "hints"
     );
     for m in &s.members {
         let pulled = match m.moved {
