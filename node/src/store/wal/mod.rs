@@ -65,9 +65,9 @@ impl LogOptions {
 /// dirty and competes for the disk with the log's syncs; every 10 s it is a small share of the
 /// disk's time, and the log keeps at most ~10 s of writes unless the size limit comes first.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// Log size that forces a checkpoint. 64 MiB replays in about a second (docs/benchmarks.md,
-/// "Session 2026-12-07: commit log"), so a crash under full load costs a second or two of
-/// replay at start, not minutes.
+/// Log size that forces a checkpoint. The log replays at ~48 MiB/s (docs/benchmarks.md,
+/// "Session 2026-12-07: commit log"), so a crash under full load costs about a second and a
+/// half of replay at start, not minutes.
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 
 type CheckpointReply = oneshot::Sender<Result<(), CheckpointError>>;
@@ -141,97 +141,96 @@ pub fn spawn_checkpointer(
 ) -> (Checkpoints, CheckpointerHandle) {
     let (tx, rx) = mpsc::channel(16);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(checkpointer(
+    let checkpointer = Checkpointer {
         db,
-        db_dir.to_path_buf(),
+        db_dir: db_dir.to_path_buf(),
         log,
-        opts.dir.clone(),
-        opts.checkpoint_interval,
+        dir: opts.dir.clone(),
+        interval: opts.checkpoint_interval,
         full,
-        rx,
-        stop.clone(),
-    ));
+    };
+    let task = tokio::spawn(checkpointer.run(rx, stop.clone()));
     (Checkpoints { tx }, CheckpointerHandle { stop, task })
 }
 
-async fn checkpointer(
+/// What the checkpointer task owns.
+struct Checkpointer {
     db: sled::Db,
     db_dir: PathBuf,
     log: CommitLog,
+    /// The log's directory.
     dir: PathBuf,
     interval: Duration,
+    /// The writer's cue that a segment is full.
     full: Arc<Notify>,
-    mut requests: mpsc::Receiver<CheckpointReply>,
-    stop: CancellationToken,
-) {
-    let mut waiters = Vec::new();
-    loop {
-        let forced = tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => false,
-            _ = full.notified() => false,
-            request = requests.recv() => match request {
-                Some(done) => {
-                    waiters.push(done);
-                    true
-                }
-                None => return,
-            },
-        };
-        while let Ok(done) = requests.try_recv() {
-            waiters.push(done);
-        }
-        let result = checkpoint(&db, &db_dir, &log, &dir, forced || !waiters.is_empty()).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "checkpoint failed; the log keeps its segments");
-        }
-        for w in waiters.drain(..) {
-            let _ = w.send(result.clone()); // the caller may have timed out and gone
-        }
-    }
 }
 
-/// One checkpoint: rotate, flush sled, delete the segments before the rotation. Without
-/// `always`, an idle log (no record since the last rotation) skips the flush.
-async fn checkpoint(
-    db: &sled::Db,
-    db_dir: &Path,
-    log: &CommitLog,
-    dir: &Path,
-    always: bool,
-) -> Result<(), CheckpointError> {
-    let started = Instant::now();
-    let rotation = log.rotate().await.map_err(CheckpointError::Log)?;
-    if !rotation.rotated && !always {
-        return Ok(());
+impl Checkpointer {
+    async fn run(self, mut requests: mpsc::Receiver<CheckpointReply>, stop: CancellationToken) {
+        let (interval, full) = (self.interval, self.full.clone());
+        let mut waiters = Vec::new();
+        loop {
+            let forced = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => false,
+                _ = full.notified() => false,
+                request = requests.recv() => match request {
+                    Some(done) => {
+                        waiters.push(done);
+                        true
+                    }
+                    None => return,
+                },
+            };
+            while let Ok(done) = requests.try_recv() {
+                waiters.push(done);
+            }
+            let result = self.checkpoint(forced || !waiters.is_empty()).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "checkpoint failed; the log keeps its segments");
+            }
+            for w in waiters.drain(..) {
+                let _ = w.send(result.clone()); // the caller may have timed out and gone
+            }
+        }
     }
-    let db = db.clone();
-    let db_dir = db_dir.to_path_buf();
-    let dir = dir.to_path_buf();
-    let current = rotation.current;
-    let (flush, deleted) = tokio::task::spawn_blocking(move || {
-        let flush_started = Instant::now();
-        flush_sled(&db, &db_dir)?;
-        let flush = flush_started.elapsed();
-        let deleted = segment::delete_below(&dir, current)
-            .map_err(|e| CheckpointError::Delete(Arc::new(e)))?;
-        Ok::<_, CheckpointError>((flush, deleted))
-    })
-    .await
-    .map_err(|e| {
-        CheckpointError::Flush(Arc::new(sled::Error::ReportableBug(format!(
-            "checkpoint task: {e}"
-        ))))
-    })??;
-    metrics::histogram!("store_checkpoint_seconds").record(started.elapsed().as_secs_f64());
-    tracing::debug!(
-        segment = current,
-        deleted,
-        flush_ms = flush.as_millis() as u64,
-        total_ms = started.elapsed().as_millis() as u64,
-        "checkpoint"
-    );
-    Ok(())
+
+    /// One checkpoint: rotate, flush sled, delete the segments before the rotation. Without
+    /// `always`, an idle log (no record since the last rotation) skips the flush.
+    async fn checkpoint(&self, always: bool) -> Result<(), CheckpointError> {
+        let started = Instant::now();
+        let rotation = self.log.rotate().await.map_err(CheckpointError::Log)?;
+        if !rotation.rotated && !always {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        let db_dir = self.db_dir.clone();
+        let dir = self.dir.clone();
+        let current = rotation.current;
+        let (flush, deleted) = tokio::task::spawn_blocking(move || {
+            let flush_started = Instant::now();
+            flush_sled(&db, &db_dir)?;
+            let flush = flush_started.elapsed();
+            let deleted = segment::delete_below(&dir, current)
+                .map_err(|e| CheckpointError::Delete(Arc::new(e)))?;
+            Ok::<_, CheckpointError>((flush, deleted))
+        })
+        .await
+        .map_err(|e| {
+            CheckpointError::Flush(Arc::new(sled::Error::ReportableBug(format!(
+                "checkpoint task: {e}"
+            ))))
+        })??;
+        metrics::histogram!("store_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            segment = current,
+            deleted,
+            flush_ms = flush.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "checkpoint"
+        );
+        Ok(())
+    }
 }
 
 /// Deletes the segments numbered below `seq` in `dir` (after a replay made them durable in
