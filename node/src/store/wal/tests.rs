@@ -241,6 +241,8 @@ async fn a_checkpoint_deletes_the_segments_it_covers() {
             rotated: false
         }
     );
+    // ... and leaves no prepared segment behind.
+    assert_eq!(segment::list(&log_dir).expect("list"), vec![1, 2, 3, 4]);
 
     // A crash after those rotations but before a checkpoint deleted anything: the
     // segments replay over a sled that already holds them, harmlessly.

@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,7 +59,13 @@ pub struct Rotation {
 
 enum Cmd {
     Append(Vec<u8>, oneshot::Sender<Result<(), LogError>>),
-    Rotate(oneshot::Sender<Result<Rotation, LogError>>),
+    /// Switch to the prepared segment `(seq, file)` if the current one has records; the file
+    /// comes back unused otherwise.
+    Rotate(
+        u64,
+        File,
+        oneshot::Sender<Result<(Rotation, Option<File>), LogError>>,
+    ),
     Stop,
 }
 
@@ -66,6 +73,9 @@ enum Cmd {
 #[derive(Clone)]
 pub struct CommitLog {
     tx: mpsc::Sender<Cmd>,
+    dir: PathBuf,
+    /// The segment being written (set by the writer).
+    current: Arc<AtomicU64>,
 }
 
 /// Owns the writer thread.
@@ -98,10 +108,16 @@ impl CommitLog {
     ) -> Result<(CommitLog, WriterHandle), LogError> {
         let file = segment::create(&dir, seq).map_err(LogError::io("create a segment"))?;
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
-        let writer = Writer {
+        let current = Arc::new(AtomicU64::new(seq));
+        let log = CommitLog {
+            tx: tx.clone(),
             dir,
+            current: current.clone(),
+        };
+        let writer = Writer {
             file,
             seq,
+            current,
             bytes: 0,
             segment_bytes,
             full,
@@ -111,7 +127,7 @@ impl CommitLog {
             .name("commit-log".into())
             .spawn(move || writer.run(rx))
             .map_err(LogError::io("start the writer thread"))?;
-        Ok((CommitLog { tx: tx.clone() }, WriterHandle { tx, thread }))
+        Ok((log, WriterHandle { tx, thread }))
     }
 
     /// Appends one framed record; resolves once it is durable.
@@ -131,14 +147,33 @@ impl CommitLog {
     }
 
     /// Starts a new segment once every append queued before this call is written, unless the
-    /// current segment has none.
+    /// current segment has none. The new file is created here, before the writer is asked,
+    /// so that appends wait only for a swap of files, not for its creation and syncs. One
+    /// caller at a time (the checkpointer).
     pub async fn rotate(&self) -> Result<Rotation, LogError> {
+        let next = self.current.load(Ordering::Acquire) + 1;
+        let dir = self.dir.clone();
+        let file = tokio::task::spawn_blocking(move || segment::create(&dir, next))
+            .await
+            .map_err(|e| LogError::io("create a segment")(io::Error::other(e)))?
+            .map_err(LogError::io("create a segment"))?;
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Cmd::Rotate(done))
+            .send(Cmd::Rotate(next, file, done))
             .await
             .map_err(|_| LogError::Stopped)?;
-        wait.await.map_err(|_| LogError::Stopped)?
+        let outcome = wait.await.map_err(|_| LogError::Stopped)?;
+        let unused = match &outcome {
+            Ok((_, unused)) => unused.is_some(),
+            Err(_) => true,
+        };
+        if unused {
+            // Empty but for its header; removed so that the next rotation can create it.
+            if let Err(e) = std::fs::remove_file(segment::path(&self.dir, next)) {
+                tracing::warn!(error = %e, segment = next, "cannot remove an unused segment");
+            }
+        }
+        outcome.map(|(rotation, _)| rotation)
     }
 }
 
@@ -153,9 +188,10 @@ impl Synced {
 }
 
 struct Writer {
-    dir: PathBuf,
     file: File,
     seq: u64,
+    /// `seq`, for [`CommitLog::rotate`].
+    current: Arc<AtomicU64>,
     /// Record bytes in the current segment.
     bytes: u64,
     segment_bytes: u64,
@@ -180,10 +216,10 @@ impl Writer {
                         buf.extend_from_slice(&record);
                         waiters.push(done);
                     }
-                    Cmd::Rotate(done) => {
+                    Cmd::Rotate(seq, file, done) => {
                         self.commit(&mut buf, &mut waiters);
                         // The caller may have timed out and gone.
-                        let _ = done.send(self.rotate());
+                        let _ = done.send(self.rotate(seq, file));
                     }
                     Cmd::Stop => {
                         self.commit(&mut buf, &mut waiters);
@@ -237,23 +273,34 @@ impl Writer {
         }
     }
 
-    fn rotate(&mut self) -> Result<Rotation, LogError> {
+    fn rotate(&mut self, seq: u64, file: File) -> Result<(Rotation, Option<File>), LogError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        if self.bytes == 0 {
-            return Ok(Rotation {
-                current: self.seq,
-                rotated: false,
+        if seq != self.seq + 1 {
+            return Err(LogError::Io {
+                what: "rotate",
+                source: Arc::new(io::Error::other(format!(
+                    "segment {seq} offered while writing {}",
+                    self.seq
+                ))),
             });
         }
-        let next = self.seq + 1;
-        self.file = segment::create(&self.dir, next).map_err(LogError::io("create a segment"))?;
-        self.seq = next;
+        if self.bytes == 0 {
+            let rotation = Rotation {
+                current: self.seq,
+                rotated: false,
+            };
+            return Ok((rotation, Some(file)));
+        }
+        self.file = file;
+        self.seq = seq;
+        self.current.store(seq, Ordering::Release);
         self.bytes = 0;
-        Ok(Rotation {
-            current: next,
+        let rotation = Rotation {
+            current: seq,
             rotated: true,
-        })
+        };
+        Ok((rotation, None))
     }
 }
