@@ -112,8 +112,6 @@ impl Table {
 pub enum StoreError {
     #[error("storage engine: {0}")]
     Engine(sled::Error),
-    #[error("flush failed: {0}")]
-    Flush(Arc<sled::Error>),
     /// The commit log could not make a write durable.
     #[error("{0}")]
     Log(wal::LogError),

@@ -101,8 +101,9 @@ pub(super) fn store_versioned(
 impl LocalReplica for SledReplica {
     type Error = StoreError;
 
-    /// Stores each op in sled's memory, then logs the ops stored (or found superseded: the
-    /// newer copy may not be durable yet, this op's record makes it so) and waits for the log.
+    /// Stores each op in sled's memory, then logs every op stored or found superseded (logged
+    /// anyway, so that this write is durable on its own whether or not the newer copy's apply
+    /// reaches the log) and waits for the log. Ops refused by the seal are not logged.
     async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome, StoreError> {
         let mut outcome = ApplyOutcome::Applied;
         let mut record = RecordBuilder::default();
