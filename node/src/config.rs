@@ -97,6 +97,14 @@ pub struct ServeArgs {
     /// position, or it is written again at a new one; the next sync resends this much.
     #[arg(long, env = "CHATNODE_SEAL_WINDOW_MS")]
     pub seal_window_ms: Option<u64>,
+    /// Time between checkpoints of the commit log (sled flushed, covered segments deleted)
+    /// while writes arrive, ms [default: 10000].
+    #[arg(long, env = "CHATNODE_CHECKPOINT_INTERVAL_MS")]
+    pub checkpoint_interval_ms: Option<u64>,
+    /// A commit log segment this large starts a checkpoint at once, MiB [default: 64]. Bounds
+    /// the log replayed at start after a crash.
+    #[arg(long, env = "CHATNODE_CHECKPOINT_MIB")]
+    pub checkpoint_mib: Option<u64>,
     /// This node refuses to issue ids (to store messages, accounts, groups) while its clock
     /// is further than this from the median of its peers', ms [default: 10000]; `/readyz`
     /// says so. It is also how far ahead of its own clock a peer's timestamp may pull it.
@@ -233,6 +241,8 @@ struct FileConfig {
     write_timeout_ms: Option<u64>,
     anti_entropy_secs: Option<u64>,
     seal_window_ms: Option<u64>,
+    checkpoint_interval_ms: Option<u64>,
+    checkpoint_mib: Option<u64>,
     max_clock_skew_ms: Option<u64>,
     heal_interval_secs: Option<u64>,
     clock_offset_file: Option<PathBuf>,
@@ -294,6 +304,10 @@ pub struct Config {
     pub anti_entropy: Option<Duration>,
     /// How far a sync cursor trails the newest inbox positions (the replicas' seal window).
     pub seal_window: Duration,
+    /// Time between commit log checkpoints while writes arrive.
+    pub checkpoint_interval: Duration,
+    /// Log bytes that start a checkpoint at once.
+    pub checkpoint_bytes: u64,
     /// The clock skew past which this node refuses to issue ids.
     pub max_clock_skew: Duration,
     /// Time between a connected device's periodic catch-ups; `None`: off.
@@ -444,6 +458,15 @@ impl Config {
                 secs => Some(Duration::from_secs(secs)),
             },
             seal_window: ms(args.seal_window_ms.or(file.seal_window_ms), 5_000),
+            checkpoint_interval: ms(
+                args.checkpoint_interval_ms.or(file.checkpoint_interval_ms),
+                10_000,
+            ),
+            checkpoint_bytes: args
+                .checkpoint_mib
+                .or(file.checkpoint_mib)
+                .unwrap_or(64)
+                .saturating_mul(1 << 20),
             max_clock_skew: ms(args.max_clock_skew_ms.or(file.max_clock_skew_ms), 10_000),
             heal_interval: match args
                 .heal_interval_secs
@@ -583,6 +606,11 @@ impl Config {
         }
         if self.seal_window < Duration::from_millis(500) {
             return bad("--seal-window-ms must be at least 500".into());
+        }
+        if self.checkpoint_interval < Duration::from_millis(100) || self.checkpoint_bytes == 0 {
+            return bad(
+                "--checkpoint-interval-ms must be at least 100 and --checkpoint-mib above 0".into(),
+            );
         }
         if self.max_clock_skew < Duration::from_millis(100) {
             return bad("--max-clock-skew-ms must be at least 100".into());

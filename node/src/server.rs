@@ -35,6 +35,7 @@ use crate::domain::presence::{Feed, Presence};
 use crate::domain::push::{Push, TargetPolicy};
 use crate::mesh::{GossipDirectory, Mesh};
 use crate::node::{Node, Parts};
+use crate::store::wal::LogOptions;
 use crate::store::{Store, StoreOptions};
 
 /// How long shutdown waits for sessions to finish once the drain is over.
@@ -167,8 +168,15 @@ pub async fn serve(
         seal_window: cfg.seal_window,
         max_clock_skew: cfg.max_clock_skew,
         guard: Arc::new(SkewGuard::new(cfg.max_clock_skew.as_millis() as u64)),
+        log: LogOptions {
+            dir: cfg.data_dir.join("db-log"),
+            checkpoint_interval: cfg.checkpoint_interval,
+            checkpoint_bytes: cfg.checkpoint_bytes,
+        },
     };
-    let (store, flusher) = Store::open(&db_dir, options).with_context(|| {
+    // Installed before the store opens, so that the replay's counters are recorded.
+    let metrics = metrics_recorder();
+    let (store, store_tasks) = Store::open(&db_dir, options).with_context(|| {
         format!(
             "cannot open the store in {} (is another chatnode using this data dir?)",
             db_dir.display()
@@ -254,7 +262,7 @@ pub async fn serve(
         store: store.clone(),
         hub,
         shutdown: shutdown.clone(),
-        metrics: metrics_recorder(),
+        metrics,
         admin_token: crate::gateway::admin::derive_admin_token(secret.as_bytes()),
         cfg,
     }));
@@ -314,9 +322,9 @@ pub async fn serve(
         task.abort();
     }
     store.flush().await.context("final flush of the store")?;
-    // Everything is on disk. The flusher would end only once every handle to the store is
-    // gone, and the replication service's peers may still hold one: stop it here.
-    flusher.abort();
+    // Everything is on disk and the log is checkpointed: stop the store's tasks (peers may
+    // still hold handles to the store, so they would not end by themselves).
+    store_tasks.shutdown().await;
     drop(node);
     drop(store);
     tracing::info!("stopped");

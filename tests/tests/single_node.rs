@@ -42,6 +42,69 @@ async fn acked_messages_survive_sigkill() {
     assert_eq!(synced.len(), 300);
 }
 
+/// With checkpoints an hour apart, the acks of a burst are durable only in the commit log
+/// (sled's own files are not flushed, and a few hundred messages do not fill its write
+/// buffer): a restart after SIGKILL must replay the log to serve them.
+#[tokio::test]
+async fn acked_messages_only_in_the_commit_log_survive_sigkill() {
+    let mut node = TestNode::start(&[
+        "--rate-limit-burst",
+        "1000",
+        "--checkpoint-interval-ms",
+        "3600000",
+        "--checkpoint-mib",
+        "1024",
+    ]);
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let mut a = node.connect(&alice.login).await;
+    for i in 0..400 {
+        a.send(&ClientFrame::Send {
+            id: format!("w{i}"),
+            to: to(bob.id),
+            body: format!("logged {i}"),
+        })
+        .await
+        .unwrap();
+    }
+    let mut acked = HashSet::new();
+    for i in 0..400 {
+        acked.insert(a.wait_ack(&format!("w{i}")).await.unwrap().message_id);
+    }
+    let log_dir = node.data_dir().join("db-log");
+    let logged: u64 = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(logged > 400 * 100, "the log holds {logged} bytes");
+    node.kill(); // SIGKILL right after the last ack: no checkpoint, no shutdown flush
+    node.restart();
+    let log = node.log_text();
+    let replayed = log
+        .lines()
+        .filter(|l| l.contains("replayed the commit log"))
+        .filter_map(|l| {
+            l.split("records=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .next_back()
+        .unwrap_or_else(|| panic!("no replay line in the node's log:\n{log}"));
+    assert!(replayed >= 400, "replayed only {replayed} records");
+    let synced: HashSet<MessageId> = node.sync_on_new_device(&bob).await.into_iter().collect();
+    let missing: Vec<_> = acked.difference(&synced).collect();
+    assert!(
+        missing.is_empty(),
+        "acked but lost after SIGKILL: {} of {}",
+        missing.len(),
+        acked.len()
+    );
+    assert_eq!(synced.len(), 400);
+}
+
 #[tokio::test]
 async fn message_ids_keep_increasing_across_a_restart() {
     let mut node = TestNode::start(&[]);

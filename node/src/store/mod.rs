@@ -7,15 +7,26 @@
 //! return at a write quorum; reads merge a read quorum. This node's own replica is `replica`
 //! (sled). Node-local tables (`Meta`, `PushOutbox`) are written here directly.
 //!
-//! Durability: a write returns only after a group-committed flush covers it on a write quorum
-//! of replicas (see `commit`), or fails (`Timeout`, `Quorum`, ...; see
-//! [`StoreError::is_unavailable`]) and is safe to retry.
+//! Durability: a write returns only after its ops are durable on a write quorum of replicas,
+//! or fails (`Timeout`, `Quorum`, ...; see [`StoreError::is_unavailable`]) and is safe to
+//! retry. On each replica (and for node-local writes) "durable" means: in sled's memory, then
+//! appended to the commit log and covered by one of its group-committed `fdatasync`s (`wal`).
+//! sled itself is flushed only by the log's checkpoints, every `--checkpoint-interval-ms` or
+//! `--checkpoint-mib` of log, and at shutdown; at start the log's remaining segments are
+//! replayed into sled before anything is served.
+//!
+//! # Layout
+//!
+//! - `mod.rs`: [`Store`], batches, the coordinator calls, opening and replay at start.
+//! - `replica`: [`SledReplica`], this node's `LocalReplica` (sled memory, then the log).
+//! - `wal/`: the commit log (record format, segments, the writer, replay, checkpoints).
+//! - `keys`, `records`: key layouts and record encodings; `messages`, `users`, `groups`,
+//!   `friends`, `push`: the typed operations.
 //!
 //! Inbox entries live at *positions* (`user | position`): the inbox table is sealed
 //! (`cluster::replication::seal`), so a sync's cursor is closed; a message refused as sealed
 //! is written again at a new position (`messages`).
 
-mod commit;
 mod friends;
 mod groups;
 pub mod keys;
@@ -24,6 +35,7 @@ mod push;
 pub mod records;
 mod replica;
 mod users;
+pub mod wal;
 
 use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
@@ -38,11 +50,9 @@ use cluster::replication::{
 };
 use cluster::{partition_of, Partition, PeerError};
 use std::sync::OnceLock;
-use tokio::task::JoinHandle;
 
 use crate::ids::{ClockSkew, IdGen};
 
-pub use commit::GroupCommit;
 pub use friends::Link;
 pub use messages::{HistoryPage, SendOutcome, SyncPage};
 pub use replica::SledReplica;
@@ -102,8 +112,19 @@ impl Table {
 pub enum StoreError {
     #[error("storage engine: {0}")]
     Engine(sled::Error),
-    #[error("flush failed: {0}")]
-    Flush(Arc<sled::Error>),
+    /// The commit log could not make a write durable.
+    #[error("{0}")]
+    Log(wal::LogError),
+    /// The commit log could not be read or checkpointed at start or shutdown.
+    #[error("commit log: {0}")]
+    Checkpoint(wal::CheckpointError),
+    /// The commit log's directory could not be set up or read at start.
+    #[error("commit log {what} in {dir}: {source}")]
+    LogDir {
+        what: &'static str,
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("the write was not durable within {0:?}")]
     Timeout(Duration),
     #[error("a stored record is unreadable: {0}")]
@@ -235,6 +256,25 @@ pub struct StoreOptions {
     pub max_clock_skew: Duration,
     /// The clock-skew guard (fed by gossip).
     pub guard: Arc<SkewGuard>,
+    /// The commit log's directory and checkpoint pacing.
+    pub log: wal::LogOptions,
+}
+
+/// The store's background tasks: the commit log's writer and checkpointer. Stop them with
+/// [`StoreTasks::shutdown`] after [`Store::flush`].
+pub struct StoreTasks {
+    writer: wal::WriterHandle,
+    checkpointer: wal::CheckpointerHandle,
+}
+
+impl StoreTasks {
+    /// Stops the checkpointer, then the log writer (after the appends already queued), and
+    /// waits for both. Peers may still hold handles to the store: their writes now fail
+    /// (`Log(Stopped)`).
+    pub async fn shutdown(self) {
+        self.checkpointer.shutdown().await;
+        self.writer.shutdown().await;
+    }
 }
 
 /// The replication coordinator the store writes and reads through.
@@ -244,7 +284,8 @@ struct Inner {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     partitions: u32,
-    commit: GroupCommit,
+    log: wal::CommitLog,
+    checkpoints: wal::Checkpoints,
     write_timeout: Duration,
     local: Arc<SledReplica>,
     coord: OnceLock<Coord>,
@@ -308,14 +349,16 @@ pub fn restrict_permissions(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` with this node's id generator (`node_id`). The
-    /// returned task is the group-commit flusher; it ends once every clone of the store is
-    /// dropped. Replicated reads and writes work once [`Store::attach`] gave it a coordinator.
-    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, JoinHandle<()>), StoreError> {
+    /// Opens (or creates) the store in `dir` with this node's id generator (`node_id`), and
+    /// replays the commit log (`opts.log`) into it before anything is served. The returned
+    /// tasks are the log's writer and checkpointer; stop them
+    /// with [`StoreTasks::shutdown`]. Replicated reads and writes work once [`Store::attach`]
+    /// gave the store a coordinator.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, StoreTasks), StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
-            // Durability comes from our own group-committed flushes.
+            // Durability comes from the commit log and its checkpoints.
             .flush_every_ms(None)
             .open()?;
         restrict_permissions(dir).map_err(|e| StoreError::Engine(sled::Error::Io(e)))?;
@@ -323,7 +366,17 @@ impl Store {
             .iter()
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
-        let (commit, task) = GroupCommit::spawn(db.clone());
+        let next_seq = replay_log(&db, dir, &trees, &opts.log.dir)?;
+        let full = Arc::new(tokio::sync::Notify::new());
+        let (log, writer) = wal::CommitLog::start(
+            opts.log.dir.clone(),
+            next_seq,
+            opts.log.checkpoint_bytes,
+            full.clone(),
+        )
+        .map_err(StoreError::Log)?;
+        let (checkpoints, checkpointer) =
+            wal::spawn_checkpointer(db.clone(), dir, log.clone(), &opts.log, full);
         let lease = trees[0]
             .get(ID_LEASE_KEY)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -342,7 +395,7 @@ impl Store {
         let ids = Arc::new(IdGen::new(hlc, opts.guard));
         let local = Arc::new(SledReplica::new(
             trees.clone(),
-            commit.clone(),
+            log.clone(),
             opts.write_timeout,
             sealer,
         ));
@@ -351,7 +404,8 @@ impl Store {
                 db,
                 trees,
                 partitions: opts.partitions,
-                commit,
+                log,
+                checkpoints,
                 write_timeout: opts.write_timeout,
                 local,
                 coord: OnceLock::new(),
@@ -359,7 +413,11 @@ impl Store {
                 lease_at_open: lease,
             }),
         };
-        Ok((store, task))
+        let tasks = StoreTasks {
+            writer,
+            checkpointer,
+        };
+        Ok((store, tasks))
     }
 
     /// A clock reading (record version) older than every write this node can have missed
@@ -386,9 +444,14 @@ impl Store {
         let Some(lease) = hlc.lease_wanted() else {
             return Ok(());
         };
-        self.tree(Table::Meta)
-            .insert(ID_LEASE_KEY, &lease.to_be_bytes())?;
-        self.durable().await?;
+        let mut record = wal::RecordBuilder::default();
+        self.put_local(
+            &mut record,
+            Table::Meta,
+            ID_LEASE_KEY.into(),
+            Some(lease.to_be_bytes().into()),
+        )?;
+        self.durable(self.log_local(record).await?).await?;
         hlc.lease_granted(lease);
         Ok(())
     }
@@ -425,16 +488,11 @@ impl Store {
     /// ones at a write quorum of each partition's replicas.
     pub async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let version = self.inner.ids.next()?.0;
-        let mut local = false;
+        let mut local = wal::RecordBuilder::default();
         let mut per_partition: Vec<(Partition, Vec<ReplicaOp>)> = Vec::new();
         for op in batch.ops {
             if !op.table.replicated() {
-                let tree = self.tree(op.table);
-                match op.value {
-                    Some(v) => tree.insert(op.key, v)?,
-                    None => tree.remove(op.key)?,
-                };
-                local = true;
+                self.put_local(&mut local, op.table, op.key, op.value)?;
                 continue;
             }
             let rop = match op.value {
@@ -446,6 +504,10 @@ impl Store {
                 None => per_partition.push((op.partition, vec![rop])),
             }
         }
+        // Queued for the log right after the sled writes, so that the log's order of writes
+        // to one local key is the order they reached sled's memory (replay applies local ops
+        // in log order).
+        let local = self.log_local(local).await?;
         metrics::counter!("store_partition_writes_total").increment(per_partition.len() as u64);
         if !per_partition.is_empty() {
             self.coord()?
@@ -453,9 +515,7 @@ impl Store {
                 .await
                 .map_err(quorum_failed)?;
         }
-        if local {
-            self.durable().await?;
-        }
+        self.durable(local).await?;
         Ok(())
     }
 
@@ -595,11 +655,50 @@ impl Store {
         Ok(())
     }
 
-    /// Waits until everything written so far is on disk, or the write timeout passes.
-    async fn durable(&self) -> Result<(), StoreError> {
-        match tokio::time::timeout(self.inner.write_timeout, self.inner.commit.durable()).await {
+    /// Writes `key = value` (`None`: removes it) in a node-local table: into sled's memory,
+    /// and into `record` for the commit log (as a `Versioned` at version 0; replay applies
+    /// local ops in log order).
+    fn put_local(
+        &self,
+        record: &mut wal::RecordBuilder,
+        table: Table,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let tree = self.tree(table);
+        match &value {
+            Some(v) => tree.insert(&key, v.as_slice())?,
+            None => tree.remove(&key)?,
+        };
+        let logged = cluster::replication::Versioned { version: 0, value };
+        record.push(table.id(), &key, &logged.to_bytes());
+        Ok(())
+    }
+
+    /// Queues the node-local writes in `record` for the commit log (nothing if empty).
+    async fn log_local(
+        &self,
+        record: wal::RecordBuilder,
+    ) -> Result<Option<wal::Synced>, StoreError> {
+        if record.is_empty() {
+            return Ok(None);
+        }
+        let queued = self.inner.log.enqueue(record.finish());
+        match tokio::time::timeout(self.inner.write_timeout, queued).await {
+            Ok(Ok(synced)) => Ok(Some(synced)),
+            Ok(Err(e)) => Err(StoreError::Log(e)),
+            Err(_) => Err(StoreError::Timeout(self.inner.write_timeout)),
+        }
+    }
+
+    /// Waits until a queued record is durable in the commit log, or the write timeout passes.
+    async fn durable(&self, synced: Option<wal::Synced>) -> Result<(), StoreError> {
+        let Some(synced) = synced else {
+            return Ok(());
+        };
+        match tokio::time::timeout(self.inner.write_timeout, synced.wait()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Flush(e)),
+            Ok(Err(e)) => Err(StoreError::Log(e)),
             Err(_) => Err(StoreError::Timeout(self.inner.write_timeout)),
         }
     }
@@ -634,15 +733,87 @@ impl Store {
         Err(StoreError::Contention.into())
     }
 
-    /// Flushes everything to disk (used at shutdown).
+    /// Flushes everything to disk and checkpoints the commit log (used at shutdown, so that
+    /// the next start has nothing to replay).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.commit.durable().await.map_err(StoreError::Flush)
+        self.inner
+            .checkpoints
+            .now()
+            .await
+            .map_err(StoreError::Checkpoint)
     }
 
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
     }
+}
+
+/// Replays the commit log in `dir` into `trees` (newer versions win, as in a replica apply;
+/// node-local writes in log order), flushes sled and deletes the replayed segments. Returns the number of the next segment.
+fn replay_log(
+    db: &sled::Db,
+    db_dir: &Path,
+    trees: &[sled::Tree],
+    dir: &Path,
+) -> Result<u64, StoreError> {
+    let dir_err = |what| {
+        move |source| StoreError::LogDir {
+            what,
+            dir: dir.to_path_buf(),
+            source,
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(dir_err("create the directory"))?;
+    restrict_permissions(dir).map_err(dir_err("restrict permissions"))?;
+    let started = std::time::Instant::now();
+    let replayed = wal::replay(dir, |op| {
+        let (Some(table), Some(tree)) = (
+            TABLES.get(usize::from(op.table)),
+            trees.get(usize::from(op.table)),
+        ) else {
+            return Err(StoreError::Corrupt(format!(
+                "the commit log names table {}, which this build does not have",
+                op.table
+            )));
+        };
+        let incoming = cluster::replication::Versioned::from_bytes(op.versioned)
+            .map_err(|e| StoreError::Corrupt(format!("a logged record: {e}")))?;
+        if table.replicated() {
+            return replica::store_versioned(tree, op.key, op.versioned, &incoming);
+        }
+        // A node-local write, replayed in log order (see `Store::put_local`).
+        match incoming.value {
+            Some(v) => tree.insert(op.key, v)?,
+            None => tree.remove(op.key)?,
+        };
+        Ok(())
+    })
+    .map_err(|e| match e {
+        wal::ReplayError::Apply(e) => e,
+        wal::ReplayError::Io(source) => StoreError::LogDir {
+            what: "read a segment",
+            dir: dir.to_path_buf(),
+            source,
+        },
+        e @ wal::ReplayError::Version { .. } => StoreError::Corrupt(e.to_string()),
+    })?;
+    metrics::counter!("store_log_replayed_records_total").increment(replayed.records);
+    let next = replayed.next_seq();
+    if !replayed.segments.is_empty() {
+        wal::flush_sled(db, db_dir).map_err(StoreError::Checkpoint)?;
+        wal::delete_segments_below(dir, next).map_err(dir_err("delete replayed segments"))?;
+    }
+    tracing::info!(
+        segments = replayed.segments.len(),
+        records = replayed.records,
+        ops = replayed.ops,
+        bytes = replayed.bytes,
+        bytes_cut = replayed.bytes_cut,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "replayed the commit log into the store"
+    );
+    Ok(next)
 }
 
 fn quorum_failed(e: QuorumError) -> StoreError {

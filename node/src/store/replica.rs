@@ -1,25 +1,27 @@
 //! This node's replica of the partitions it holds: `cluster::replication::LocalReplica` over
 //! sled. Every replicated record is stored as a `Versioned` (value or tombstone with its
 //! version); an incoming copy replaces the stored one only if it is newer, so applying a
-//! batch twice or out of order is harmless. Durability comes from the group commit.
+//! batch twice or out of order is harmless. An apply is durable once its record is in the
+//! commit log (`wal`).
 
 use std::ops::Bound;
 use std::time::Duration;
 
 use cluster::replication::{
     ApplyBatch, ApplyOutcome, ConditionalApply, ConditionalOutcome, LocalReplica, PullReply,
-    PullRequest, ReadRequest, ReplicaOp, ScanEntry, ScanReply, ScanRequest, Sealed, Sealer,
-    TableId, Versioned,
+    PullRequest, ReadRequest, ScanEntry, ScanReply, ScanRequest, Sealed, Sealer, TableId,
+    Versioned,
 };
 use cluster::{partition_of, Partition};
 
-use super::{GroupCommit, StoreError, Table, TABLES};
+use super::wal::{CommitLog, RecordBuilder};
+use super::{StoreError, Table, TABLES};
 
 /// The replicated trees of this node.
 pub struct SledReplica {
     /// Indexed by `TableId` (the table's position in `TABLES`).
     trees: Vec<sled::Tree>,
-    commit: GroupCommit,
+    log: CommitLog,
     write_timeout: Duration,
     /// Seals the inbox table (`cluster::replication::seal`).
     sealer: Sealer,
@@ -32,13 +34,13 @@ fn decode(bytes: &[u8]) -> Result<Versioned, StoreError> {
 impl SledReplica {
     pub(super) fn new(
         trees: Vec<sled::Tree>,
-        commit: GroupCommit,
+        log: CommitLog,
         write_timeout: Duration,
         sealer: Sealer,
     ) -> Self {
         SledReplica {
             trees,
-            commit,
+            log,
             write_timeout,
             sealer,
         }
@@ -57,34 +59,41 @@ impl SledReplica {
         }
     }
 
-    /// Stores `op` if it is newer than the stored copy (compare-and-swap, retried). Most
-    /// keys are new (history and inbox entries are written once), so the first try inserts
-    /// only if the key is absent, which saves reading it first.
-    fn store_op(&self, op: &ReplicaOp) -> Result<(), StoreError> {
-        let tree = self.tree(op.table)?;
-        let incoming = op.record();
-        let bytes = incoming.to_bytes();
-        let mut old = match tree.compare_and_swap(&op.key, None::<&[u8]>, Some(bytes.clone()))? {
-            Ok(()) => return Ok(()),
-            Err(conflict) => conflict.current,
-        };
-        loop {
-            let stored = old.as_deref().map(decode).transpose()?;
-            if !Versioned::should_store(stored.as_ref(), &incoming) {
-                return Ok(());
-            }
-            match tree.compare_and_swap(&op.key, old, Some(bytes.clone()))? {
-                Ok(()) => return Ok(()),
-                Err(conflict) => old = conflict.current,
-            }
+    /// Waits until `record` (the ops just stored) is durable in the commit log.
+    async fn log(&self, record: RecordBuilder) -> Result<(), StoreError> {
+        if record.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.write_timeout, self.log.append(record.finish())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Log(e)),
+            Err(_) => Err(StoreError::Timeout(self.write_timeout)),
         }
     }
+}
 
-    async fn durable(&self) -> Result<(), StoreError> {
-        match tokio::time::timeout(self.write_timeout, self.commit.durable()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Flush(e)),
-            Err(_) => Err(StoreError::Timeout(self.write_timeout)),
+/// Stores `incoming` (encoded as `bytes`) at `key` if it is newer than the stored copy
+/// (compare-and-swap, retried): the replicas' merge rule, also used by the log's replay. Most
+/// keys are new (history and inbox entries are written once), so the first try inserts only if
+/// the key is absent, which saves reading it first.
+pub(super) fn store_versioned(
+    tree: &sled::Tree,
+    key: &[u8],
+    bytes: &[u8],
+    incoming: &Versioned,
+) -> Result<(), StoreError> {
+    let mut old = match tree.compare_and_swap(key, None::<&[u8]>, Some(bytes))? {
+        Ok(()) => return Ok(()),
+        Err(conflict) => conflict.current,
+    };
+    loop {
+        let stored = old.as_deref().map(decode).transpose()?;
+        if !Versioned::should_store(stored.as_ref(), incoming) {
+            return Ok(());
+        }
+        match tree.compare_and_swap(key, old, Some(bytes))? {
+            Ok(()) => return Ok(()),
+            Err(conflict) => old = conflict.current,
         }
     }
 }
@@ -92,19 +101,31 @@ impl SledReplica {
 impl LocalReplica for SledReplica {
     type Error = StoreError;
 
+    /// Stores each op in sled's memory, then logs every op stored or found superseded (logged
+    /// anyway, so that this write is durable on its own whether or not the newer copy's apply
+    /// reaches the log) and waits for the log. Ops refused by the seal are not logged.
     async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome, StoreError> {
         let mut outcome = ApplyOutcome::Applied;
+        let mut record = RecordBuilder::default();
         for op in &batch.ops {
+            let tree = self.tree(op.table)?;
+            let incoming = op.record();
+            let bytes = incoming.to_bytes();
+            let store = || store_versioned(tree, &op.key, &bytes, &incoming);
             if batch.fresh && op.value.is_some() && self.sealer.seals(op.table) {
-                match self.sealer.insert_fresh(&op.key, || self.store_op(op)) {
+                match self.sealer.insert_fresh(&op.key, store) {
                     Ok(stored) => stored?,
-                    Err(Sealed { seal }) => outcome = ApplyOutcome::Sealed { seal },
+                    Err(Sealed { seal }) => {
+                        outcome = ApplyOutcome::Sealed { seal };
+                        continue; // not stored, so not logged
+                    }
                 }
             } else {
-                self.store_op(op)?;
+                store()?;
             }
+            record.push(op.table, &op.key, &bytes);
         }
-        self.durable().await?;
+        self.log(record).await?;
         Ok(outcome)
     }
 
@@ -121,7 +142,9 @@ impl LocalReplica for SledReplica {
                 .compare_and_swap(&request.op.key, old, Some(bytes.clone()))?
                 .is_ok()
             {
-                self.durable().await?;
+                let mut record = RecordBuilder::default();
+                record.push(request.op.table, &request.op.key, &bytes);
+                self.log(record).await?;
                 return Ok(ConditionalOutcome::Applied);
             }
         }

@@ -1,0 +1,299 @@
+use std::sync::Arc;
+
+use cluster::replication::Versioned;
+use tokio::sync::Notify;
+
+use super::format::{RecordBuilder, SEGMENT_HEADER};
+use super::*;
+use crate::store::{replay_log, Table, TABLES};
+
+/// A record of one op: `key = value` at `version` in the history table.
+fn record(key: &[u8], version: u64, value: &[u8]) -> Vec<u8> {
+    let mut r = RecordBuilder::default();
+    r.push(
+        Table::History.id(),
+        key,
+        &Versioned::live(version, value.to_vec()).to_bytes(),
+    );
+    r.finish()
+}
+
+/// Everything a replay of `dir` applies, as `(key, version)`.
+fn replayed(dir: &std::path::Path) -> (Vec<(Vec<u8>, u64)>, Replayed) {
+    let mut ops = Vec::new();
+    let report = replay(dir, |op| {
+        let v = Versioned::from_bytes(op.versioned).map_err(|e| e.to_string())?;
+        ops.push((op.key.to_vec(), v.version));
+        Ok::<_, String>(())
+    })
+    .expect("replay");
+    (ops, report)
+}
+
+async fn write_log(dir: &std::path::Path, records: &[Vec<u8>]) {
+    let full = Arc::new(Notify::new());
+    let (log, writer) = CommitLog::start(dir.to_path_buf(), 1, u64::MAX, full).expect("start");
+    for r in records {
+        log.append(r.clone()).await.expect("append");
+    }
+    writer.shutdown().await;
+}
+
+fn records(n: u64) -> Vec<Vec<u8>> {
+    (1..=n)
+        .map(|i| record(format!("key-{i}").as_bytes(), i, &[i as u8; 200]))
+        .collect()
+}
+
+fn keys(n: u64) -> Vec<(Vec<u8>, u64)> {
+    (1..=n)
+        .map(|i| (format!("key-{i}").into_bytes(), i))
+        .collect()
+}
+
+#[tokio::test]
+async fn appended_records_replay_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), &records(50)).await;
+    let (ops, report) = replayed(dir.path());
+    assert_eq!(ops, keys(50));
+    assert_eq!(report.records, 50);
+    assert_eq!(report.bytes_cut, 0);
+    assert_eq!(report.segments, vec![1]);
+    assert_eq!(report.next_seq(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_syncs_and_all_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = Arc::new(Notify::new());
+    let (log, writer) =
+        CommitLog::start(dir.path().to_path_buf(), 1, u64::MAX, full).expect("start");
+    let tasks: Vec<_> = records(200)
+        .into_iter()
+        .map(|r| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(r).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("join").expect("append");
+    }
+    writer.shutdown().await;
+    let (mut ops, _) = replayed(dir.path());
+    ops.sort_by_key(|(_, v)| *v);
+    assert_eq!(ops, keys(200));
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_at_the_last_good_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recs = records(10);
+    write_log(dir.path(), &recs).await;
+    let path = segment::path(dir.path(), 1);
+    let len = std::fs::metadata(&path).expect("stat").len();
+    // The last record lost its final 7 bytes.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    file.set_len(len - 7).expect("truncate");
+    let (ops, report) = replayed(dir.path());
+    assert_eq!(ops, keys(9));
+    assert_eq!(report.bytes_cut, recs[9].len() as u64 - 7);
+    assert!(report.corrupt_segments.is_empty());
+    // The file was cut there, so a second replay finds nothing to cut.
+    let good = SEGMENT_HEADER + recs[..9].iter().map(Vec::len).sum::<usize>();
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), good as u64);
+    let (again, report) = replayed(dir.path());
+    assert_eq!(again, keys(9));
+    assert_eq!(report.bytes_cut, 0);
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_the_middle_cuts_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recs = records(10);
+    write_log(dir.path(), &recs).await;
+    let path = segment::path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).expect("read");
+    // A byte inside the payload of the fourth record.
+    let at = SEGMENT_HEADER + recs[..3].iter().map(Vec::len).sum::<usize>() + 40;
+    bytes[at] ^= 0x20;
+    std::fs::write(&path, &bytes).expect("write");
+    let (ops, report) = replayed(dir.path());
+    assert_eq!(ops, keys(3));
+    assert_eq!(report.corrupt_segments, vec![1]);
+    assert_eq!(
+        report.bytes_cut,
+        recs[3..].iter().map(Vec::len).sum::<usize>() as u64
+    );
+}
+
+#[tokio::test]
+async fn a_flipped_length_is_caught_by_the_checksum() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recs = records(5);
+    write_log(dir.path(), &recs).await;
+    let path = segment::path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let at = SEGMENT_HEADER + recs[..2].iter().map(Vec::len).sum::<usize>();
+    bytes[at] ^= 0x01; // the length of the third record, one byte off
+    std::fs::write(&path, &bytes).expect("write");
+    let (ops, _) = replayed(dir.path());
+    assert_eq!(ops, keys(2));
+}
+
+fn open_db(dir: &std::path::Path) -> (sled::Db, Vec<sled::Tree>) {
+    let db = sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .open()
+        .expect("sled");
+    let trees = TABLES
+        .iter()
+        .map(|t| db.open_tree(t.tree_name()).expect("tree"))
+        .collect();
+    (db, trees)
+}
+
+fn stored(trees: &[sled::Tree], key: &[u8]) -> Option<u64> {
+    let v = trees[usize::from(Table::History.id())]
+        .get(key)
+        .expect("get")?;
+    Some(Versioned::from_bytes(&v).expect("decode").version)
+}
+
+#[tokio::test]
+async fn replay_is_idempotent_and_newer_versions_win() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (db_dir, log_dir) = (tmp.path().join("db"), tmp.path().join("log"));
+    std::fs::create_dir(&log_dir).expect("mkdir");
+    // Two writes of `a` (versions 5 then 3: the older one arrived later) and one of `b`.
+    write_log(
+        &log_dir,
+        &[
+            record(b"a", 5, b"five"),
+            record(b"a", 3, b"three"),
+            record(b"b", 1, b"x"),
+        ],
+    )
+    .await;
+    let keep = tmp.path().join("copy");
+    std::fs::create_dir(&keep).expect("mkdir");
+    std::fs::copy(segment::path(&log_dir, 1), segment::path(&keep, 1)).expect("copy");
+    {
+        let (db, trees) = open_db(&db_dir);
+        // `b` already holds a newer version than the log's.
+        trees[usize::from(Table::History.id())]
+            .insert(b"b", Versioned::live(9, b"new".to_vec()).to_bytes())
+            .expect("insert");
+        let next = replay_log(&db, &db_dir, &trees, &log_dir).expect("replay");
+        assert_eq!(next, 2);
+        assert_eq!(stored(&trees, b"a"), Some(5));
+        assert_eq!(stored(&trees, b"b"), Some(9));
+        // Replayed segments are gone once sled holds them durably.
+        assert_eq!(segment::list(&log_dir).expect("list"), Vec::<u64>::new());
+        // Replaying the same segment again changes nothing.
+        let next = replay_log(&db, &db_dir, &trees, &keep).expect("replay again");
+        assert_eq!(next, 2);
+        assert_eq!(stored(&trees, b"a"), Some(5));
+        assert_eq!(stored(&trees, b"b"), Some(9));
+    }
+    // The flush after the replay made it durable: a reopened sled has it without the log.
+    let (_db, trees) = open_db(&db_dir);
+    assert_eq!(stored(&trees, b"a"), Some(5));
+}
+
+#[tokio::test]
+async fn a_checkpoint_deletes_the_segments_it_covers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db_dir = tmp.path().join("db");
+    let (db, trees) = open_db(&db_dir);
+    let log_dir = tmp.path().join("log");
+    std::fs::create_dir(&log_dir).expect("mkdir");
+    let opts = LogOptions {
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        ..LogOptions::new(log_dir.clone())
+    };
+    let full = Arc::new(Notify::new());
+    let (log, writer) =
+        CommitLog::start(log_dir.clone(), 1, u64::MAX, full.clone()).expect("start");
+    let (checkpoints, checkpointer) =
+        spawn_checkpointer(db.clone(), &db_dir, log.clone(), &opts, full);
+    let history = &trees[usize::from(Table::History.id())];
+    for i in 1..=3u64 {
+        // As a replica apply does: sled's memory first, then the log.
+        let key = format!("key-{i}");
+        let bytes = Versioned::live(i, vec![1; 10]).to_bytes();
+        history.insert(key.as_bytes(), bytes).expect("insert");
+        log.append(record(key.as_bytes(), i, &[1; 10]))
+            .await
+            .expect("append");
+        assert_eq!(log.rotate().await.expect("rotate").current, i + 1);
+    }
+    assert_eq!(segment::list(&log_dir).expect("list"), vec![1, 2, 3, 4]);
+    // Rotating an empty segment does nothing.
+    assert_eq!(
+        log.rotate().await.expect("rotate"),
+        Rotation {
+            current: 4,
+            rotated: false
+        }
+    );
+    // ... and leaves no prepared segment behind.
+    assert_eq!(segment::list(&log_dir).expect("list"), vec![1, 2, 3, 4]);
+
+    // A crash after those rotations but before a checkpoint deleted anything: the
+    // segments replay over a sled that already holds them, harmlessly.
+    let copy = tmp.path().join("crashed");
+    std::fs::create_dir(&copy).expect("mkdir");
+    for s in 1..=3 {
+        std::fs::copy(segment::path(&log_dir, s), segment::path(&copy, s)).expect("copy");
+    }
+    replay_log(&db, &db_dir, &trees, &copy).expect("replay");
+    for i in 1..=3u64 {
+        assert_eq!(stored(&trees, format!("key-{i}").as_bytes()), Some(i));
+    }
+
+    log.append(record(b"key-4", 4, &[1; 10]))
+        .await
+        .expect("append");
+    checkpoints.now().await.expect("checkpoint");
+    // Segments 1-4 are covered by the flush; the writer is on segment 5.
+    assert_eq!(segment::list(&log_dir).expect("list"), vec![5]);
+    checkpointer.shutdown().await;
+    writer.shutdown().await;
+    assert!(matches!(
+        log.append(record(b"late", 1, b"")).await,
+        Err(LogError::Stopped)
+    ));
+}
+
+#[tokio::test]
+async fn a_full_segment_starts_a_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db_dir = tmp.path().join("db");
+    let (db, _trees) = open_db(&db_dir);
+    let log_dir = tmp.path().join("log");
+    std::fs::create_dir(&log_dir).expect("mkdir");
+    let opts = LogOptions {
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        checkpoint_bytes: 1_000,
+        dir: log_dir.clone(),
+    };
+    let full = Arc::new(Notify::new());
+    let (log, writer) =
+        CommitLog::start(log_dir.clone(), 1, opts.checkpoint_bytes, full.clone()).expect("start");
+    let (_checkpoints, checkpointer) = spawn_checkpointer(db, &db_dir, log.clone(), &opts, full);
+    for r in records(10) {
+        log.append(r).await.expect("append"); // ~2.3 KiB in all
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while segment::list(&log_dir).expect("list").first() == Some(&1) {
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    checkpointer.shutdown().await;
+    writer.shutdown().await;
+}
