@@ -8,24 +8,12 @@ use crate::membership::NodeAddrs;
 
 fn member(node: NodeId, generation: u64, state: Lifecycle, live: bool) -> Member {
     let addr = SocketAddr::from(([127, 0, 0, 1], 7000 + node));
-    Member {
-        node_id: node,
-        generation,
-        gossip_addr: addr,
-        addrs: NodeAddrs {
-            http: addr,
-            quic: addr,
-            peer: addr,
-        },
-        state,
-        live,
-        load: 0,
-        pending: Vec::new(),
-        pending_version: 0,
-        removals: Default::default(),
-        moved: Vec::new(),
-        move_progress: None,
-    }
+    let addrs = NodeAddrs {
+        http: addr,
+        quic: addr,
+        peer: addr,
+    };
+    Member::new(node, generation, addr, addrs, state, live)
 }
 
 #[test]

@@ -73,24 +73,19 @@ impl MemoryGossip {
         for ((_, _), older) in state.incarnations.range_mut((node, 0)..(node, generation)) {
             older.member.live = false;
         }
-        let member = Member {
-            node_id: node,
-            generation,
-            gossip_addr: addr(node, 7946),
-            addrs: NodeAddrs {
-                http: addr(node, 8080),
-                quic: addr(node, 8443),
-                peer: addr(node, 9443),
-            },
-            state: Lifecycle::Joining,
-            live: true,
-            load: 0,
-            pending: Vec::new(),
-            pending_version: 0,
-            removals: Default::default(),
-            moved: Vec::new(),
-            move_progress: None,
+        let addrs = NodeAddrs {
+            http: addr(node, 8080),
+            quic: addr(node, 8443),
+            peer: addr(node, 9443),
         };
+        let member = Member::new(
+            node,
+            generation,
+            addr(node, 7946),
+            addrs,
+            Lifecycle::Joining,
+            true,
+        );
         state.incarnations.insert(
             (node, generation),
             Incarnation {

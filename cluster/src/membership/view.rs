@@ -146,6 +146,32 @@ impl MoveProgress {
 }
 
 impl Member {
+    /// A member with these identities and state, and nothing else published yet: load 0, no
+    /// pending list, no removals, no move under way (in-memory gossip and tests).
+    pub fn new(
+        node_id: NodeId,
+        generation: u64,
+        gossip_addr: SocketAddr,
+        addrs: NodeAddrs,
+        state: Lifecycle,
+        live: bool,
+    ) -> Self {
+        Member {
+            node_id,
+            generation,
+            gossip_addr,
+            addrs,
+            state,
+            live,
+            load: 0,
+            pending: Vec::new(),
+            pending_version: 0,
+            removals: super::Removals::new(),
+            moved: Vec::new(),
+            move_progress: None,
+        }
+    }
+
     /// Reads a member from its gossip state; `None` when a required key is missing or
     /// malformed (a node still starting, or one speaking another format).
     pub(crate) fn parse(id: &ChitchatId, state: &NodeState, live: bool) -> Option<Member> {

@@ -343,24 +343,13 @@ mod tests {
     /// derived from both.
     fn gossip_member(id: NodeId, generation: u64, state: Lifecycle, live: bool) -> Member {
         use crate::membership::NodeAddrs;
-        Member {
-            node_id: id,
-            generation,
-            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 6000 + id)),
-            addrs: NodeAddrs {
-                http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
-                quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
-                peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id + generation as u16)),
-            },
-            state,
-            live,
-            load: 0,
-            pending: Vec::new(),
-            pending_version: 0,
-            removals: Default::default(),
-            moved: Vec::new(),
-            move_progress: None,
-        }
+        let addrs = NodeAddrs {
+            http: SocketAddr::from(([127, 0, 0, 1], 8000 + id)),
+            quic: SocketAddr::from(([127, 0, 0, 1], 8100 + id)),
+            peer: SocketAddr::from(([127, 0, 0, 1], 8200 + id + generation as u16)),
+        };
+        let gossip = SocketAddr::from(([127, 0, 0, 1], 6000 + id));
+        Member::new(id, generation, gossip, addrs, state, live)
     }
 
     #[test]
