@@ -54,6 +54,10 @@ pub struct Node {
 
 /// How often a drain logs how many sessions are left.
 const DRAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long after publishing `leaving` a drained node keeps serving its peers (eight gossip
+/// rounds of 250 ms), so that every view has stopped choosing it as a primary before it
+/// stops.
+const LEAVE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a drain waits, after its timeout, for the remaining sessions to finish their
 /// in-flight sends and close (a send takes at most the write timeout, 2 s by default; a
 /// connection still authenticating has up to 10 s).
@@ -332,6 +336,12 @@ impl Node {
                 }
             }
             metrics::gauge!("gateway_drain_sessions").set(self.hub.connections() as f64);
+            // `leaving` went into gossip when the drain started; until every peer has it,
+            // some still choose this node as a partition's primary. It keeps serving them
+            // for a few gossip rounds before the caller stops it.
+            if self.mesh.live_members() > 1 {
+                tokio::time::sleep_until(started + LEAVE_GRACE).await;
+            }
             let (moved, closed) = self.drain.counts();
             let report = DrainReport {
                 sessions_at_start,
