@@ -622,8 +622,8 @@ impl MembershipPort for Panicky {
         self.inner.set_removals(removals).await;
     }
 
-    async fn set_moved(&self, moved: &[NodeId]) {
-        self.inner.set_moved(moved).await;
+    async fn set_moved(&self, mark: &str) {
+        self.inner.set_moved(mark).await;
     }
 
     async fn set_move_progress(&self, progress: cluster::membership::MoveProgress) {
@@ -875,10 +875,60 @@ async fn a_cancelled_removal_keeps_the_node_in_place() {
         Err(RequestError::NotOutgoing(4))
     );
     cluster.net.heal();
-    let view = cluster.wait_settled_view(&[1, 2, 3, 4]).await;
+    cluster.wait_settled_view(&[1, 2, 3, 4]).await;
     sleep(Duration::from_secs(10)).await;
-    assert!(!view.is_outgoing(4));
+    // Looked at after the wait: no late `done` took node 4 out meanwhile.
+    let view = cluster.coord(1).topology();
+    assert!(view.is_member(4) && !view.is_outgoing(4));
+    assert_eq!(
+        view.removals().state(4),
+        Some(cluster::membership::RemovalState::Cancelled)
+    );
     assert_eq!(cluster.lifecycle(4).phase(), Phase::Active);
     assert!(missed_by_some_read_quorum(&cluster, &view, &acked).is_empty());
     cluster.stop_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removal_cancelled_and_asked_again_is_pulled_again_before_it_completes() {
+    use cluster::lifecycle::Request;
+    let mut cluster = Cluster::new(3);
+    let mut acked = four_members_with_data(&mut cluster, 50).await;
+    // Node 3 cannot pull, so the first attempt cannot complete; nodes 1 and 2 do pull and
+    // publish their marks.
+    for other in [1, 2, 4] {
+        cluster.net.set_link(3, other, Link::Down);
+    }
+    ask(&cluster, 4, Request::Decommission).await.unwrap();
+    sleep(Duration::from_secs(10)).await;
+    let first_marks: Vec<String> = [1, 2]
+        .iter()
+        .map(|id| cluster.gossip.member(*id).unwrap().moved)
+        .collect();
+    assert!(first_marks.iter().all(|m| !m.is_empty()), "{first_marks:?}");
+    ask(&cluster, 1, Request::Cancel(4)).await.unwrap();
+    sleep(Duration::from_secs(1)).await;
+    // Written while node 4 holds its place again: only its old sets get them.
+    acked.extend(write_keys(cluster.coord(1), "c", 50).await);
+    ask(&cluster, 4, Request::Decommission).await.unwrap();
+    cluster.net.heal();
+    cluster.wait_phase(4, Phase::Left).await;
+    // The marks of the first attempt did not count: they name the old version.
+    for id in [1, 2] {
+        let mark = cluster.gossip.member(id).unwrap().moved;
+        assert!(!first_marks.contains(&mark), "node {id} kept {mark}");
+    }
+    cluster.stop(4).await;
+    cluster.gossip.set_live(4, false);
+    cluster.net.set_node(4, Link::Down);
+    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    let missing = not_on_every_replica(&cluster, &view, &acked);
+    assert!(
+        missing.is_empty(),
+        "{} acked keys not on all 3 replicas: {missing:?}",
+        missing.len()
+    );
+    for id in [1, 2, 3] {
+        cluster.stop(id).await;
+    }
 }

@@ -262,7 +262,11 @@ pub fn render(s: &MoveStatus) -> String {
 /// A progress bar of `done` out of `total`.
 fn bar(done: usize, total: usize) -> String {
     const WIDTH: usize = 30;
-    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    // Clamped: the figures come from gossip, which a peer writes.
+    let filled = (done * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH)
+        .min(WIDTH);
     format!(
         "[{}{}] {done}/{total}",
         "#".repeat(filled),
@@ -280,6 +284,8 @@ async fn follow(api: &Api, node: &str, first: &MoveStatus, leaving: u16) -> anyh
         .map(|m| base_url(&m.http_addr))
         .collect();
     let started = std::time::Instant::now();
+    // Until the move shows in a status, its absence says nothing (gossip may lag).
+    let mut seen_moving = first.outgoing.contains(&leaving);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut asked = None;
@@ -301,9 +307,13 @@ async fn follow(api: &Api, node: &str, first: &MoveStatus, leaving: u16) -> anyh
             return Ok(());
         }
         if !status.outgoing.contains(&leaving) {
-            println!("\rnode {leaving} is not moving any more (cancelled?)");
-            return Ok(());
+            if seen_moving || started.elapsed() > Duration::from_secs(30) {
+                println!("\rnode {leaving} is not moving any more (cancelled?)");
+                return Ok(());
+            }
+            continue;
         }
+        seen_moving = true;
         // Partitions pulled over every remaining member (a member that has not started
         // counts what it takes over as not pulled).
         let (mut done, mut total, mut records) = (0usize, 0usize, 0u64);

@@ -55,7 +55,7 @@ pub use changes::{member_changes, MemberChange};
 pub use handle::{LifecycleHandle, NeverActive, TasksFailed};
 pub use marker::{FileMarker, MarkerError, MemberMarker, MemoryMarker};
 pub use moves::{
-    gained_partitions, moving_partitions, request, waiting_for, Request, RequestError,
+    current_mark, gained_partitions, moving_partitions, request, waiting_for, Request, RequestError,
 };
 pub use port::MembershipPort;
 

@@ -63,13 +63,40 @@ fn move_barrier(outgoing: &[NodeId], members: &[Member]) -> Option<Barrier> {
     Some(Barrier(snapshot))
 }
 
-/// The remaining placement members that have not yet pulled what they gain from `outgoing`
-/// (empty: the move is complete).
-pub fn waiting_for(view: &Topology, members: &[Member], outgoing: &[NodeId]) -> Vec<NodeId> {
+/// The mark a remaining member publishes once it has pulled what it gains behind the move
+/// barrier as it holds now: every outgoing node with its removal's version, and a digest
+/// of the barrier (each live node's generation and pending-list version). `None` while
+/// nothing moves or the barrier does not hold.
+///
+/// Any change makes every published mark stale, so the members pull again before the move
+/// can complete: a removal cancelled and asked again (a new version), a node that restarts
+/// or changes its view (the barrier moves), a node coming back from the dead that may have
+/// acked writes with an older view before it learned of the move.
+pub fn current_mark(view: &Topology, members: &[Member]) -> Option<String> {
+    let outgoing: Vec<NodeId> = view.outgoing().collect();
+    if outgoing.is_empty() {
+        return None;
+    }
+    let barrier = move_barrier(&outgoing, members)?;
+    let mut text = String::new();
+    for (id, (generation, pending)) in &barrier.0 {
+        text.push_str(&format!("{id}:{generation}:{pending},"));
+    }
+    let digest = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+    let removals: Vec<String> = outgoing
+        .iter()
+        .map(|id| format!("{id}:{}", view.removals().get(*id).map_or(0, |r| r.version)))
+        .collect();
+    Some(format!("{digest:016x};{}", removals.join(",")))
+}
+
+/// The remaining placement members whose published mark is not `mark` (empty: every one
+/// has pulled what it gains behind the current barrier, and the move is complete).
+pub fn waiting_for(view: &Topology, members: &[Member], mark: &str) -> Vec<NodeId> {
     let newest = crate::membership::newest_by_node(members);
     view.nodes()
         .filter(|n| !view.is_outgoing(n.id))
-        .filter(|n| newest.get(&n.id).is_none_or(|m| m.moved != outgoing))
+        .filter(|n| newest.get(&n.id).is_none_or(|m| m.moved != mark))
         .map(|n| n.id)
         .collect()
 }
@@ -114,6 +141,14 @@ pub enum RequestError {
     /// `cancel` of a node that is not on its way out.
     #[error("node {0} is not being removed or decommissioned")]
     NotOutgoing(NodeId),
+    /// `cancel` of a move every remaining member has pulled for: it is completing.
+    #[error(
+        "node {0}'s move is completing (every remaining node has pulled); it cannot be cancelled"
+    )]
+    Completing(NodeId),
+    /// A version that cannot grow any more (a peer gossiped the highest one).
+    #[error("node {0}'s removal version cannot grow")]
+    Exhausted(NodeId),
     /// The cluster would keep fewer nodes than its replication factor.
     #[error("only {left} nodes would remain, fewer than the replication factor {rf}")]
     TooFew {
@@ -171,6 +206,14 @@ pub async fn request<M: MembershipPort>(
             if !current.is_some_and(RemovalState::is_outgoing) {
                 return Err(RequestError::NotOutgoing(node));
             }
+            // Once every remaining member has pulled, some node may be marking the move
+            // done right now; a cancel racing it would lose (done is final).
+            let members = membership.members().await;
+            if let Some(mark) = current_mark(view, &members) {
+                if waiting_for(view, &members, &mark).is_empty() {
+                    return Err(RequestError::Completing(node));
+                }
+            }
         }
         Request::Decommission | Request::Remove(_) => {
             let Some(member) = view.node(node).filter(|_| view.is_member(node)) else {
@@ -199,6 +242,9 @@ pub async fn request<M: MembershipPort>(
             }
         }
     }
+    if map.get(node).is_some_and(|r| r.version == u64::MAX) {
+        return Err(RequestError::Exhausted(node));
+    }
     if !map.request(node, state) {
         return Err(RequestError::Done(node));
     }
@@ -216,7 +262,7 @@ pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
 ) {
     let mut watch = shared.membership.watch_members();
     let mut published_map: Option<Removals> = None;
-    let mut moved: Vec<NodeId> = Vec::new();
+    let mut moved = String::new();
     let count = shared.config.plan.partition_count;
     loop {
         watch.borrow_and_update();
@@ -279,19 +325,20 @@ pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
         let outgoing: Vec<NodeId> = view.outgoing().collect();
         metrics::gauge!("cluster_outgoing_nodes").set(outgoing.len() as f64);
         metrics::gauge!("cluster_partitions_moving").set(moving_partitions(&view, count) as f64);
-        if moved != outgoing && outgoing.is_empty() {
-            shared.membership.set_moved(&[]).await;
+        if outgoing.is_empty() && !moved.is_empty() {
+            shared.membership.set_moved("").await;
             moved.clear();
         }
         let mut retry = false;
         let me_remains = view.is_member(shared.self_id) && !view.is_outgoing(shared.self_id);
         let active = *shared.phase.borrow() == Phase::Active;
-        if !outgoing.is_empty() && moved != outgoing && me_remains && active {
-            if let Some(barrier) = move_barrier(&outgoing, &members) {
-                match pull_gained(&shared, &view, &barrier).await {
+        let mark = current_mark(&view, &members);
+        if let Some(mark) = mark.as_ref().filter(|m| **m != moved) {
+            if me_remains && active {
+                match pull_gained(&shared, &view, mark).await {
                     Some(true) => {
-                        shared.membership.set_moved(&outgoing).await;
-                        moved = outgoing.clone();
+                        shared.membership.set_moved(mark).await;
+                        moved = mark.clone();
                         continue;
                     }
                     Some(false) => retry = true,
@@ -299,7 +346,10 @@ pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
                 }
             }
         }
-        if !outgoing.is_empty() && waiting_for(&view, &members, &outgoing).is_empty() {
+        if mark
+            .as_ref()
+            .is_some_and(|m| waiting_for(&view, &members, m).is_empty())
+        {
             let mut done = map.clone();
             for &id in &outgoing {
                 if let Some(entry) = map.get(id) {
@@ -336,13 +386,13 @@ pub(super) async fn run<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
     }
 }
 
-/// Pulls the partitions this node gains behind `barrier`: `Some(true)` when every one got a
-/// read quorum of complete answers and the barrier held, `Some(false)` to try again, `None`
-/// when the lifecycle stops.
+/// Pulls the partitions this node gains behind the barrier `mark` names: `Some(true)` when
+/// every one got a read quorum of complete answers and the mark still holds after the pull,
+/// `Some(false)` to try again, `None` when the lifecycle stops.
 async fn pull_gained<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
     shared: &Shared<L, C, M>,
     view: &Topology,
-    barrier: &Barrier,
+    mark: &str,
 ) -> Option<bool> {
     let gained = gained_partitions(view, shared.config.plan.partition_count);
     let started = Instant::now();
@@ -380,8 +430,8 @@ async fn pull_gained<L: LocalReplica, C: ReplicaClient, M: MembershipPort>(
         return Some(false);
     }
     let members = shared.membership.members().await;
-    let outgoing: Vec<NodeId> = view.outgoing().collect();
-    if move_barrier(&outgoing, &members).as_ref() != Some(barrier) {
+    let after = shared.topology_of(&members);
+    if current_mark(&after, &members).as_deref() != Some(mark) {
         info!("move: a node's view changed during the pull; pulling again");
         return Some(false);
     }

@@ -35,8 +35,8 @@ pub trait MembershipPort: Send + Sync + 'static {
     /// Publishes the removal map this node knows (see [`crate::membership::Removals`]).
     fn set_removals(&self, removals: &Removals) -> impl Future<Output = ()> + Send;
 
-    /// Publishes the outgoing nodes this node has pulled its new partitions from.
-    fn set_moved(&self, moved: &[NodeId]) -> impl Future<Output = ()> + Send;
+    /// Publishes the move mark of the last move this node pulled for (empty: none).
+    fn set_moved(&self, mark: &str) -> impl Future<Output = ()> + Send;
 
     /// Publishes this node's progress pulling the partitions it takes over.
     fn set_move_progress(&self, progress: MoveProgress) -> impl Future<Output = ()> + Send;
@@ -67,8 +67,8 @@ impl MembershipPort for Membership {
         Membership::set_removals(self, removals).await;
     }
 
-    async fn set_moved(&self, moved: &[NodeId]) {
-        Membership::set_moved(self, moved).await;
+    async fn set_moved(&self, mark: &str) {
+        Membership::set_moved(self, mark).await;
     }
 
     async fn set_move_progress(&self, progress: MoveProgress) {

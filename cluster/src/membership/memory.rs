@@ -280,11 +280,11 @@ impl MembershipPort for MemoryMembership {
         });
     }
 
-    async fn set_moved(&self, moved: &[NodeId]) {
+    async fn set_moved(&self, mark: &str) {
         self.gossip.update_own(self.key(), |inc| {
-            if inc.member.moved != moved {
+            if inc.member.moved != mark {
                 inc.version += 1;
-                inc.member.moved = moved.to_vec();
+                inc.member.moved = mark.to_string();
             }
         });
     }

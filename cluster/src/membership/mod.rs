@@ -338,10 +338,9 @@ impl Membership {
         self.set(keys::REMOVALS, removals.to_string()).await;
     }
 
-    /// Publishes the outgoing nodes this node has pulled its new partitions from.
-    pub async fn set_moved(&self, moved: &[NodeId]) {
-        let ids: Vec<String> = moved.iter().map(ToString::to_string).collect();
-        self.set(keys::MOVED, ids.join(",")).await;
+    /// Publishes the move mark of the last move this node pulled for (empty: none).
+    pub async fn set_moved(&self, mark: &str) {
+        self.set(keys::MOVED, mark.to_string()).await;
     }
 
     /// Publishes this node's progress pulling the partitions it takes over.

@@ -23,8 +23,7 @@ pub(crate) mod keys {
     pub const PENDING: &str = "pending";
     /// The removal map this node knows ([`super::super::removals::Removals`], merged).
     pub const REMOVALS: &str = "removals";
-    /// The outgoing nodes this node has pulled every partition it takes over from,
-    /// comma-separated ids (see `lifecycle/moves.rs`).
+    /// The move mark of the last move this node pulled for (see `lifecycle/moves.rs`).
     pub const MOVED: &str = "moved";
     /// This node's pull of the partitions it takes over: `done/total/records`.
     pub const MOVE_PROGRESS: &str = "move_progress";
@@ -107,8 +106,9 @@ pub struct Member {
     pub pending_version: u64,
     /// The removal map it publishes (see [`super::Removals`]).
     pub removals: super::Removals,
-    /// The outgoing nodes it has pulled every partition it takes over from, ascending.
-    pub moved: Vec<NodeId>,
+    /// The move mark it published last (`lifecycle::current_mark`): the outgoing removals
+    /// (id and version) and the digest of the move barrier it pulled behind; empty when none.
+    pub moved: String,
     /// Its pull of the partitions it takes over, as it last published it.
     pub move_progress: Option<MoveProgress>,
 }
@@ -167,7 +167,7 @@ impl Member {
             pending: Vec::new(),
             pending_version: 0,
             removals: super::Removals::new(),
-            moved: Vec::new(),
+            moved: String::new(),
             move_progress: None,
         }
     }
@@ -197,10 +197,7 @@ impl Member {
                 .get(keys::REMOVALS)
                 .map(super::Removals::parse)
                 .unwrap_or_default(),
-            moved: state
-                .get(keys::MOVED)
-                .map(|v| v.split(',').filter_map(|id| id.parse().ok()).collect())
-                .unwrap_or_default(),
+            moved: state.get(keys::MOVED).unwrap_or_default().to_string(),
             move_progress: state.get(keys::MOVE_PROGRESS).and_then(MoveProgress::parse),
         })
     }

@@ -207,7 +207,8 @@ impl<L: LocalReplica, C: ReplicaClient> Coordinator<L, C> {
         // Hints for a node no view holds any more (its removal is done) would never be
         // replayed.
         for id in self.inner.hints.nodes() {
-            if topology.node(id).is_none() && topology.removals().state(id).is_some() {
+            let done = topology.removals().state(id) == Some(crate::membership::RemovalState::Done);
+            if topology.node(id).is_none() && done {
                 let dropped = self.inner.hints.forget(id);
                 debug!(node = id, dropped, "dropped the hints of a removed node");
             }

@@ -2,7 +2,9 @@
 //! partitions held now and after the moves under way, hint backlog) and the requests that
 //! move partitions (decommission, remove, cancel; see `cluster::lifecycle::request`).
 
-use cluster::lifecycle::{moving_partitions, waiting_for, Phase, Request, RequestError};
+use cluster::lifecycle::{
+    current_mark, moving_partitions, waiting_for, Phase, Request, RequestError,
+};
 use cluster::membership::RemovalState;
 use cluster::placement::Partition;
 use cluster::NodeId;
@@ -104,6 +106,7 @@ impl Mesh {
         let members = self.membership.members().await;
         let newest = cluster::membership::newest_generations(members.clone());
         let outgoing: Vec<NodeId> = topology.outgoing().collect();
+        let mark = current_mark(topology, &members);
         let count = self.partitions;
         let mut held = std::collections::BTreeMap::<NodeId, (usize, usize)>::new();
         for p in (0..count).map(Partition) {
@@ -127,7 +130,7 @@ impl Mesh {
                     _ => m.state.as_str().to_string(),
                 };
                 let moved = (!outgoing.is_empty() && !topology.is_outgoing(m.node_id))
-                    .then(|| m.moved == outgoing);
+                    .then(|| mark.as_deref() == Some(m.moved.as_str()));
                 MemberStatus {
                     node_id: m.node_id,
                     state,
@@ -151,10 +154,15 @@ impl Mesh {
             replication_factor: topology.rf(),
             partitions: count,
             members: members_status,
-            waiting_for: if outgoing.is_empty() {
-                Vec::new()
-            } else {
-                waiting_for(topology, &members, &outgoing)
+            waiting_for: match &mark {
+                Some(mark) => waiting_for(topology, &members, mark),
+                // The barrier does not hold yet: every remaining member still has to pull.
+                None => topology
+                    .nodes()
+                    .filter(|n| !topology.is_outgoing(n.id))
+                    .map(|n| n.id)
+                    .filter(|_| !outgoing.is_empty())
+                    .collect(),
             },
             outgoing,
             removed: removals.done().collect(),
