@@ -15,15 +15,19 @@
 //!    write that bypasses the future sets is in flight. Then each remaining member pulls a
 //!    read quorum of the current set of every partition it *gains* (in its future set, not
 //!    in its current one), checks that the barrier stayed in place, and publishes the
-//!    outgoing set it has done so for (`moved`).
+//!    *move mark* it pulled for (`moved`, see [`current_mark`]: the outgoing removals with
+//!    their versions and a digest of the barrier).
 //! 3. **Completion**: when every remaining placement member (dead ones too: a dead member
-//!    that gains a partition must pull it before it counts) publishes `moved` equal to the
-//!    outgoing set, the first node to see it marks those removals done. A done node is out
-//!    of every topology for good; a decommissioned node that sees itself done stops
-//!    ([`super::Phase::Left`]).
+//!    that gains a partition must pull it before it counts) publishes the current mark, the
+//!    first node to see it marks those removals done. A done node is out of every topology
+//!    for good; a decommissioned node that sees itself done stops ([`super::Phase::Left`])
+//!    once every other view has dropped it.
 //!
-//! Several removals at once complete together (a member's `moved` must cover the whole
-//! outgoing set), so partitions never reach a set whose new members did not pull them.
+//! Several removals at once complete together (the mark covers the whole outgoing set), so
+//! partitions never reach a set whose new members did not pull them. A removal cancelled
+//! and asked again, or a node restarting or changing its view mid-move, changes the mark:
+//! the members pull again before the move can complete, as a joining node does when its
+//! barrier moves.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
