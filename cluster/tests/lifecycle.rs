@@ -723,6 +723,19 @@ fn not_on_every_replica(cluster: &Cluster, view: &Topology, keys: &[String]) -> 
         .collect()
 }
 
+/// Waits until every running node places partitions over nodes 1 to 3 only, and checks
+/// that every key of `acked` is on all 3 replicas of its set; returns the view.
+async fn settled_on_three_with_every_key(cluster: &Cluster, acked: &[String]) -> Arc<Topology> {
+    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    let missing = not_on_every_replica(cluster, &view, acked);
+    assert!(
+        missing.is_empty(),
+        "{} acked keys not on all 3 replicas: {missing:?}",
+        missing.len()
+    );
+    view
+}
+
 async fn ask(
     cluster: &Cluster,
     at: NodeId,
@@ -783,18 +796,10 @@ async fn a_decommissioned_node_hands_its_partitions_over_under_load_and_stops() 
     cluster.gossip.set_live(4, false);
     cluster.net.set_node(4, Link::Down);
 
-    let mut running = cluster.nodes.keys().copied().collect::<Vec<_>>();
-    running.retain(|id| *id != 4);
-    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
+    let view = settled_on_three_with_every_key(&cluster, &acked).await;
     assert_eq!(
         view.removals().state(4),
         Some(cluster::membership::RemovalState::Done)
-    );
-    let missing = not_on_every_replica(&cluster, &view, &acked);
-    assert!(
-        missing.is_empty(),
-        "{} acked keys not on all 3 replicas: {missing:?}",
-        missing.len()
     );
     // Every remaining node recorded the map on its "disk", so the removal outlives a
     // restart of the whole cluster (gossip alone would forget it).
@@ -816,9 +821,7 @@ async fn a_decommissioned_node_hands_its_partitions_over_under_load_and_stops() 
         lifecycle.start().await,
         Err(cluster::lifecycle::StartError::Removed(4))
     ));
-    for id in running {
-        cluster.stop(id).await;
-    }
+    cluster.stop_all().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -921,14 +924,6 @@ async fn a_removal_cancelled_and_asked_again_is_pulled_again_before_it_completes
     cluster.stop(4).await;
     cluster.gossip.set_live(4, false);
     cluster.net.set_node(4, Link::Down);
-    let view = cluster.wait_settled_view(&[1, 2, 3]).await;
-    let missing = not_on_every_replica(&cluster, &view, &acked);
-    assert!(
-        missing.is_empty(),
-        "{} acked keys not on all 3 replicas: {missing:?}",
-        missing.len()
-    );
-    for id in [1, 2, 3] {
-        cluster.stop(id).await;
-    }
+    settled_on_three_with_every_key(&cluster, &acked).await;
+    cluster.stop_all().await;
 }
