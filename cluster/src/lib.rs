@@ -20,9 +20,12 @@
 //!   service, hints, seals, pulls; in-memory replica and network twins for tests.
 //! - [`lifecycle`]: how a node enters the cluster and keeps its place (join barrier and
 //!   pull, anti-entropy, following membership).
+//! - [`directory`]: which nodes hold each user's devices, kept by the user's home
+//!   replicas and pushed to the nodes that watch or route to the user.
 
 pub mod certs;
 pub mod clock;
+pub mod directory;
 pub mod lifecycle;
 pub mod membership;
 pub mod placement;

@@ -1,0 +1,982 @@
+//! The partitioned presence and routing directory: which nodes hold a user's devices.
+//!
+//! Gossip carries membership only. Every node computes, from the same membership, each
+//! user's *home replicas*: the first [`DirectoryConfig::copies`] live active members in
+//! rendezvous order of the user's home partition (`partition_of(user id)`). Those nodes
+//! keep the user's entry: the nodes holding the user's devices, and the nodes *subscribed*
+//! to changes of that. So a node keeps entries for its share of the cluster's online users
+//! (`copies / members` of them), not for all of them.
+//!
+//! - **Registration.** A node that gains its first device of a user, or loses its last one,
+//!   tells the user's home replicas ([`Directory::publish`]). Per peer, one task sends the
+//!   latest state of each changed user in batches, one request in flight, retried until the
+//!   peer answers or is declared dead; so updates are never reordered or lost while both
+//!   sides live.
+//! - **Subscription.** A node that needs a user's nodes (a local connection watches the user,
+//!   or a message is routed to them) subscribes at the home replicas
+//!   ([`Directory::watch`], [`Directory::resolve`]); the answer carries the current node
+//!   set, and every later change is pushed. The subscriber keeps each replica's answer and
+//!   uses their union, filtered by its own view of which nodes are live. Routes nobody
+//!   watches are dropped after [`DirectoryConfig::route_idle`] without use. In steady
+//!   state, routing a message costs no request.
+//! - **Pushes before acks.** A home replica answers a registration only after its pushes to
+//!   the subscribers were answered (or [`DirectoryConfig::push_wait`] passed), and the
+//!   registering node then tells its owner ([`DirectoryHooks::registered`]), which catches
+//!   those users' connections up: a message routed by a stale route before the change
+//!   reached its sender was stored before that catch-up reads the inbox.
+//! - **Failures.** A dead node's devices stop counting at once on every node (unions are
+//!   filtered by liveness), and home replicas forget it. When membership changes, each node
+//!   sends every home replica that gained partitions a *statement*: everything it holds
+//!   and watches there, which replaces what that replica knew of it. A node that comes back
+//!   (or restarts) is asked for its statement by the nodes that had forgotten it, and sends
+//!   its own to them. So a home replica that dies loses nothing: the next one in rendezvous
+//!   order is told everything by the nodes that hold the devices.
+
+mod table;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::lifecycle::ClusterView;
+use crate::membership::{newest_by_node, Lifecycle};
+use crate::placement::{partition_of, replicas, NodeId, Partition};
+use crate::transport::{BoxFuture, RemoteError, Request, Response};
+use table::{Changed, HomeTable, NodeSet};
+use wire::{DirReply, DirRequest, MAX_USERS_PER_REQUEST};
+
+/// The peer request kind of the directory.
+pub const KIND_DIRECTORY: u16 = 0x0301;
+
+/// Whether a peer request is the directory's.
+pub fn is_directory_kind(kind: u16) -> bool {
+    kind == KIND_DIRECTORY
+}
+
+/// Longest wait between attempts to reach a peer.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often unused routes are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Sends directory requests to other nodes.
+pub trait DirPeers: Send + Sync + 'static {
+    /// Sends `body` (a [`KIND_DIRECTORY`] request) to `node`; its answer's body.
+    fn call(&self, node: NodeId, body: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>>;
+}
+
+/// What the directory tells its owner.
+pub trait DirectoryHooks: Send + Sync + 'static {
+    /// The known node sets of these watched or routed users may have changed.
+    fn changed(&self, users: &[u64]);
+    /// This node's registration of these users (as online here) reached their home
+    /// replicas, which told their subscribers.
+    fn registered(&self, users: &[u64]);
+}
+
+/// Timers and sizes of the directory.
+#[derive(Clone, Debug)]
+pub struct DirectoryConfig {
+    /// This node.
+    pub self_id: NodeId,
+    /// The cluster's partition count (a user's home partition is `partition_of(id)`).
+    pub partitions: u32,
+    /// Home replicas per user.
+    pub copies: usize,
+    /// How long [`Directory::resolve`] waits for a home replica's answer.
+    pub resolve_timeout: Duration,
+    /// How long a home replica waits for its pushes before answering a registration.
+    pub push_wait: Duration,
+    /// Routes nobody watches are dropped after this long unused.
+    pub route_idle: Duration,
+}
+
+impl DirectoryConfig {
+    /// The defaults for `self_id` in a cluster of `partitions` partitions.
+    pub fn new(self_id: NodeId, partitions: u32) -> Self {
+        DirectoryConfig {
+            self_id,
+            partitions,
+            copies: 2,
+            resolve_timeout: Duration::from_secs(2),
+            push_wait: Duration::from_secs(1),
+            route_idle: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Sizes, for metrics and the benchmark.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectoryStats {
+    /// Users homed here (entries).
+    pub entries: usize,
+    /// Bytes those entries take, about.
+    pub entry_bytes: usize,
+    /// Users this node watches or routes to.
+    pub wanted: usize,
+    /// Users with devices here.
+    pub local: usize,
+    /// Directory requests this node sent.
+    pub requests_sent: u64,
+}
+
+/// A user this node watches or routes to.
+#[derive(Default)]
+struct Want {
+    /// Each home replica's last answer.
+    answers: Vec<(NodeId, NodeSet)>,
+    /// Local watchers (connections watching the user, counted by the owner).
+    watchers: u32,
+    /// When it was last used as a route (seconds since the directory started).
+    used: u32,
+}
+
+/// What is queued for one peer.
+#[derive(Default)]
+struct Outbox {
+    regs: HashMap<u64, bool>,
+    subs: HashMap<u64, bool>,
+    pushes: HashMap<u64, Vec<NodeId>>,
+    /// Send a full statement of what this node holds and watches at the peer.
+    statement: bool,
+    /// Ask the peer for its statement.
+    resend: bool,
+    /// Told when what was queued before them was sent (or given up).
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.regs.is_empty()
+            && self.subs.is_empty()
+            && self.pushes.is_empty()
+            && !self.statement
+            && !self.resend
+            && self.waiters.is_empty()
+    }
+
+    /// Puts back what `older` held under what was queued since (newer wins).
+    fn merge_older(&mut self, older: Outbox) {
+        for (u, v) in older.regs {
+            self.regs.entry(u).or_insert(v);
+        }
+        for (u, v) in older.subs {
+            self.subs.entry(u).or_insert(v);
+        }
+        for (u, v) in older.pushes {
+            self.pushes.entry(u).or_insert(v);
+        }
+        self.statement |= older.statement;
+        self.resend |= older.resend;
+        self.waiters.extend(older.waiters);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    Control,
+    Push,
+}
+
+struct PeerQueue {
+    out: Outbox,
+    kick: Arc<Notify>,
+}
+
+/// The membership the directory works from.
+#[derive(Default, Clone)]
+struct Placement {
+    /// Live members, with their generation.
+    live: BTreeMap<NodeId, u64>,
+    /// Each partition's home replicas.
+    homes: Vec<Vec<NodeId>>,
+}
+
+struct State {
+    placement: Placement,
+    table: HomeTable,
+    /// Users with devices on this node.
+    local: HashSet<u64>,
+    wanted: HashMap<u64, Want>,
+}
+
+struct Inner {
+    cfg: DirectoryConfig,
+    peers: Arc<dyn DirPeers>,
+    hooks: Arc<dyn DirectoryHooks>,
+    state: Mutex<State>,
+    /// Per peer and lane: the control lane (updates, statements, resend requests) and the
+    /// push lane. Pushes never wait on anything, so a home replica waiting for its pushes
+    /// before answering cannot wait on a peer that waits on it.
+    queues: Mutex<HashMap<(NodeId, Lane), PeerQueue>>,
+    /// Notified whenever a home replica answered a subscription.
+    answered: Notify,
+    started: Instant,
+    sent: std::sync::atomic::AtomicU64,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// The directory; cheap to clone.
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+impl Directory {
+    /// Starts the directory: it follows `view` (membership and topology) from now on.
+    pub fn start(
+        cfg: DirectoryConfig,
+        peers: Arc<dyn DirPeers>,
+        hooks: Arc<dyn DirectoryHooks>,
+        view: watch::Receiver<ClusterView>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                placement: Placement::default(),
+                table: HomeTable::default(),
+                local: HashSet::new(),
+                wanted: HashMap::new(),
+            }),
+            cfg,
+            peers,
+            hooks,
+            queues: Mutex::new(HashMap::new()),
+            answered: Notify::new(),
+            started: Instant::now(),
+            sent: std::sync::atomic::AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        });
+        inner.follow(view);
+        inner.spawn_sweeper();
+        Directory { inner }
+    }
+
+    /// This node gained its first device of `user` (`true`) or lost its last one.
+    pub fn publish(&self, user: u64, online: bool) {
+        let inner = &self.inner;
+        let homes = {
+            let mut s = inner.state.lock();
+            if online {
+                s.local.insert(user);
+            } else {
+                s.local.remove(&user);
+            }
+            inner.homes_of(&s.placement, user)
+        };
+        for node in homes {
+            inner.queue(node, Lane::Control, |out| {
+                out.regs.insert(user, online);
+            });
+        }
+    }
+
+    /// A local connection started watching `users`: keep their node sets current here.
+    pub fn watch(&self, users: &[u64]) {
+        self.want(users, true);
+    }
+
+    /// A local connection stopped watching `users`. They stay known as routes until
+    /// unused for [`DirectoryConfig::route_idle`].
+    pub fn unwatch(&self, users: &[u64]) {
+        let mut s = self.inner.state.lock();
+        let now = self.inner.now_secs();
+        for u in users {
+            if let Some(w) = s.wanted.get_mut(u) {
+                w.watchers = w.watchers.saturating_sub(1);
+                w.used = now;
+            }
+        }
+    }
+
+    /// The live nodes holding `user`'s devices, this one included, when known here (watched
+    /// or routed, and answered by a home replica); `None` when not known yet.
+    pub fn known(&self, user: u64) -> Option<Vec<NodeId>> {
+        let mut s = self.inner.state.lock();
+        let now = self.inner.now_secs();
+        let State {
+            placement, wanted, ..
+        } = &mut *s;
+        let w = wanted.get_mut(&user)?;
+        w.used = now;
+        known_nodes(&self.inner.cfg, placement, user, w)
+    }
+
+    /// Makes `users` known here (subscribing where needed), waiting at most
+    /// [`DirectoryConfig::resolve_timeout`]; returns how many are still unknown.
+    pub async fn resolve(&self, users: &[u64]) -> usize {
+        self.want(users, false);
+        let deadline = tokio::time::Instant::now() + self.inner.cfg.resolve_timeout;
+        loop {
+            let answered = self.inner.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            let unknown = {
+                let s = self.inner.state.lock();
+                users
+                    .iter()
+                    .filter(|u| {
+                        s.wanted.get(u).is_none_or(|w| {
+                            known_nodes(&self.inner.cfg, &s.placement, **u, w).is_none()
+                        })
+                    })
+                    .count()
+            };
+            if unknown == 0 {
+                return 0;
+            }
+            tokio::select! {
+                _ = answered => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    metrics::counter!("directory_resolve_timeouts_total").increment(1);
+                    return unknown;
+                }
+                _ = self.inner.stop.cancelled() => return unknown,
+            }
+        }
+    }
+
+    /// The live nodes in this node's view.
+    pub fn live_nodes(&self) -> Vec<NodeId> {
+        self.inner
+            .state
+            .lock()
+            .placement
+            .live
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Sizes, for metrics and the benchmark.
+    pub fn stats(&self) -> DirectoryStats {
+        let s = self.inner.state.lock();
+        DirectoryStats {
+            entries: s.table.len(),
+            entry_bytes: s.table.approx_bytes(),
+            wanted: s.wanted.len(),
+            local: s.local.len(),
+            requests_sent: self.inner.sent.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Serves a [`KIND_DIRECTORY`] request from a peer.
+    pub fn handle(&self, request: Request) -> BoxFuture<'_, Result<Response, RemoteError>> {
+        Box::pin(async move {
+            let req: DirRequest =
+                wire::decode(&request.body).map_err(|e| RemoteError::new(1, e))?;
+            if req.users() > MAX_USERS_PER_REQUEST {
+                return Err(RemoteError::new(
+                    1,
+                    "directory: too many users in one request",
+                ));
+            }
+            let reply = self.inner.serve(req).await;
+            let body = wire::encode(&reply).map_err(|e| RemoteError::new(1, e))?;
+            Ok(Response { body })
+        })
+    }
+
+    /// Stops the directory's tasks and waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn want(&self, users: &[u64], watch: bool) {
+        let inner = &self.inner;
+        let mut new = Vec::new();
+        {
+            let mut s = inner.state.lock();
+            let now = inner.now_secs();
+            for &u in users {
+                let w = s.wanted.entry(u).or_insert_with(|| {
+                    new.push(u);
+                    Want::default()
+                });
+                w.used = now;
+                if watch {
+                    w.watchers += 1;
+                }
+            }
+            if !new.is_empty() {
+                metrics::gauge!("directory_wanted_users").set(s.wanted.len() as f64);
+            }
+        }
+        inner.subscribe(&new, true);
+    }
+}
+
+/// `user`'s live nodes from the answers of its current home replicas; `None` before any of
+/// them answered.
+fn known_nodes(
+    cfg: &DirectoryConfig,
+    placement: &Placement,
+    user: u64,
+    w: &Want,
+) -> Option<Vec<NodeId>> {
+    let homes = placement.homes.get(home_partition(cfg, user).0 as usize)?;
+    let mut answered = false;
+    let mut nodes = NodeSet::default();
+    for (replica, set) in &w.answers {
+        if homes.contains(replica) {
+            answered = true;
+            for n in set.iter().filter(|n| placement.live.contains_key(n)) {
+                nodes.insert(n);
+            }
+        }
+    }
+    answered.then(|| nodes.to_vec())
+}
+
+fn home_partition(cfg: &DirectoryConfig, user: u64) -> Partition {
+    partition_of(&user.to_be_bytes(), cfg.partitions)
+}
+
+impl Inner {
+    fn now_secs(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    fn homes_of(&self, placement: &Placement, user: u64) -> Vec<NodeId> {
+        placement
+            .homes
+            .get(home_partition(&self.cfg, user).0 as usize)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Queues subscriptions (`on`) or their end for `users` at their home replicas.
+    fn subscribe(self: &Arc<Self>, users: &[u64], on: bool) {
+        if users.is_empty() {
+            return;
+        }
+        let mut per_node: HashMap<NodeId, Vec<u64>> = HashMap::new();
+        {
+            let s = self.state.lock();
+            for &u in users {
+                for n in self.homes_of(&s.placement, u) {
+                    per_node.entry(n).or_default().push(u);
+                }
+            }
+        }
+        for (node, users) in per_node {
+            self.queue(node, Lane::Control, |out| {
+                for u in users {
+                    out.subs.insert(u, on);
+                }
+            });
+        }
+    }
+
+    /// Adds to `node`'s outbox and wakes its task (started on first use).
+    fn queue(self: &Arc<Self>, node: NodeId, lane: Lane, f: impl FnOnce(&mut Outbox)) {
+        let kick = {
+            let mut queues = self.queues.lock();
+            let q = queues.entry((node, lane)).or_insert_with(|| {
+                let kick = Arc::new(Notify::new());
+                self.spawn_peer_task(node, lane, kick.clone());
+                PeerQueue {
+                    out: Outbox::default(),
+                    kick,
+                }
+            });
+            f(&mut q.out);
+            q.kick.clone()
+        };
+        kick.notify_one();
+    }
+
+    /// The task that sends `node` what is queued for it, one request at a time.
+    fn spawn_peer_task(self: &Arc<Self>, node: NodeId, lane: Lane, kick: Arc<Notify>) {
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let mut failures = 0u32;
+            let mut retry_at: Option<tokio::time::Instant> = None;
+            loop {
+                let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    _ = kick.notified() => {}
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => {}
+                }
+                let out = {
+                    let mut queues = this.queues.lock();
+                    match queues.get_mut(&(node, lane)) {
+                        Some(q) => std::mem::take(&mut q.out),
+                        None => continue,
+                    }
+                };
+                if out.is_empty() {
+                    retry_at = None;
+                    continue;
+                }
+                let live = node == this.cfg.self_id
+                    || this.state.lock().placement.live.contains_key(&node);
+                if !live {
+                    // What it missed goes in the statement it gets when it is back.
+                    retry_at = None;
+                    failures = 0;
+                    continue;
+                }
+                match this.send_out(node, out).await {
+                    Ok(()) => {
+                        failures = 0;
+                        retry_at = None;
+                        // More may have been queued while this was in flight.
+                        kick.notify_one();
+                    }
+                    Err((back, error)) => {
+                        tracing::debug!(node, %error, "a directory request failed; retrying");
+                        metrics::counter!("directory_request_failures_total").increment(1);
+                        if let Some(q) = this.queues.lock().get_mut(&(node, lane)) {
+                            q.out.merge_older(back);
+                        }
+                        failures += 1;
+                        let backoff =
+                            Duration::from_millis(100) * 2u32.saturating_pow(failures.min(6));
+                        retry_at = Some(tokio::time::Instant::now() + backoff.min(MAX_BACKOFF));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Sends `out` to `node`: the resend request, then a statement or the updates, then the
+    /// pushes. On failure, gives back what must be sent again.
+    async fn send_out(
+        self: &Arc<Self>,
+        node: NodeId,
+        mut out: Outbox,
+    ) -> Result<(), (Outbox, String)> {
+        let me = self.cfg.self_id;
+        if out.resend {
+            if let Err(e) = self.call(node, DirRequest::Resend { from: me }).await {
+                return Err((out, e));
+            }
+            out.resend = false;
+        }
+        let registered: Vec<u64> = out
+            .regs
+            .iter()
+            .filter(|(_, on)| **on)
+            .map(|(u, _)| *u)
+            .collect();
+        if out.statement {
+            for request in self.statements_for(node) {
+                match self.call(node, request).await {
+                    Ok(reply) => self.take_answers(node, reply),
+                    Err(e) => return Err((out, e)),
+                }
+            }
+            out.statement = false;
+            // The statement said everything the updates would have.
+            out.regs.clear();
+            out.subs.clear();
+        }
+        if !out.regs.is_empty() || !out.subs.is_empty() {
+            let request = DirRequest::Update {
+                from: me,
+                regs: out.regs.iter().map(|(u, on)| (*u, *on)).collect(),
+                subs: out.subs.iter().map(|(u, on)| (*u, *on)).collect(),
+            };
+            match self.call(node, request).await {
+                Ok(reply) => self.take_answers(node, reply),
+                Err(e) => return Err((out, e)),
+            }
+            out.regs.clear();
+            out.subs.clear();
+        }
+        if !out.pushes.is_empty() {
+            let changes: Vec<(u64, Vec<NodeId>)> = out.pushes.drain().collect();
+            if let Err(e) = self
+                .call(
+                    node,
+                    DirRequest::Push {
+                        from: me,
+                        changes: changes.clone(),
+                    },
+                )
+                .await
+            {
+                out.pushes.extend(changes);
+                return Err((out, e));
+            }
+        }
+        if !registered.is_empty() {
+            self.hooks.registered(&registered);
+        }
+        for w in out.waiters.drain(..) {
+            let _ = w.send(());
+        }
+        Ok(())
+    }
+
+    /// One request to `node` (served here when it is this node).
+    async fn call(self: &Arc<Self>, node: NodeId, request: DirRequest) -> Result<DirReply, String> {
+        if node == self.cfg.self_id {
+            return Ok(self.serve(request).await);
+        }
+        let body = wire::encode(&request)?;
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("directory_requests_sent_total").increment(1);
+        let answer = self.peers.call(node, body).await?;
+        wire::decode(&answer)
+    }
+
+    /// Records `node`'s answers to subscriptions.
+    fn take_answers(&self, node: NodeId, reply: DirReply) {
+        if reply.current.is_empty() {
+            return;
+        }
+        let mut changed = Vec::with_capacity(reply.current.len());
+        {
+            let mut s = self.state.lock();
+            for (u, nodes) in reply.current {
+                if let Some(w) = s.wanted.get_mut(&u) {
+                    set_answer(w, node, NodeSet::from_ids(&nodes));
+                    changed.push(u);
+                }
+            }
+        }
+        self.answered.notify_waiters();
+        self.hooks.changed(&changed);
+    }
+
+    /// Everything this node holds and watches in the partitions homed at `node`, in
+    /// requests of whole partitions.
+    fn statements_for(&self, node: NodeId) -> Vec<DirRequest> {
+        let s = self.state.lock();
+        let mut by_partition: BTreeMap<u32, (Vec<u64>, Vec<u64>)> = BTreeMap::new();
+        for (p, homes) in s.placement.homes.iter().enumerate() {
+            if homes.contains(&node) {
+                by_partition.insert(p as u32, (Vec::new(), Vec::new()));
+            }
+        }
+        for &u in &s.local {
+            if let Some(e) = by_partition.get_mut(&home_partition(&self.cfg, u).0) {
+                e.0.push(u);
+            }
+        }
+        for &u in s.wanted.keys() {
+            if let Some(e) = by_partition.get_mut(&home_partition(&self.cfg, u).0) {
+                e.1.push(u);
+            }
+        }
+        let me = self.cfg.self_id;
+        let mut out = Vec::new();
+        let mut current = DirRequest::Statement {
+            from: me,
+            partitions: Vec::new(),
+            regs: Vec::new(),
+            subs: Vec::new(),
+        };
+        for (p, (regs, subs)) in by_partition {
+            if current.users() + regs.len() + subs.len() > MAX_USERS_PER_REQUEST / 2 {
+                out.push(std::mem::replace(
+                    &mut current,
+                    DirRequest::Statement {
+                        from: me,
+                        partitions: Vec::new(),
+                        regs: Vec::new(),
+                        subs: Vec::new(),
+                    },
+                ));
+            }
+            if let DirRequest::Statement {
+                partitions,
+                regs: r,
+                subs: s,
+                ..
+            } = &mut current
+            {
+                partitions.push(p);
+                r.extend(regs);
+                s.extend(subs);
+            }
+        }
+        out.push(current);
+        out
+    }
+
+    /// Serves a request (from a peer, or from this node to itself).
+    async fn serve(self: &Arc<Self>, req: DirRequest) -> DirReply {
+        let from = req.from();
+        let mut reply = DirReply::default();
+        let mut changed: Vec<Changed> = Vec::new();
+        match req {
+            DirRequest::Update { regs, subs, .. } => {
+                let mut s = self.state.lock();
+                for (u, on) in regs {
+                    let p = home_partition(&self.cfg, u).0;
+                    changed.extend(s.table.update(p, u, |e| {
+                        if on {
+                            e.nodes.insert(from)
+                        } else {
+                            e.nodes.remove(from)
+                        }
+                    }));
+                }
+                for (u, on) in subs {
+                    let p = home_partition(&self.cfg, u).0;
+                    s.table.update(p, u, |e| {
+                        if on {
+                            e.subs.insert(from);
+                        } else {
+                            e.subs.remove(from);
+                        }
+                        false
+                    });
+                    if on {
+                        let nodes = s.table.get(p, u).map(|e| e.nodes.to_vec());
+                        reply.current.push((u, nodes.unwrap_or_default()));
+                    }
+                }
+            }
+            DirRequest::Statement {
+                partitions,
+                regs,
+                subs,
+                ..
+            } => {
+                let regs: HashSet<u64> = regs.into_iter().collect();
+                let subs: HashSet<u64> = subs.into_iter().collect();
+                let mut s = self.state.lock();
+                let cfg = &self.cfg;
+                changed = s.table.replace(from, &partitions, &regs, &subs, |u| {
+                    home_partition(cfg, u).0
+                });
+                for &u in &subs {
+                    let p = home_partition(cfg, u).0;
+                    let nodes = s.table.get(p, u).map(|e| e.nodes.to_vec());
+                    reply.current.push((u, nodes.unwrap_or_default()));
+                }
+            }
+            DirRequest::Push { changes, .. } => {
+                let mut users = Vec::with_capacity(changes.len());
+                {
+                    let mut s = self.state.lock();
+                    for (u, nodes) in changes {
+                        if let Some(w) = s.wanted.get_mut(&u) {
+                            set_answer(w, from, NodeSet::from_ids(&nodes));
+                            users.push(u);
+                        }
+                    }
+                }
+                self.answered.notify_waiters();
+                self.hooks.changed(&users);
+                return reply;
+            }
+            DirRequest::Resend { .. } => {
+                self.queue(from, Lane::Control, |out| out.statement = true);
+                return reply;
+            }
+        }
+        metrics::gauge!("directory_entries").set(self.state.lock().table.len() as f64);
+        // Tell the subscribers before answering, so that a registration, once answered,
+        // is known wherever the user is watched or routed to.
+        let waits = self.push(changed);
+        if !waits.is_empty() {
+            let all = futures_util::future::join_all(waits);
+            let _ = tokio::time::timeout(self.cfg.push_wait, all).await;
+        }
+        reply
+    }
+
+    /// Queues pushes of `changed` to their subscribers; the receivers resolve when each
+    /// subscriber's push was sent.
+    fn push(self: &Arc<Self>, changed: Vec<Changed>) -> Vec<oneshot::Receiver<()>> {
+        let mut per_node: HashMap<NodeId, Vec<(u64, Vec<NodeId>)>> = HashMap::new();
+        for c in changed {
+            for s in c.subs {
+                per_node
+                    .entry(s)
+                    .or_default()
+                    .push((c.user, c.nodes.clone()));
+            }
+        }
+        let mut waits = Vec::new();
+        for (node, changes) in per_node {
+            if node == self.cfg.self_id {
+                // This node's own subscription: apply at once.
+                let mut users = Vec::with_capacity(changes.len());
+                {
+                    let mut s = self.state.lock();
+                    for (u, nodes) in changes {
+                        if let Some(w) = s.wanted.get_mut(&u) {
+                            set_answer(w, node, NodeSet::from_ids(&nodes));
+                            users.push(u);
+                        }
+                    }
+                }
+                self.hooks.changed(&users);
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.queue(node, Lane::Push, |out| {
+                out.pushes.extend(changes);
+                out.waiters.push(tx);
+            });
+            waits.push(rx);
+        }
+        waits
+    }
+
+    /// Follows membership: forgets dead and restarted nodes, and sends statements where
+    /// partitions moved or a node came back.
+    fn follow(self: &Arc<Self>, mut view: watch::Receiver<ClusterView>) {
+        let this = self.clone();
+        let first = view.borrow_and_update().clone();
+        this.apply_view(&first);
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    changed = view.changed() => if changed.is_err() { break },
+                }
+                let v = view.borrow_and_update().clone();
+                this.apply_view(&v);
+            }
+        });
+    }
+
+    fn apply_view(self: &Arc<Self>, view: &ClusterView) {
+        let me = self.cfg.self_id;
+        let newest = newest_by_node(&view.members);
+        let live: BTreeMap<NodeId, u64> = newest
+            .values()
+            .filter(|m| m.live || m.node_id == me)
+            .map(|m| (m.node_id, m.generation))
+            .collect();
+        let mut candidates: Vec<NodeId> = newest
+            .values()
+            .filter(|m| {
+                (m.live || m.node_id == me)
+                    && m.state == Lifecycle::Active
+                    && !view.topology.is_outgoing(m.node_id)
+            })
+            .map(|m| m.node_id)
+            .collect();
+        candidates.sort_unstable();
+        let homes: Vec<Vec<NodeId>> = (0..self.cfg.partitions.max(1))
+            .map(|p| replicas(Partition(p), &candidates, self.cfg.copies))
+            .collect();
+        let mut statement_to: HashSet<NodeId> = HashSet::new();
+        let mut resend_from: HashSet<NodeId> = HashSet::new();
+        let mut changed_homes: Vec<Changed> = Vec::new();
+        let mut changed_users: Vec<u64> = Vec::new();
+        {
+            let mut s = self.state.lock();
+            let old = std::mem::take(&mut s.placement);
+            if old.live == live && old.homes == homes {
+                s.placement = old;
+                return;
+            }
+            let gone: Vec<NodeId> = old
+                .live
+                .iter()
+                .filter(|(n, g)| live.get(n) != Some(g))
+                .map(|(n, _)| *n)
+                .collect();
+            let back: Vec<NodeId> = live
+                .iter()
+                .filter(|(n, g)| **n != me && old.live.get(n) != Some(g))
+                .map(|(n, _)| *n)
+                .collect();
+            for &g in &gone {
+                changed_homes.extend(s.table.forget_node(g));
+            }
+            for (p, new) in homes.iter().enumerate() {
+                let before = old.homes.get(p);
+                for n in new {
+                    if before.is_none_or(|b| !b.contains(n)) {
+                        statement_to.insert(*n);
+                    }
+                }
+            }
+            for &b in &back {
+                statement_to.insert(b);
+                resend_from.insert(b);
+            }
+            s.table
+                .retain_partitions(|p| homes.get(p as usize).is_some_and(|h| h.contains(&me)));
+            let cfg = &self.cfg;
+            for (u, w) in s.wanted.iter_mut() {
+                let h = &homes[home_partition(cfg, *u).0 as usize];
+                let before = w.answers.len();
+                w.answers
+                    .retain(|(r, _)| h.contains(r) && !gone.contains(r));
+                // Users on nodes that died go offline here at once (and come back with them).
+                let touched = w.answers.len() != before
+                    || w.answers
+                        .iter()
+                        .any(|(_, set)| set.iter().any(|n| gone.contains(&n) || back.contains(&n)));
+                if touched {
+                    changed_users.push(*u);
+                }
+            }
+            s.placement = Placement { live, homes };
+        }
+        // This node too: a partition it gains starts empty here, its own users included.
+        for node in statement_to {
+            let resend = resend_from.contains(&node);
+            self.queue(node, Lane::Control, |out| {
+                out.statement = true;
+                out.resend |= resend;
+            });
+        }
+        let _ = self.push(changed_homes);
+        if !changed_users.is_empty() {
+            self.hooks.changed(&changed_users);
+        }
+        metrics::gauge!("directory_entries").set(self.state.lock().table.len() as f64);
+    }
+
+    /// Drops routes nobody watches that were not used for `route_idle`.
+    fn spawn_sweeper(self: &Arc<Self>) {
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let idle = this.cfg.route_idle.as_secs() as u32;
+                let now = this.now_secs();
+                let dropped: Vec<u64> = {
+                    let mut s = this.state.lock();
+                    let old: Vec<u64> = s
+                        .wanted
+                        .iter()
+                        .filter(|(_, w)| w.watchers == 0 && now.saturating_sub(w.used) > idle)
+                        .map(|(u, _)| *u)
+                        .collect();
+                    for u in &old {
+                        s.wanted.remove(u);
+                    }
+                    metrics::gauge!("directory_wanted_users").set(s.wanted.len() as f64);
+                    old
+                };
+                this.subscribe(&dropped, false);
+            }
+        });
+    }
+}
+
+fn set_answer(w: &mut Want, replica: NodeId, nodes: NodeSet) {
+    match w.answers.iter_mut().find(|(r, _)| *r == replica) {
+        Some((_, set)) => *set = nodes,
+        None => w.answers.push((replica, nodes)),
+    }
+}

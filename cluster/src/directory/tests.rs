@@ -1,0 +1,415 @@
+//! The directory over an in-memory network: registrations, subscriptions, pushes, and what
+//! deaths, restarts and returns do to them.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::*;
+use crate::membership::{Member, NodeAddrs};
+use crate::replication::{ReplicaNode, Topology};
+
+/// The nodes' directories, and which nodes cannot be reached.
+#[derive(Default)]
+struct Net {
+    dirs: Mutex<HashMap<NodeId, Directory>>,
+    down: Mutex<HashSet<NodeId>>,
+}
+
+struct Peers {
+    net: Arc<Net>,
+    from: NodeId,
+}
+
+impl DirPeers for Peers {
+    fn call(&self, node: NodeId, body: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let down = self.net.down.lock().clone();
+            if down.contains(&node) || down.contains(&self.from) {
+                return Err(format!("node {node} unreachable"));
+            }
+            let dir = self.net.dirs.lock().get(&node).cloned();
+            let dir = dir.ok_or_else(|| format!("no node {node}"))?;
+            let request = Request {
+                kind: KIND_DIRECTORY,
+                body,
+            };
+            dir.handle(request)
+                .await
+                .map(|r| r.body)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+#[derive(Default)]
+struct Hooks {
+    changed: Mutex<Vec<u64>>,
+    registered: Mutex<Vec<u64>>,
+}
+
+impl DirectoryHooks for Hooks {
+    fn changed(&self, users: &[u64]) {
+        self.changed.lock().extend_from_slice(users);
+    }
+    fn registered(&self, users: &[u64]) {
+        self.registered.lock().extend_from_slice(users);
+    }
+}
+
+fn addr(n: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10_000 + n))
+}
+
+/// `self_id`'s view: `live` nodes (with their generations) and dead `dead` ones.
+fn view(self_id: NodeId, live: &[(NodeId, u64)], dead: &[(NodeId, u64)]) -> ClusterView {
+    let member = |&(n, generation): &(NodeId, u64), is_live: bool| {
+        let addrs = NodeAddrs {
+            http: addr(n),
+            quic: addr(n),
+            peer: addr(n),
+        };
+        Member::new(n, generation, addr(n), addrs, Lifecycle::Active, is_live)
+    };
+    let members: Vec<Member> = live
+        .iter()
+        .map(|m| member(m, true))
+        .chain(dead.iter().map(|m| member(m, false)))
+        .collect();
+    let nodes: Vec<ReplicaNode> = members
+        .iter()
+        .map(|m| ReplicaNode {
+            id: m.node_id,
+            addr: addr(m.node_id),
+            server_name: format!("node-{}", m.node_id),
+            live: m.live,
+        })
+        .collect();
+    ClusterView {
+        members: members.into(),
+        topology: Arc::new(Topology::new(self_id, 3, nodes)),
+    }
+}
+
+struct Cluster {
+    net: Arc<Net>,
+    views: HashMap<NodeId, watch::Sender<ClusterView>>,
+    hooks: HashMap<NodeId, Arc<Hooks>>,
+}
+
+const PARTITIONS: u32 = 64;
+
+impl Cluster {
+    fn start(n: u16) -> Cluster {
+        let net = Arc::new(Net::default());
+        let all: Vec<(NodeId, u64)> = (0..n).map(|i| (i, 1)).collect();
+        let mut views = HashMap::new();
+        let mut hooks = HashMap::new();
+        for id in 0..n {
+            let (tx, rx) = watch::channel(view(id, &all, &[]));
+            let h = Arc::new(Hooks::default());
+            let cfg = DirectoryConfig {
+                resolve_timeout: Duration::from_secs(1),
+                push_wait: Duration::from_millis(500),
+                ..DirectoryConfig::new(id, PARTITIONS)
+            };
+            let peers = Arc::new(Peers {
+                net: net.clone(),
+                from: id,
+            });
+            let dir = Directory::start(cfg, peers, h.clone(), rx);
+            net.dirs.lock().insert(id, dir);
+            views.insert(id, tx);
+            hooks.insert(id, h);
+        }
+        Cluster { net, views, hooks }
+    }
+
+    fn dir(&self, id: NodeId) -> Directory {
+        self.net.dirs.lock()[&id].clone()
+    }
+
+    /// Sets `id`'s view of the others.
+    fn set_view(&self, id: NodeId, live: &[(NodeId, u64)], dead: &[(NodeId, u64)]) {
+        self.views[&id].send_replace(view(id, live, dead));
+    }
+
+    /// A user whose home replicas (two of three) are `homes`.
+    fn user_homed_at(&self, homes: &[NodeId]) -> u64 {
+        let all = [0u16, 1, 2];
+        (1u64..)
+            .find(|u| {
+                let p = partition_of(&u.to_be_bytes(), PARTITIONS);
+                let mut h = replicas(p, &all, 2);
+                h.sort_unstable();
+                h == homes
+            })
+            .expect("some user is homed there")
+    }
+
+    async fn shutdown(self) {
+        let dirs: Vec<Directory> = self.net.dirs.lock().values().cloned().collect();
+        for d in dirs {
+            d.shutdown().await;
+        }
+    }
+}
+
+/// Waits until `f` holds (the directory works in the background).
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test]
+async fn a_watcher_on_another_node_sees_a_user_come_and_go() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[0, 1]);
+    let (d0, d2) = (c.dir(0), c.dir(2));
+    d2.watch(&[user]);
+    until("node 2 knows the user is offline", || {
+        d2.known(user) == Some(vec![])
+    })
+    .await;
+    d0.publish(user, true);
+    until("node 2 sees the user on node 0", || {
+        d2.known(user) == Some(vec![0])
+    })
+    .await;
+    assert!(c.hooks[&2].changed.lock().contains(&user));
+    until("node 0 was told the registration landed", || {
+        c.hooks[&0].registered.lock().contains(&user)
+    })
+    .await;
+    d0.publish(user, false);
+    until("node 2 sees the user offline", || {
+        d2.known(user) == Some(vec![])
+    })
+    .await;
+    assert_eq!(d2.stats().wanted, 1);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_route_is_resolved_once_and_then_kept_current_by_pushes() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[1, 2]);
+    let (d0, d1) = (c.dir(0), c.dir(1));
+    d1.publish(user, true);
+    until("node 1 was told the registration landed", || {
+        c.hooks[&1].registered.lock().contains(&user)
+    })
+    .await;
+    assert_eq!(d0.known(user), None, "not wanted yet");
+    assert_eq!(d0.resolve(&[user]).await, 0);
+    assert_eq!(d0.known(user), Some(vec![1]));
+    let sent = d0.stats().requests_sent;
+    for _ in 0..100 {
+        assert_eq!(d0.resolve(&[user]).await, 0);
+        assert_eq!(d0.known(user), Some(vec![1]));
+    }
+    assert_eq!(
+        d0.stats().requests_sent,
+        sent,
+        "a known route costs no request"
+    );
+    // The user's second device connects on node 0 itself: the route follows by push.
+    d0.publish(user, true);
+    until("node 0 sees both nodes", || {
+        d0.known(user) == Some(vec![0, 1])
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_users_of_a_dead_node_go_offline_everywhere_at_once() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[0, 2]);
+    let (d1, d2) = (c.dir(1), c.dir(2));
+    d1.publish(user, true);
+    d2.watch(&[user]);
+    until("node 2 sees the user on node 1", || {
+        d2.known(user) == Some(vec![1])
+    })
+    .await;
+    c.hooks[&2].changed.lock().clear();
+    // Node 1 dies in node 2's view: its devices stop counting there at once.
+    c.net.down.lock().insert(1);
+    c.set_view(2, &[(0, 1), (2, 1)], &[(1, 1)]);
+    until("node 2 sees the user offline", || {
+        d2.known(user) == Some(vec![])
+    })
+    .await;
+    assert!(c.hooks[&2].changed.lock().contains(&user));
+    // The home replicas forget node 1 when they see it dead.
+    c.set_view(0, &[(0, 1), (2, 1)], &[(1, 1)]);
+    until("node 0's entry forgets node 1", || {
+        c.dir(0).stats().entries == 1 // node 2's subscription stays
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_home_replica_loses_nothing() {
+    let c = Cluster::start(3);
+    // Homed at 0 and 1; the device is on node 2; node 1 watches.
+    let user = c.user_homed_at(&[0, 1]);
+    let (d1, d2) = (c.dir(1), c.dir(2));
+    d2.publish(user, true);
+    d1.watch(&[user]);
+    until("node 1 sees the user on node 2", || {
+        d1.known(user) == Some(vec![2])
+    })
+    .await;
+    // Home replica 0 dies: the user is now homed at 1 and 2, which learn it from statements.
+    c.net.down.lock().insert(0);
+    for id in [1, 2] {
+        c.set_view(id, &[(1, 1), (2, 1)], &[(0, 1)]);
+    }
+    assert_eq!(
+        d1.known(user),
+        Some(vec![2]),
+        "no flap: replica 1 still answers"
+    );
+    until("node 1's own table holds the user", || {
+        d1.stats().entries >= 1
+    })
+    .await;
+    // The user goes offline on node 2: node 1 sees it through the remaining replicas.
+    d2.publish(user, false);
+    until("node 1 sees the user offline", || {
+        d1.known(user) == Some(vec![])
+    })
+    .await;
+    d2.publish(user, true);
+    until("node 1 sees the user online again", || {
+        d1.known(user) == Some(vec![2])
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_that_was_forgotten_is_asked_for_its_statement_when_back() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[0, 1]);
+    let (d0, d1, d2) = (c.dir(0), c.dir(1), c.dir(2));
+    d2.publish(user, true);
+    d1.watch(&[user]);
+    until("node 1 sees the user on node 2", || {
+        d1.known(user) == Some(vec![2])
+    })
+    .await;
+    // Nodes 0 and 1 think node 2 died (it did not: it was cut off) and forget it.
+    for id in [0, 1] {
+        c.set_view(id, &[(0, 1), (1, 1)], &[(2, 1)]);
+    }
+    until("node 1 sees the user offline", || {
+        d1.known(user) == Some(vec![])
+    })
+    .await;
+    // Node 2 never noticed anything. It is back: the others ask for its statement.
+    for id in [0, 1] {
+        c.set_view(id, &[(0, 1), (1, 1), (2, 1)], &[]);
+    }
+    until("node 1 sees the user on node 2 again", || {
+        d1.known(user) == Some(vec![2])
+    })
+    .await;
+    let _ = d0;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_s_old_devices_are_forgotten() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[0, 1]);
+    let d1 = c.dir(1);
+    c.dir(2).publish(user, true);
+    d1.watch(&[user]);
+    until("node 1 sees the user on node 2", || {
+        d1.known(user) == Some(vec![2])
+    })
+    .await;
+    // Node 2 restarts (generation 2) with a fresh directory and no devices.
+    let old = c.dir(2);
+    old.shutdown().await;
+    let (tx, rx) = watch::channel(view(2, &[(0, 1), (1, 1), (2, 2)], &[]));
+    let fresh = Directory::start(
+        DirectoryConfig::new(2, PARTITIONS),
+        Arc::new(Peers {
+            net: c.net.clone(),
+            from: 2,
+        }),
+        Arc::new(Hooks::default()),
+        rx,
+    );
+    c.net.dirs.lock().insert(2, fresh);
+    for id in [0, 1] {
+        c.set_view(id, &[(0, 1), (1, 1), (2, 2)], &[]);
+    }
+    until("node 1 sees the user offline", || {
+        d1.known(user) == Some(vec![])
+    })
+    .await;
+    drop(tx);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_registration_is_answered_after_its_subscribers_were_told() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[0, 1]);
+    let (d1, d2) = (c.dir(1), c.dir(2));
+    d1.watch(&[user]);
+    until("node 1 knows the user", || d1.known(user).is_some()).await;
+    d2.publish(user, true);
+    until("node 2's registration landed", || {
+        c.hooks[&2].registered.lock().contains(&user)
+    })
+    .await;
+    // Both home replicas answered only after pushing to node 1.
+    assert_eq!(d1.known(user), Some(vec![2]));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_before_any_work() {
+    let c = Cluster::start(1);
+    let d0 = c.dir(0);
+    let request = DirRequest::Update {
+        from: 9,
+        regs: (0..=MAX_USERS_PER_REQUEST as u64)
+            .map(|u| (u, true))
+            .collect(),
+        subs: Vec::new(),
+    };
+    let body = wire::encode(&request).expect("encode");
+    let refused = d0
+        .handle(Request {
+            kind: KIND_DIRECTORY,
+            body,
+        })
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(d0.stats().entries, 0);
+    let garbage = d0
+        .handle(Request {
+            kind: KIND_DIRECTORY,
+            body: vec![0xFF; 16],
+        })
+        .await;
+    assert!(garbage.is_err());
+    c.shutdown().await;
+}

@@ -1,0 +1,77 @@
+//! The directory's peer messages (request kind [`super::KIND_DIRECTORY`]).
+
+use crate::placement::NodeId;
+
+/// What one node asks of another's directory.
+#[derive(Debug, Clone, bincode::Encode, bincode::Decode)]
+pub(crate) enum DirRequest {
+    /// Changes since the last request: users whose devices `from` now holds (`true`) or no
+    /// longer holds, and users `from` starts (`true`) or stops watching. Answered with the
+    /// node sets of the users it starts watching.
+    Update {
+        from: NodeId,
+        regs: Vec<(u64, bool)>,
+        subs: Vec<(u64, bool)>,
+    },
+    /// Everything `from` holds and watches in `partitions`, replacing what the receiver
+    /// knew of it there (after a view change or when asked). Answered like `Update`.
+    Statement {
+        from: NodeId,
+        partitions: Vec<u32>,
+        regs: Vec<u64>,
+        subs: Vec<u64>,
+    },
+    /// From a home replica to a subscriber: these users' node sets now.
+    Push {
+        from: NodeId,
+        changes: Vec<(u64, Vec<NodeId>)>,
+    },
+    /// "Send me your statement": the receiver's view of `from` was reset (it had been
+    /// dead or restarted there), so `from` forgot what the receiver holds.
+    Resend { from: NodeId },
+}
+
+/// The answer to [`DirRequest::Update`] and [`DirRequest::Statement`].
+#[derive(Debug, Clone, Default, bincode::Encode, bincode::Decode)]
+pub(crate) struct DirReply {
+    /// The node sets of the users the request started watching.
+    pub(crate) current: Vec<(u64, Vec<NodeId>)>,
+}
+
+/// Most users one request may name (the sender chunks statements below it).
+pub(crate) const MAX_USERS_PER_REQUEST: usize = 200_000;
+
+pub(crate) fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ crate::transport::HARD_MAX_FRAME }>()
+}
+
+pub(crate) fn encode<T: bincode::Encode>(v: &T) -> Result<Vec<u8>, String> {
+    bincode::encode_to_vec(v, config()).map_err(|e| e.to_string())
+}
+
+pub(crate) fn decode<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, String> {
+    bincode::decode_from_slice(bytes, config())
+        .map(|(v, _)| v)
+        .map_err(|e| e.to_string())
+}
+
+impl DirRequest {
+    /// How many users it names (bounded by [`MAX_USERS_PER_REQUEST`] on receipt).
+    pub(crate) fn users(&self) -> usize {
+        match self {
+            DirRequest::Update { regs, subs, .. } => regs.len() + subs.len(),
+            DirRequest::Statement { regs, subs, .. } => regs.len() + subs.len(),
+            DirRequest::Push { changes, .. } => changes.len(),
+            DirRequest::Resend { .. } => 0,
+        }
+    }
+
+    pub(crate) fn from(&self) -> NodeId {
+        match self {
+            DirRequest::Update { from, .. }
+            | DirRequest::Statement { from, .. }
+            | DirRequest::Push { from, .. }
+            | DirRequest::Resend { from } => *from,
+        }
+    }
+}
