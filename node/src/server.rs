@@ -33,7 +33,7 @@ use crate::domain::groups::Groups;
 use crate::domain::hub::Hub;
 use crate::domain::presence::{Feed, Presence};
 use crate::domain::push::{Push, TargetPolicy};
-use crate::mesh::{GossipDirectory, Mesh};
+use crate::mesh::Mesh;
 use crate::node::{Node, Parts};
 use crate::store::wal::LogOptions;
 use crate::store::{Store, StoreOptions};
@@ -211,7 +211,7 @@ pub async fn serve(
     cfg.peer_addr = started.peer_addr;
     let mesh = started.mesh;
     let presence = Arc::new(Presence::new(
-        Arc::new(GossipDirectory::new(mesh.clone())),
+        Arc::new(mesh.presence_directory()),
         feed,
         store.clone(),
     ));

@@ -72,6 +72,45 @@ pub trait DirPeers: Send + Sync + 'static {
     fn call(&self, node: NodeId, body: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>>;
 }
 
+/// Directory requests over the peer endpoint, at the addresses the view gives.
+pub struct EndpointPeers {
+    endpoint: crate::transport::PeerEndpoint,
+    view: watch::Receiver<ClusterView>,
+}
+
+impl EndpointPeers {
+    /// Calls go through `endpoint` to the peer address `view` lists for each node.
+    pub fn new(
+        endpoint: crate::transport::PeerEndpoint,
+        view: watch::Receiver<ClusterView>,
+    ) -> Self {
+        EndpointPeers { endpoint, view }
+    }
+}
+
+impl DirPeers for EndpointPeers {
+    fn call(&self, node: NodeId, body: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let addr = {
+                let view = self.view.borrow();
+                newest_by_node(&view.members)
+                    .get(&node)
+                    .map(|m| m.addrs.peer)
+            };
+            let addr = addr.ok_or_else(|| format!("node {node} is not a member"))?;
+            let request = Request {
+                kind: KIND_DIRECTORY,
+                body,
+            };
+            self.endpoint
+                .request(addr, &crate::lifecycle::node_cert_name(node), request)
+                .await
+                .map(|r| r.body)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 /// What the directory tells its owner.
 pub trait DirectoryHooks: Send + Sync + 'static {
     /// The known node sets of these watched or routed users may have changed.
@@ -440,6 +479,16 @@ fn known_nodes(
 
 fn home_partition(cfg: &DirectoryConfig, user: u64) -> Partition {
     partition_of(&user.to_be_bytes(), cfg.partitions)
+}
+
+/// `user`'s home replicas among the live active `members` (best first), as every node
+/// computes them: the first `copies` in rendezvous order of the user's home partition.
+pub fn home_replicas(user: u64, partitions: u32, members: &[NodeId], copies: usize) -> Vec<NodeId> {
+    replicas(
+        partition_of(&user.to_be_bytes(), partitions),
+        members,
+        copies,
+    )
 }
 
 impl Inner {

@@ -170,11 +170,8 @@ impl Chat {
         };
         // Recipients with no device connected anywhere get a push notification, queued
         // durably with the message.
-        let offline: Vec<UserId> = inboxes
-            .iter()
-            .copied()
-            .filter(|u| *u != msg.from && !self.presence.is_online(*u))
-            .collect();
+        let others: Vec<UserId> = inboxes.iter().copied().filter(|u| *u != msg.from).collect();
+        let offline = self.presence.offline_among(&others).await;
         let jobs = self.push.jobs_for(&msg, &offline).await?;
         let outcome = self.store.store_message(msg, &inboxes, &jobs).await?;
         let m = match outcome {

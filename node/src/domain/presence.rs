@@ -2,13 +2,16 @@
 //!
 //! A user is online while any of their devices is connected (and heartbeating) anywhere. This
 //! node counts its own devices per user and publishes the 0↔1 transitions to a [`Directory`]
-//! (gossip keys in the cluster), which knows who has devices on other nodes. Local
+//! (in a cluster: the user's home replicas, `cluster::directory`), which knows who has
+//! devices on other nodes. The users local connections watch are watched in the directory
+//! too (the first watcher here subscribes, the last one leaving unsubscribes). Local
 //! transitions and the directory's reports of remote ones mark users in a [`Feed`]; one
 //! fan-out task re-reads each marked user's status and sends the transitions as `presence`
-//! frames to the local watchers only. Any directory (the gossip one, or a partitioned one
-//! later) plugs into the same fan-out.
+//! frames to the local watchers only.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use client_proto::http::PresenceInfo;
@@ -35,13 +38,25 @@ pub fn coarse(t: u64) -> u64 {
     t - t % LAST_SEEN_GRANULARITY_MS
 }
 
+/// A boxed future (the [`Directory`] port is used as a trait object).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// Where online users are known, cluster-wide.
 pub trait Directory: Send + Sync {
     /// This node gained its first device of `user` (`true`) or lost its last one (`false`).
     fn publish(&self, user: UserId, online: bool);
-    /// Whether `user` has a device connected to another live node. (This node's own devices
-    /// are counted by [`Presence`] itself, without the directory's lag.)
-    fn online_elsewhere(&self, user: UserId) -> bool;
+    /// This node's connections started watching `users` (each named once per new
+    /// watcher): keep their status current here and report changes to the feed.
+    fn watch(&self, users: &[UserId]);
+    /// A watcher of each of `users` left.
+    fn unwatch(&self, users: &[UserId]);
+    /// Whether `user` has a device connected to another live node, when known here
+    /// (watched, or looked up before); `None` when not. (This node's own devices are
+    /// counted by [`Presence`] itself, without the directory's lag.)
+    fn online_elsewhere(&self, user: UserId) -> Option<bool>;
+    /// Makes `users` known here (within a bounded wait; those still unknown after it
+    /// count as offline).
+    fn lookup<'a>(&'a self, users: &'a [UserId]) -> BoxFuture<'a, ()>;
 }
 
 /// Users whose status may have changed, coalesced per user (only the latest matters), so
@@ -145,16 +160,51 @@ impl Presence {
         }
     }
 
-    /// Whether `user` is online anywhere.
-    pub fn is_online(&self, user: UserId) -> bool {
-        // This node's own devices count at once; the directory may lag (gossip).
-        self.local_devices.lock().contains_key(&user) || self.directory.online_elsewhere(user)
+    /// Whether `user` is online anywhere (asking the directory when it does not know).
+    pub async fn is_online(&self, user: UserId) -> bool {
+        if self.local_devices.lock().contains_key(&user) {
+            return true;
+        }
+        if let Some(online) = self.directory.online_elsewhere(user) {
+            return online;
+        }
+        self.directory.lookup(&[user]).await;
+        self.directory.online_elsewhere(user).unwrap_or(false)
+    }
+
+    /// Those of `users` with no device connected anywhere (one directory lookup for all
+    /// those not known here).
+    pub async fn offline_among(&self, users: &[UserId]) -> Vec<UserId> {
+        let unknown: Vec<UserId> = users
+            .iter()
+            .copied()
+            .filter(|u| {
+                !self.local_devices.lock().contains_key(u)
+                    && self.directory.online_elsewhere(*u).is_none()
+            })
+            .collect();
+        if !unknown.is_empty() {
+            self.directory.lookup(&unknown).await;
+        }
+        users
+            .iter()
+            .copied()
+            .filter(|u| !self.is_online_known(*u))
+            .collect()
+    }
+
+    /// Whether `user` is online, as far as this node knows now (its own devices, and the
+    /// directory's picture of watched and looked-up users).
+    fn is_online_known(&self, user: UserId) -> bool {
+        // This node's own devices count at once; the directory may lag.
+        self.local_devices.lock().contains_key(&user)
+            || self.directory.online_elsewhere(user).unwrap_or(false)
     }
 
     /// The status of `user`, with last_seen from the user record (to the minute). Callers
     /// show it only to those who may see it (friends, group co-members).
     pub async fn status(&self, user: UserId) -> PresenceInfo {
-        let online = self.is_online(user);
+        let online = self.is_online(user).await;
         let last_seen = self
             .store
             .user(user)
@@ -200,9 +250,14 @@ impl Presence {
         if current + new.len() > MAX_WATCHED_PER_CONNECTION {
             return false;
         }
+        let mut first = Vec::new();
         for u in new {
             w.by_conn.entry(conn).or_default().insert(u);
-            w.by_user.entry(u).or_default().insert(
+            let watchers = w.by_user.entry(u).or_default();
+            if watchers.is_empty() {
+                first.push(u);
+            }
+            watchers.insert(
                 conn,
                 Watcher {
                     tx: tx.clone(),
@@ -210,25 +265,41 @@ impl Presence {
                 },
             );
         }
+        drop(w);
+        if !first.is_empty() {
+            self.directory.watch(&first);
+        }
         true
     }
 
     /// Connection `conn` stops watching `users`.
     pub fn unwatch(&self, conn: u64, users: &[UserId]) {
         let mut w = self.watchers.write();
+        let mut last = Vec::new();
         for u in users {
-            if let Some(set) = w.by_conn.get_mut(&conn) {
-                set.remove(u);
+            let watched = w.by_conn.get_mut(&conn).is_some_and(|set| set.remove(u));
+            if watched && remove_watcher(&mut w.by_user, *u, conn) {
+                last.push(*u);
             }
-            remove_watcher(&mut w.by_user, *u, conn);
+        }
+        drop(w);
+        if !last.is_empty() {
+            self.directory.unwatch(&last);
         }
     }
 
     /// Connection `conn` is gone: drop all its watches.
     pub fn forget(&self, conn: u64) {
         let mut w = self.watchers.write();
+        let mut last = Vec::new();
         for u in w.by_conn.remove(&conn).unwrap_or_default() {
-            remove_watcher(&mut w.by_user, u, conn);
+            if remove_watcher(&mut w.by_user, u, conn) {
+                last.push(u);
+            }
+        }
+        drop(w);
+        if !last.is_empty() {
+            self.directory.unwatch(&last);
         }
     }
 
@@ -246,7 +317,7 @@ impl Presence {
                 }
                 // The feed says who may have changed; the current state decides.
                 for (user, (_, at)) in this.feed.take() {
-                    let online = this.is_online(user);
+                    let online = this.is_online_known(user);
                     let status = if online {
                         PresenceStatus::Online
                     } else {
@@ -289,11 +360,21 @@ impl Presence {
     }
 }
 
-fn remove_watcher(by_user: &mut HashMap<UserId, HashMap<u64, Watcher>>, user: UserId, conn: u64) {
-    if let Some(m) = by_user.get_mut(&user) {
-        m.remove(&conn);
-        if m.is_empty() {
-            by_user.remove(&user);
-        }
+/// Drops `conn`'s watch of `user`; true when it was the user's last watcher here.
+fn remove_watcher(
+    by_user: &mut HashMap<UserId, HashMap<u64, Watcher>>,
+    user: UserId,
+    conn: u64,
+) -> bool {
+    let Some(m) = by_user.get_mut(&user) else {
+        return false;
+    };
+    if m.remove(&conn).is_none() {
+        return false;
     }
+    if m.is_empty() {
+        by_user.remove(&user);
+        return true;
+    }
+    false
 }

@@ -1,60 +1,74 @@
-//! The gossip-backed presence directory: a user is online while any live node publishes
-//! their key. Local transitions are coalesced in a feed and published by one task.
+//! The domain's presence [`Directory`] port over the cluster's partitioned directory
+//! ([`cluster::directory`]): a user's connected nodes live on the user's home replicas;
+//! this node registers its own users there, and subscribes to the users its connections
+//! watch or its senders route to.
 
 use std::sync::Arc;
 
 use client_proto::ids::UserId;
 use client_proto::PresenceStatus;
+use cluster::directory::{Directory as ClusterDirectory, DirectoryHooks};
+use cluster::transport::BoxFuture;
+use cluster::NodeId;
 
-use super::Mesh;
+use crate::domain::hub::Hub;
 use crate::domain::presence::{Directory, Feed};
 use crate::ids::now_unix_ms;
 
-/// The [`Directory`] over gossip keys.
-pub struct GossipDirectory {
-    mesh: Arc<Mesh>,
-    outgoing: Arc<Feed>,
+/// What the directory tells this node: watched users whose nodes changed go to the presence
+/// feed; users whose registration landed get their connections caught up (a sender that
+/// routed by a stale route before has stored what it sent by then).
+pub(super) struct Hooks {
+    pub(super) feed: Arc<Feed>,
+    pub(super) hub: Hub,
 }
 
-impl GossipDirectory {
-    /// Starts the publisher task (owned by the mesh's tracker).
-    pub fn new(mesh: Arc<Mesh>) -> Self {
-        let outgoing = Arc::new(Feed::default());
-        let (m, out) = (mesh.clone(), outgoing.clone());
-        mesh.tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = m.stop.cancelled() => break,
-                    _ = out.notified() => {}
-                }
-                for (user, (status, _)) in out.take() {
-                    match status {
-                        PresenceStatus::Online => m.membership.set_user_online(user.0).await,
-                        PresenceStatus::Offline => m.membership.set_user_offline(user.0).await,
-                    }
-                }
-            }
-        });
-        GossipDirectory { mesh, outgoing }
+impl DirectoryHooks for Hooks {
+    fn changed(&self, users: &[u64]) {
+        let now = now_unix_ms();
+        for &u in users {
+            // The fan-out re-reads the status; the one given here is not used.
+            self.feed.push(UserId(u), PresenceStatus::Online, now);
+        }
+    }
+
+    fn registered(&self, users: &[u64]) {
+        let users: Vec<UserId> = users.iter().map(|u| UserId(*u)).collect();
+        self.hub.catch_up_users(&users);
     }
 }
 
-impl Directory for GossipDirectory {
+/// The [`Directory`] port.
+pub struct PartitionedDirectory {
+    pub(super) dir: ClusterDirectory,
+    pub(super) self_id: NodeId,
+}
+
+impl Directory for PartitionedDirectory {
     fn publish(&self, user: UserId, online: bool) {
-        let status = if online {
-            PresenceStatus::Online
-        } else {
-            PresenceStatus::Offline
-        };
-        self.outgoing.push(user, status, now_unix_ms());
+        self.dir.publish(user.0, online);
     }
 
-    fn online_elsewhere(&self, user: UserId) -> bool {
-        let me = self.mesh.self_id;
-        self.mesh
-            .membership
-            .user_nodes(user.0)
-            .iter()
-            .any(|n| *n != me)
+    fn watch(&self, users: &[UserId]) {
+        let ids: Vec<u64> = users.iter().map(|u| u.0).collect();
+        self.dir.watch(&ids);
+    }
+
+    fn unwatch(&self, users: &[UserId]) {
+        let ids: Vec<u64> = users.iter().map(|u| u.0).collect();
+        self.dir.unwatch(&ids);
+    }
+
+    fn online_elsewhere(&self, user: UserId) -> Option<bool> {
+        self.dir
+            .known(user.0)
+            .map(|nodes| nodes.iter().any(|n| *n != self.self_id))
+    }
+
+    fn lookup<'a>(&'a self, users: &'a [UserId]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let ids: Vec<u64> = users.iter().map(|u| u.0).collect();
+            self.dir.resolve(&ids).await;
+        })
     }
 }

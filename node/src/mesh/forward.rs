@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use client_proto::ids::{DeviceId, UserId};
 use client_proto::{Message, ServerFrame};
+use cluster::directory::{is_directory_kind, Directory};
 use cluster::lifecycle::node_cert_name as cert_name;
 use cluster::replication::{is_replication_kind, PeerReplicaClient, ReplicaService};
 use cluster::transport::{BoxFuture, RemoteError};
@@ -150,8 +151,10 @@ pub(super) struct Handler {
     pub(super) replication: ReplicaService<SledReplica, PeerReplicaClient>,
     pub(super) hub: Hub,
     /// The presence service, once the node made it (it is built after the mesh, whose
-    /// gossip directory it uses): until then there are no connections to update.
+    /// directory it uses): until then there are no connections to update.
     pub(super) presence: Arc<OnceLock<Arc<Presence>>>,
+    /// The directory, once started (after the lifecycle, which gives it its view).
+    pub(super) directory: Arc<OnceLock<Directory>>,
 }
 
 impl RpcHandler for Handler {
@@ -162,6 +165,12 @@ impl RpcHandler for Handler {
     ) -> BoxFuture<'_, Result<Response, RemoteError>> {
         if is_replication_kind(request.kind) {
             return self.replication.handle(from, request);
+        }
+        if is_directory_kind(request.kind) {
+            return match self.directory.get() {
+                Some(directory) => directory.handle(request),
+                None => Box::pin(async { Err(RemoteError::new(3, "directory not started yet")) }),
+            };
         }
         Box::pin(async move {
             let bad = |e: bincode::error::DecodeError| RemoteError::new(1, e.to_string());
@@ -223,6 +232,8 @@ pub struct Forwarder {
 
 struct Inner {
     membership: Arc<Membership>,
+    /// Where users' devices are.
+    directory: Directory,
     endpoint: PeerEndpoint,
     self_id: NodeId,
     /// One queue per peer, drained by that peer's forwarding task.
@@ -258,6 +269,7 @@ impl Forwarder {
 
     pub(super) fn new(
         membership: Arc<Membership>,
+        directory: Directory,
         endpoint: PeerEndpoint,
         self_id: NodeId,
         stop: CancellationToken,
@@ -265,6 +277,7 @@ impl Forwarder {
         Forwarder {
             inner: Arc::new(Inner {
                 membership,
+                directory,
                 endpoint,
                 self_id,
                 queues: parking_lot::Mutex::new(HashMap::new()),
@@ -287,14 +300,7 @@ impl Forwarder {
 impl Forward for Forwarder {
     fn forward(&self, users: &[UserId], message: &Message) {
         let inner = &self.inner;
-        let mut per_node: HashMap<NodeId, Vec<UserId>> = HashMap::new();
-        for u in users {
-            for n in inner.membership.user_nodes(u.0) {
-                if n != inner.self_id {
-                    per_node.entry(n).or_default().push(*u);
-                }
-            }
-        }
+        let (per_node, unknown) = inner.routes(users);
         for (node, users) in per_node {
             let delivery = Deliver {
                 users,
@@ -302,11 +308,45 @@ impl Forward for Forwarder {
             };
             inner.queue(node, delivery);
         }
+        if unknown.is_empty() {
+            return;
+        }
+        // Not known here yet (the send path looks its recipients up first, so this is
+        // rare): ask their home replicas, then forward; when they cannot answer in time,
+        // every live node gets it (those without the users' devices drop it).
+        let this = inner.clone();
+        let message = message.clone();
+        inner.tasks.spawn(async move {
+            let ids: Vec<u64> = unknown.iter().map(|u| u.0).collect();
+            let still = this.directory.resolve(&ids).await;
+            let (per_node, unknown) = this.routes(&unknown);
+            for (node, users) in per_node {
+                let delivery = Deliver {
+                    users,
+                    message: message.clone(),
+                };
+                this.queue(node, delivery);
+            }
+            if still > 0 && !unknown.is_empty() {
+                metrics::counter!("cluster_forward_unrouted_total").increment(unknown.len() as u64);
+                for node in this.directory.live_nodes() {
+                    if node != this.self_id {
+                        let delivery = Deliver {
+                            users: unknown.clone(),
+                            message: message.clone(),
+                        };
+                        this.queue(node, delivery);
+                    }
+                }
+            }
+        });
     }
 
     fn close_device(&self, user: UserId, device: DeviceId) {
+        // Every live node: a logout is rare, and must reach a device whose route is not
+        // known here.
         let inner = &self.inner;
-        for node in inner.membership.user_nodes(user.0) {
+        for node in inner.directory.live_nodes() {
             if node != inner.self_id {
                 inner.send(node, KIND_CLOSE_DEVICE, &CloseDevice { user, device });
             }
@@ -336,6 +376,24 @@ impl Forward for Forwarder {
 }
 
 impl Inner {
+    /// The other nodes holding devices of `users`, as far as the directory knows here, and
+    /// the users it does not know yet.
+    fn routes(&self, users: &[UserId]) -> (HashMap<NodeId, Vec<UserId>>, Vec<UserId>) {
+        let mut per_node: HashMap<NodeId, Vec<UserId>> = HashMap::new();
+        let mut unknown = Vec::new();
+        for u in users {
+            match self.directory.known(u.0) {
+                Some(nodes) => {
+                    for n in nodes.into_iter().filter(|n| *n != self.self_id) {
+                        per_node.entry(n).or_default().push(*u);
+                    }
+                }
+                None => unknown.push(*u),
+            }
+        }
+        (per_node, unknown)
+    }
+
     /// Hands `delivery` to `node`'s forwarding task (started on first use).
     fn queue(self: &Arc<Self>, node: NodeId, delivery: Deliver) {
         let tx = self.peer_queue(node).tx;

@@ -5,7 +5,8 @@
 //!   and discovery (which node a new client should use);
 //! - [`forward`]: delivering stored messages and logouts to the nodes holding the devices
 //!   (the domain's `Forward` port), and the peer requests this node serves;
-//! - [`directory`]: the gossip-backed presence directory (the domain's `Directory` port).
+//! - [`directory`]: the domain's presence `Directory` port over the cluster's partitioned
+//!   directory, which also routes forwards.
 
 mod admin;
 mod directory;
@@ -17,8 +18,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use client_proto::http::NodeInfo;
-use client_proto::ids::UserId;
-use client_proto::PresenceStatus;
 use cluster::clock::ClusterClock;
 use cluster::lifecycle::{
     member_changes, seeds_elsewhere, ClusterLifecycle, ClusterView, FileMarker, LifecycleConfig,
@@ -39,13 +38,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use admin::{MemberStatus, MoveStatus};
-pub use directory::GossipDirectory;
+pub use directory::PartitionedDirectory;
 pub use forward::Forwarder;
 
 use crate::config::Config;
 use crate::domain::hub::Hub;
 use crate::domain::presence::{Feed, Presence};
-use crate::ids::now_unix_ms;
 use crate::store::{SledReplica, Store, TABLES};
 use cluster::lifecycle::node_cert_name as cert_name;
 use forward::Handler;
@@ -76,6 +74,8 @@ pub struct Mesh {
     forwarder: Forwarder,
     /// The presence service the peer request handler updates watches in.
     presence: Arc<OnceLock<Arc<Presence>>>,
+    /// Where users' devices are (presence and routing).
+    directory: cluster::directory::Directory,
     /// The lifecycle, presence and watcher tasks.
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -106,10 +106,12 @@ impl Mesh {
     ) -> anyhow::Result<Started> {
         let replication = ReplicaService::new(store.local_replica());
         let presence = Arc::new(OnceLock::new());
+        let started_directory = Arc::new(OnceLock::new());
         let handler = Arc::new(Handler {
             replication,
             hub: hub.clone(),
             presence: presence.clone(),
+            directory: started_directory.clone(),
         });
         let peer_config = PeerConfig {
             reset_secret: Some(secret.clone()),
@@ -202,6 +204,19 @@ impl Mesh {
 
         let view = lifecycle.watch_view();
         let phase = lifecycle.watch_phase();
+        let directory = cluster::directory::Directory::start(
+            cluster::directory::DirectoryConfig::new(cfg.node_id, cfg.partitions),
+            Arc::new(cluster::directory::EndpointPeers::new(
+                endpoint.clone(),
+                view.clone(),
+            )),
+            Arc::new(directory::Hooks {
+                feed,
+                hub: hub.clone(),
+            }),
+            view.clone(),
+        );
+        let _ = started_directory.set(directory.clone());
         let mesh = Arc::new(Mesh {
             view: view.clone(),
             phase,
@@ -211,18 +226,19 @@ impl Mesh {
             lifecycle: parking_lot::Mutex::new(Some(lifecycle)),
             forwarder: Forwarder::new(
                 membership.clone(),
+                directory.clone(),
                 endpoint.clone(),
                 cfg.node_id,
                 stop.child_token(),
             ),
             presence,
+            directory,
             endpoint,
             membership,
             tasks: TaskTracker::new(),
             stop,
         });
         mesh.spawn_load(hub.clone());
-        mesh.spawn_presence(feed);
         mesh.spawn_catch_up_triggers(hub, view);
         Ok(Started { mesh, peer_addr })
     }
@@ -331,36 +347,17 @@ impl Mesh {
         });
     }
 
-    /// Publishes local presence transitions into gossip and turns gossip presence events
-    /// into the fan-out feed.
-    fn spawn_presence(self: &Arc<Self>, feed: Arc<Feed>) {
-        let this = self.clone();
-        let mut events = self.membership.subscribe_presence();
-        self.tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = this.stop.cancelled() => break,
-                    ev = events.recv() => {
-                        use cluster::membership::PresenceEvent;
-                        // Only other nodes' changes: this node's own are fed directly.
-                        let (user, status) = match ev {
-                            Ok(PresenceEvent::Online { user, node }) if node != this.self_id => {
-                                (user, PresenceStatus::Online)
-                            }
-                            Ok(PresenceEvent::Offline { user, node }) if node != this.self_id => {
-                                (user, PresenceStatus::Offline)
-                            }
-                            Ok(_) => continue,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "presence events lagged");
-                                continue;
-                            }
-                        };
-                        feed.push(UserId(user), status, now_unix_ms());
-                    }
-                }
-            }
-        });
+    /// The domain's presence `Directory` port.
+    pub fn presence_directory(&self) -> PartitionedDirectory {
+        PartitionedDirectory {
+            dir: self.directory.clone(),
+            self_id: self.self_id,
+        }
+    }
+
+    /// The directory's sizes (for `/metrics` and the benchmark).
+    pub fn directory_stats(&self) -> cluster::directory::DirectoryStats {
+        self.directory.stats()
     }
 
     /// The domain's `Forward` port: deliveries and logouts to other nodes.
@@ -413,6 +410,7 @@ impl Mesh {
             }
         }
         self.forwarder.shutdown().await;
+        self.directory.shutdown().await;
         self.stop.cancel();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(3), self.tasks.wait())
