@@ -6,6 +6,7 @@
 //! | `replication` | `replication::rpc::decode` of every request and reply body, then the checks the service runs on them (`key_bounds`, `is_valid`) |
 //! | `gossip-sealed` | `membership::auth::open` (tag, clock, fragment fields) and the replay guard |
 //! | `gossip-chitchat` | chitchat's own datagram decoder (the codec socket a verified datagram goes to) |
+//! | `directory` | `directory::wire::decode` of every request and reply body, and the bound the directory checks first |
 //!
 //! Each target first replays its committed seed corpus (`tests/fuzz-corpus/<target>/`, one
 //! input per file; regenerate with `cargo test -p cluster --lib fuzz_tests::write_seed_corpus
@@ -243,6 +244,24 @@ fn fuzz_replication_bodies() {
     fuzz("replication", 3000, all);
 }
 
+#[test]
+fn fuzz_directory_bodies() {
+    use crate::directory::wire::{self, DirReply, DirRequest, MAX_USERS_PER_REQUEST};
+    let decode = |b: &[u8]| {
+        bincode::decode_from_slice(b, wire::config()).map(|(v, _): (DirRequest, usize)| v)
+    };
+    let decode_reply =
+        |b: &[u8]| bincode::decode_from_slice(b, wire::config()).map(|(v, _): (DirReply, usize)| v);
+    fuzz("directory", 3000, |data| {
+        if let Some(request) = round_trip(data, decode, wire::encode) {
+            // What the directory checks before any work.
+            let _ = request.users() > MAX_USERS_PER_REQUEST;
+            let _ = request.from();
+        }
+        round_trip(data, decode_reply, wire::encode);
+    });
+}
+
 fn gossip_key() -> ring::hmac::Key {
     auth::test_key(&ClusterSecret::from_bytes([7; 32]))
 }
@@ -441,6 +460,46 @@ fn write_seed_corpus() {
     ];
     for (name, body) in bodies {
         write("replication", name, &body);
+    }
+    // directory: request and reply bodies.
+    {
+        use crate::directory::wire::{encode, DirReply, DirRequest};
+        let bodies = [
+            (
+                "update",
+                encode(&DirRequest::Update {
+                    from: 1,
+                    regs: vec![(42, true), (7, false)],
+                    subs: vec![(9, true)],
+                }),
+            ),
+            (
+                "statement",
+                encode(&DirRequest::Statement {
+                    from: 2,
+                    partitions: vec![3, 900],
+                    regs: vec![42],
+                    subs: vec![9, 10],
+                }),
+            ),
+            (
+                "push",
+                encode(&DirRequest::Push {
+                    from: 0,
+                    changes: vec![(42, vec![1, 2]), (9, vec![])],
+                }),
+            ),
+            ("resend", encode(&DirRequest::Resend { from: 1023 })),
+            (
+                "reply",
+                encode(&DirReply {
+                    current: vec![(9, vec![2])],
+                }),
+            ),
+        ];
+        for (name, body) in bodies {
+            write("directory", name, &body.unwrap());
+        }
     }
     // gossip-sealed: one and two fragments, at SEALED_AT.
     let key = gossip_key();

@@ -15,7 +15,7 @@
 //! - [`placement`]: key to partition, partition to replicas (rendezvous hashing).
 //! - [`transport`]: the mutual-TLS QUIC request/response transport between nodes.
 //! - [`membership`]: gossip (chitchat, sealed with the cluster secret): members, their
-//!   state and load, presence keys; an in-memory twin for tests.
+//!   state and load, joins and moves; an in-memory twin for tests.
 //! - [`replication`]: records and their merge, quorums, the coordinator, the replica
 //!   service, hints, seals, pulls; in-memory replica and network twins for tests.
 //! - [`lifecycle`]: how a node enters the cluster and keeps its place (join barrier and

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use cluster::lifecycle::MembershipPort;
 use cluster::membership::memory::MemoryGossip;
-use cluster::membership::{
-    Lifecycle, Member, Membership, MembershipConfig, NodeAddrs, PresenceEvent, PresenceEvents,
-};
+use cluster::membership::{Lifecycle, Member, Membership, MembershipConfig, NodeAddrs};
 use cluster::NodeId;
 
 /// A free UDP port on 127.0.0.1: bind port 0, read it back, release it.
@@ -63,22 +61,6 @@ fn ids(members: &[Member]) -> Vec<NodeId> {
     ids
 }
 
-/// Waits for a condition that is read by polling (gossip-derived indexes), with a deadline.
-async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn next_event(events: &mut PresenceEvents) -> PresenceEvent {
-    tokio::time::timeout(Duration::from_secs(5), events.recv())
-        .await
-        .expect("no presence event in time")
-        .unwrap()
-}
-
 #[tokio::test]
 async fn three_members_see_each_other_and_a_stopped_one_dies() {
     let (a, a_gossip) = spawn(1, &[]).await;
@@ -116,76 +98,6 @@ async fn three_members_see_each_other_and_a_stopped_one_dies() {
 
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn user_keys_spread_and_vanish_with_their_node() {
-    let (a, a_gossip) = spawn(1, &[]).await;
-    let (b, _) = spawn(2, &[a_gossip]).await;
-    wait_members(&a, Duration::from_secs(5), |ms| ids(ms) == [1, 2]).await;
-    let mut events = a.subscribe_presence();
-
-    b.set_user_online(42).await;
-    b.set_user_online(42).await; // idempotent
-    eventually(Duration::from_secs(5), "user 42 on node 2", || {
-        a.user_nodes(42) == [2]
-    })
-    .await;
-    assert_eq!(
-        next_event(&mut events).await,
-        PresenceEvent::Online { user: 42, node: 2 }
-    );
-
-    // Online on two nodes at once.
-    a.set_user_online(42).await;
-    eventually(Duration::from_secs(5), "user 42 on nodes 1 and 2", || {
-        b.user_nodes(42) == [1, 2] && a.user_nodes(42) == [1, 2]
-    })
-    .await;
-    assert_eq!(
-        next_event(&mut events).await,
-        PresenceEvent::Online { user: 42, node: 1 }
-    );
-
-    a.set_user_offline(42).await;
-    a.set_user_offline(42).await; // idempotent
-    eventually(Duration::from_secs(5), "user 42 gone from node 1", || {
-        b.user_nodes(42) == [2]
-    })
-    .await;
-    assert_eq!(
-        next_event(&mut events).await,
-        PresenceEvent::Offline { user: 42, node: 1 }
-    );
-
-    b.set_user_online(7).await;
-    eventually(Duration::from_secs(5), "user 7 on node 2", || {
-        a.user_nodes(7) == [2]
-    })
-    .await;
-    assert_eq!(
-        next_event(&mut events).await,
-        PresenceEvent::Online { user: 7, node: 2 }
-    );
-
-    // Node 2 dies: its users go with it.
-    b.shutdown().await.unwrap();
-    eventually(Duration::from_secs(6), "node 2's users gone", || {
-        a.user_nodes(42).is_empty() && a.user_nodes(7).is_empty()
-    })
-    .await;
-    let mut gone = vec![next_event(&mut events).await, next_event(&mut events).await];
-    gone.sort_by_key(|e| match e {
-        PresenceEvent::Online { user, .. } | PresenceEvent::Offline { user, .. } => *user,
-    });
-    assert_eq!(
-        gone,
-        [
-            PresenceEvent::Offline { user: 7, node: 2 },
-            PresenceEvent::Offline { user: 42, node: 2 },
-        ]
-    );
-    a.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -247,19 +159,19 @@ async fn sealed_gossip_admits_only_holders_of_the_secret() {
     let (wrong, _) = spawn_sealed(3, Some([8; 32]), &[a_gossip]).await;
     let (plain, _) = spawn_sealed(4, None, &[a_gossip]).await;
     wait_members(&a, Duration::from_secs(5), |ms| ids(ms) == [1, 2]).await;
-    b.set_user_online(42).await;
-    eventually(Duration::from_secs(5), "user 42 on node 2", || {
-        a.user_nodes(42) == [2]
+    b.set_load(42).await;
+    wait_members(&a, Duration::from_secs(5), |ms| {
+        ms.iter().any(|m| m.node_id == 2 && m.load == 42)
     })
     .await;
-    // Give the intruders many gossip rounds: they never get in, and learn nothing.
-    wrong.set_user_online(666).await;
-    plain.set_user_online(667).await;
+    // Give the intruders many gossip rounds: they never get in, and change nothing.
+    wrong.set_load(666).await;
+    plain.set_load(667).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for m in [&a, &b] {
-        let all: Vec<NodeId> = m.members().await.iter().map(|m| m.node_id).collect();
-        assert_eq!(all, [1, 2]);
-        assert!(m.user_nodes(666).is_empty() && m.user_nodes(667).is_empty());
+        let all: Vec<Member> = m.members().await;
+        assert_eq!(ids(&all), [1, 2]);
+        assert!(all.iter().all(|m| m.load != 666 && m.load != 667));
     }
     for intruder in [&wrong, &plain] {
         let seen: Vec<NodeId> = intruder.members().await.iter().map(|m| m.node_id).collect();

@@ -35,7 +35,7 @@
 mod table;
 #[cfg(test)]
 mod tests;
-mod wire;
+pub(crate) mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 use crate::placement::NodeId;
 
 /// What one node asks of another's directory.
-#[derive(Debug, Clone, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub(crate) enum DirRequest {
     /// Changes since the last request: users whose devices `from` now holds (`true`) or no
     /// longer holds, and users `from` starts (`true`) or stops watching. Answered with the
@@ -32,7 +32,7 @@ pub(crate) enum DirRequest {
 }
 
 /// The answer to [`DirRequest::Update`] and [`DirRequest::Statement`].
-#[derive(Debug, Clone, Default, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub(crate) struct DirReply {
     /// The node sets of the users the request started watching.
     pub(crate) current: Vec<(u64, Vec<NodeId>)>,

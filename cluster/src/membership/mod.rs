@@ -1,21 +1,21 @@
 //! Cluster membership over gossip (chitchat): who is in the cluster, where they serve, in
-//! which state, how loaded, and which users each live node holds (presence and
-//! user-to-node ownership).
+//! which state, how loaded, and where each is in a join or a move.
 //!
 //! Each node publishes `node_id`, `http_addr`, `quic_addr`, `peer_addr`, `state`
-//! (`joining`/`active`/`leaving`), `load`, and one `u:<user id>` key per user with a device
-//! connected to it. A node the failure detector declares dead takes its user keys with it.
+//! (`joining`/`active`/`leaving`), `load`, its pending list, removal map and move marks.
+//! Which nodes hold which users' devices is not gossiped: that is the partitioned
+//! directory's ([`crate::directory`]), whose cost per node does not grow with the whole
+//! cluster's online users.
 //!
 //! With [`MembershipConfig::secret`] set (the node always sets it), every gossip datagram is
 //! sealed with an HMAC keyed by the cluster secret ([`auth`]): a process without the secret
-//! can neither join nor alter anyone's state. Gossip is not encrypted (presence keys are
-//! readable on the wire), so it still belongs on a private network. The chitchat cluster id
+//! can neither join nor alter anyone's state. Gossip is not encrypted (members' addresses
+//! and states are readable on the wire), so it still belongs on a private network. The chitchat cluster id
 //! is derived from the secret too ([`cluster_id_for`]).
 //!
 //! [`memory`] is an in-memory twin for tests (instant gossip between in-memory nodes).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chitchat::transport::{Transport, UdpTransport};
@@ -23,8 +23,7 @@ use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
     ProtocolVersion,
 };
-use parking_lot::Mutex;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,7 +39,7 @@ mod view;
 pub use removals::{Removal, RemovalState, Removals};
 
 use view::{keys, View};
-pub use view::{Lifecycle, Member, MoveProgress, NodeAddrs, PresenceEvent};
+pub use view::{Lifecycle, Member, MoveProgress, NodeAddrs};
 
 /// How a node joins and gossips. `Default` is not provided: addresses must be chosen.
 #[derive(Clone, Debug)]
@@ -70,10 +69,8 @@ pub struct MembershipConfig {
     /// partitions move to other nodes *without* their data being streamed, so keep it longer
     /// than any outage you expect to repair by restarting the node (default: 7 days).
     pub dead_node_grace: Duration,
-    /// How long deleted keys (users gone offline) are remembered for peers that missed them.
+    /// How long deleted keys are remembered for peers that missed them.
     pub tombstone_grace: Duration,
-    /// Presence events buffered per subscriber before it is told it lagged.
-    pub presence_buffer: usize,
     /// Seal every gossip datagram with this secret ([`auth`]); `None`: plain chitchat UDP
     /// (tests and tools only).
     pub secret: Option<ClusterSecret>,
@@ -103,7 +100,6 @@ impl MembershipConfig {
             phi_threshold: 8.0,
             dead_node_grace: Duration::from_secs(7 * 24 * 3600),
             tombstone_grace: Duration::from_secs(600),
-            presence_buffer: 8192,
             secret: None,
             clock: None,
         }
@@ -139,34 +135,6 @@ pub enum MembershipError {
     Stopped(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// A presence subscriber fell behind by this many events; re-read what it needs with
-/// [`Membership::user_nodes`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PresenceRecvError {
-    /// Events were dropped for this subscriber; its picture is stale.
-    #[error("presence subscriber lagged by {0} events")]
-    Lagged(u64),
-    /// Membership has shut down.
-    #[error("membership is shut down")]
-    Closed,
-}
-
-/// A stream of [`PresenceEvent`]s, from [`Membership::subscribe_presence`].
-pub struct PresenceEvents {
-    rx: broadcast::Receiver<PresenceEvent>,
-}
-
-impl PresenceEvents {
-    /// The next event. After [`PresenceRecvError::Lagged`] the stream goes on, but the
-    /// caller must resynchronise from [`Membership::user_nodes`].
-    pub async fn recv(&mut self) -> Result<PresenceEvent, PresenceRecvError> {
-        self.rx.recv().await.map_err(|e| match e {
-            broadcast::error::RecvError::Lagged(n) => PresenceRecvError::Lagged(n),
-            broadcast::error::RecvError::Closed => PresenceRecvError::Closed,
-        })
-    }
-}
-
 /// Another live instance claiming this node's id, from [`Membership::duplicate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Duplicate {
@@ -181,9 +149,7 @@ pub struct Membership {
     handle: ChitchatHandle,
     self_id: ChitchatId,
     node_id: NodeId,
-    view: Arc<Mutex<View>>,
     members: watch::Receiver<Vec<Member>>,
-    events: broadcast::Sender<PresenceEvent>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     health: Option<auth::GossipHealth>,
@@ -251,18 +217,14 @@ impl Membership {
             })?;
         let live_rx = handle.with_chitchat(|c| c.live_nodes_watcher()).await;
         let (members_tx, members) = watch::channel(Vec::new());
-        let (events, _) = broadcast::channel(config.presence_buffer.max(16));
-        let view = Arc::new(Mutex::new(View::new(members_tx, events.clone())));
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(follow(live_rx, view.clone(), cancel.clone()));
+        tasks.spawn(follow(live_rx, View::new(members_tx), cancel.clone()));
         Ok(Self {
             handle,
             self_id,
             node_id: config.node_id,
-            view,
             members,
-            events,
             cancel,
             tasks,
             health,
@@ -308,19 +270,6 @@ impl Membership {
         self.members.clone()
     }
 
-    /// The live nodes where `user` has a device, ascending, as of the last gossip round.
-    pub fn user_nodes(&self, user: u64) -> Vec<NodeId> {
-        self.view.lock().user_nodes(user)
-    }
-
-    /// Subscribes to presence changes from now on (combine with [`Membership::user_nodes`]
-    /// for the current picture).
-    pub fn subscribe_presence(&self) -> PresenceEvents {
-        PresenceEvents {
-            rx: self.events.subscribe(),
-        }
-    }
-
     /// Publishes this node's lifecycle state.
     pub async fn set_state(&self, state: Lifecycle) {
         self.set(keys::STATE, state.as_str().to_string()).await;
@@ -351,24 +300,6 @@ impl Membership {
     /// Publishes this node's load (connected devices).
     pub async fn set_load(&self, load: u64) {
         self.set(keys::LOAD, load.to_string()).await;
-    }
-
-    /// Publishes that a device of `user` is connected here. Idempotent.
-    pub async fn set_user_online(&self, user: u64) {
-        self.set(&keys::user(user), "1".to_string()).await;
-    }
-
-    /// Withdraws `user` from this node (its last device here left). Idempotent.
-    pub async fn set_user_offline(&self, user: u64) {
-        let key = keys::user(user);
-        self.handle
-            .with_chitchat(|c| {
-                let state: &mut NodeState = c.self_node_state();
-                if state.get(&key).is_some() {
-                    state.delete(&key);
-                }
-            })
-            .await;
     }
 
     async fn set(&self, key: &str, value: String) {
@@ -435,13 +366,13 @@ pub fn newest_by_node(members: &[Member]) -> std::collections::BTreeMap<NodeId, 
 /// Feeds chitchat's live-node snapshots into the view until cancelled.
 async fn follow(
     mut live: watch::Receiver<std::collections::BTreeMap<ChitchatId, NodeState>>,
-    view: Arc<Mutex<View>>,
+    mut view: View,
     cancel: CancellationToken,
 ) {
     loop {
         {
             let snapshot = live.borrow_and_update();
-            view.lock().apply(&snapshot);
+            view.apply(&snapshot);
         }
         tokio::select! {
             _ = cancel.cancelled() => break,

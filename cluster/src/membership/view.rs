@@ -1,12 +1,11 @@
-//! What gossip says, read back: members parsed from chitchat node states, and the presence
-//! index (which live nodes hold which users), kept up to date incrementally.
+//! What gossip says, read back: members parsed from chitchat node states.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
 use chitchat::{ChitchatId, NodeState};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::placement::NodeId;
 
@@ -27,14 +26,6 @@ pub(crate) mod keys {
     pub const MOVED: &str = "moved";
     /// This node's pull of the partitions it takes over: `done/total/records`.
     pub const MOVE_PROGRESS: &str = "move_progress";
-    /// Prefix of per-user keys: `u:<user id in decimal>`, set while a device of that user is
-    /// connected to the node.
-    pub const USER_PREFIX: &str = "u:";
-
-    /// The key for `user`.
-    pub fn user(user: u64) -> String {
-        format!("{USER_PREFIX}{user}")
-    }
 }
 
 /// A node's place in its lifecycle, as it publishes it.
@@ -203,122 +194,18 @@ impl Member {
     }
 }
 
-/// A change in where a user is online, derived from gossip.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PresenceEvent {
-    /// `user` now has a device on live node `node`.
-    Online {
-        /// The user id.
-        user: u64,
-        /// The node.
-        node: NodeId,
-    },
-    /// `user` no longer has a device on `node` (it went offline there, or `node` died).
-    Offline {
-        /// The user id.
-        user: u64,
-        /// The node.
-        node: NodeId,
-    },
-}
-
-/// What is remembered about each live node between two gossip snapshots.
-struct Tracked {
-    max_version: u64,
-    node: Option<NodeId>,
-    users: HashSet<u64>,
-}
-
-/// The presence index and the live-member list, fed with chitchat's live-node snapshots.
+/// The live-member list, fed with chitchat's live-node snapshots.
 pub(crate) struct View {
-    tracked: HashMap<ChitchatId, Tracked>,
-    /// user -> node -> number of live chitchat instances of that node holding the user
-    /// (more than one only while an old incarnation or a duplicate is still seen alive).
-    presence: HashMap<u64, BTreeMap<NodeId, u32>>,
     members: watch::Sender<Vec<Member>>,
-    events: broadcast::Sender<PresenceEvent>,
 }
 
 impl View {
-    pub(crate) fn new(
-        members: watch::Sender<Vec<Member>>,
-        events: broadcast::Sender<PresenceEvent>,
-    ) -> Self {
-        Self {
-            tracked: HashMap::new(),
-            presence: HashMap::new(),
-            members,
-            events,
-        }
+    pub(crate) fn new(members: watch::Sender<Vec<Member>>) -> Self {
+        Self { members }
     }
 
-    /// The live nodes where `user` is online, ascending.
-    pub(crate) fn user_nodes(&self, user: u64) -> Vec<NodeId> {
-        self.presence
-            .get(&user)
-            .map(|nodes| nodes.keys().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// Brings the view up to date with a snapshot of the live nodes. Only nodes whose state
-    /// version changed are re-read.
+    /// Brings the view up to date with a snapshot of the live nodes.
     pub(crate) fn apply(&mut self, live: &BTreeMap<ChitchatId, NodeState>) {
-        let gone: Vec<ChitchatId> = self
-            .tracked
-            .keys()
-            .filter(|id| !live.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in gone {
-            if let Some(old) = self.tracked.remove(&id) {
-                if let Some(node) = old.node {
-                    for user in old.users {
-                        self.remove(user, node);
-                    }
-                }
-            }
-        }
-        for (id, state) in live {
-            if let Some(old) = self.tracked.get(id) {
-                if old.max_version == state.max_version() {
-                    continue;
-                }
-            }
-            let node = state.get(keys::NODE_ID).and_then(|v| v.parse().ok());
-            let users: HashSet<u64> = state
-                .iter_prefix(keys::USER_PREFIX)
-                .filter_map(|(key, _)| key.strip_prefix(keys::USER_PREFIX)?.parse().ok())
-                .collect();
-            let old = self.tracked.insert(
-                id.clone(),
-                Tracked {
-                    max_version: state.max_version(),
-                    node,
-                    users: HashSet::new(),
-                },
-            );
-            let (old_node, old_users) = match old {
-                Some(old) => (old.node, old.users),
-                None => (None, HashSet::new()),
-            };
-            if let Some(old_node) = old_node {
-                for &user in &old_users {
-                    if Some(old_node) != node || !users.contains(&user) {
-                        self.remove(user, old_node);
-                    }
-                }
-            }
-            if let Some(node) = node {
-                for &user in &users {
-                    if Some(node) != old_node || !old_users.contains(&user) {
-                        self.add(user, node);
-                    }
-                }
-            }
-            if let Some(tracked) = self.tracked.get_mut(id) {
-                tracked.users = users;
-            }
-        }
         let members: Vec<Member> = live
             .iter()
             .filter_map(|(id, state)| Member::parse(id, state, true))
@@ -332,44 +219,4 @@ impl View {
             }
         });
     }
-
-    fn add(&mut self, user: u64, node: NodeId) {
-        let count = self
-            .presence
-            .entry(user)
-            .or_default()
-            .entry(node)
-            .or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            self.publish(PresenceEvent::Online { user, node });
-        }
-    }
-
-    fn remove(&mut self, user: u64, node: NodeId) {
-        let Some(nodes) = self.presence.get_mut(&user) else {
-            return;
-        };
-        let Some(count) = nodes.get_mut(&node) else {
-            return;
-        };
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            nodes.remove(&node);
-            if nodes.is_empty() {
-                self.presence.remove(&user);
-            }
-            self.publish(PresenceEvent::Offline { user, node });
-        }
-    }
-
-    fn publish(&self, event: PresenceEvent) {
-        // An error only means nobody subscribes right now; the index above stays the truth,
-        // and a subscriber that falls behind is told so (see `PresenceEvents::recv`).
-        let _ = self.events.send(event);
-    }
 }
-
-#[cfg(test)]
-#[path = "view_tests.rs"]
-mod tests;
