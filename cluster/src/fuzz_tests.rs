@@ -486,13 +486,14 @@ fn write_seed_corpus() {
                 "push",
                 encode(&DirRequest::Push {
                     from: 0,
-                    changes: vec![(42, vec![1, 2]), (9, vec![])],
+                    changes: vec![(42, vec![1, 2], 7), (9, vec![], 8)],
                 }),
             ),
             ("resend", encode(&DirRequest::Resend { from: 1023 })),
             (
                 "reply",
                 encode(&DirReply {
+                    seq: 1_765_000_000_000_000,
                     current: vec![(9, vec![2])],
                 }),
             ),

@@ -169,8 +169,8 @@ pub struct DirectoryStats {
 /// A user this node watches or routes to.
 #[derive(Default)]
 struct Want {
-    /// Each home replica's last answer.
-    answers: Vec<(NodeId, NodeSet)>,
+    /// Each home replica's newest answer, with the replica's change counter.
+    answers: Vec<(NodeId, NodeSet, u64)>,
     /// Local watchers (connections watching the user, counted by the owner).
     watchers: u32,
     /// When it was last used as a route (seconds since the directory started).
@@ -182,7 +182,7 @@ struct Want {
 struct Outbox {
     regs: HashMap<u64, bool>,
     subs: HashMap<u64, bool>,
-    pushes: HashMap<u64, Vec<NodeId>>,
+    pushes: HashMap<u64, (Vec<NodeId>, u64)>,
     /// Send a full statement of what this node holds and watches at the peer.
     statement: bool,
     /// Ask the peer for its statement.
@@ -240,6 +240,11 @@ struct Placement {
 
 struct State {
     placement: Placement,
+    /// This node's change counter as a home replica: bumped with every change it pushes
+    /// (it starts at the wall clock in microseconds, so a restarted node's counter is
+    /// normally ahead of its old one; when it is not, subscribers drop the old answers
+    /// once they see the restart).
+    seq: u64,
     table: HomeTable,
     /// Users with devices on this node.
     local: HashSet<u64>,
@@ -280,6 +285,9 @@ impl Directory {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 placement: Placement::default(),
+                seq: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64),
                 table: HomeTable::default(),
                 local: HashSet::new(),
                 wanted: HashMap::new(),
@@ -466,7 +474,7 @@ fn known_nodes(
     let homes = placement.homes.get(home_partition(cfg, user).0 as usize)?;
     let mut answered = false;
     let mut nodes = NodeSet::default();
-    for (replica, set) in &w.answers {
+    for (replica, set, _) in &w.answers {
         if homes.contains(replica) {
             answered = true;
             for n in set.iter().filter(|n| placement.live.contains_key(n)) {
@@ -646,18 +654,18 @@ impl Inner {
             out.subs.clear();
         }
         if !out.pushes.is_empty() {
-            let changes: Vec<(u64, Vec<NodeId>)> = out.pushes.drain().collect();
-            if let Err(e) = self
-                .call(
-                    node,
-                    DirRequest::Push {
-                        from: me,
-                        changes: changes.clone(),
-                    },
-                )
-                .await
-            {
-                out.pushes.extend(changes);
+            let changes: Vec<(u64, Vec<NodeId>, u64)> = out
+                .pushes
+                .drain()
+                .map(|(u, (nodes, seq))| (u, nodes, seq))
+                .collect();
+            let request = DirRequest::Push {
+                from: me,
+                changes: changes.clone(),
+            };
+            if let Err(e) = self.call(node, request).await {
+                out.pushes
+                    .extend(changes.into_iter().map(|(u, nodes, seq)| (u, (nodes, seq))));
                 return Err((out, e));
             }
         }
@@ -684,21 +692,30 @@ impl Inner {
 
     /// Records `node`'s answers to subscriptions.
     fn take_answers(&self, node: NodeId, reply: DirReply) {
-        if reply.current.is_empty() {
+        let seq = reply.seq;
+        let answers = reply.current.into_iter().map(|(u, nodes)| (u, nodes, seq));
+        self.apply_answers(node, answers.collect());
+    }
+
+    /// Records what home replica `replica` says of wanted users (newest per replica wins),
+    /// wakes the resolvers and tells the owner.
+    fn apply_answers(&self, replica: NodeId, answers: Vec<(u64, Vec<NodeId>, u64)>) {
+        if answers.is_empty() {
             return;
         }
-        let mut changed = Vec::with_capacity(reply.current.len());
+        let mut users = Vec::with_capacity(answers.len());
         {
             let mut s = self.state.lock();
-            for (u, nodes) in reply.current {
+            for (u, nodes, seq) in answers {
                 if let Some(w) = s.wanted.get_mut(&u) {
-                    set_answer(w, node, NodeSet::from_ids(&nodes));
-                    changed.push(u);
+                    if set_answer(w, replica, NodeSet::from_ids(&nodes), seq) {
+                        users.push(u);
+                    }
                 }
             }
         }
         self.answered.notify_waiters();
-        self.hooks.changed(&changed);
+        self.hooks.changed(&users);
     }
 
     /// Everything this node holds and watches in the partitions homed at `node`, in
@@ -762,9 +779,12 @@ impl Inner {
         let from = req.from();
         let mut reply = DirReply::default();
         let mut changed: Vec<Changed> = Vec::new();
+        let seq;
         match req {
             DirRequest::Update { regs, subs, .. } => {
                 let mut s = self.state.lock();
+                s.seq += 1;
+                seq = s.seq;
                 for (u, on) in regs {
                     let p = home_partition(&self.cfg, u).0;
                     changed.extend(s.table.update(p, u, |e| {
@@ -800,6 +820,8 @@ impl Inner {
                 let regs: HashSet<u64> = regs.into_iter().collect();
                 let subs: HashSet<u64> = subs.into_iter().collect();
                 let mut s = self.state.lock();
+                s.seq += 1;
+                seq = s.seq;
                 let cfg = &self.cfg;
                 changed = s.table.replace(from, &partitions, &regs, &subs, |u| {
                     home_partition(cfg, u).0
@@ -811,18 +833,7 @@ impl Inner {
                 }
             }
             DirRequest::Push { changes, .. } => {
-                let mut users = Vec::with_capacity(changes.len());
-                {
-                    let mut s = self.state.lock();
-                    for (u, nodes) in changes {
-                        if let Some(w) = s.wanted.get_mut(&u) {
-                            set_answer(w, from, NodeSet::from_ids(&nodes));
-                            users.push(u);
-                        }
-                    }
-                }
-                self.answered.notify_waiters();
-                self.hooks.changed(&users);
+                self.apply_answers(from, changes);
                 return reply;
             }
             DirRequest::Resend { .. } => {
@@ -830,10 +841,11 @@ impl Inner {
                 return reply;
             }
         }
+        reply.seq = seq;
         metrics::gauge!("directory_entries").set(self.state.lock().table.len() as f64);
         // Tell the subscribers before answering, so that a registration, once answered,
         // is known wherever the user is watched or routed to.
-        let waits = self.push(changed);
+        let waits = self.push(changed, seq);
         if !waits.is_empty() {
             let all = futures_util::future::join_all(waits);
             let _ = tokio::time::timeout(self.cfg.push_wait, all).await;
@@ -843,36 +855,27 @@ impl Inner {
 
     /// Queues pushes of `changed` to their subscribers; the receivers resolve when each
     /// subscriber's push was sent.
-    fn push(self: &Arc<Self>, changed: Vec<Changed>) -> Vec<oneshot::Receiver<()>> {
-        let mut per_node: HashMap<NodeId, Vec<(u64, Vec<NodeId>)>> = HashMap::new();
+    fn push(self: &Arc<Self>, changed: Vec<Changed>, seq: u64) -> Vec<oneshot::Receiver<()>> {
+        let mut per_node: HashMap<NodeId, Vec<(u64, Vec<NodeId>, u64)>> = HashMap::new();
         for c in changed {
             for s in c.subs {
                 per_node
                     .entry(s)
                     .or_default()
-                    .push((c.user, c.nodes.clone()));
+                    .push((c.user, c.nodes.clone(), seq));
             }
         }
         let mut waits = Vec::new();
         for (node, changes) in per_node {
             if node == self.cfg.self_id {
                 // This node's own subscription: apply at once.
-                let mut users = Vec::with_capacity(changes.len());
-                {
-                    let mut s = self.state.lock();
-                    for (u, nodes) in changes {
-                        if let Some(w) = s.wanted.get_mut(&u) {
-                            set_answer(w, node, NodeSet::from_ids(&nodes));
-                            users.push(u);
-                        }
-                    }
-                }
-                self.hooks.changed(&users);
+                self.apply_answers(node, changes);
                 continue;
             }
             let (tx, rx) = oneshot::channel();
             self.queue(node, Lane::Push, |out| {
-                out.pushes.extend(changes);
+                out.pushes
+                    .extend(changes.into_iter().map(|(u, nodes, seq)| (u, (nodes, seq))));
                 out.waiters.push(tx);
             });
             waits.push(rx);
@@ -923,6 +926,7 @@ impl Inner {
         let mut resend_from: HashSet<NodeId> = HashSet::new();
         let mut changed_homes: Vec<Changed> = Vec::new();
         let mut changed_users: Vec<u64> = Vec::new();
+        let forget_seq;
         {
             let mut s = self.state.lock();
             let old = std::mem::take(&mut s.placement);
@@ -944,6 +948,8 @@ impl Inner {
             for &g in &gone {
                 changed_homes.extend(s.table.forget_node(g));
             }
+            s.seq += 1;
+            forget_seq = s.seq;
             for (p, new) in homes.iter().enumerate() {
                 let before = old.homes.get(p);
                 for n in new {
@@ -963,12 +969,12 @@ impl Inner {
                 let h = &homes[home_partition(cfg, *u).0 as usize];
                 let before = w.answers.len();
                 w.answers
-                    .retain(|(r, _)| h.contains(r) && !gone.contains(r));
+                    .retain(|(r, _, _)| h.contains(r) && !gone.contains(r));
                 // Users on nodes that died go offline here at once (and come back with them).
                 let touched = w.answers.len() != before
-                    || w.answers
-                        .iter()
-                        .any(|(_, set)| set.iter().any(|n| gone.contains(&n) || back.contains(&n)));
+                    || w.answers.iter().any(|(_, set, _)| {
+                        set.iter().any(|n| gone.contains(&n) || back.contains(&n))
+                    });
                 if touched {
                     changed_users.push(*u);
                 }
@@ -983,7 +989,7 @@ impl Inner {
                 out.resend |= resend;
             });
         }
-        let _ = self.push(changed_homes);
+        let _ = self.push(changed_homes, forget_seq);
         if !changed_users.is_empty() {
             self.hooks.changed(&changed_users);
         }
@@ -1023,9 +1029,18 @@ impl Inner {
     }
 }
 
-fn set_answer(w: &mut Want, replica: NodeId, nodes: NodeSet) {
-    match w.answers.iter_mut().find(|(r, _)| *r == replica) {
-        Some((_, set)) => *set = nodes,
-        None => w.answers.push((replica, nodes)),
+/// Records `replica`'s answer as of its counter `seq`, unless it already gave a newer one;
+/// true when recorded.
+fn set_answer(w: &mut Want, replica: NodeId, nodes: NodeSet, seq: u64) -> bool {
+    match w.answers.iter_mut().find(|(r, _, _)| *r == replica) {
+        Some((_, _, known)) if *known > seq => false,
+        Some(answer) => {
+            *answer = (replica, nodes, seq);
+            true
+        }
+        None => {
+            w.answers.push((replica, nodes, seq));
+            true
+        }
     }
 }

@@ -413,3 +413,21 @@ async fn an_oversized_request_is_refused_before_any_work() {
     assert!(garbage.is_err());
     c.shutdown().await;
 }
+
+#[test]
+fn an_older_answer_does_not_undo_a_newer_push() {
+    // A push (counter 10) overtook the answer to the subscription (counter 9).
+    let mut w = Want::default();
+    assert!(set_answer(&mut w, 1, NodeSet::from_ids(&[2]), 10));
+    assert!(!set_answer(&mut w, 1, NodeSet::default(), 9));
+    assert_eq!(w.answers[0].1.to_vec(), vec![2]);
+    assert!(
+        set_answer(&mut w, 1, NodeSet::default(), 10),
+        "the same counter: same state"
+    );
+    assert!(
+        set_answer(&mut w, 2, NodeSet::from_ids(&[3]), 1),
+        "each replica's counter is its own"
+    );
+    assert_eq!(w.answers.len(), 2);
+}

@@ -21,10 +21,12 @@ pub(crate) enum DirRequest {
         regs: Vec<u64>,
         subs: Vec<u64>,
     },
-    /// From a home replica to a subscriber: these users' node sets now.
+    /// From a home replica to a subscriber: these users' node sets, each as of the
+    /// replica's change counter (a subscriber keeps, per replica, the newest it got: a
+    /// push and the answer to a subscription travel on different streams).
     Push {
         from: NodeId,
-        changes: Vec<(u64, Vec<NodeId>)>,
+        changes: Vec<(u64, Vec<NodeId>, u64)>,
     },
     /// "Send me your statement": the receiver's view of `from` was reset (it had been
     /// dead or restarted there), so `from` forgot what the receiver holds.
@@ -34,6 +36,8 @@ pub(crate) enum DirRequest {
 /// The answer to [`DirRequest::Update`] and [`DirRequest::Statement`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub(crate) struct DirReply {
+    /// The replier's change counter when it answered.
+    pub(crate) seq: u64,
     /// The node sets of the users the request started watching.
     pub(crate) current: Vec<(u64, Vec<NodeId>)>,
 }
