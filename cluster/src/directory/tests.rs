@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::*;
-use crate::membership::{Member, NodeAddrs};
+use crate::membership::{Lifecycle, Member, NodeAddrs};
 use crate::replication::{ReplicaNode, Topology};
 
 /// The nodes' directories, and which nodes cannot be reached.
