@@ -200,6 +200,7 @@ impl Node {
     /// Presence of `users`, for group views.
     pub async fn presence_of(&self, users: &[UserId]) -> Vec<PresenceInfo> {
         let mut out = Vec::with_capacity(users.len());
+        self.presence.look_up(users).await;
         for &u in users {
             out.push(self.presence.status(u).await);
         }

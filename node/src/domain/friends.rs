@@ -157,7 +157,9 @@ impl Friends {
     /// `who`'s friends with their status.
     pub async fn list(&self, who: UserId) -> Result<Vec<FriendInfo>, ApiError> {
         let mut out = Vec::new();
-        for id in self.store.friends_of(who).await? {
+        let friends = self.store.friends_of(who).await?;
+        self.presence.look_up(&friends).await;
+        for id in friends {
             let Some(rec) = self.store.user(id).await? else {
                 continue;
             };

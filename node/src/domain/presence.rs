@@ -172,9 +172,9 @@ impl Presence {
         self.directory.online_elsewhere(user).unwrap_or(false)
     }
 
-    /// Those of `users` with no device connected anywhere (one directory lookup for all
-    /// those not known here).
-    pub async fn offline_among(&self, users: &[UserId]) -> Vec<UserId> {
+    /// Makes those of `users` this node knows nothing of known (one directory lookup for
+    /// all of them), so that reading their status next costs no request each.
+    pub async fn look_up(&self, users: &[UserId]) {
         let unknown: Vec<UserId> = users
             .iter()
             .copied()
@@ -186,6 +186,12 @@ impl Presence {
         if !unknown.is_empty() {
             self.directory.lookup(&unknown).await;
         }
+    }
+
+    /// Those of `users` with no device connected anywhere (one directory lookup for all
+    /// those not known here).
+    pub async fn offline_among(&self, users: &[UserId]) -> Vec<UserId> {
+        self.look_up(users).await;
         users
             .iter()
             .copied()
