@@ -114,7 +114,8 @@ impl DirPeers for EndpointPeers {
 
 /// What the directory tells its owner.
 pub trait DirectoryHooks: Send + Sync + 'static {
-    /// The known node sets of these watched or routed users may have changed.
+    /// The known node sets of these watched or routed users may have changed (or they are
+    /// no longer known here: routes dropped unused).
     fn changed(&self, users: &[u64]);
     /// This node's registration of these users (as online here) reached their home
     /// replicas, which told their subscribers.
@@ -540,6 +541,10 @@ impl Inner {
                     old
                 };
                 this.subscribe(&dropped, false);
+                // No longer known here: the owner forgets what it derived from them.
+                if !dropped.is_empty() {
+                    this.hooks.changed(&dropped);
+                }
             }
         });
     }
