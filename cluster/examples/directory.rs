@@ -71,7 +71,7 @@ impl DirectoryHooks for Hooks {
             }
         }
     }
-    fn registered(&self, _: &[u64]) {}
+    fn gained(&self, _: &[(u64, cluster::NodeId)]) {}
 }
 
 fn rss_kib() -> u64 {
@@ -172,7 +172,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (tx, rx) = watch::channel(view);
         let h = Arc::new(Hooks::default());
         let dir = Directory::start(
-            DirectoryConfig::new(id, PARTITIONS),
+            DirectoryConfig {
+                generation: 1,
+                ..DirectoryConfig::new(id, PARTITIONS)
+            },
             Arc::new(EndpointPeers::new(
                 endpoints[id as usize].clone(),
                 rx.clone(),

@@ -255,8 +255,9 @@ fn fuzz_directory_bodies() {
     fuzz("directory", 3000, |data| {
         if let Some(request) = round_trip(data, decode, wire::encode) {
             // What the directory checks before any work.
-            let _ = request.users() > MAX_USERS_PER_REQUEST;
-            let _ = request.from();
+            if request.check(1024).is_ok() {
+                assert!(request.users() <= MAX_USERS_PER_REQUEST);
+            }
         }
         round_trip(data, decode_reply, wire::encode);
     });
@@ -469,6 +470,7 @@ fn write_seed_corpus() {
                 "update",
                 encode(&DirRequest::Update {
                     from: 1,
+                    gen: 1_765_000_000_000,
                     regs: vec![(42, true), (7, false)],
                     subs: vec![(9, true)],
                 }),
@@ -477,6 +479,7 @@ fn write_seed_corpus() {
                 "statement",
                 encode(&DirRequest::Statement {
                     from: 2,
+                    gen: 1_765_000_000_001,
                     partitions: vec![3, 900],
                     regs: vec![42],
                     subs: vec![9, 10],

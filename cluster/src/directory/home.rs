@@ -22,10 +22,18 @@ impl Inner {
         let mut changed: Vec<Changed> = Vec::new();
         let seq;
         match req {
-            DirRequest::Update { regs, subs, .. } => {
+            DirRequest::Update {
+                gen, regs, subs, ..
+            } => {
                 let mut s = self.state.lock();
                 s.seq += 1;
                 seq = s.seq;
+                if !admit(&mut s, from, gen, &mut changed) {
+                    return DirReply {
+                        seq,
+                        current: Vec::new(),
+                    };
+                }
                 for (u, on) in regs {
                     let p = home_partition(&self.cfg, u).0;
                     changed.extend(s.table.update(p, u, |e| {
@@ -53,6 +61,7 @@ impl Inner {
                 }
             }
             DirRequest::Statement {
+                gen,
                 partitions,
                 regs,
                 subs,
@@ -63,10 +72,16 @@ impl Inner {
                 let mut s = self.state.lock();
                 s.seq += 1;
                 seq = s.seq;
+                if !admit(&mut s, from, gen, &mut changed) {
+                    return DirReply {
+                        seq,
+                        current: Vec::new(),
+                    };
+                }
                 let cfg = &self.cfg;
-                changed = s.table.replace(from, &partitions, &regs, &subs, |u| {
+                changed.extend(s.table.replace(from, &partitions, &regs, &subs, |u| {
                     home_partition(cfg, u).0
-                });
+                }));
                 for &u in &subs {
                     let p = home_partition(cfg, u).0;
                     let nodes = s.table.get(p, u).map(|e| e.nodes.to_vec());
@@ -119,8 +134,9 @@ impl Inner {
             }
             let (tx, rx) = oneshot::channel();
             self.queue(node, Lane::Push, |out| {
-                out.pushes
-                    .extend(changes.into_iter().map(|(u, nodes, seq)| (u, (nodes, seq))));
+                for (u, nodes, seq) in changes {
+                    out.add_push(u, nodes, seq);
+                }
                 out.waiters.push(tx);
             });
             waits.push(rx);
@@ -191,7 +207,15 @@ impl Inner {
                 .map(|(n, _)| *n)
                 .collect();
             for &g in &gone {
-                changed_homes.extend(s.table.forget_node(g));
+                // A node that restarted and already registered here with its new generation
+                // keeps what it registered; an older incarnation's entries go.
+                let registered_as_new = live
+                    .get(&g)
+                    .is_some_and(|new| s.reg_gen.get(&g).is_some_and(|r| r >= new));
+                if !registered_as_new {
+                    changed_homes.extend(s.table.forget_node(g));
+                    s.reg_gen.remove(&g);
+                }
             }
             s.seq += 1;
             forget_seq = s.seq;
@@ -239,5 +263,25 @@ impl Inner {
             self.hooks.changed(&changed_users);
         }
         metrics::gauge!("directory_entries").set(self.state.lock().table.len() as f64);
+    }
+}
+
+/// Admits a registering request from `from` at generation `gen`: a newer generation than the
+/// one it registered with before means it restarted, so what the older one registered is
+/// forgotten first (into `changed`); an older generation is a late request from a dead
+/// incarnation, refused (false).
+fn admit(s: &mut super::State, from: NodeId, gen: u64, changed: &mut Vec<Changed>) -> bool {
+    match s.reg_gen.get(&from).copied() {
+        Some(known) if known > gen => false,
+        Some(known) if known < gen => {
+            changed.extend(s.table.forget_node(from));
+            s.reg_gen.insert(from, gen);
+            true
+        }
+        Some(_) => true,
+        None => {
+            s.reg_gen.insert(from, gen);
+            true
+        }
     }
 }

@@ -8,22 +8,25 @@
 //! (`copies / members` of them), not for all of them.
 //!
 //! - **Registration.** A node that gains its first device of a user, or loses its last one,
-//!   tells the user's home replicas ([`Directory::publish`]). Per peer, one task sends the
-//!   latest state of each changed user in batches, one request in flight, retried until the
-//!   peer answers or is declared dead; so updates are never reordered or lost while both
-//!   sides live.
+//!   tells the user's home replicas ([`Directory::publish`]), with its generation (a
+//!   restarted node's older registrations are forgotten when its newer generation speaks,
+//!   not when a view change says it restarted). Per peer, one task sends the latest state of
+//!   each changed user in batches, one request in flight, retried until the peer answers or
+//!   is declared dead; so registrations are never reordered or lost while both sides live.
 //! - **Subscription.** A node that needs a user's nodes (a local connection watches the user,
 //!   or a message is routed to them) subscribes at the home replicas
 //!   ([`Directory::watch`], [`Directory::resolve`]); the answer carries the current node
-//!   set, and every later change is pushed. The subscriber keeps each replica's answer and
-//!   uses their union, filtered by its own view of which nodes are live. Routes nobody
+//!   set, and every later change is pushed. Answers and pushes carry the home replica's
+//!   change counter; the subscriber keeps each replica's newest and uses their union,
+//!   filtered by its own view of which nodes are live. Routes nobody
 //!   watches are dropped after [`DirectoryConfig::route_idle`] without use. In steady
 //!   state, routing a message costs no request.
-//! - **Pushes before acks.** A home replica answers a registration only after its pushes to
-//!   the subscribers were answered (or [`DirectoryConfig::push_wait`] passed), and the
-//!   registering node then tells its owner ([`DirectoryHooks::registered`]), which catches
-//!   those users' connections up: a message routed by a stale route before the change
-//!   reached its sender was stored before that catch-up reads the inbox.
+//! - **Stale routes.** When a subscriber learns that a user's nodes gained a node, it tells
+//!   its owner ([`DirectoryHooks::gained`]), which asks that node to catch the user up: a
+//!   message the subscriber routed by the stale route was stored before that catch-up reads
+//!   the inbox, and everything after goes to the new node. (A home replica also answers a
+//!   registration only after its pushes were sent, or [`DirectoryConfig::push_wait`]
+//!   passed, so routes are usually current before the device is served.)
 //! - **Failures.** A dead node's devices stop counting at once on every node (unions are
 //!   filtered by liveness), and home replicas forget it. When membership changes, each node
 //!   sends every home replica that gained partitions a *statement*: everything it holds
@@ -54,7 +57,7 @@ use crate::placement::{partition_of, replicas, NodeId, Partition};
 use crate::transport::{BoxFuture, RemoteError, Request, Response};
 use pipeline::{Lane, PeerQueue};
 use table::{HomeTable, NodeSet};
-use wire::{DirReply, DirRequest, MAX_USERS_PER_REQUEST};
+use wire::{DirReply, DirRequest};
 
 /// The peer request kind of the directory.
 pub const KIND_DIRECTORY: u16 = 0x0301;
@@ -117,9 +120,12 @@ pub trait DirectoryHooks: Send + Sync + 'static {
     /// The known node sets of these watched or routed users may have changed (or they are
     /// no longer known here: routes dropped unused).
     fn changed(&self, users: &[u64]);
-    /// This node's registration of these users (as online here) reached their home
-    /// replicas, which told their subscribers.
-    fn registered(&self, users: &[u64]);
+    /// The known nodes of these users gained these nodes (a device connected there, and
+    /// this node just learned it): what this node routed to the user before went
+    /// elsewhere, so the owner tells each gained node to catch the user up. Everything
+    /// stored before this call is then read by that catch-up; everything after is routed
+    /// there.
+    fn gained(&self, gained: &[(u64, NodeId)]);
 }
 
 /// Timers and sizes of the directory.
@@ -127,6 +133,8 @@ pub trait DirectoryHooks: Send + Sync + 'static {
 pub struct DirectoryConfig {
     /// This node.
     pub self_id: NodeId,
+    /// This node's generation (its gossip incarnation), sent with its registrations.
+    pub generation: u64,
     /// The cluster's partition count (a user's home partition is `partition_of(id)`).
     pub partitions: u32,
     /// Home replicas per user.
@@ -144,6 +152,7 @@ impl DirectoryConfig {
     pub fn new(self_id: NodeId, partitions: u32) -> Self {
         DirectoryConfig {
             self_id,
+            generation: 0,
             partitions,
             copies: 2,
             resolve_timeout: Duration::from_secs(2),
@@ -190,6 +199,8 @@ struct Placement {
 
 struct State {
     placement: Placement,
+    /// The generation each node registered here with (see `home.rs`, `serve`).
+    reg_gen: HashMap<NodeId, u64>,
     /// This node's change counter as a home replica: bumped with every change it pushes
     /// (it starts at the wall clock in microseconds, so a restarted node's counter is
     /// normally ahead of its old one; when it is not, subscribers drop the old answers
@@ -235,6 +246,7 @@ impl Directory {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 placement: Placement::default(),
+                reg_gen: HashMap::new(),
                 seq: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as u64),
@@ -260,16 +272,14 @@ impl Directory {
     /// This node gained its first device of `user` (`true`) or lost its last one.
     pub fn publish(&self, user: u64, online: bool) {
         let inner = &self.inner;
-        let homes = {
-            let mut s = inner.state.lock();
-            if online {
-                s.local.insert(user);
-            } else {
-                s.local.remove(&user);
-            }
-            inner.homes_of(&s.placement, user)
-        };
-        for node in homes {
+        // Queued under the state lock, so queued changes follow the order of the state's.
+        let mut s = inner.state.lock();
+        if online {
+            s.local.insert(user);
+        } else {
+            s.local.remove(&user);
+        }
+        for node in inner.homes_of(&s.placement, user) {
             inner.queue(node, Lane::Control, |out| {
                 out.regs.insert(user, online);
             });
@@ -311,6 +321,21 @@ impl Directory {
     /// [`DirectoryConfig::resolve_timeout`]; returns how many are still unknown.
     pub async fn resolve(&self, users: &[u64]) -> usize {
         self.want(users, false);
+        {
+            // Wanted before but not answered (its subscription was lost, or its home
+            // replicas changed): ask again. Subscribing twice is harmless.
+            let s = self.inner.state.lock();
+            let unanswered: Vec<u64> = users
+                .iter()
+                .copied()
+                .filter(|u| {
+                    s.wanted.get(u).is_some_and(|w| {
+                        known_nodes(&self.inner.cfg, &s.placement, *u, w).is_none()
+                    })
+                })
+                .collect();
+            self.inner.subscribe_locked(&s, &unanswered, true);
+        }
         let deadline = tokio::time::Instant::now() + self.inner.cfg.resolve_timeout;
         loop {
             let answered = self.inner.answered.notified();
@@ -370,11 +395,9 @@ impl Directory {
         Box::pin(async move {
             let req: DirRequest =
                 wire::decode(&request.body).map_err(|e| RemoteError::new(1, e))?;
-            if req.users() > MAX_USERS_PER_REQUEST {
-                return Err(RemoteError::new(
-                    1,
-                    "directory: too many users in one request",
-                ));
+            if let Err(why) = req.check(self.inner.cfg.partitions) {
+                metrics::counter!("directory_requests_refused_total").increment(1);
+                return Err(RemoteError::new(1, format!("directory: {why}")));
             }
             let reply = self.inner.serve(req).await;
             let body = wire::encode(&reply).map_err(|e| RemoteError::new(1, e))?;
@@ -391,25 +414,23 @@ impl Directory {
 
     fn want(&self, users: &[u64], watch: bool) {
         let inner = &self.inner;
+        let mut s = inner.state.lock();
+        let now = inner.now_secs();
         let mut new = Vec::new();
-        {
-            let mut s = inner.state.lock();
-            let now = inner.now_secs();
-            for &u in users {
-                let w = s.wanted.entry(u).or_insert_with(|| {
-                    new.push(u);
-                    Want::default()
-                });
-                w.used = now;
-                if watch {
-                    w.watchers += 1;
-                }
-            }
-            if !new.is_empty() {
-                metrics::gauge!("directory_wanted_users").set(s.wanted.len() as f64);
+        for &u in users {
+            let w = s.wanted.entry(u).or_insert_with(|| {
+                new.push(u);
+                Want::default()
+            });
+            w.used = now;
+            if watch {
+                w.watchers += 1;
             }
         }
-        inner.subscribe(&new, true);
+        if !new.is_empty() {
+            metrics::gauge!("directory_wanted_users").set(s.wanted.len() as f64);
+        }
+        inner.subscribe_locked(&s, &new, true);
     }
 }
 
@@ -462,18 +483,17 @@ impl Inner {
             .unwrap_or_default()
     }
 
-    /// Queues subscriptions (`on`) or their end for `users` at their home replicas.
-    fn subscribe(self: &Arc<Self>, users: &[u64], on: bool) {
+    /// Queues subscriptions (`on`) or their end for `users` at their home replicas. The
+    /// caller holds the state lock (`s`), so that queued subscriptions follow the order of
+    /// the changes to `wanted` (a route dropped and wanted again at once ends subscribed).
+    fn subscribe_locked(self: &Arc<Self>, s: &State, users: &[u64], on: bool) {
         if users.is_empty() {
             return;
         }
         let mut per_node: HashMap<NodeId, Vec<u64>> = HashMap::new();
-        {
-            let s = self.state.lock();
-            for &u in users {
-                for n in self.homes_of(&s.placement, u) {
-                    per_node.entry(n).or_default().push(u);
-                }
+        for &u in users {
+            for n in self.homes_of(&s.placement, u) {
+                per_node.entry(n).or_default().push(u);
             }
         }
         for (node, users) in per_node {
@@ -498,19 +518,40 @@ impl Inner {
         if answers.is_empty() {
             return;
         }
+        let me = self.cfg.self_id;
         let mut users = Vec::with_capacity(answers.len());
+        let mut gained = Vec::new();
         {
             let mut s = self.state.lock();
+            let State {
+                placement, wanted, ..
+            } = &mut *s;
             for (u, nodes, seq) in answers {
-                if let Some(w) = s.wanted.get_mut(&u) {
-                    if set_answer(w, replica, NodeSet::from_ids(&nodes), seq) {
-                        users.push(u);
+                let Some(w) = wanted.get_mut(&u) else {
+                    continue;
+                };
+                let before = known_nodes(&self.cfg, placement, u, w);
+                if set_answer(w, replica, NodeSet::from_ids(&nodes), seq) {
+                    users.push(u);
+                    // A first answer is not a gain: nothing was routed by this one yet.
+                    if let (Some(before), Some(after)) =
+                        (before, known_nodes(&self.cfg, placement, u, w))
+                    {
+                        gained.extend(
+                            after
+                                .into_iter()
+                                .filter(|n| *n != me && !before.contains(n))
+                                .map(|n| (u, n)),
+                        );
                     }
                 }
             }
         }
         self.answered.notify_waiters();
         self.hooks.changed(&users);
+        if !gained.is_empty() {
+            self.hooks.gained(&gained);
+        }
     }
 
     /// Drops routes nobody watches that were not used for `route_idle`.
@@ -538,9 +579,9 @@ impl Inner {
                         s.wanted.remove(u);
                     }
                     metrics::gauge!("directory_wanted_users").set(s.wanted.len() as f64);
+                    this.subscribe_locked(&s, &old, false);
                     old
                 };
-                this.subscribe(&dropped, false);
                 // No longer known here: the owner forgets what it derived from them.
                 if !dropped.is_empty() {
                     this.hooks.changed(&dropped);

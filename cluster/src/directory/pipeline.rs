@@ -24,9 +24,13 @@ pub(super) struct Outbox {
     pub(super) statement: bool,
     /// Ask the peer for its statement.
     pub(super) resend: bool,
-    /// Told when what was queued before them was sent (or given up).
+    /// Told when the pushes queued before them were sent (dropped, which tells too, when
+    /// a send failed: the home replica waits for them a bounded time only).
     pub(super) waiters: Vec<oneshot::Sender<()>>,
 }
+
+/// Users per request the sender puts in one `Update` or `Push` (half the receiver's bound).
+const CHUNK: usize = MAX_USERS_PER_REQUEST / 2;
 
 impl Outbox {
     pub(super) fn is_empty(&self) -> bool {
@@ -38,7 +42,20 @@ impl Outbox {
             && self.waiters.is_empty()
     }
 
-    /// Puts back what `older` held under what was queued since (newer wins).
+    /// Queues a push of `user`'s node set as of the counter `seq`, unless a newer one is
+    /// queued (two requests served at once may queue their pushes in either order).
+    pub(super) fn add_push(&mut self, user: u64, nodes: Vec<NodeId>, seq: u64) {
+        match self.pushes.get(&user) {
+            Some((_, queued)) if *queued > seq => {}
+            _ => {
+                self.pushes.insert(user, (nodes, seq));
+            }
+        }
+    }
+
+    /// Puts back what `older` held under what was queued since: registrations and
+    /// subscriptions queued since are newer; pushes go by their counter. The older
+    /// waiters are dropped (which tells them): their home replica stopped waiting.
     pub(super) fn merge_older(&mut self, older: Outbox) {
         for (u, v) in older.regs {
             self.regs.entry(u).or_insert(v);
@@ -46,12 +63,11 @@ impl Outbox {
         for (u, v) in older.subs {
             self.subs.entry(u).or_insert(v);
         }
-        for (u, v) in older.pushes {
-            self.pushes.entry(u).or_insert(v);
+        for (u, (nodes, seq)) in older.pushes {
+            self.add_push(u, nodes, seq);
         }
         self.statement |= older.statement;
         self.resend |= older.resend;
-        self.waiters.extend(older.waiters);
     }
 }
 
@@ -117,7 +133,11 @@ impl Inner {
                     failures = 0;
                     continue;
                 }
-                match this.send_out(node, out).await {
+                let sent = tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    sent = this.send_out(node, out) => sent,
+                };
+                match sent {
                     Ok(()) => {
                         failures = 0;
                         retry_at = None;
@@ -154,13 +174,8 @@ impl Inner {
             }
             out.resend = false;
         }
-        let registered: Vec<u64> = out
-            .regs
-            .iter()
-            .filter(|(_, on)| **on)
-            .map(|(u, _)| *u)
-            .collect();
         if out.statement {
+            // Whole partitions per request (a statement replaces them).
             for request in self.statements_for(node) {
                 match self.call(node, request).await {
                     Ok(reply) => self.take_answers(node, reply),
@@ -172,37 +187,54 @@ impl Inner {
             out.regs.clear();
             out.subs.clear();
         }
-        if !out.regs.is_empty() || !out.subs.is_empty() {
+        // Updates in chunks; what a chunk carried leaves the outbox once answered.
+        while !out.regs.is_empty() || !out.subs.is_empty() {
+            let regs: Vec<(u64, bool)> = out
+                .regs
+                .iter()
+                .take(CHUNK)
+                .map(|(u, on)| (*u, *on))
+                .collect();
+            let subs: Vec<(u64, bool)> = out
+                .subs
+                .iter()
+                .take(CHUNK - regs.len().min(CHUNK))
+                .map(|(u, on)| (*u, *on))
+                .collect();
             let request = DirRequest::Update {
                 from: me,
-                regs: out.regs.iter().map(|(u, on)| (*u, *on)).collect(),
-                subs: out.subs.iter().map(|(u, on)| (*u, *on)).collect(),
+                gen: self.cfg.generation,
+                regs: regs.clone(),
+                subs: subs.clone(),
             };
             match self.call(node, request).await {
                 Ok(reply) => self.take_answers(node, reply),
                 Err(e) => return Err((out, e)),
             }
-            out.regs.clear();
-            out.subs.clear();
-        }
-        if !out.pushes.is_empty() {
-            let changes: Vec<(u64, Vec<NodeId>, u64)> = out
-                .pushes
-                .drain()
-                .map(|(u, (nodes, seq))| (u, nodes, seq))
-                .collect();
-            let request = DirRequest::Push {
-                from: me,
-                changes: changes.clone(),
-            };
-            if let Err(e) = self.call(node, request).await {
-                out.pushes
-                    .extend(changes.into_iter().map(|(u, nodes, seq)| (u, (nodes, seq))));
-                return Err((out, e));
+            for (u, _) in regs {
+                out.regs.remove(&u);
+            }
+            for (u, _) in subs {
+                out.subs.remove(&u);
             }
         }
-        if !registered.is_empty() {
-            self.hooks.registered(&registered);
+        while !out.pushes.is_empty() {
+            let users: Vec<u64> = out.pushes.keys().take(CHUNK).copied().collect();
+            let changes: Vec<(u64, Vec<NodeId>, u64)> = users
+                .iter()
+                .filter_map(|u| {
+                    out.pushes
+                        .get(u)
+                        .map(|(nodes, seq)| (*u, nodes.clone(), *seq))
+                })
+                .collect();
+            let request = DirRequest::Push { from: me, changes };
+            if let Err(e) = self.call(node, request).await {
+                return Err((out, e));
+            }
+            for u in users {
+                out.pushes.remove(&u);
+            }
         }
         for w in out.waiters.drain(..) {
             let _ = w.send(());
@@ -248,8 +280,10 @@ impl Inner {
         }
         let me = self.cfg.self_id;
         let mut out = Vec::new();
+        let gen = self.cfg.generation;
         let mut current = DirRequest::Statement {
             from: me,
+            gen,
             partitions: Vec::new(),
             regs: Vec::new(),
             subs: Vec::new(),
@@ -260,6 +294,7 @@ impl Inner {
                     &mut current,
                     DirRequest::Statement {
                         from: me,
+                        gen,
                         partitions: Vec::new(),
                         regs: Vec::new(),
                         subs: Vec::new(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use super::wire::MAX_USERS_PER_REQUEST;
 use super::*;
 use crate::membership::{Lifecycle, Member, NodeAddrs};
 use crate::replication::{ReplicaNode, Topology};
@@ -49,15 +50,15 @@ impl DirPeers for Peers {
 #[derive(Default)]
 struct Hooks {
     changed: Mutex<Vec<u64>>,
-    registered: Mutex<Vec<u64>>,
+    gained: Mutex<Vec<(u64, NodeId)>>,
 }
 
 impl DirectoryHooks for Hooks {
     fn changed(&self, users: &[u64]) {
         self.changed.lock().extend_from_slice(users);
     }
-    fn registered(&self, users: &[u64]) {
-        self.registered.lock().extend_from_slice(users);
+    fn gained(&self, gained: &[(u64, NodeId)]) {
+        self.gained.lock().extend_from_slice(gained);
     }
 }
 
@@ -115,6 +116,7 @@ impl Cluster {
             let cfg = DirectoryConfig {
                 resolve_timeout: Duration::from_secs(1),
                 push_wait: Duration::from_millis(500),
+                generation: 1,
                 ..DirectoryConfig::new(id, PARTITIONS)
             };
             let peers = Arc::new(Peers {
@@ -186,10 +188,6 @@ async fn a_watcher_on_another_node_sees_a_user_come_and_go() {
     })
     .await;
     assert!(c.hooks[&2].changed.lock().contains(&user));
-    until("node 0 was told the registration landed", || {
-        c.hooks[&0].registered.lock().contains(&user)
-    })
-    .await;
     d0.publish(user, false);
     until("node 2 sees the user offline", || {
         d2.known(user) == Some(vec![])
@@ -205,8 +203,8 @@ async fn a_route_is_resolved_once_and_then_kept_current_by_pushes() {
     let user = c.user_homed_at(&[1, 2]);
     let (d0, d1) = (c.dir(0), c.dir(1));
     d1.publish(user, true);
-    until("node 1 was told the registration landed", || {
-        c.hooks[&1].registered.lock().contains(&user)
+    until("both home replicas hold the user", || {
+        c.dir(1).stats().entries + c.dir(2).stats().entries == 2
     })
     .await;
     assert_eq!(d0.known(user), None, "not wanted yet");
@@ -277,6 +275,7 @@ async fn a_dead_home_replica_loses_nothing() {
     for id in [1, 2] {
         c.set_view(id, &[(1, 1), (2, 1)], &[(0, 1)]);
     }
+    until("node 1 applied its view", || d1.live_nodes() == [1, 2]).await;
     assert_eq!(
         d1.known(user),
         Some(vec![2]),
@@ -347,7 +346,10 @@ async fn a_restarted_node_s_old_devices_are_forgotten() {
     old.shutdown().await;
     let (tx, rx) = watch::channel(view(2, &[(0, 1), (1, 1), (2, 2)], &[]));
     let fresh = Directory::start(
-        DirectoryConfig::new(2, PARTITIONS),
+        DirectoryConfig {
+            generation: 2,
+            ..DirectoryConfig::new(2, PARTITIONS)
+        },
         Arc::new(Peers {
             net: c.net.clone(),
             from: 2,
@@ -368,20 +370,97 @@ async fn a_restarted_node_s_old_devices_are_forgotten() {
 }
 
 #[tokio::test]
-async fn a_registration_is_answered_after_its_subscribers_were_told() {
+async fn a_node_routing_to_a_user_is_told_when_the_route_gains_a_node() {
     let c = Cluster::start(3);
     let user = c.user_homed_at(&[0, 1]);
-    let (d1, d2) = (c.dir(1), c.dir(2));
-    d1.watch(&[user]);
-    until("node 1 knows the user", || d1.known(user).is_some()).await;
-    d2.publish(user, true);
-    until("node 2's registration landed", || {
-        c.hooks[&2].registered.lock().contains(&user)
+    let (d0, d1, d2) = (c.dir(0), c.dir(1), c.dir(2));
+    d1.publish(user, true);
+    until("both home replicas hold the user", || {
+        d0.stats().entries + d1.stats().entries == 2
     })
     .await;
-    // Both home replicas answered only after pushing to node 1.
+    assert_eq!(d0.resolve(&[user]).await, 0);
+    assert_eq!(d0.known(user), Some(vec![1]));
+    assert!(
+        c.hooks[&0].gained.lock().is_empty(),
+        "a first answer is no gain"
+    );
+    // A second device on node 2: node 0 routed by {1} until now, so node 2 must catch
+    // the user up.
+    d2.publish(user, true);
+    until("node 0 is told the route gained node 2", || {
+        c.hooks[&0].gained.lock().contains(&(user, 2))
+    })
+    .await;
+    assert_eq!(d0.known(user), Some(vec![1, 2]));
+    // Its own devices are no gain to tell anyone about.
+    d0.publish(user, true);
+    until("node 0 sees itself", || {
+        d0.known(user) == Some(vec![0, 1, 2])
+    })
+    .await;
+    assert!(!c.hooks[&0].gained.lock().contains(&(user, 0)));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_that_registered_first_keeps_its_registration() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[0, 1]);
+    let d1 = c.dir(1);
+    d1.watch(&[user]);
+    until("node 1 knows the user", || d1.known(user) == Some(vec![])).await;
+    // Node 2 restarts (generation 2), and a device reconnects there before gossip has told
+    // the home replicas of the new generation.
+    c.dir(2).shutdown().await;
+    let (_tx, rx) = watch::channel(view(2, &[(0, 1), (1, 1), (2, 2)], &[]));
+    let fresh = Directory::start(
+        DirectoryConfig {
+            generation: 2,
+            ..DirectoryConfig::new(2, PARTITIONS)
+        },
+        Arc::new(Peers {
+            net: c.net.clone(),
+            from: 2,
+        }),
+        Arc::new(Hooks::default()),
+        rx,
+    );
+    c.net.dirs.lock().insert(2, fresh.clone());
+    fresh.publish(user, true);
+    until("node 1 sees the user on node 2", || {
+        d1.known(user) == Some(vec![2])
+    })
+    .await;
+    // Now the home replicas see the new generation. Node 2 cannot be reached, so nothing it
+    // could restate helps: the registration its new generation made must stay.
+    c.net.down.lock().insert(2);
+    for id in [0, 1] {
+        c.set_view(id, &[(0, 1), (1, 1), (2, 2)], &[]);
+    }
+    until("node 1 applied its view", || {
+        c.dir(0).live_nodes() == [0, 1, 2]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(d1.known(user), Some(vec![2]));
     c.shutdown().await;
+}
+
+#[tokio::test]
+async fn pushes_queued_out_of_order_keep_the_newest() {
+    let mut out = super::pipeline::Outbox::default();
+    out.add_push(7, vec![2], 11);
+    out.add_push(7, vec![], 10);
+    assert_eq!(out.pushes[&7], (vec![2], 11));
+    let mut newer = super::pipeline::Outbox::default();
+    newer.add_push(7, vec![3], 9);
+    newer.merge_older(out);
+    assert_eq!(
+        newer.pushes[&7],
+        (vec![2], 11),
+        "merged back, the newer counter wins"
+    );
 }
 
 #[tokio::test]
@@ -390,6 +469,7 @@ async fn an_oversized_request_is_refused_before_any_work() {
     let d0 = c.dir(0);
     let request = DirRequest::Update {
         from: 9,
+        gen: 1,
         regs: (0..=MAX_USERS_PER_REQUEST as u64)
             .map(|u| (u, true))
             .collect(),

@@ -10,6 +10,9 @@ pub(crate) enum DirRequest {
     /// node sets of the users it starts watching.
     Update {
         from: NodeId,
+        /// `from`'s generation: registrations of an older one are forgotten when a newer
+        /// one speaks, and a view change to this one does not forget them.
+        gen: u64,
         regs: Vec<(u64, bool)>,
         subs: Vec<(u64, bool)>,
     },
@@ -17,6 +20,7 @@ pub(crate) enum DirRequest {
     /// knew of it there (after a view change or when asked). Answered like `Update`.
     Statement {
         from: NodeId,
+        gen: u64,
         partitions: Vec<u32>,
         regs: Vec<u64>,
         subs: Vec<u64>,
@@ -42,8 +46,12 @@ pub(crate) struct DirReply {
     pub(crate) current: Vec<(u64, Vec<NodeId>)>,
 }
 
-/// Most users one request may name (the sender chunks statements below it).
+/// Most users one request may name (the sender chunks its requests below it).
 pub(crate) const MAX_USERS_PER_REQUEST: usize = 200_000;
+/// Most nodes one user's set may name in a push (a user has at most 32 devices).
+pub(crate) const MAX_NODES_PER_USER: usize = 64;
+/// Node ids are below this (`placement::NodeId` is 0..1024).
+pub(crate) const NODE_IDS: u16 = 1024;
 
 pub(crate) fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ crate::transport::HARD_MAX_FRAME }>()
@@ -60,11 +68,16 @@ pub(crate) fn decode<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, String> 
 }
 
 impl DirRequest {
-    /// How many users it names (bounded by [`MAX_USERS_PER_REQUEST`] on receipt).
+    /// How many users (and partitions) it names.
     pub(crate) fn users(&self) -> usize {
         match self {
             DirRequest::Update { regs, subs, .. } => regs.len() + subs.len(),
-            DirRequest::Statement { regs, subs, .. } => regs.len() + subs.len(),
+            DirRequest::Statement {
+                regs,
+                subs,
+                partitions,
+                ..
+            } => regs.len() + subs.len() + partitions.len(),
             DirRequest::Push { changes, .. } => changes.len(),
             DirRequest::Resend { .. } => 0,
         }
@@ -77,5 +90,39 @@ impl DirRequest {
             | DirRequest::Push { from, .. }
             | DirRequest::Resend { from } => *from,
         }
+    }
+
+    /// Checks the bounds before any work: at most [`MAX_USERS_PER_REQUEST`] users, node ids
+    /// that exist, a statement's partitions below `partitions` and each named once, a
+    /// pushed node set of at most [`MAX_NODES_PER_USER`].
+    pub(crate) fn check(&self, partitions: u32) -> Result<(), &'static str> {
+        if self.users() > MAX_USERS_PER_REQUEST {
+            return Err("too many users in one request");
+        }
+        if self.from() >= NODE_IDS {
+            return Err("no such node id");
+        }
+        match self {
+            DirRequest::Statement { partitions: ps, .. } => {
+                if ps.iter().any(|p| *p >= partitions) {
+                    return Err("no such partition");
+                }
+                let mut sorted = ps.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if sorted.len() != ps.len() {
+                    return Err("a partition named twice");
+                }
+            }
+            DirRequest::Push { changes, .. } => {
+                for (_, nodes, _) in changes {
+                    if nodes.len() > MAX_NODES_PER_USER || nodes.iter().any(|n| *n >= NODE_IDS) {
+                        return Err("a node set out of bounds");
+                    }
+                }
+            }
+            DirRequest::Update { .. } | DirRequest::Resend { .. } => {}
+        }
+        Ok(())
     }
 }

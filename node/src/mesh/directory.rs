@@ -3,7 +3,8 @@
 //! this node registers its own users there, and subscribes to the users its connections
 //! watch or its senders route to.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use client_proto::ids::UserId;
 use client_proto::PresenceStatus;
@@ -11,16 +12,18 @@ use cluster::directory::{Directory as ClusterDirectory, DirectoryHooks};
 use cluster::transport::BoxFuture;
 use cluster::NodeId;
 
-use crate::domain::hub::Hub;
 use crate::domain::presence::{Directory, Feed};
 use crate::ids::now_unix_ms;
 
+use super::Forwarder;
+
 /// What the directory tells this node: watched users whose nodes changed go to the presence
-/// feed; users whose registration landed get their connections caught up (a sender that
-/// routed by a stale route before has stored what it sent by then).
+/// feed; a node a route gained is told to catch the user up (what this node stored before
+/// it knew went to the old route only).
 pub(super) struct Hooks {
     pub(super) feed: Arc<Feed>,
-    pub(super) hub: Hub,
+    /// Set once the forwarder exists (it is made with the directory).
+    pub(super) forwarder: Arc<OnceLock<Forwarder>>,
 }
 
 impl DirectoryHooks for Hooks {
@@ -32,9 +35,17 @@ impl DirectoryHooks for Hooks {
         }
     }
 
-    fn registered(&self, users: &[u64]) {
-        let users: Vec<UserId> = users.iter().map(|u| UserId(*u)).collect();
-        self.hub.catch_up_users(&users);
+    fn gained(&self, gained: &[(u64, NodeId)]) {
+        let Some(forwarder) = self.forwarder.get() else {
+            return;
+        };
+        let mut per_node: HashMap<NodeId, Vec<UserId>> = HashMap::new();
+        for (u, n) in gained {
+            per_node.entry(*n).or_default().push(UserId(*u));
+        }
+        for (node, users) in per_node {
+            forwarder.catch_up_at(node, users);
+        }
     }
 }
 

@@ -255,7 +255,7 @@ struct PeerQueue {
 
 impl Forwarder {
     /// `node` came back (or restarted) in this node's view. While it was down here, this
-    /// node forwarded nothing to it (gossip listed none of its devices), and it may have
+    /// node forwarded nothing to it (its devices did not count here), and it may have
     /// caught up its own devices before this node saw it again: so it is told to catch up
     /// everyone once it answers, after everything this node stored meanwhile is durable.
     pub(super) fn peer_back(&self, node: NodeId) {
@@ -264,6 +264,18 @@ impl Forwarder {
             return;
         }
         inner.owed.lock().insert(node, Owed::Everyone);
+        inner.peer_queue(node).kick.notify_one();
+    }
+
+    /// `node` gained `users` in this node's routes: what this node forwarded to them before
+    /// went elsewhere, so `node` is told (retried until it answers) to catch them up.
+    pub(super) fn catch_up_at(&self, node: NodeId, users: Vec<UserId>) {
+        let inner = &self.inner;
+        if node == inner.self_id {
+            return;
+        }
+        metrics::counter!("cluster_route_gains_total").increment(users.len() as u64);
+        inner.owe(node, users);
         inner.peer_queue(node).kick.notify_one();
     }
 
@@ -354,8 +366,8 @@ impl Forward for Forwarder {
     }
 
     fn friendship_changed(&self, a: UserId, b: UserId, friends: bool) {
-        // Every live member, not only those gossip names as holding a or b: gossip may not
-        // have told this node yet of a device that connected a moment ago. Friendship
+        // Every live member, not only those the directory names as holding a or b: it may
+        // not have told this node yet of a device that connected a moment ago. Friendship
         // changes are rare and the request is a few bytes.
         let inner = &self.inner;
         let mut nodes: Vec<NodeId> = inner

@@ -204,19 +204,31 @@ impl Mesh {
 
         let view = lifecycle.watch_view();
         let phase = lifecycle.watch_phase();
+        let routed_by = Arc::new(OnceLock::new());
         let directory = cluster::directory::Directory::start(
-            cluster::directory::DirectoryConfig::new(cfg.node_id, cfg.partitions),
+            cluster::directory::DirectoryConfig {
+                generation: membership.generation(),
+                ..cluster::directory::DirectoryConfig::new(cfg.node_id, cfg.partitions)
+            },
             Arc::new(cluster::directory::EndpointPeers::new(
                 endpoint.clone(),
                 view.clone(),
             )),
             Arc::new(directory::Hooks {
                 feed,
-                hub: hub.clone(),
+                forwarder: routed_by.clone(),
             }),
             view.clone(),
         );
         let _ = started_directory.set(directory.clone());
+        let forwarder = Forwarder::new(
+            membership.clone(),
+            directory.clone(),
+            endpoint.clone(),
+            cfg.node_id,
+            stop.child_token(),
+        );
+        let _ = routed_by.set(forwarder.clone());
         let mesh = Arc::new(Mesh {
             view: view.clone(),
             phase,
@@ -224,13 +236,7 @@ impl Mesh {
             coord,
             self_id: cfg.node_id,
             lifecycle: parking_lot::Mutex::new(Some(lifecycle)),
-            forwarder: Forwarder::new(
-                membership.clone(),
-                directory.clone(),
-                endpoint.clone(),
-                cfg.node_id,
-                stop.child_token(),
-            ),
+            forwarder,
             presence,
             directory,
             endpoint,

@@ -8,8 +8,9 @@
 //! reads the inbox after the mark, sends what the connection has not had (the writer drops
 //! what it already sent), and moves the mark. Catch-ups run:
 //!
-//! - shortly after connecting, in a cluster (twice: time for the device's location to
-//!   reach every node by gossip);
+//! - shortly after connecting, in a cluster (twice: 3 s and 12 s, a safety net behind the
+//!   directory: a node whose route to the user gains this node tells it to catch the user
+//!   up at once, below);
 //! - when the node is told to ([`crate::domain::hub::Hub::catch_up_all`] and
 //!   `catch_up_users`: a peer died or came back, this node was paused, a peer could not
 //!   forward to it);
@@ -30,10 +31,10 @@ use crate::domain::chat::cursor_after;
 use crate::domain::error::ApiError;
 use crate::domain::hub::Outbound;
 
-/// When a connection in a cluster first catches up after connecting: time for its location
-/// to reach the other nodes by gossip, so that what they stored before knowing was missed.
+/// When a connection in a cluster first catches up after connecting (behind the catch-up a
+/// node that routed to the user by a stale route asks for, see `cluster::directory`).
 const FIRST_CATCH_UP: Duration = Duration::from_secs(3);
-/// When it catches up the second time (gossip can be slow under load).
+/// When it catches up the second time.
 const SECOND_CATCH_UP: Duration = Duration::from_secs(12);
 /// How far before the connection's start its own coverage begins, on top of the seal
 /// window: a message acknowledged just after the device connected may have taken its
