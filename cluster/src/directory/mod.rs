@@ -186,7 +186,14 @@ struct Want {
     watchers: u32,
     /// When it was last used as a route (seconds since the directory started).
     used: u32,
+    /// When a resolve of it last timed out (seconds since the start, plus one; 0: never).
+    /// For [`RESOLVE_BACKOFF`] after that, resolves do not wait for it again.
+    timed_out: u32,
 }
+
+/// How long after a resolve of a user timed out the next ones do not wait for it (its home
+/// replicas cannot be reached: every send to the user would wait the timeout again).
+const RESOLVE_BACKOFF: u32 = 5;
 
 /// The membership the directory works from.
 #[derive(Default, Clone)]
@@ -341,24 +348,47 @@ impl Directory {
             let answered = self.inner.answered.notified();
             tokio::pin!(answered);
             answered.as_mut().enable();
-            let unknown = {
+            let (unknown, worth_waiting) = {
                 let s = self.inner.state.lock();
-                users
-                    .iter()
-                    .filter(|u| {
-                        s.wanted.get(u).is_none_or(|w| {
-                            known_nodes(&self.inner.cfg, &s.placement, **u, w).is_none()
-                        })
-                    })
-                    .count()
+                let now = self.inner.now_secs();
+                let mut unknown = 0;
+                let mut worth_waiting = false;
+                for u in users {
+                    match s.wanted.get(u) {
+                        Some(w) if known_nodes(&self.inner.cfg, &s.placement, *u, w).is_some() => {}
+                        Some(w) => {
+                            unknown += 1;
+                            let recent = w.timed_out > 0
+                                && now.saturating_sub(w.timed_out - 1) < RESOLVE_BACKOFF;
+                            worth_waiting |= !recent;
+                        }
+                        None => {
+                            unknown += 1;
+                            worth_waiting = true;
+                        }
+                    }
+                }
+                (unknown, worth_waiting)
             };
-            if unknown == 0 {
-                return 0;
+            if unknown == 0 || !worth_waiting {
+                return unknown;
             }
             tokio::select! {
                 _ = answered => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     metrics::counter!("directory_resolve_timeouts_total").increment(1);
+                    let mut s = self.inner.state.lock();
+                    let now = self.inner.now_secs() + 1;
+                    let State {
+                        placement, wanted, ..
+                    } = &mut *s;
+                    for u in users {
+                        if let Some(w) = wanted.get_mut(u) {
+                            if known_nodes(&self.inner.cfg, placement, *u, w).is_none() {
+                                w.timed_out = now;
+                            }
+                        }
+                    }
                     return unknown;
                 }
                 _ = self.inner.stop.cancelled() => return unknown,

@@ -511,3 +511,25 @@ fn an_older_answer_does_not_undo_a_newer_push() {
     );
     assert_eq!(w.answers.len(), 2);
 }
+
+#[tokio::test]
+async fn a_user_whose_home_replicas_cannot_answer_is_not_waited_for_again_at_once() {
+    let c = Cluster::start(3);
+    let user = c.user_homed_at(&[1, 2]);
+    c.net.down.lock().extend([1, 2]);
+    let d0 = c.dir(0);
+    let first = std::time::Instant::now();
+    assert_eq!(d0.resolve(&[user]).await, 1);
+    assert!(
+        first.elapsed() >= Duration::from_millis(900),
+        "it waited the timeout"
+    );
+    // Every send to the user would wait again: within the backoff, it does not.
+    let second = std::time::Instant::now();
+    assert_eq!(d0.resolve(&[user]).await, 1);
+    assert!(second.elapsed() < Duration::from_millis(500));
+    // Once a home replica answers, the user is known.
+    c.net.down.lock().clear();
+    until("the subscription went through", || d0.known(user).is_some()).await;
+    c.shutdown().await;
+}
