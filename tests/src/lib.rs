@@ -385,6 +385,38 @@ pub async fn next_message(conn: &mut WsConnection) -> client_proto::Message {
     .unwrap()
 }
 
+/// Collects `message` frames on `conn` until every id of `want` has arrived (within
+/// [`WAIT`]), then for `linger` more (long enough for a duplicate to show); how often each id
+/// came.
+pub async fn collect_messages(
+    conn: &mut WsConnection,
+    want: &[client_proto::MessageId],
+    linger: Duration,
+) -> std::collections::HashMap<client_proto::MessageId, usize> {
+    let mut seen = std::collections::HashMap::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !want.iter().all(|id| seen.contains_key(id)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} arrived: {seen:?}",
+            want.iter().filter(|id| seen.contains_key(*id)).count(),
+            want.len()
+        );
+        let m = next_message(conn).await;
+        *seen.entry(m.message_id).or_insert(0) += 1;
+    }
+    while let Ok(m) = conn
+        .wait_for(linger, |f| match f {
+            client_proto::ServerFrame::Message { message } => Some(message.message_id),
+            _ => None,
+        })
+        .await
+    {
+        *seen.entry(m).or_insert(0) += 1;
+    }
+    seen
+}
+
 /// A direct-message recipient.
 pub fn to(user: UserId) -> client_proto::Recipient {
     client_proto::Recipient::User(user)

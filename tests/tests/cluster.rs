@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chat_tests::{next_message, send_until_acked, to};
+use chat_tests::{collect_messages, next_message, send_until_acked, to};
 use chat_tests::{TestCluster, TestNode, TestUser};
 use client_proto::client::{ChatClient, ClientOptions as ChatClientOptions, Connection, Event};
 use client_proto::{MessageId, PresenceStatus, Recipient, ServerFrame, UserId};
@@ -16,35 +16,6 @@ use chat_tests::WAIT;
 /// Logs `user` in on `node` and connects there.
 async fn device_on(node: &TestNode, user: &TestUser) -> Connection {
     node.device(user).await.1
-}
-
-/// Collects `message` frames until every id of `want` has arrived, then for `linger` more
-/// (long enough for a duplicate to show); returns how often each id came.
-async fn collect(
-    c: &mut Connection,
-    want: &[MessageId],
-    linger: Duration,
-) -> std::collections::HashMap<MessageId, usize> {
-    let mut seen = std::collections::HashMap::new();
-    let deadline = Instant::now() + WAIT;
-    while !want.iter().all(|id| seen.contains_key(id)) {
-        assert!(
-            Instant::now() < deadline,
-            "only {seen:?} of {want:?} arrived"
-        );
-        let m = next_message(c).await;
-        *seen.entry(m.message_id).or_insert(0) += 1;
-    }
-    while let Ok(m) = c
-        .wait_for(linger, |f| match f {
-            ServerFrame::Message { message } => Some(message.message_id),
-            _ => None,
-        })
-        .await
-    {
-        *seen.entry(m).or_insert(0) += 1;
-    }
-    seen
 }
 
 #[tokio::test]
@@ -95,7 +66,7 @@ async fn messages_presence_and_sync_cross_nodes() {
         .await
         .unwrap();
     for (name, dev) in [("node 2", &mut b2), ("node 3", &mut b3)] {
-        let seen = collect(dev, &[ack.message_id], Duration::from_secs(4)).await;
+        let seen = collect_messages(dev, &[ack.message_id], Duration::from_secs(4)).await;
         assert_eq!(seen.get(&ack.message_id), Some(&1), "{name}: {seen:?}");
     }
 
@@ -143,7 +114,7 @@ async fn a_hundred_member_group_spread_over_three_nodes() {
         } else {
             Duration::from_millis(50)
         };
-        let seen = collect(d, &want, linger).await;
+        let seen = collect_messages(d, &want, linger).await;
         assert!(
             want.iter().all(|id| seen.get(id) == Some(&1)),
             "member {i}: {seen:?}"

@@ -5,10 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chat_tests::{live_active_members, next_message, to, TestCluster, TestNode, TestUser, WAIT};
+use chat_tests::{
+    collect_messages, live_active_members, next_message, to, TestCluster, TestNode, TestUser,
+};
 use client_proto::client::Connection;
 use client_proto::http::FriendState;
 use client_proto::{MessageId, PresenceStatus, ServerFrame, UserId};
@@ -69,37 +70,6 @@ async fn presence_within(
             Err(_) => return seen,
         }
     }
-}
-
-/// Collects `message` frames until every id of `want` arrived, then for `linger` more;
-/// how often each id came.
-async fn collect(
-    c: &mut Connection,
-    want: &[MessageId],
-    linger: Duration,
-) -> HashMap<MessageId, usize> {
-    let mut seen = HashMap::new();
-    let deadline = Instant::now() + WAIT;
-    while !want.iter().all(|id| seen.contains_key(id)) {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} arrived",
-            want.iter().filter(|id| seen.contains_key(*id)).count(),
-            want.len()
-        );
-        let m = next_message(c).await;
-        *seen.entry(m.message_id).or_insert(0) += 1;
-    }
-    while let Ok(m) = c
-        .wait_for(linger, |f| match f {
-            ServerFrame::Message { message } => Some(message.message_id),
-            _ => None,
-        })
-        .await
-    {
-        *seen.entry(m).or_insert(0) += 1;
-    }
-    seen
 }
 
 /// Waits until node `i` sees `live` live active members.
@@ -193,7 +163,7 @@ async fn a_killed_home_replica_costs_no_presence_and_no_route() {
             .unwrap();
         sent.push(ack.message_id);
     }
-    let seen = collect(&mut b, &sent, Duration::from_secs(2)).await;
+    let seen = collect_messages(&mut b, &sent, Duration::from_secs(2)).await;
     assert!(seen.values().all(|n| *n == 1), "{seen:?}");
 
     // Presence: bob's transitions still reach alice.
@@ -203,7 +173,7 @@ async fn a_killed_home_replica_costs_no_presence_and_no_route() {
     let mut b = n1.device(&bob).await.1;
     wait_presence(&mut a, bob.id, PresenceStatus::Online).await;
     let last = a.send_message("m2", to(bob.id), "after all").await.unwrap();
-    let seen = collect(&mut b, &[last.message_id], Duration::from_secs(2)).await;
+    let seen = collect_messages(&mut b, &[last.message_id], Duration::from_secs(2)).await;
     assert_eq!(seen.get(&last.message_id), Some(&1));
     let _ = n0;
 }
@@ -249,9 +219,9 @@ async fn messages_sent_while_a_route_is_stale_are_delivered_exactly_once() {
         after.len()
     );
     let all: Vec<MessageId> = acked.iter().map(|(_, id)| *id).collect();
-    let on_b1 = collect(&mut b1, &all, Duration::from_secs(2)).await;
+    let on_b1 = collect_messages(&mut b1, &all, Duration::from_secs(2)).await;
     assert!(on_b1.values().all(|n| *n == 1), "node 1: {on_b1:?}");
-    let on_b2 = collect(&mut b2, &after, Duration::from_secs(4)).await;
+    let on_b2 = collect_messages(&mut b2, &after, Duration::from_secs(4)).await;
     assert!(
         on_b2.values().all(|n| *n == 1),
         "node 2 duplicated: {on_b2:?}"

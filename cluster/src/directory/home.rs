@@ -26,14 +26,10 @@ impl Inner {
                 gen, regs, subs, ..
             } => {
                 let mut s = self.state.lock();
-                s.seq += 1;
-                seq = s.seq;
-                if !admit(&mut s, from, gen, &mut changed) {
-                    return DirReply {
-                        seq,
-                        current: Vec::new(),
-                    };
-                }
+                seq = match admit(&mut s, from, gen, &mut changed) {
+                    Ok(seq) => seq,
+                    Err(refused) => return refused,
+                };
                 for (u, on) in regs {
                     let p = home_partition(&self.cfg, u).0;
                     changed.extend(s.table.update(p, u, |e| {
@@ -70,14 +66,10 @@ impl Inner {
                 let regs: HashSet<u64> = regs.into_iter().collect();
                 let subs: HashSet<u64> = subs.into_iter().collect();
                 let mut s = self.state.lock();
-                s.seq += 1;
-                seq = s.seq;
-                if !admit(&mut s, from, gen, &mut changed) {
-                    return DirReply {
-                        seq,
-                        current: Vec::new(),
-                    };
-                }
+                seq = match admit(&mut s, from, gen, &mut changed) {
+                    Ok(seq) => seq,
+                    Err(refused) => return refused,
+                };
                 let cfg = &self.cfg;
                 changed.extend(s.table.replace(from, &partitions, &regs, &subs, |u| {
                     home_partition(cfg, u).0
@@ -266,22 +258,33 @@ impl Inner {
     }
 }
 
-/// Admits a registering request from `from` at generation `gen`: a newer generation than the
-/// one it registered with before means it restarted, so what the older one registered is
-/// forgotten first (into `changed`); an older generation is a late request from a dead
-/// incarnation, refused (false).
-fn admit(s: &mut super::State, from: NodeId, gen: u64, changed: &mut Vec<Changed>) -> bool {
+/// Admits a registering request from `from` at generation `gen` and bumps the change
+/// counter (its value is the request's). A newer generation than the one it registered with
+/// before means it restarted, so what the older one registered is forgotten first (into
+/// `changed`); an older generation is a late request from a dead incarnation, refused with
+/// an empty answer.
+fn admit(
+    s: &mut super::State,
+    from: NodeId,
+    gen: u64,
+    changed: &mut Vec<Changed>,
+) -> Result<u64, DirReply> {
+    s.seq += 1;
     match s.reg_gen.get(&from).copied() {
-        Some(known) if known > gen => false,
+        Some(known) if known > gen => {
+            return Err(DirReply {
+                seq: s.seq,
+                current: Vec::new(),
+            })
+        }
         Some(known) if known < gen => {
             changed.extend(s.table.forget_node(from));
             s.reg_gen.insert(from, gen);
-            true
         }
-        Some(_) => true,
+        Some(_) => {}
         None => {
             s.reg_gen.insert(from, gen);
-            true
         }
     }
+    Ok(s.seq)
 }
