@@ -49,7 +49,32 @@ fn direct_pairs_lose_nothing() {
         assert_eq!(s["sent"], 50, "{s}");
         assert_eq!(s["acked"], 50, "{s}");
         assert_eq!(s["delivered"], 50, "{s}");
+        // The node's cost was read: some CPU, some bytes on disk, some flushes.
+        let cost = &s["cost"];
+        assert!(cost["cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(cost["disk_bytes_per_msg"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(cost["flushes_per_s"].as_f64().unwrap() > 0.0, "{s}");
     }
+}
+
+#[test]
+fn a_spawned_cluster_is_measured_whole() {
+    let json = bench(&[
+        "direct",
+        "--spawn-cluster",
+        "2",
+        "--pairs",
+        "2",
+        "--messages",
+        "25",
+        "--rate",
+        "200",
+        "--duration-secs",
+        "5",
+    ]);
+    let step = &json["results"]["steps"][0];
+    assert_eq!(step["delivered"], 50, "{step}");
+    assert!(step["cost"]["cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{step}");
 }
 
 #[test]

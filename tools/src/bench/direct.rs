@@ -54,10 +54,12 @@ impl DirectArgs {
             target: TargetArgs {
                 servers: Vec::new(),
                 spawn_node: false,
+                spawn_cluster: None,
                 node_args: Vec::new(),
                 baseline: false,
                 codec,
                 node_pid: None,
+                cost_pids: Vec::new(),
             },
             pairs: 50,
             rate: vec!["max".into()],
@@ -88,6 +90,8 @@ pub struct StepResult {
     pub ack: Latency,
     pub delivery: Latency,
     pub first_error: Option<String>,
+    /// What the step cost the node processes (not measured for the in-process relay).
+    pub cost: Option<super::cost::Cost>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -116,7 +120,15 @@ pub async fn run(args: DirectArgs, relay: bool) -> Result<Outcome> {
         measure_relay(&args).await?
     } else {
         let mut target = Target::open(&args.target)?;
-        let steps = measure(&target.endpoint, target.codec, &args, "direct").await;
+        target.settle().await?;
+        let steps = measure(
+            &target.endpoint,
+            target.codec,
+            &args,
+            "direct",
+            Some(&target.meter),
+        )
+        .await;
         target.check_alive()?;
         steps?
     };
@@ -148,37 +160,45 @@ pub async fn run(args: DirectArgs, relay: bool) -> Result<Outcome> {
             "dlv p99",
             "dlv p999",
             "dlv max",
+            super::cost::HEADERS[0],
+            super::cost::HEADERS[1],
+            super::cost::HEADERS[2],
         ],
     );
     let base_rate = baseline.as_ref().map(|b| b.delivered_per_s);
     for s in steps.iter().chain(baseline.iter()) {
         let is_base = baseline.as_ref().is_some_and(|b| std::ptr::eq(b, s));
-        table.row(vec![
-            if is_base {
-                format!("relay {}", s.step)
-            } else {
-                s.step.clone()
-            },
-            int(s.sent as f64),
-            int(s.acked_per_s),
-            int(s.delivered_per_s),
-            if is_base {
-                "1.00x".into()
-            } else {
-                ratio(s.delivered_per_s, base_rate)
-            },
-            s.lost.to_string(),
-            s.duplicated.to_string(),
-            s.errors.to_string(),
-            ms(s.ack.p50_ms),
-            ms(s.ack.p99_ms),
-            ms(s.ack.p999_ms),
-            ms(s.ack.max_ms),
-            ms(s.delivery.p50_ms),
-            ms(s.delivery.p99_ms),
-            ms(s.delivery.p999_ms),
-            ms(s.delivery.max_ms),
-        ]);
+        table.row(
+            vec![
+                if is_base {
+                    format!("relay {}", s.step)
+                } else {
+                    s.step.clone()
+                },
+                int(s.sent as f64),
+                int(s.acked_per_s),
+                int(s.delivered_per_s),
+                if is_base {
+                    "1.00x".into()
+                } else {
+                    ratio(s.delivered_per_s, base_rate)
+                },
+                s.lost.to_string(),
+                s.duplicated.to_string(),
+                s.errors.to_string(),
+                ms(s.ack.p50_ms),
+                ms(s.ack.p99_ms),
+                ms(s.ack.p999_ms),
+                ms(s.ack.max_ms),
+                ms(s.delivery.p50_ms),
+                ms(s.delivery.p99_ms),
+                ms(s.delivery.p999_ms),
+                ms(s.delivery.max_ms),
+            ]
+            .into_iter()
+            .chain(super::cost::cells(s.cost.as_ref()))
+            .collect(),
+        );
     }
     let mut failures = Vec::new();
     let mut lost = 0;
@@ -227,7 +247,7 @@ pub async fn measure_relay(args: &DirectArgs) -> Result<Vec<StepResult>> {
     let endpoint = Endpoint::Relay {
         ws_url: relay.ws_url(),
     };
-    let result = measure(&endpoint, args.target.codec.into(), args, "relay").await;
+    let result = measure(&endpoint, args.target.codec.into(), args, "relay", None).await;
     relay.shutdown().await;
     result
 }
@@ -238,6 +258,7 @@ pub async fn measure(
     codec: Codec,
     args: &DirectArgs,
     label: &str,
+    meter: Option<&super::cost::Meter>,
 ) -> Result<Vec<StepResult>> {
     let rates = parse_rates(&args.rate)?;
     if args.pairs == 0 || args.window == 0 {
@@ -279,6 +300,10 @@ pub async fn measure(
             codec,
         });
         let counters = Arc::new(Counters::default());
+        let before = match meter {
+            Some(m) => Some(m.read().await),
+            None => None,
+        };
         let progress = Progress::start(format!("{label} {step_name}"), counters.clone());
         let mut tasks = JoinSet::new();
         for (p, (s, r)) in pairs.drain(..).enumerate() {
@@ -301,7 +326,13 @@ pub async fn measure(
         if let Some(e) = first_err {
             return Err(e.context(format!("step {step_name}")));
         }
-        results.push(summarize(step_name, rate, args.pairs, &plan, stats));
+        let mut result = summarize(step_name, rate, args.pairs, &plan, stats);
+        if let (Some(m), Some(before)) = (meter, before) {
+            let after = m.read().await;
+            let secs = plan.start.elapsed().as_secs_f64();
+            result.cost = m.cost(&before, &after, result.delivered, secs);
+        }
+        results.push(result);
     }
     for (s, r) in pairs {
         close(s).await;

@@ -65,6 +65,8 @@ pub struct GroupStep {
     pub deliveries_per_s: f64,
     pub delivery: Latency,
     pub last_member: Latency,
+    /// What the step cost the node processes, per delivery.
+    pub cost: Option<super::cost::Cost>,
 }
 
 /// `chatnode bench group`.
@@ -73,6 +75,7 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
         bail!("need --members ≥ 2 and 1 ≤ --senders ≤ --members");
     }
     let mut target = Target::open(&args.target)?;
+    target.settle().await?;
     let steps = measure(&target, &args).await;
     target.check_alive()?;
     let steps = steps?;
@@ -100,39 +103,52 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
             "last p50",
             "last p99",
             "last max",
+            super::cost::HEADERS[0],
+            super::cost::HEADERS[1],
+            super::cost::HEADERS[2],
         ],
     );
     for s in &steps {
-        table.row(vec![
-            s.step.clone(),
-            int(s.acked_per_s),
-            int(s.deliveries_per_s),
-            ratio(s.deliveries_per_s, base),
-            s.lost.to_string(),
-            s.duplicated.to_string(),
-            s.errors.to_string(),
-            ms(s.delivery.p50_ms),
-            ms(s.delivery.p99_ms),
-            ms(s.last_member.p50_ms),
-            ms(s.last_member.p99_ms),
-            ms(s.last_member.max_ms),
-        ]);
+        table.row(
+            vec![
+                s.step.clone(),
+                int(s.acked_per_s),
+                int(s.deliveries_per_s),
+                ratio(s.deliveries_per_s, base),
+                s.lost.to_string(),
+                s.duplicated.to_string(),
+                s.errors.to_string(),
+                ms(s.delivery.p50_ms),
+                ms(s.delivery.p99_ms),
+                ms(s.last_member.p50_ms),
+                ms(s.last_member.p99_ms),
+                ms(s.last_member.max_ms),
+            ]
+            .into_iter()
+            .chain(super::cost::cells(s.cost.as_ref()))
+            .collect(),
+        );
     }
     if let Some(b) = &baseline {
-        table.row(vec![
-            "relay direct max".into(),
-            int(b.acked_per_s),
-            int(b.delivered_per_s),
-            "1.00x".into(),
-            b.lost.to_string(),
-            b.duplicated.to_string(),
-            b.errors.to_string(),
-            ms(b.delivery.p50_ms),
-            ms(b.delivery.p99_ms),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-        ]);
+        table.row(
+            vec![
+                "relay direct max".into(),
+                int(b.acked_per_s),
+                int(b.delivered_per_s),
+                "1.00x".into(),
+                b.lost.to_string(),
+                b.duplicated.to_string(),
+                b.errors.to_string(),
+                ms(b.delivery.p50_ms),
+                ms(b.delivery.p99_ms),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]
+            .into_iter()
+            .chain(super::cost::cells(None))
+            .collect(),
+        );
     }
     let mut failures = Vec::new();
     let mut lost = 0;
@@ -213,6 +229,7 @@ async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
         let shared: Arc<Vec<GroupShared>> =
             Arc::new((0..g).map(|_| GroupShared::default()).collect());
         let counters = Arc::new(Counters::default());
+        let before = target.meter.read().await;
         let progress = Progress::start(format!("group {name}"), counters.clone());
         let mut tasks = JoinSet::new();
         for (gi, k, c) in members.drain(..) {
@@ -243,7 +260,11 @@ async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
         if let Some(e) = first_err {
             return Err(e.context(format!("step {name}")));
         }
-        out.push(summarize(name, m, &plan, outs));
+        let mut step = summarize(name, m, &plan, outs);
+        let after = target.meter.read().await;
+        let secs = plan.start.elapsed().as_secs_f64();
+        step.cost = target.meter.cost(&before, &after, step.deliveries, secs);
+        out.push(step);
     }
     for (_, _, mut c) in members {
         let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;

@@ -14,6 +14,7 @@
 pub mod attack;
 pub mod conn;
 pub mod connections;
+pub mod cost;
 pub mod direct;
 pub mod group;
 mod member;
@@ -71,6 +72,10 @@ pub struct TargetArgs {
     /// Start a `chatnode serve` child (temp data dir, free ports, no rate limit) and use it.
     #[arg(long)]
     pub spawn_node: bool,
+    /// Start N `chatnode serve` children as one cluster (a cluster dir of their own, node 0
+    /// the seed) and use all of them; their CPU and disk writes count in the cost columns.
+    #[arg(long, conflicts_with = "spawn_node")]
+    pub spawn_cluster: Option<usize>,
     /// An extra flag for the spawned node (repeatable), e.g. `--node-arg=--log=info`.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
@@ -83,6 +88,11 @@ pub struct TargetArgs {
     /// The node's process id, for memory figures when the node was not spawned by the bench.
     #[arg(long)]
     pub node_pid: Option<u32>,
+    /// A node process whose CPU time and disk writes count in the cost columns (repeat for
+    /// every node of a cluster; default: the spawned node, or `--node-pid`). Flushes are
+    /// read from every `--server`'s `/metrics`.
+    #[arg(long = "cost-pid")]
+    pub cost_pids: Vec<u32>,
 }
 
 /// `--codec`.
@@ -181,8 +191,12 @@ fn raise_fd_limit() {
 pub struct Target {
     pub endpoint: Endpoint,
     pub node: Option<SpawnedNode>,
+    /// The spawned cluster, if any.
+    pub cluster: Option<spawn::SpawnedCluster>,
     pub node_pid: Option<u32>,
     pub codec: Codec,
+    /// Where each step's cost is read.
+    pub meter: cost::Meter,
 }
 
 impl Target {
@@ -191,6 +205,19 @@ impl Target {
         let mut servers = args.servers.clone();
         let mut node = None;
         let mut node_pid = args.node_pid;
+        let mut cluster = None;
+        let mut cluster_pids = Vec::new();
+        if let Some(n) = args.spawn_cluster {
+            if n == 0 {
+                bail!("--spawn-cluster needs at least 1 node");
+            }
+            let c = spawn::SpawnedCluster::start(n, &args.node_args)?;
+            for node in &c.nodes {
+                servers.push(node.http.clone());
+                cluster_pids.push(node.pid);
+            }
+            cluster = Some(c);
+        }
         if args.spawn_node {
             let n = SpawnedNode::start(&args.node_args)?;
             servers.push(n.http.clone());
@@ -200,20 +227,69 @@ impl Target {
         if servers.is_empty() {
             bail!("give --server http://HOST:PORT (repeatable) or --spawn-node");
         }
+        let cost_pids = if !args.cost_pids.is_empty() {
+            args.cost_pids.clone()
+        } else if !cluster_pids.is_empty() {
+            cluster_pids
+        } else {
+            node_pid.into_iter().collect()
+        };
         Ok(Target {
+            meter: cost::Meter::new(cost_pids, &servers),
             endpoint: Endpoint::Node(servers.into_iter().map(HttpClient::new).collect()),
             node,
+            cluster,
             node_pid,
             codec: args.codec.into(),
         })
     }
 
-    /// Fails when the spawned node has died.
+    /// Fails when a spawned node has died.
     pub fn check_alive(&mut self) -> Result<()> {
-        match &mut self.node {
-            Some(n) => n.check_alive(),
-            None => Ok(()),
+        if let Some(n) = &mut self.node {
+            n.check_alive()?;
         }
+        if let Some(c) = &mut self.cluster {
+            for n in &mut c.nodes {
+                n.check_alive()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With a spawned cluster, waits (at most a minute) until every node sees all of them
+    /// live and active, printing how long it took.
+    pub async fn settle(&self) -> Result<()> {
+        let (Some(c), Endpoint::Node(apis)) = (&self.cluster, &self.endpoint) else {
+            return Ok(());
+        };
+        let want = c.nodes.len();
+        let started = std::time::Instant::now();
+        for api in apis {
+            loop {
+                let view: serde_json::Value = api
+                    .request(reqwest::Method::GET, "/v1/cluster", None, None::<&()>)
+                    .await
+                    .context("reading /v1/cluster")?;
+                let active = view["members"].as_array().map_or(0, |ms| {
+                    ms.iter()
+                        .filter(|m| m["live"] == true && m["state"] == "active")
+                        .count()
+                });
+                if active == want {
+                    break;
+                }
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    bail!("the spawned cluster did not settle: {view}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        eprintln!(
+            "bench: spawned cluster of {want} settled in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 }
 

@@ -58,6 +58,7 @@ pub async fn run(args: PresenceArgs) -> Result<Outcome> {
         bail!("--pairs must be at least 1");
     }
     let mut target = Target::open(&args.target)?;
+    target.settle().await?;
     let result = measure(&target, &args).await;
     target.check_alive()?;
     let r = result?;

@@ -1,6 +1,6 @@
 //! `--spawn-node`: a `chatnode serve` child process (this very executable) with a temporary
 //! data dir, free ports and rate limits high enough not to throttle the bench. It is killed
-//! when the bench ends.
+//! when the bench ends. `--spawn-cluster N`: N of them, one cluster ([`SpawnedCluster`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +26,71 @@ pub struct SpawnedNode {
     pub quic: String,
     /// The child's process id (for /proc/<pid>/status).
     pub pid: u32,
+    /// Its gossip address (what the other members of a spawned cluster seed from).
+    pub gossip: String,
+}
+
+/// N spawned nodes forming one cluster: one cluster dir (CA, secret, a certificate per
+/// node) made with `chatnode certs`, node `i` with id `i`, every node seeded with node 0.
+pub struct SpawnedCluster {
+    /// Kept for the nodes' lifetime.
+    _cluster_dir: tempfile::TempDir,
+    pub nodes: Vec<SpawnedNode>,
+}
+
+impl SpawnedCluster {
+    /// Makes the cluster dir and starts `n` nodes with `extra` flags, each waited for.
+    pub fn start(n: usize, extra: &[String]) -> Result<SpawnedCluster> {
+        let exe = std::env::current_exe().context("finding the chatnode executable")?;
+        let dir = tempfile::Builder::new()
+            .prefix("chatnode-bench-cluster-")
+            .tempdir()
+            .context("creating a temporary cluster dir")?;
+        let cluster_dir = dir.path().to_string_lossy().to_string();
+        let certs = |args: &[&str]| -> Result<()> {
+            let out = Command::new(&exe)
+                .arg("certs")
+                .args(args)
+                .output()
+                .context("running chatnode certs")?;
+            if !out.status.success() {
+                bail!(
+                    "chatnode certs {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        };
+        certs(&["init", "--cluster-dir", &cluster_dir])?;
+        let mut nodes: Vec<SpawnedNode> = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = format!("node-{i}");
+            certs(&[
+                "node",
+                "--cluster-dir",
+                &cluster_dir,
+                "--name",
+                &name,
+                "--host",
+                "127.0.0.1",
+            ])?;
+            let mut args = vec![
+                "--node-id".to_string(),
+                i.to_string(),
+                "--cluster-dir".to_string(),
+                cluster_dir.clone(),
+            ];
+            if let Some(first) = nodes.first() {
+                args.extend(["--seed".to_string(), first.gossip.clone()]);
+            }
+            args.extend(extra.iter().cloned());
+            nodes.push(SpawnedNode::start(&args)?);
+        }
+        Ok(SpawnedCluster {
+            _cluster_dir: dir,
+            nodes,
+        })
+    }
 }
 
 impl SpawnedNode {
@@ -43,6 +108,7 @@ impl SpawnedNode {
             http: String::new(),
             quic: String::new(),
             pid: 0,
+            gossip: String::new(),
         };
         node.launch()?;
         Ok(node)
@@ -58,17 +124,13 @@ impl SpawnedNode {
     fn launch(&mut self) -> Result<()> {
         let exe = std::env::current_exe().context("finding the chatnode executable")?;
         let log_path = self.dir.path().join("node.log");
+        self.gossip = free_gossip_addr()?;
         let mut child = Command::new(exe)
             .arg("serve")
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
-            .args([
-                "--peer-addr",
-                "127.0.0.1:0",
-                "--gossip-addr",
-                &free_gossip_addr()?,
-            ])
+            .args(["--peer-addr", "127.0.0.1:0", "--gossip-addr", &self.gossip])
             .args([
                 "--rate-limit-per-sec",
                 "1000000",
