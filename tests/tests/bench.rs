@@ -74,7 +74,10 @@ fn a_spawned_cluster_is_measured_whole() {
     ]);
     let step = &json["results"]["steps"][0];
     assert_eq!(step["delivered"], 50, "{step}");
-    assert!(step["cost"]["cpu_us_per_msg"].as_f64().unwrap() > 0.0, "{step}");
+    assert!(
+        step["cost"]["cpu_us_per_msg"].as_f64().unwrap() > 0.0,
+        "{step}"
+    );
 }
 
 #[test]
