@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use client_proto::codec::Codec;
+use client_proto::ids::GroupId;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -15,7 +17,7 @@ use tokio::time::Instant;
 use super::conn::{self, Conn};
 use super::member::{member_task, GroupShared, MemberOut, Plan};
 use super::report::{self, int, ms, ratio, Counters, Latency, Progress, Table};
-use super::{Outcome, Target, TargetArgs};
+use super::{Endpoint, Outcome, Target, TargetArgs};
 
 /// `chatnode bench group`.
 #[derive(clap::Args, Debug, Clone)]
@@ -76,15 +78,29 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
     }
     let mut target = Target::open(&args.target)?;
     target.settle().await?;
-    let steps = measure(&target, &args).await;
+    let steps = measure(
+        &target.endpoint,
+        target.codec,
+        Some(&target.meter),
+        None,
+        &args,
+    )
+    .await;
     target.check_alive()?;
     let steps = steps?;
+    // The baseline: the same groups, members and steps against the in-process relay, which
+    // fans each send out to the other members and stores nothing.
     let baseline = if args.target.baseline {
-        Some(super::baseline(args.target.codec, args.duration_secs).await?)
+        let relay = super::relay::Relay::start().await?;
+        let endpoint = Endpoint::Relay {
+            ws_url: relay.ws_url(),
+        };
+        let steps = measure(&endpoint, target.codec, None, Some(&relay), &args).await;
+        relay.shutdown().await;
+        Some(steps?)
     } else {
         None
     };
-    let base = baseline.as_ref().map(|b| b.delivered_per_s);
     let mut table = Table::new(
         format!(
             "group: {} group(s) of {} members, {} senders each (latencies in ms)",
@@ -108,7 +124,11 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
             super::cost::HEADERS[2],
         ],
     );
-    for s in &steps {
+    for (i, s) in steps.iter().enumerate() {
+        let base = baseline
+            .as_ref()
+            .and_then(|b| b.get(i))
+            .map(|b| b.deliveries_per_s);
         table.row(
             vec![
                 s.step.clone(),
@@ -129,21 +149,21 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
             .collect(),
         );
     }
-    if let Some(b) = &baseline {
+    for b in baseline.iter().flatten() {
         table.row(
             vec![
-                "relay direct max".into(),
+                format!("relay {}", b.step),
                 int(b.acked_per_s),
-                int(b.delivered_per_s),
+                int(b.deliveries_per_s),
                 "1.00x".into(),
                 b.lost.to_string(),
                 b.duplicated.to_string(),
                 b.errors.to_string(),
                 ms(b.delivery.p50_ms),
                 ms(b.delivery.p99_ms),
-                "-".into(),
-                "-".into(),
-                "-".into(),
+                ms(b.last_member.p50_ms),
+                ms(b.last_member.p99_ms),
+                ms(b.last_member.max_ms),
             ]
             .into_iter()
             .chain(super::cost::cells(None))
@@ -170,16 +190,27 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
     })
 }
 
-async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
+/// Sets up the groups (on the nodes, or in `relay`), connects every member, runs the steps;
+/// `meter` reads each step's cost.
+async fn measure(
+    endpoint: &Endpoint,
+    codec: Codec,
+    meter: Option<&super::cost::Meter>,
+    relay: Option<&super::relay::Relay>,
+    args: &GroupArgs,
+) -> Result<Vec<GroupStep>> {
     let (g, m) = (args.groups, args.members);
-    let accounts = target.endpoint.accounts(g * m, "bg").await?;
+    let accounts = endpoint.accounts(g * m, "bg").await?;
     let mut groups = Vec::with_capacity(g);
     for (i, members) in accounts.chunks(m).enumerate() {
+        if let Some(relay) = relay {
+            let id = GroupId(i as u64 + 1);
+            relay.add_group(id, members.iter().map(|a| a.user_id).collect());
+            groups.push(id);
+            continue;
+        }
         let owner = &members[0];
-        let api = target
-            .endpoint
-            .api(owner.server)
-            .context("no HTTP server")?;
+        let api = endpoint.api(owner.server).context("no HTTP server")?;
         let others: Vec<_> = members[1..].iter().map(|a| a.user_id).collect();
         let info = api
             .create_group(&owner.token, &format!("bench group {i}"), &others)
@@ -188,7 +219,7 @@ async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
         groups.push(info.group_id);
     }
     let conns = futures_util::stream::iter(accounts.iter())
-        .map(|a| conn::connect(&a.ws_url, &a.token, target.codec))
+        .map(|a| conn::connect(&a.ws_url, &a.token, codec))
         .buffered(32)
         .collect::<Vec<_>>()
         .await
@@ -223,13 +254,16 @@ async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
             max_messages: args.messages,
             grace: Duration::from_secs(args.grace_secs),
             body: "x".repeat(args.body_bytes),
-            codec: target.codec,
+            codec,
             senders: args.senders,
         });
         let shared: Arc<Vec<GroupShared>> =
             Arc::new((0..g).map(|_| GroupShared::default()).collect());
         let counters = Arc::new(Counters::default());
-        let before = target.meter.read().await;
+        let before = match meter {
+            Some(m) => Some(m.read().await),
+            None => None,
+        };
         let progress = Progress::start(format!("group {name}"), counters.clone());
         let mut tasks = JoinSet::new();
         for (gi, k, c) in members.drain(..) {
@@ -261,9 +295,11 @@ async fn measure(target: &Target, args: &GroupArgs) -> Result<Vec<GroupStep>> {
             return Err(e.context(format!("step {name}")));
         }
         let mut step = summarize(name, m, &plan, outs);
-        let after = target.meter.read().await;
-        let secs = plan.start.elapsed().as_secs_f64();
-        step.cost = target.meter.cost(&before, &after, step.deliveries, secs);
+        if let (Some(meter), Some(before)) = (meter, before) {
+            let after = meter.read().await;
+            let secs = plan.start.elapsed().as_secs_f64();
+            step.cost = meter.cost(&before, &after, step.deliveries, secs);
+        }
         out.push(step);
     }
     for (_, _, mut c) in members {

@@ -15,7 +15,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use client_proto::codec::{self, Codec};
-use client_proto::ids::{ConversationId, MessageId, UserId};
+use client_proto::ids::{ConversationId, GroupId, MessageId, UserId};
 use client_proto::{ClientFrame, Message, Recipient, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -29,12 +29,15 @@ const QUEUE: usize = 1024;
 #[derive(Default)]
 struct Shared {
     receivers: Mutex<HashMap<UserId, mpsc::Sender<ServerFrame>>>,
+    /// Groups made with [`Relay::add_group`]: a send to one goes to every other member.
+    groups: Mutex<HashMap<GroupId, Arc<Vec<UserId>>>>,
     next_id: AtomicU64,
 }
 
 /// A running relay; [`Relay::shutdown`] stops it.
 pub struct Relay {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     stop: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -46,9 +49,10 @@ impl Relay {
             .await
             .context("binding the relay")?;
         let addr = listener.local_addr().context("relay address")?;
+        let shared = Arc::new(Shared::default());
         let app = Router::new()
             .route("/v1/ws", get(upgrade))
-            .with_state(Arc::new(Shared::default()));
+            .with_state(shared.clone());
         let stop = CancellationToken::new();
         let token = stop.clone();
         let server = tokio::spawn(async move {
@@ -56,7 +60,18 @@ impl Relay {
                 .with_graceful_shutdown(async move { token.cancelled().await })
                 .await
         });
-        Ok(Relay { addr, stop, server })
+        Ok(Relay {
+            addr,
+            shared,
+            stop,
+            server,
+        })
+    }
+
+    /// Makes group `id` of `members`: the relay fans a send to it out to the others, as a
+    /// node does (no storage, no membership checks).
+    pub fn add_group(&self, id: GroupId, members: Vec<UserId>) {
+        self.shared.groups.lock().insert(id, Arc::new(members));
     }
 
     /// `ws://127.0.0.1:PORT/v1/ws`.
@@ -165,6 +180,46 @@ async fn serve(shared: Arc<Shared>, socket: WebSocket) {
                                 message: Arc::new(message),
                             })
                             .await;
+                    }
+                }
+                ClientFrame::Send {
+                    id,
+                    to: Recipient::Group(group),
+                    body,
+                } => {
+                    let Some(from) = me else { break };
+                    let message_id = MessageId(shared.next_id.fetch_add(1, Ordering::Relaxed));
+                    let conversation = ConversationId::Group(group);
+                    let ts = now_unix_ms();
+                    let ack = ServerFrame::Ack {
+                        reference: id.clone(),
+                        message_id,
+                        conversation,
+                        ts,
+                    };
+                    if tx.send(ack).await.is_err() {
+                        break;
+                    }
+                    let members = shared.groups.lock().get(&group).cloned();
+                    let Some(members) = members else { continue };
+                    // One message, shared by every member's frame (as the node's hub does).
+                    let frame = ServerFrame::Message {
+                        message: Arc::new(Message {
+                            message_id,
+                            conversation,
+                            from,
+                            to: None,
+                            group: Some(group),
+                            body,
+                            ts,
+                            client_id: id,
+                        }),
+                    };
+                    for member in members.iter().filter(|m| **m != from) {
+                        let peer = shared.receivers.lock().get(member).cloned();
+                        if let Some(peer) = peer {
+                            let _ = peer.send(frame.clone()).await;
+                        }
                     }
                 }
                 _ => {}
