@@ -107,10 +107,15 @@ fn group_fan_out_reaches_every_member() {
         "10",
         "--rate",
         "100",
+        "--baseline",
     ]);
     let step = &json["results"]["steps"][0];
     assert_eq!(step["messages_acked"], 20, "{step}");
     assert_eq!(step["deliveries"], 80, "{step}");
+    // The relay fanned the same sends out to the same members.
+    let relay = &json["results"]["baseline"][0];
+    assert_eq!(relay["messages_acked"], 20, "{relay}");
+    assert_eq!(relay["deliveries"], 80, "{relay}");
 }
 
 #[test]
