@@ -71,12 +71,6 @@ async fn acked_messages_only_in_the_commit_log_survive_sigkill() {
     for i in 0..400 {
         acked.insert(a.wait_ack(&format!("w{i}")).await.unwrap().message_id);
     }
-    let log_dir = node.data_dir().join("db-log");
-    let logged: u64 = std::fs::read_dir(&log_dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    assert!(logged > 400 * 100, "the log holds {logged} bytes");
     node.kill(); // SIGKILL right after the last ack: no checkpoint, no shutdown flush
     node.restart();
     let log = node.log_text();

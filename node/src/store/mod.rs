@@ -371,6 +371,7 @@ impl Store {
         let (log, writer) = wal::CommitLog::start(
             opts.log.dir.clone(),
             next_seq,
+            wal::START_PREALLOC.min(opts.log.checkpoint_bytes),
             opts.log.checkpoint_bytes,
             full.clone(),
         )

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use format::{LoggedOp, RecordBuilder};
 pub use replay::{replay, ReplayError, Replayed};
-pub use writer::{CommitLog, LogError, Rotation, Synced, WriterHandle};
+pub use writer::{CommitLog, LogError, Rotation, Synced, WriterHandle, START_PREALLOC};
 
 /// Where the log lives and how often it is checkpointed.
 #[derive(Clone, Debug)]

@@ -73,7 +73,14 @@ pub fn replay<E>(
             _ => 0,
         };
         if good_end < bytes.len() {
-            let cut = bytes.len() - good_end;
+            // Zeros after the last record are the segment's preallocated space, not a cut
+            // (a record never starts with a zero length). Truncated all the same: the
+            // replayed segment is not written again.
+            let cut = if bytes[good_end..].iter().all(|b| *b == 0) {
+                0
+            } else {
+                bytes.len() - good_end
+            };
             out.bytes_cut += cut as u64;
             let file = OpenOptions::new().write(true).open(&path)?;
             file.set_len(good_end as u64)?;
@@ -95,6 +102,7 @@ fn replay_records<E>(
         let rest = &bytes[at..];
         let (payload, used) = match format::read_record(rest) {
             Ok(r) => r,
+            Err(_) if rest.iter().all(|b| *b == 0) => return Ok(at),
             Err(bad) => {
                 report_cut(seq, at, bytes.len() - at, bad, followed_by_good(rest));
                 if followed_by_good(rest) {

@@ -32,7 +32,7 @@ fn replayed(dir: &std::path::Path) -> (Vec<(Vec<u8>, u64)>, Replayed) {
 
 async fn write_log(dir: &std::path::Path, records: &[Vec<u8>]) {
     let full = Arc::new(Notify::new());
-    let (log, writer) = CommitLog::start(dir.to_path_buf(), 1, u64::MAX, full).expect("start");
+    let (log, writer) = CommitLog::start(dir.to_path_buf(), 1, 0, u64::MAX, full).expect("start");
     for r in records {
         log.append(r.clone()).await.expect("append");
     }
@@ -68,7 +68,7 @@ async fn concurrent_appends_share_syncs_and_all_replay() {
     let dir = tempfile::tempdir().expect("tempdir");
     let full = Arc::new(Notify::new());
     let (log, writer) =
-        CommitLog::start(dir.path().to_path_buf(), 1, u64::MAX, full).expect("start");
+        CommitLog::start(dir.path().to_path_buf(), 1, 0, u64::MAX, full).expect("start");
     let tasks: Vec<_> = records(200)
         .into_iter()
         .map(|r| {
@@ -142,6 +142,62 @@ async fn a_flipped_length_is_caught_by_the_checksum() {
     std::fs::write(&path, &bytes).expect("write");
     let (ops, _) = replayed(dir.path());
     assert_eq!(ops, keys(2));
+}
+
+/// Writes `records` into a segment preallocated to `prealloc` bytes.
+async fn write_preallocated(dir: &std::path::Path, prealloc: u64, records: &[Vec<u8>]) {
+    let full = Arc::new(Notify::new());
+    let (log, writer) =
+        CommitLog::start(dir.to_path_buf(), 1, prealloc, u64::MAX, full).expect("start");
+    for r in records {
+        log.append(r.clone()).await.expect("append");
+    }
+    writer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_preallocated_segment_is_written_in_place_and_its_zeros_are_not_a_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recs = records(20);
+    let used: usize = recs.iter().map(Vec::len).sum();
+    write_preallocated(dir.path(), 64 << 10, &recs).await;
+    let path = segment::path(dir.path(), 1);
+    // Written into the zeros, not after them.
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), 64 << 10);
+    let (ops, report) = replayed(dir.path());
+    assert_eq!(ops, keys(20));
+    assert_eq!(report.bytes_cut, 0);
+    assert!(report.corrupt_segments.is_empty());
+    // Replay leaves the segment at its last record.
+    let good = (SEGMENT_HEADER + used) as u64;
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), good);
+
+    // Records beyond the preallocation are appended.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_preallocated(dir.path(), 1024, &recs).await;
+    let (ops, report) = replayed(dir.path());
+    assert_eq!((ops, report.bytes_cut), (keys(20), 0));
+}
+
+#[tokio::test]
+async fn a_torn_record_inside_preallocated_space_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recs = records(10);
+    write_preallocated(dir.path(), 64 << 10, &recs).await;
+    let path = segment::path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).expect("read");
+    // The last record's final page never reached the disk: its last 30 bytes are still the
+    // preallocated zeros.
+    let end = SEGMENT_HEADER + recs.iter().map(Vec::len).sum::<usize>();
+    bytes[end - 30..end].fill(0);
+    std::fs::write(&path, &bytes).expect("write");
+    let (ops, report) = replayed(dir.path());
+    assert_eq!(ops, keys(9));
+    assert_eq!(
+        report.bytes_cut,
+        (bytes.len() - (end - recs[9].len())) as u64
+    );
+    assert!(report.corrupt_segments.is_empty());
 }
 
 fn open_db(dir: &std::path::Path) -> (sled::Db, Vec<sled::Tree>) {
@@ -218,7 +274,7 @@ async fn a_checkpoint_deletes_the_segments_it_covers() {
     };
     let full = Arc::new(Notify::new());
     let (log, writer) =
-        CommitLog::start(log_dir.clone(), 1, u64::MAX, full.clone()).expect("start");
+        CommitLog::start(log_dir.clone(), 1, 0, u64::MAX, full.clone()).expect("start");
     let (checkpoints, checkpointer) =
         spawn_checkpointer(db.clone(), &db_dir, log.clone(), &opts, full);
     let history = &trees[usize::from(Table::History.id())];
@@ -284,7 +340,8 @@ async fn a_full_segment_starts_a_checkpoint() {
     };
     let full = Arc::new(Notify::new());
     let (log, writer) =
-        CommitLog::start(log_dir.clone(), 1, opts.checkpoint_bytes, full.clone()).expect("start");
+        CommitLog::start(log_dir.clone(), 1, 0, opts.checkpoint_bytes, full.clone())
+            .expect("start");
     let (_checkpoints, checkpointer) = spawn_checkpointer(db, &db_dir, log.clone(), &opts, full);
     for r in records(10) {
         log.append(r).await.expect("append"); // ~2.3 KiB in all

@@ -10,15 +10,26 @@
 //! writes until it is restarted and replays what did reach the disk.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::format::SEGMENT_HEADER;
 use super::segment;
+
+/// Appends found queued at once from which the writer gathers more before it syncs: a lone
+/// append (one send in flight) is synced at once.
+const LINGER_FROM: usize = 2;
+/// How long the writer waits for more appends each time, while more keep arriving: at most
+/// [`LINGER`] in all. Syncs then cover tens of appends instead of a few under load; each sync
+/// costs this machine ~60–100 µs of CPU whatever it covers.
+const LINGER_STEP: Duration = Duration::from_micros(100);
+const LINGER: Duration = Duration::from_micros(1000);
 
 /// Appends that may wait for the writer at once; more wait for room (backpressure).
 const MAX_QUEUED: usize = 65_536;
@@ -76,6 +87,9 @@ pub struct CommitLog {
     dir: PathBuf,
     /// The segment being written (set by the writer).
     current: Arc<AtomicU64>,
+    /// Record bytes in that segment (set by the writer): the next segment is preallocated
+    /// for about as much.
+    written: Arc<AtomicU64>,
 }
 
 /// Owns the writer thread.
@@ -98,26 +112,32 @@ impl WriterHandle {
 }
 
 impl CommitLog {
-    /// Starts a new segment `seq` in `dir` and the writer thread. `full` is notified once per
-    /// segment when it grows past `segment_bytes` (the checkpointer's cue).
+    /// Starts a new segment `seq` in `dir`, preallocated to `prealloc` bytes (see
+    /// [`segment::create`]), and the writer thread. `full` is notified once per segment when
+    /// it grows past `segment_bytes` (the checkpointer's cue).
     pub fn start(
         dir: PathBuf,
         seq: u64,
+        prealloc: u64,
         segment_bytes: u64,
         full: Arc<Notify>,
     ) -> Result<(CommitLog, WriterHandle), LogError> {
-        let file = segment::create(&dir, seq).map_err(LogError::io("create a segment"))?;
+        let file =
+            segment::create(&dir, seq, prealloc).map_err(LogError::io("create a segment"))?;
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
         let current = Arc::new(AtomicU64::new(seq));
+        let written = Arc::new(AtomicU64::new(0));
         let log = CommitLog {
             tx: tx.clone(),
             dir,
             current: current.clone(),
+            written: written.clone(),
         };
         let writer = Writer {
             file,
             seq,
             current,
+            written,
             bytes: 0,
             segment_bytes,
             full,
@@ -153,7 +173,8 @@ impl CommitLog {
     pub async fn rotate(&self) -> Result<Rotation, LogError> {
         let next = self.current.load(Ordering::Acquire) + 1;
         let dir = self.dir.clone();
-        let file = tokio::task::spawn_blocking(move || segment::create(&dir, next))
+        let prealloc = prealloc_after(self.written.load(Ordering::Acquire));
+        let file = tokio::task::spawn_blocking(move || segment::create(&dir, next, prealloc))
             .await
             .map_err(|e| LogError::io("create a segment")(io::Error::other(e)))?
             .map_err(LogError::io("create a segment"))?;
@@ -187,12 +208,34 @@ impl Synced {
     }
 }
 
+/// How much to preallocate for the next segment when the current one holds `written` record
+/// bytes: a little more than that, in 64 KiB steps (a node that logs little preallocates
+/// little), at most [`MAX_PREALLOC`]. A segment outgrowing its preallocation is appended to.
+fn prealloc_after(written: u64) -> u64 {
+    const STEP: u64 = 64 << 10;
+    if written == 0 {
+        return 0;
+    }
+    let wanted = written.saturating_add(written / 4);
+    wanted.div_ceil(STEP).saturating_mul(STEP).min(MAX_PREALLOC)
+}
+
+/// What the first segment after a start is preallocated to (later ones follow what their
+/// predecessor held).
+pub const START_PREALLOC: u64 = 4 << 20;
+
+/// The most a segment is preallocated (the default checkpoint starts a new segment at 64 MiB).
+const MAX_PREALLOC: u64 = 96 << 20;
+
 struct Writer {
     file: File,
     seq: u64,
     /// `seq`, for [`CommitLog::rotate`].
     current: Arc<AtomicU64>,
-    /// Record bytes in the current segment.
+    /// `bytes`, for [`CommitLog::rotate`].
+    written: Arc<AtomicU64>,
+    /// Record bytes in the current segment (written from offset [`SEGMENT_HEADER`] on: the
+    /// file may be longer, preallocated with zeros).
     bytes: u64,
     segment_bytes: u64,
     full: Arc<Notify>,
@@ -209,6 +252,21 @@ impl Writer {
             queued.push(first);
             while let Ok(cmd) = rx.try_recv() {
                 queued.push(cmd);
+            }
+            if queued.len() >= LINGER_FROM {
+                // Appends are arriving together: gather the ones on their way into this sync
+                // instead of the next, for as long as more keep coming (at most `LINGER`).
+                let until = Instant::now() + LINGER;
+                loop {
+                    std::thread::sleep(LINGER_STEP);
+                    let before = queued.len();
+                    while let Ok(cmd) = rx.try_recv() {
+                        queued.push(cmd);
+                    }
+                    if queued.len() == before || Instant::now() >= until {
+                        break;
+                    }
+                }
             }
             for cmd in queued.drain(..) {
                 match cmd {
@@ -245,13 +303,14 @@ impl Writer {
             Some(e) => Err(e.clone()),
             None => self
                 .file
-                .write_all(buf)
+                .write_all_at(buf, SEGMENT_HEADER as u64 + self.bytes)
                 .map_err(LogError::io("write"))
                 .and_then(|()| self.file.sync_data().map_err(LogError::io("fdatasync"))),
         };
         match &result {
             Ok(()) => {
                 self.bytes += buf.len() as u64;
+                self.written.store(self.bytes, Ordering::Release);
                 metrics::counter!("store_log_bytes_total").increment(buf.len() as u64);
                 metrics::counter!("store_log_syncs_total").increment(1);
                 metrics::histogram!("store_flush_seconds").record(started.elapsed().as_secs_f64());
@@ -297,6 +356,7 @@ impl Writer {
         self.seq = seq;
         self.current.store(seq, Ordering::Release);
         self.bytes = 0;
+        self.written.store(0, Ordering::Release);
         let rotation = Rotation {
             current: seq,
             rotated: true,
