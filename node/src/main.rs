@@ -4,6 +4,12 @@ use clap::{Parser, Subcommand};
 
 use chatnode::config::{Config, ServeArgs};
 
+/// mimalloc instead of glibc's malloc: the node allocates and frees many small buffers per
+/// message on many threads (frames, ops, futures), where glibc's allocator spent ~20% of the
+/// node's CPU (`docs/benchmarks.md`, issue 18).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "chatnode", version, about = "A peer-federated chat node")]
 struct Cli {
