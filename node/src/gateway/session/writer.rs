@@ -85,10 +85,46 @@ impl SentIds {
     }
 }
 
+/// Frames written before a flush at most, when more are queued (a flush is one `send` to
+/// the socket; a burst of acks and messages then costs one system call per batch, not per
+/// frame). The WebSocket layer also flushes by itself once its 4 KiB buffer is full.
+const MAX_UNFLUSHED: usize = 32;
+
+/// What to do with one item of the outbound queue.
+enum Step {
+    Write(Vec<u8>),
+    /// A message this connection was sent lately.
+    Skip,
+    Close(u16, String),
+}
+
+fn step(item: Outbound, sent: &mut SentIds, codec: Codec) -> Step {
+    let data = match item {
+        Outbound::Frame(f) => {
+            if !sent.pass(&f) {
+                metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                return Step::Skip;
+            }
+            codec::encode(codec, &f)
+        }
+        Outbound::Shared(shared) => {
+            if !sent.pass(shared.frame()) {
+                metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                return Step::Skip;
+            }
+            shared.encoded(codec).to_vec()
+        }
+        Outbound::Close(close) => {
+            let (code, reason) = *close;
+            return Step::Close(code, reason);
+        }
+    };
+    Step::Write(data)
+}
+
 /// Drains the outbound queue into the transport until the session is kicked, or the reader
-/// is done and what was queued has been written. Each frame is flushed as it is written:
-/// feeding what is queued and flushing once was tried and made group deliveries slower
-/// (last member p50 +5 ms at 400 msgs/s) without a measurable CPU gain.
+/// is done and what was queued has been written. Frames already queued are written together
+/// and flushed once (at most [`MAX_UNFLUSHED`]); a lone frame is flushed at once.
 pub(super) async fn write_loop<W>(
     mut rx: mpsc::Receiver<Outbound>,
     mut writer: W,
@@ -111,37 +147,46 @@ pub(super) async fn write_loop<W>(
                 return;
             }
         };
-        let data = match next {
-            None => return,
-            Some(Outbound::Frame(f)) => {
-                if !sent.pass(&f) {
-                    metrics::counter!("gateway_duplicates_dropped_total").increment(1);
-                    continue;
+        let Some(mut item) = next else { return };
+        let mut unflushed = 0;
+        loop {
+            match step(item, &mut sent, codec) {
+                Step::Skip => {}
+                Step::Close(code, reason) => {
+                    let _ = writer.send(OutFrame::Close(code, reason)).await;
+                    kick.cancel();
+                    return;
                 }
-                codec::encode(codec, &f)
-            }
-            Some(Outbound::Shared(shared)) => {
-                if !sent.pass(shared.frame()) {
-                    metrics::counter!("gateway_duplicates_dropped_total").increment(1);
-                    continue;
+                Step::Write(data) => {
+                    // A reader that stopped reading blocks the write: a kick must still end
+                    // the session (it used to stay registered, and every delivery to it
+                    // logged a warning).
+                    tokio::select! {
+                        fed = writer.feed(OutFrame::Data(codec, data)) => if fed.is_err() {
+                            kick.cancel();
+                            return;
+                        },
+                        _ = kick.cancelled() => return,
+                    }
+                    unflushed += 1;
                 }
-                shared.encoded(codec).to_vec()
             }
-            Some(Outbound::Close(close)) => {
-                let (code, reason) = *close;
-                let _ = writer.send(OutFrame::Close(code, reason)).await;
-                kick.cancel();
-                return;
+            if unflushed >= MAX_UNFLUSHED {
+                break;
             }
-        };
-        // A reader that stopped reading blocks the write: a kick must still end the session
-        // (it used to stay registered, and every delivery to it logged a warning).
-        tokio::select! {
-            sent = writer.send(OutFrame::Data(codec, data)) => if sent.is_err() {
-                kick.cancel();
-                return;
-            },
-            _ = kick.cancelled() => return,
+            match rx.try_recv() {
+                Ok(more) => item = more,
+                Err(_) => break,
+            }
+        }
+        if unflushed > 0 {
+            tokio::select! {
+                flushed = writer.flush() => if flushed.is_err() {
+                    kick.cancel();
+                    return;
+                },
+                _ = kick.cancelled() => return,
+            }
         }
     }
 }
