@@ -303,4 +303,8 @@ impl PeerCall for MemoryEndpoint {
         }
         Ok(reply)
     }
+
+    fn unknown_kind(error: &MemoryCallError) -> bool {
+        matches!(error, MemoryCallError::Remote(e) if e.code == super::rpc::codes::UNKNOWN_KIND)
+    }
 }

@@ -30,6 +30,7 @@ pub mod error;
 mod fanout;
 mod grouped;
 pub mod hints;
+mod lanes;
 pub mod memory;
 pub mod pull;
 pub mod quorum;

@@ -5,7 +5,9 @@
 
 use std::error::Error;
 use std::future::Future;
+use std::sync::Arc;
 
+use super::lanes::{Entered, Lanes, Round, Turn};
 use super::record::Versioned;
 use super::rpc::{
     self, ApplyBatch, ApplyOutcome, ApplyReply, CasReply, CasRequest, ConditionalApply,
@@ -117,6 +119,13 @@ pub trait PeerCall: Send + Sync + 'static {
         to: &ReplicaNode,
         request: Request,
     ) -> impl Future<Output = Result<Response, Self::Error>> + Send;
+
+    /// Whether `error` is the peer saying it does not know the request's kind (an older
+    /// node): the request may then be sent in an older form.
+    fn unknown_kind(error: &Self::Error) -> bool {
+        let _ = error;
+        false
+    }
 }
 
 impl PeerCall for PeerEndpoint {
@@ -124,6 +133,10 @@ impl PeerCall for PeerEndpoint {
 
     async fn call(&self, to: &ReplicaNode, request: Request) -> Result<Response, PeerError> {
         self.request(to.addr, &to.server_name, request).await
+    }
+
+    fn unknown_kind(error: &PeerError) -> bool {
+        matches!(error, PeerError::Remote { error, .. } if error.code == rpc::codes::UNKNOWN_KIND)
     }
 }
 
@@ -139,13 +152,19 @@ pub enum CallError<E: Error + 'static> {
     /// The reply could not be decoded.
     #[error("undecodable replication reply: {0}")]
     Decode(bincode::error::DecodeError),
+    /// The request that carried this apply together with others failed, or was abandoned
+    /// by the apply that sent it ([`super::lanes`]).
+    #[error("{0}")]
+    Carried(String),
 }
 
 /// [`ReplicaClient`] over a [`PeerCall`]: encodes each call as a [`Request`] of its
-/// replication kind.
+/// replication kind. Applies to one peer that wait at the same moment go in one request
+/// ([`super::lanes`]).
 #[derive(Clone, Debug)]
 pub struct RpcReplicaClient<T> {
     transport: T,
+    lanes: Arc<Lanes>,
 }
 
 /// The production client: replica calls over the QUIC peer transport.
@@ -154,7 +173,78 @@ pub type PeerReplicaClient = RpcReplicaClient<PeerEndpoint>;
 impl<T: PeerCall> RpcReplicaClient<T> {
     /// A client sending over `transport`.
     pub fn new(transport: T) -> Self {
-        Self { transport }
+        Self {
+            transport,
+            lanes: Arc::default(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn lanes_for_tests(&self) -> &Arc<Lanes> {
+        &self.lanes
+    }
+
+    /// Sends one round of its lane: the leader's own batch alone as a plain apply, or with
+    /// the batches it carries as one apply-many request, whose answers go to their callers.
+    /// Returns the leader's own answer.
+    async fn send_round(
+        &self,
+        to: &ReplicaNode,
+        round: Round,
+    ) -> Result<ApplyReply, CallError<T::Error>> {
+        let Round { own, carried } = round;
+        if carried.is_empty() {
+            return self.call(to, rpc::KIND_APPLY, &own).await;
+        }
+        metrics::histogram!("cluster_apply_batches_per_request").record((carried.len() + 1) as f64);
+        let (batches, turns): (Vec<ApplyBatch>, Vec<_>) = std::iter::once((own, None))
+            .chain(carried.into_iter().map(|(b, t)| (b, Some(t))))
+            .unzip();
+        let reply: Result<rpc::ApplyManyReply, _> =
+            self.call(to, rpc::KIND_APPLY_MANY, &batches).await;
+        let answers: Vec<Result<ApplyReply, String>> = match reply {
+            Ok(reply) if reply.outcomes.len() == batches.len() => reply
+                .outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    rpc::ManyOutcome::Done(outcome) => Ok(ApplyReply {
+                        outcome,
+                        hlc: reply.hlc,
+                    }),
+                    rpc::ManyOutcome::Failed(error) => Err(error),
+                })
+                .collect(),
+            Ok(reply) => {
+                let error = format!(
+                    "apply-many: {} answers to {} batches",
+                    reply.outcomes.len(),
+                    batches.len()
+                );
+                vec![Err(error); batches.len()]
+            }
+            Err(CallError::Transport(error)) if T::unknown_kind(&error) => {
+                // An older peer: one plain apply each, at once.
+                let calls = batches
+                    .iter()
+                    .map(|batch| self.call::<_, ApplyReply>(to, rpc::KIND_APPLY, batch));
+                futures_util::future::join_all(calls)
+                    .await
+                    .into_iter()
+                    .map(|r| r.map_err(|e| e.to_string()))
+                    .collect()
+            }
+            Err(error) => vec![Err(error.to_string()); batches.len()],
+        };
+        let mut own = None;
+        for (answer, turn) in answers.into_iter().zip(turns) {
+            match turn {
+                // The caller may have timed out and gone.
+                Some(turn) => drop(turn.send(Turn::Done(answer))),
+                None => own = Some(answer),
+            }
+        }
+        own.unwrap_or_else(|| Err("apply-many: no answer for the leader".into()))
+            .map_err(CallError::Carried)
     }
 
     async fn call<Q: bincode::Encode, A: bincode::Decode<()>>(
@@ -177,7 +267,21 @@ impl<T: PeerCall> ReplicaClient for RpcReplicaClient<T> {
     type Error = CallError<T::Error>;
 
     async fn apply(&self, to: &ReplicaNode, batch: ApplyBatch) -> Result<ApplyReply, Self::Error> {
-        self.call(to, rpc::KIND_APPLY, &batch).await
+        let (round, leadership) = match self.lanes.enter(to.addr, batch) {
+            Entered::Lead(round, leadership) => (round, leadership),
+            Entered::Wait(mut waiting) => match waiting.turn().await {
+                Some(Turn::Done(answer)) => return answer.map_err(CallError::Carried),
+                Some(Turn::Lead(own)) => self.lanes.lead(to.addr, own),
+                None => {
+                    return Err(CallError::Carried(
+                        "the request carrying this apply was abandoned".into(),
+                    ))
+                }
+            },
+        };
+        let answer = self.send_round(to, round).await;
+        drop(leadership);
+        answer
     }
 
     async fn apply_if(

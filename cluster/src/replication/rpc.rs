@@ -33,6 +33,33 @@ pub const KIND_CAS: u16 = 0x0104;
 /// without `since`.)
 pub const KIND_PULL: u16 = 0x0108;
 
+/// `kind` of several [`ApplyBatch`]es to one node in one request (a `Vec`, at most
+/// [`MAX_APPLY_MANY`]): concurrent applies to one peer travel together
+/// ([`super::lanes`]); replies with an [`ApplyManyReply`] once every batch is durable or
+/// failed. A node that answers [`codes::UNKNOWN_KIND`] (an older one) gets them one by one.
+pub const KIND_APPLY_MANY: u16 = 0x010b;
+
+/// Batches in one [`KIND_APPLY_MANY`] request at most.
+pub const MAX_APPLY_MANY: usize = 64;
+
+/// What a replica did with each batch of a [`KIND_APPLY_MANY`] request, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct ApplyManyReply {
+    /// One per batch.
+    pub outcomes: Vec<ManyOutcome>,
+    /// Its clock reading, as in [`ApplyReply`].
+    pub hlc: u64,
+}
+
+/// One batch's answer in an [`ApplyManyReply`].
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum ManyOutcome {
+    /// As a single apply's [`ApplyOutcome`].
+    Done(ApplyOutcome),
+    /// The local store failed on this batch (the others may have succeeded).
+    Failed(String),
+}
+
 /// True for request kinds the replication service handles.
 pub fn is_replication_kind(kind: u16) -> bool {
     (0x0100..=0x01ff).contains(&kind)

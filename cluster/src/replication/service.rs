@@ -60,6 +60,38 @@ impl<L: LocalReplica, C: ReplicaClient> ReplicaService<L, C> {
                 let hlc = clock.map_or(0, |c| c.peek());
                 encode(&rpc::ApplyReply { outcome, hlc })?
             }
+            rpc::KIND_APPLY_MANY => {
+                let batches: Vec<rpc::ApplyBatch> = decode(&request.body)?;
+                if batches.is_empty() || batches.len() > rpc::MAX_APPLY_MANY {
+                    return Err(RemoteError::new(
+                        codes::BAD_REQUEST,
+                        format!(
+                            "apply-many: {} batches (1 to {} allowed)",
+                            batches.len(),
+                            rpc::MAX_APPLY_MANY
+                        ),
+                    ));
+                }
+                let clock = self.clock();
+                if let Some(clock) = &clock {
+                    if let Some(newest) = batches.iter().map(|b| b.hlc).max() {
+                        clock.observe(newest);
+                    }
+                }
+                // Applied together, so that the store's commit log syncs them at once.
+                let outcomes = futures_util::future::join_all(
+                    batches.into_iter().map(|batch| self.local.apply(batch)),
+                )
+                .await
+                .into_iter()
+                .map(|result| match result {
+                    Ok(outcome) => rpc::ManyOutcome::Done(outcome),
+                    Err(error) => rpc::ManyOutcome::Failed(error.to_string()),
+                })
+                .collect();
+                let hlc = clock.map_or(0, |c| c.peek());
+                encode(&rpc::ApplyManyReply { outcomes, hlc })?
+            }
             rpc::KIND_APPLY_IF => {
                 let conditional = decode(&request.body)?;
                 encode(&self.local.apply_if(conditional).await.map_err(storage)?)?
