@@ -31,6 +31,8 @@ mod fanout;
 mod grouped;
 pub mod hints;
 mod lanes;
+#[cfg(test)]
+mod lanes_tests;
 pub mod memory;
 pub mod pull;
 pub mod quorum;
