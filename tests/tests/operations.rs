@@ -80,6 +80,18 @@ fn inbox_ids(db: &sled::Db, user: u64) -> HashSet<MessageId> {
         .collect()
 }
 
+/// `chatnode admin status` on node `at`, asked again (for up to 15 s) until it says `what`.
+async fn removal_seen(cluster: &TestCluster, at: usize, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = ok(&cluster.admin(at, &["status"]));
+        if status.contains(what) || std::time::Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn ok(out: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
@@ -179,7 +191,7 @@ async fn a_node_decommissioned_under_load_hands_over_every_message_and_stops_by_
     );
     assert!(acked > 50, "only {acked} sends acked");
 
-    let status = ok(&cluster.admin(0, &["status"]));
+    let status = removal_seen(&cluster, 0, "removed for good: [3]").await;
     assert!(status.contains("removed for good: [3]"), "{status}");
     cluster.wait_members(3).await;
     // Every acked message is on all 3 remaining nodes (RF 3 of 3).
@@ -243,7 +255,8 @@ async fn a_dead_node_removed_for_good_leaves_every_message_readable_with_any_nod
     assert!(acked > 50, "only {acked} sends acked");
     // A send may be refused while node 3 is dead and not yet removed: its partitions' writes
     // need 2 of the other 2 replicas. None may be lost: only acked ones are checked.
-    let status = ok(&cluster.admin(0, &["status"]));
+    // `--wait` followed node 1; node 0 learns of the removal by gossip, a moment later.
+    let status = removal_seen(&cluster, 0, "removed for good: [3]").await;
     assert!(status.contains("removed for good: [3]"), "{status}");
 
     // With any single node down, every acked message is still readable.
