@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// A write not durable within this time fails with `unavailable`, ms [default: 2000].
     #[arg(long, env = "CHATNODE_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
+    /// Sends this node stores at once at most; further sends wait for a slot, in arrival
+    /// order, before any work (back pressure: a slower ack instead of an `unavailable` from
+    /// a replication timeout when the cluster is overloaded) [default: 128].
+    #[arg(long, env = "CHATNODE_MAX_CONCURRENT_SENDS")]
+    pub max_concurrent_sends: Option<usize>,
     /// How far a sync cursor trails the newest inbox positions, ms [default: 5000]: a
     /// message must reach an inbox replica within this (by the replica's clock) of taking its
     /// position, or it is written again at a new one; the next sync resends this much.
@@ -239,6 +244,7 @@ struct FileConfig {
     #[serde(default)]
     allowed_origins: Vec<String>,
     write_timeout_ms: Option<u64>,
+    max_concurrent_sends: Option<usize>,
     anti_entropy_secs: Option<u64>,
     seal_window_ms: Option<u64>,
     checkpoint_interval_ms: Option<u64>,
@@ -300,6 +306,8 @@ pub struct Config {
     /// Extra origins allowed to open WebSockets (`*`: any); see `gateway::ws`.
     pub allowed_origins: Vec<String>,
     pub write_timeout: Duration,
+    /// Sends stored at once at most (`Chat::admit`).
+    pub max_concurrent_sends: usize,
     /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
     pub anti_entropy: Option<Duration>,
     /// How far a sync cursor trails the newest inbox positions (the replicas' seal window).
@@ -449,6 +457,10 @@ impl Config {
                 args.allowed_origins
             },
             write_timeout: ms(args.write_timeout_ms.or(file.write_timeout_ms), 2_000),
+            max_concurrent_sends: args
+                .max_concurrent_sends
+                .or(file.max_concurrent_sends)
+                .unwrap_or(128),
             anti_entropy: match args
                 .anti_entropy_secs
                 .or(file.anti_entropy_secs)
@@ -603,6 +615,9 @@ impl Config {
         }
         if self.write_timeout < Duration::from_millis(100) {
             return bad("--write-timeout-ms must be at least 100".into());
+        }
+        if self.max_concurrent_sends == 0 {
+            return bad("--max-concurrent-sends must be at least 1".into());
         }
         if self.seal_window < Duration::from_millis(500) {
             return bad("--seal-window-ms must be at least 500".into());

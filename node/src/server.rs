@@ -249,6 +249,7 @@ pub async fn serve(
             delivery.clone(),
             presence.clone(),
             push.clone(),
+            cfg.max_concurrent_sends,
         ),
         groups: Groups::new(store.clone(), ids),
         friends: Friends::new(

@@ -5,8 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
+use std::time::Duration;
 
-use chat_tests::to;
+use chat_tests::{collect_messages, to};
 use chat_tests::TestNode;
 use client_proto::client::ClientError;
 use client_proto::{ClientFrame, ErrorCode, MessageId};
@@ -426,4 +427,53 @@ async fn slow_readers_are_kicked_without_flooding_the_log() {
         .unwrap();
     assert!(health.status().is_success());
     drop(stalled);
+}
+
+/// Back pressure: with one send slot (`--max-concurrent-sends 1`), the sends two users
+/// pipeline wait for it in turn. Every one is acked (none refused with `unavailable`) and
+/// delivered once, and the node counts the waits.
+#[tokio::test]
+async fn sends_past_the_node_s_send_slots_wait_their_turn_and_are_all_acked() {
+    const PER_SENDER: usize = 40;
+    let node = TestNode::start(&["--rate-limit-burst", "1000", "--max-concurrent-sends", "1"]);
+    let bob = node.user("bob").await;
+    let mut b = node.connect(&bob.login).await;
+    let mut senders = Vec::new();
+    for name in ["alice", "carol"] {
+        let user = node.user(name).await;
+        senders.push(node.connect(&user.login).await);
+    }
+    for (s, conn) in senders.iter_mut().enumerate() {
+        for i in 0..PER_SENDER {
+            conn.send(&ClientFrame::Send {
+                id: format!("s{s}-{i}"),
+                to: to(bob.id),
+                body: format!("in turn {s} {i}"),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let mut acked = Vec::new();
+    for (s, conn) in senders.iter_mut().enumerate() {
+        for i in 0..PER_SENDER {
+            let ack = conn.wait_ack(&format!("s{s}-{i}")).await;
+            acked.push(ack.unwrap_or_else(|e| panic!("send s{s}-{i}: {e}")).message_id);
+        }
+    }
+    let got = collect_messages(&mut b, &acked, Duration::from_millis(300)).await;
+    assert_eq!(got.len(), acked.len(), "bob got {} of {}", got.len(), acked.len());
+    assert!(got.values().all(|n| *n == 1), "duplicates: {got:?}");
+    let text = reqwest::get(format!("{}/metrics", node.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let waits: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chat_send_admission_wait_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(waits > 0.0, "no send waited for the one slot:\n{text}");
 }

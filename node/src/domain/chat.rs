@@ -11,6 +11,7 @@ use client_proto::limits::{
     MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT,
 };
 use client_proto::{ErrorCode, Message, Recipient};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::domain::auth::Identity;
 use crate::domain::delivery::Delivery;
@@ -32,6 +33,8 @@ pub struct Chat {
     /// Recent recipients' `messages` settings (see [`Chat::messages_setting`]). A std-like
     /// mutex is fine: it is held for a map lookup or insert, never across an await.
     recipient_settings: parking_lot::Mutex<HashMap<UserId, (Audience, Instant)>>,
+    /// Slots for sends being stored at once (see [`Chat::admit`]).
+    admission: Semaphore,
 }
 
 /// How many recipients' settings [`Chat::messages_setting`] remembers before it starts over.
@@ -103,6 +106,7 @@ impl Chat {
         delivery: Delivery,
         presence: Arc<Presence>,
         push: Arc<Push>,
+        max_concurrent_sends: usize,
     ) -> Self {
         Chat {
             store,
@@ -111,7 +115,36 @@ impl Chat {
             presence,
             push,
             recipient_settings: parking_lot::Mutex::new(HashMap::new()),
+            admission: Semaphore::new(max_concurrent_sends.max(1)),
         }
+    }
+
+    /// Waits for one of the node's send slots (`--max-concurrent-sends`). Past that many
+    /// sends being stored at once, a send waits here, in arrival order, before it does any
+    /// work: its ack is later, and its connection stops reading sends at its own window
+    /// (back pressure to the client). Without the bound, an overloaded cluster queues the
+    /// sends inside replication, where their reads and writes time out and the sends fail
+    /// with `unavailable`.
+    async fn admit(&self) -> Option<SemaphorePermit<'_>> {
+        if let Ok(slot) = self.admission.try_acquire() {
+            return Some(slot);
+        }
+        /// Counts the send in `chat_sends_waiting` while it waits, also if it is dropped.
+        struct Waiting;
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                metrics::gauge!("chat_sends_waiting").decrement(1.0);
+            }
+        }
+        metrics::gauge!("chat_sends_waiting").increment(1.0);
+        let waiting = Waiting;
+        let since = Instant::now();
+        // `acquire` fails only on a closed semaphore; this one is never closed.
+        let slot = self.admission.acquire().await.ok();
+        drop(waiting);
+        metrics::histogram!("chat_send_admission_wait_seconds")
+            .record(since.elapsed().as_secs_f64());
+        slot
     }
 
     /// Stores a message durably and delivers it to the recipients' connected devices and the
@@ -130,6 +163,7 @@ impl Chat {
     ) -> Result<Message, ApiError> {
         validate_send(&client_id, &body)?;
         let started = Instant::now();
+        let _slot = self.admit().await;
         // A retry is caught by the idempotency claim in `store_message`; only a refused send
         // looks for an earlier attempt first, so that a retry of a send stored before the
         // sender lost the right to send it (left the group) still gets its first ack.

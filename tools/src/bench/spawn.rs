@@ -13,6 +13,8 @@ use client_proto::ReadyLine;
 
 /// How long the node may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many of a node's warnings [`SpawnedNode::stop`] prints.
+const LOG_LINES_SHOWN: usize = 8;
 
 /// A running `chatnode serve` child.
 pub struct SpawnedNode {
@@ -224,14 +226,32 @@ impl SpawnedNode {
         }
     }
 
-    /// Kills the node (SIGKILL) and waits for it and its log pumps.
+    /// Kills the node (SIGKILL) and waits for it and its log pumps, then prints what it
+    /// logged at warn or above (its log goes with its temporary dir): a run that failed
+    /// says what the node saw, a clean run shows that it logged nothing.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
         for p in self.pumps.drain(..) {
             let _ = p.join();
+        }
+        let text = std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default();
+        let warned: Vec<&str> = text
+            .lines()
+            .filter(|l| ReadyLine::parse(l).is_none())
+            .collect();
+        if !warned.is_empty() {
+            let shown = &warned[warned.len().saturating_sub(LOG_LINES_SHOWN)..];
+            eprintln!(
+                "bench: node pid {} logged {} line(s) at warn or above; the last {}:\n{}",
+                self.pid,
+                warned.len(),
+                shown.len(),
+                shown.join("\n")
+            );
         }
     }
 }
