@@ -7,8 +7,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use chat_tests::{collect_messages, to};
 use chat_tests::TestNode;
+use chat_tests::{collect_messages, to};
 use client_proto::client::ClientError;
 use client_proto::{ClientFrame, ErrorCode, MessageId};
 
@@ -458,11 +458,20 @@ async fn sends_past_the_node_s_send_slots_wait_their_turn_and_are_all_acked() {
     for (s, conn) in senders.iter_mut().enumerate() {
         for i in 0..PER_SENDER {
             let ack = conn.wait_ack(&format!("s{s}-{i}")).await;
-            acked.push(ack.unwrap_or_else(|e| panic!("send s{s}-{i}: {e}")).message_id);
+            acked.push(
+                ack.unwrap_or_else(|e| panic!("send s{s}-{i}: {e}"))
+                    .message_id,
+            );
         }
     }
     let got = collect_messages(&mut b, &acked, Duration::from_millis(300)).await;
-    assert_eq!(got.len(), acked.len(), "bob got {} of {}", got.len(), acked.len());
+    assert_eq!(
+        got.len(),
+        acked.len(),
+        "bob got {} of {}",
+        got.len(),
+        acked.len()
+    );
     assert!(got.values().all(|n| *n == 1), "duplicates: {got:?}");
     let text = reqwest::get(format!("{}/metrics", node.http))
         .await
