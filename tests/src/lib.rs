@@ -290,6 +290,23 @@ impl TestNode {
         self.api().ws_url()
     }
 
+    /// The sum of every series of metric `name` on the node's `/metrics` (0 if absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Signs up `name` (password "password-<name>") and logs in one device.
     pub async fn user(&self, name: &str) -> TestUser {
         let api = self.api();

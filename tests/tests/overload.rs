@@ -30,23 +30,6 @@ fn http_addr(node: &TestNode) -> SocketAddr {
     node.http.trim_start_matches("http://").parse().unwrap()
 }
 
-/// The sum of every series of metric `name` on the node's `/metrics`.
-async fn metric(node: &TestNode, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", node.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A resident-memory figure of the node (`VmHWM`: the peak; `VmRSS`: now), in bytes.
 fn memory(node: &TestNode, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid().unwrap())).unwrap();
@@ -165,7 +148,7 @@ async fn concurrent_wrong_logins_are_bounded_and_others_still_get_in() {
     );
     assert!(wrong > 0, "some wrong logins must have been checked");
     assert!(locked > 0, "the attacking address must end up locked");
-    assert!(metric(&node, "accounts_hash_refused_total").await >= busy as f64);
+    assert!(node.metric("accounts_hash_refused_total").await >= busy as f64);
 }
 
 /// Finding: no connection cap (20k idle sockets exhausted the descriptors). Now one source
@@ -303,7 +286,8 @@ async fn at_the_global_cap_silent_connections_make_room_for_real_clients() {
     assert!(metric_from(&node, "127.0.0.4", "http_connections_evicted_total").await >= 1.0);
 }
 
-/// `metric` over a client bound to another loopback address (127.0.0.1 may be at its cap).
+/// `TestNode::metric` over a client bound to another loopback address (127.0.0.1 may be at
+/// its cap).
 async fn metric_from(node: &TestNode, source: &str, name: &str) -> f64 {
     let http = reqwest::Client::builder()
         .local_address(Some(source.parse().unwrap()))
@@ -361,7 +345,7 @@ async fn a_slowloris_connection_is_closed_after_the_header_timeout() {
             "a silent connection was still open after {DEADLINE:?}"
         );
     }
-    assert!(metric(&node, "http_connections_timed_out_total").await >= 1.0);
+    assert!(node.metric("http_connections_timed_out_total").await >= 1.0);
     let health = reqwest::get(format!("{}/healthz", node.http))
         .await
         .unwrap();
@@ -428,15 +412,12 @@ async fn wrong_passwords_lock_the_account_until_the_delay_passes() {
     }
     assert!(failures >= 5, "the first 5 failures are free");
     // Locked: the right password is refused too, before any hashing.
-    let hashes = metric(&node, "accounts_password_hashes_total").await;
+    let hashes = node.metric("accounts_password_hashes_total").await;
     let (status, retry_after, code) = raw_login(&http, &node.http, "alice", &alice.password).await;
     assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
     let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
     assert!(secs >= 1);
-    assert_eq!(
-        metric(&node, "accounts_password_hashes_total").await,
-        hashes
-    );
+    assert_eq!(node.metric("accounts_password_hashes_total").await, hashes);
     // Bob is not locked out by Alice's attacker.
     login_and_send(&node, &bob, alice.id, 0).await;
     // Once the delay has passed the right password works again (and clears the record).
@@ -450,8 +431,8 @@ async fn wrong_passwords_lock_the_account_until_the_delay_passes() {
         assert!(tokio::time::Instant::now() < deadline, "still locked");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(metric(&node, "accounts_login_failures_total").await >= 6.0);
-    assert!(metric(&node, "accounts_login_throttled_total").await >= 1.0);
+    assert!(node.metric("accounts_login_failures_total").await >= 6.0);
+    assert!(node.metric("accounts_login_throttled_total").await >= 1.0);
     let log = node.log_text();
     assert!(
         log.contains("login failed") && log.contains("alice") && log.contains("127.0.0.1"),
@@ -467,11 +448,11 @@ async fn unknown_usernames_cost_a_hash_like_wrong_passwords() {
     let node = TestNode::start(&[]);
     let _alice = node.user("alice").await;
     let http = reqwest::Client::new();
-    let before = metric(&node, "accounts_password_hashes_total").await;
+    let before = node.metric("accounts_password_hashes_total").await;
     let unknown = raw_login(&http, &node.http, "nobody-here", "some-password").await;
-    let after_unknown = metric(&node, "accounts_password_hashes_total").await;
+    let after_unknown = node.metric("accounts_password_hashes_total").await;
     let wrong = raw_login(&http, &node.http, "alice", "some-password").await;
-    let after_wrong = metric(&node, "accounts_password_hashes_total").await;
+    let after_wrong = node.metric("accounts_password_hashes_total").await;
     assert_eq!(
         after_unknown - before,
         1.0,

@@ -380,18 +380,7 @@ async fn slow_readers_are_kicked_without_flooding_the_log() {
 
     let mut a = node.connect(&alice.login).await;
     let body = "x".repeat(30_000);
-    let kicked = || async {
-        let text = reqwest::get(format!("{}/metrics", node.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with("gateway_slow_consumer_kicks_total"))
-            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let kicked = || node.metric("gateway_slow_consumer_kicks_total");
     let mut sent = 0;
     // Until every stalled device was kicked, or 3,000 messages.
     while sent < 3_000 {
@@ -473,16 +462,6 @@ async fn sends_past_the_node_s_send_slots_wait_their_turn_and_are_all_acked() {
         acked.len()
     );
     assert!(got.values().all(|n| *n == 1), "duplicates: {got:?}");
-    let text = reqwest::get(format!("{}/metrics", node.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let waits: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("chat_send_admission_wait_seconds_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    assert!(waits > 0.0, "no send waited for the one slot:\n{text}");
+    let waits = node.metric("chat_send_admission_wait_seconds_count").await;
+    assert!(waits > 0.0, "no send waited for the one slot");
 }
