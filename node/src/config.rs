@@ -881,5 +881,11 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("heartbeat"));
+        let err = Config::resolve(ServeArgs {
+            max_concurrent_sends: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--max-concurrent-sends"));
     }
 }

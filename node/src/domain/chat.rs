@@ -115,7 +115,7 @@ impl Chat {
             presence,
             push,
             recipient_settings: parking_lot::Mutex::new(HashMap::new()),
-            admission: Semaphore::new(max_concurrent_sends.max(1)),
+            admission: Semaphore::new(max_concurrent_sends.clamp(1, Semaphore::MAX_PERMITS)),
         }
     }
 
