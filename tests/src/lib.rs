@@ -298,13 +298,7 @@ impl TestNode {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_in(&text, name)
     }
 
     /// Signs up `name` (password "password-<name>") and logs in one device.
@@ -432,6 +426,17 @@ pub async fn collect_messages(
         *seen.entry(m).or_insert(0) += 1;
     }
     seen
+}
+
+/// The sum of every series of metric `name` in a `/metrics` text (0 if absent).
+pub fn metric_in(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A direct-message recipient.

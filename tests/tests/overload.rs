@@ -301,10 +301,7 @@ async fn metric_from(node: &TestNode, source: &str, name: &str) -> f64 {
         .text()
         .await
         .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    chat_tests::metric_in(&text, name)
 }
 
 /// Finding: slowloris connections stayed open forever. Now a request head must be complete
