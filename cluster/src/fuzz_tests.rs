@@ -231,7 +231,9 @@ fn fuzz_replication_bodies() {
             ScanReply,
             CasRequest,
             CasReply,
-            PullReply
+            PullReply,
+            Vec<ApplyBatch>,
+            rpc::ApplyManyReply
         );
         // What the service does with a request before any work: bounds and validity.
         if let Some(scan) = round_trip(data, rpc::decode::<ScanRequest>, rpc::encode) {
