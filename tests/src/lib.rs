@@ -193,6 +193,11 @@ impl TestNode {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The file the node's output goes to (kept across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
+    }
+
     /// The node's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_tests::TestNode;
@@ -98,6 +99,124 @@ async fn acked_messages_only_in_the_commit_log_survive_sigkill() {
         acked.len()
     );
     assert_eq!(synced.len(), 400);
+}
+
+/// Reads what a node's log file gained since the last call.
+struct LogTail {
+    path: std::path::PathBuf,
+    offset: usize,
+}
+
+impl LogTail {
+    fn new_text(&mut self) -> String {
+        let text = std::fs::read(&self.path).unwrap_or_default();
+        let new = String::from_utf8_lossy(text.get(self.offset..).unwrap_or_default()).into_owned();
+        self.offset = text.len();
+        new
+    }
+}
+
+/// A SIGKILL that lands inside a checkpoint loses nothing acknowledged. The node logs when a
+/// checkpoint begins (after its rotation, before sled's flush and the deletion of the covered
+/// segments) and when it is done. Under a write load, the test kills the node a varied few
+/// milliseconds after a checkpoint began, and counts the kill as inside the checkpoint when
+/// the log shows no "done" after that "begins". It restarts and goes on until three kills
+/// landed inside one (and fails if none did), then syncs everything acked.
+#[tokio::test]
+async fn a_sigkill_inside_a_checkpoint_loses_no_acked_message() {
+    // A checkpoint every second while writes arrive, or per 8 MiB of log (512 sends of 16
+    // KiB): each flushes megabytes of sled's pages, which takes a few milliseconds or more.
+    let mut node = TestNode::start(&[
+        "--rate-limit-per-sec",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+        "--read-rate-limit-per-sec",
+        "1000",
+        "--read-rate-limit-burst",
+        "1000",
+        "--checkpoint-interval-ms",
+        "1000",
+        "--checkpoint-mib",
+        "8",
+    ]);
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let mut log = LogTail {
+        path: node.log_path(),
+        offset: 0,
+    };
+    let body = "c".repeat(16 * 1024);
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let (mut inside, mut rounds) = (0, 0);
+    while inside < 3 && rounds < 12 {
+        rounds += 1;
+        let mut a = node.connect(&alice.login).await;
+        let (acked2, body2, bob_id) = (acked.clone(), body.clone(), bob.id);
+        let load = tokio::spawn(async move {
+            // Eight in flight at a time until the connection dies with the node.
+            for batch in 0.. {
+                let ids: Vec<String> = (0..8).map(|i| format!("r{rounds}-{batch}-{i}")).collect();
+                for id in &ids {
+                    let frame = ClientFrame::Send {
+                        id: id.clone(),
+                        to: to(bob_id),
+                        body: body2.clone(),
+                    };
+                    if a.send(&frame).await.is_err() {
+                        return;
+                    }
+                }
+                for id in &ids {
+                    match a.wait_ack(id).await {
+                        Ok(ack) => acked2.lock().unwrap().insert(ack.message_id),
+                        Err(_) => return,
+                    };
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        log.new_text();
+        // The log from the latest checkpoint's beginning on.
+        let mut since = String::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            let text = log.new_text();
+            if let Some(at) = text.rfind("checkpoint begins") {
+                since = text[at..].to_string();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rounds % 4)).await; // varied: 1, 2, 3, 0 ... ms
+        node.kill();
+        // Let the log's reader drain the dead process's pipe.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        since.push_str(&log.new_text());
+        if since.starts_with("checkpoint begins") && !since.contains("checkpoint done") {
+            inside += 1;
+        }
+        load.await.unwrap();
+        node.restart();
+    }
+    assert!(
+        inside >= 1,
+        "no kill landed inside a checkpoint in {rounds} rounds"
+    );
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "{rounds} kills, {inside} inside a checkpoint, {} sends acked",
+        acked.len()
+    );
+    assert!(acked.len() > 100, "only {} sends acked", acked.len());
+    let synced: HashSet<MessageId> = node.sync_on_new_device(&bob).await.into_iter().collect();
+    let missing: Vec<_> = acked.difference(&synced).collect();
+    assert!(
+        missing.is_empty(),
+        "acked but lost after {inside} kills inside a checkpoint ({rounds} kills): {} of {}",
+        missing.len(),
+        acked.len()
+    );
 }
 
 #[tokio::test]

@@ -207,6 +207,7 @@ impl Checkpointer {
         let db_dir = self.db_dir.clone();
         let dir = self.dir.clone();
         let current = rotation.current;
+        tracing::debug!(segment = current, "checkpoint begins");
         let (flush, deleted) = tokio::task::spawn_blocking(move || {
             let flush_started = Instant::now();
             flush_sled(&db, &db_dir)?;
@@ -227,7 +228,7 @@ impl Checkpointer {
             deleted,
             flush_ms = flush.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
-            "checkpoint"
+            "checkpoint done"
         );
         Ok(())
     }
