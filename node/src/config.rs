@@ -11,6 +11,12 @@ use serde::Deserialize;
 /// when something is wrong.
 pub const DEFAULT_LOG: &str = "info,chitchat=warn";
 
+/// Bodies up to this many bytes are copied into each inbox; longer ones are stored once and
+/// referred to. A reference costs one more quorum read when a page is synced; at this size
+/// that read costs less than a copy per recipient (writing it to every replica, logging it,
+/// replicating it).
+pub const DEFAULT_INLINE_BODY_BYTES: usize = 4096;
+
 /// Flags of `chatnode serve`. Every one also reads `CHATNODE_<NAME>` and the config file key
 /// of the same name in snake_case.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -97,6 +103,13 @@ pub struct ServeArgs {
     /// a replication timeout when the cluster is overloaded) [default: 128].
     #[arg(long, env = "CHATNODE_MAX_CONCURRENT_SENDS")]
     pub max_concurrent_sends: Option<usize>,
+    /// Message bodies longer than this, bytes, are stored once per replica, in the
+    /// conversation's history, and inbox entries refer to them; shorter ones are copied into
+    /// each recipient's inbox [default: 4096]. Nodes before this setting cannot read such
+    /// references: during a rolling upgrade from one, set 100000 (every body inline) until
+    /// every node runs this version.
+    #[arg(long, env = "CHATNODE_INLINE_BODY_BYTES")]
+    pub inline_body_bytes: Option<usize>,
     /// How far a sync cursor trails the newest inbox positions, ms [default: 5000]: a
     /// message must reach an inbox replica within this (by the replica's clock) of taking its
     /// position, or it is written again at a new one; the next sync resends this much.
@@ -245,6 +258,7 @@ struct FileConfig {
     allowed_origins: Vec<String>,
     write_timeout_ms: Option<u64>,
     max_concurrent_sends: Option<usize>,
+    inline_body_bytes: Option<usize>,
     anti_entropy_secs: Option<u64>,
     seal_window_ms: Option<u64>,
     checkpoint_interval_ms: Option<u64>,
@@ -308,6 +322,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Sends stored at once at most (`Chat::admit`).
     pub max_concurrent_sends: usize,
+    /// Longer bodies are stored once, in the history (`store::messages`).
+    pub inline_body_bytes: usize,
     /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
     pub anti_entropy: Option<Duration>,
     /// How far a sync cursor trails the newest inbox positions (the replicas' seal window).
@@ -461,6 +477,10 @@ impl Config {
                 .max_concurrent_sends
                 .or(file.max_concurrent_sends)
                 .unwrap_or(128),
+            inline_body_bytes: args
+                .inline_body_bytes
+                .or(file.inline_body_bytes)
+                .unwrap_or(DEFAULT_INLINE_BODY_BYTES),
             anti_entropy: match args
                 .anti_entropy_secs
                 .or(file.anti_entropy_secs)

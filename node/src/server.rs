@@ -173,6 +173,7 @@ pub async fn serve(
             checkpoint_interval: cfg.checkpoint_interval,
             checkpoint_bytes: cfg.checkpoint_bytes,
         },
+        inline_body_bytes: cfg.inline_body_bytes,
     };
     // Installed before the store opens, so that the replay's counters are recorded.
     let metrics = metrics_recorder();

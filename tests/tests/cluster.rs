@@ -98,15 +98,25 @@ async fn a_hundred_member_group_spread_over_three_nodes() {
         .unwrap()
         .group_id;
     let mut devices = Vec::new();
+    let mut cursors = Vec::new();
     for (i, u) in users.iter().enumerate() {
-        devices.push(cluster.nodes[i % 3].connect(&u.login).await);
+        let mut d = cluster.nodes[i % 3].connect(&u.login).await;
+        // Where each member's sync stands before the sends.
+        cursors.push(d.sync_all(None, None).await.unwrap().cursor);
+        devices.push(d);
     }
     let ack = send_until_acked(&mut devices[0], "g1", Recipient::Group(g), "hello all").await;
-    // The largest body allowed: its ~100 inbox copies make one replica's share of the write
-    // about 10 MB, sent as several requests under the peer frame limit.
-    let largest = "x".repeat(client_proto::limits::MAX_BODY_BYTES);
+    // The largest body allowed: stored once per replica in the group's history, its ~100
+    // inbox entries refer to it (they would make ~10 MB per replica as copies).
+    let largest: String = (0..client_proto::limits::MAX_BODY_BYTES)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     let ack2 = send_until_acked(&mut devices[0], "g2", Recipient::Group(g), &largest).await;
     let want = [ack.message_id, ack2.message_id];
+    let bodies = [
+        ("hello all", ack.message_id),
+        (largest.as_str(), ack2.message_id),
+    ];
     for (i, d) in devices.iter_mut().enumerate().skip(1) {
         // Linger on the first device only: by then every device's catch-up has run.
         let linger = if i == 1 {
@@ -120,6 +130,29 @@ async fn a_hundred_member_group_spread_over_three_nodes() {
             "member {i}: {seen:?}"
         );
         assert_eq!(seen.len(), 2, "member {i}: {seen:?}");
+    }
+    // Every member (the sender too) syncs both from where it stood, through the store: the
+    // inline body, and the large one read back from the history entry it refers to.
+    for (i, d) in devices.iter_mut().enumerate() {
+        let synced = d.sync_all(cursors[i], None).await.unwrap();
+        for (body, id) in bodies {
+            let got: Vec<_> = synced
+                .messages
+                .iter()
+                .filter(|m| m.message_id == id)
+                .collect();
+            assert_eq!(
+                got.len(),
+                1,
+                "member {i}: message {id} synced {} times",
+                got.len()
+            );
+            assert!(
+                got[0].body == body,
+                "member {i}: message {id} synced with another body ({} bytes)",
+                got[0].body.len()
+            );
+        }
     }
 }
 

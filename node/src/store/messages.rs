@@ -3,7 +3,7 @@
 use client_proto::ids::{ConversationId, MessageId, Position, UserId};
 use client_proto::Message;
 
-use super::records::{decode, encode, PushJob};
+use super::records::{decode, encode, InboxEntry, InboxRef, PushJob};
 use super::{keys, Store, StoreError, Table, WriteBatch};
 
 /// What storing a send did.
@@ -40,8 +40,8 @@ pub struct HistoryPage {
 
 /// A bound on a message's encoded size in any frame (JSON escaping at its worst), for
 /// keeping `sync_batch` and `history` frames under the protocol's frame limit.
-fn weight(m: &Message) -> usize {
-    client_proto::limits::message_weight(m.body.len(), m.client_id.len())
+fn weight(body_len: usize, client_id: &str) -> usize {
+    client_proto::limits::message_weight(body_len, client_id.len())
 }
 
 /// Gathers messages up to a count and a byte budget; always takes the first one, so a
@@ -63,20 +63,46 @@ impl Collector {
         }
     }
 
-    /// Whether `m` fits.
-    fn fits(&self, m: &Message) -> bool {
+    /// Whether a message of this weight fits.
+    fn fits(&self, weight: usize) -> bool {
         self.messages.len() < self.limit
-            && (self.messages.is_empty() || self.used + weight(m) <= self.budget)
+            && (self.messages.is_empty() || self.used + weight <= self.budget)
+    }
+
+    /// Takes `m`, which [`Collector::fits`] said fits, counting it at `weight`.
+    fn take(&mut self, m: Message, weight: usize) {
+        self.used += weight;
+        self.messages.push(m);
     }
 
     /// Takes `m` if it fits; false means the page is full (and `m` was not taken).
     fn offer(&mut self, m: Message) -> bool {
-        if !self.fits(&m) {
+        let w = weight(m.body.len(), &m.client_id);
+        if !self.fits(w) {
             return false;
         }
-        self.used += weight(&m);
-        self.messages.push(m);
+        self.take(m, w);
         true
+    }
+}
+
+impl InboxRef {
+    /// The reference to `msg`'s history entry.
+    fn to(msg: &Message) -> Self {
+        InboxRef {
+            header: Message {
+                message_id: msg.message_id,
+                conversation: msg.conversation,
+                from: msg.from,
+                to: msg.to,
+                group: msg.group,
+                body: String::new(),
+                ts: msg.ts,
+                client_id: msg.client_id.clone(),
+            },
+            // A body is at most MAX_BODY_BYTES (checked before any work).
+            body_len: u32::try_from(msg.body.len()).unwrap_or(u32::MAX),
+        }
     }
 }
 
@@ -191,7 +217,9 @@ impl Store {
         }
     }
 
-    /// The history entry and the inbox entries (at `pos`) of a message.
+    /// The history entry and the inbox entries (at `pos`) of a message. A body longer than
+    /// the inline limit is written once, in the history entry: the inbox entries refer to it
+    /// (a 100 KB message to a group of 100 writes ~100 KB per replica, not ~10 MB).
     fn message_batch(
         &self,
         msg: &Message,
@@ -201,9 +229,14 @@ impl Store {
     ) -> WriteBatch {
         let mut batch = WriteBatch::default();
         let history_key = keys::history(&msg.conversation, msg.message_id);
+        let entry = if msg.body.len() > self.inner.inline_body_bytes {
+            encode(&InboxRef::to(msg))
+        } else {
+            encoded.clone()
+        };
         for user in inboxes {
             let key = keys::inbox(*user, pos);
-            batch.put(self, Table::Inbox, &keys::user(*user), key, encoded.clone());
+            batch.put(self, Table::Inbox, &keys::user(*user), key, entry.clone());
         }
         let conv_key = keys::conversation(&msg.conversation);
         batch.put(self, Table::History, &conv_key, history_key, encoded);
@@ -226,24 +259,85 @@ impl Store {
         let from = after.map_or(Position(0), |a| Position(a.0.saturating_add(1)));
         let range =
             keys::inbox(user, from).to_vec()..=keys::inbox(user, Position(u64::MAX)).to_vec();
+        // The page's entries that refer to their history entry for the body.
+        let mut refs = Vec::new();
         let seal = self
             .scan(Table::Inbox, &keys::user(user), range, false, |k, v| {
-                let m: Message = decode(v)?;
-                if !page.fits(&m) {
+                let entry = InboxEntry::decode(v)?;
+                let w = weight(entry.body_len(), entry.client_id());
+                if !page.fits(w) {
                     more = true;
                     return Ok(false);
                 }
                 last = keys::position_suffix(k);
-                page.offer(m);
+                match entry {
+                    InboxEntry::Inline(m) => page.take(m, w),
+                    InboxEntry::Ref(r) => {
+                        refs.push(page.messages.len());
+                        page.take(r.header, w);
+                    }
+                }
                 Ok(true)
             })
             .await?;
+        self.fill_bodies(&mut page.messages, &refs).await?;
         Ok(SyncPage {
             messages: page.messages,
             last,
             more,
             seal: seal.map(Position),
         })
+    }
+
+    /// Reads the bodies of `messages[i]` for each `i` in `refs` (ascending) from their history
+    /// entries, all at once. An entry whose history entry no read quorum holds is dropped from
+    /// the page: its message was never acknowledged (an acknowledged send's history entry is
+    /// on a write quorum, which every read quorum meets), and a retry of it, if any, writes
+    /// its inbox entries again at a new position.
+    async fn fill_bodies(
+        &self,
+        messages: &mut Vec<Message>,
+        refs: &[usize],
+    ) -> Result<(), StoreError> {
+        if refs.is_empty() {
+            return Ok(());
+        }
+        let wanted: Vec<(Vec<u8>, Vec<u8>)> = refs
+            .iter()
+            .map(|&i| {
+                let m = &messages[i];
+                (
+                    keys::conversation(&m.conversation),
+                    keys::history(&m.conversation, m.message_id),
+                )
+            })
+            .collect();
+        let read = wanted
+            .iter()
+            .map(|(conv, key)| self.get(Table::History, conv, key));
+        let found = futures_util::future::try_join_all(read).await?;
+        let mut dangling = Vec::new();
+        for (&i, got) in refs.iter().zip(found) {
+            let Some(bytes) = got else {
+                dangling.push(i);
+                continue;
+            };
+            let full: Message = decode(&bytes)?;
+            let m = &mut messages[i];
+            if full.message_id != m.message_id || full.conversation != m.conversation {
+                return Err(StoreError::Corrupt(format!(
+                    "the history entry of message {} is another message's",
+                    m.message_id
+                )));
+            }
+            m.body = full.body;
+        }
+        for i in dangling.into_iter().rev() {
+            let m = messages.remove(i);
+            metrics::counter!("store_inbox_dangling_refs_total").increment(1);
+            tracing::debug!(message = %m.message_id, "an inbox entry refers to a history entry no read quorum holds (a send that was never acknowledged); left out of the page");
+        }
+        Ok(())
     }
 
     /// Up to `limit` messages of a conversation newer than `after` and older than `before`

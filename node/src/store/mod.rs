@@ -258,6 +258,9 @@ pub struct StoreOptions {
     pub guard: Arc<SkewGuard>,
     /// The commit log's directory and checkpoint pacing.
     pub log: wal::LogOptions,
+    /// Bodies longer than this are stored once, in the history; inbox entries refer to them
+    /// (`--inline-body-bytes`).
+    pub inline_body_bytes: usize,
 }
 
 /// The store's background tasks: the commit log's writer and checkpointer. Stop them with
@@ -293,6 +296,8 @@ struct Inner {
     /// The clock's durable lease found at open (ms since the id epoch; 0: a new store): the
     /// last run's clock never passed it.
     lease_at_open: u64,
+    /// See [`StoreOptions::inline_body_bytes`].
+    inline_body_bytes: usize,
 }
 
 /// The store handle; cheap to clone.
@@ -412,6 +417,7 @@ impl Store {
                 coord: OnceLock::new(),
                 ids,
                 lease_at_open: lease,
+                inline_body_bytes: opts.inline_body_bytes,
             }),
         };
         let tasks = StoreTasks {

@@ -48,6 +48,59 @@ impl Record for client_proto::Message {}
 impl Record for PushJob {}
 impl Record for GroupRecord {}
 
+/// An inbox entry that refers to its message's history entry instead of holding the body: the
+/// message with an empty body, and the body's length (what the entry weighs in a page). A
+/// message with a large body is stored once per replica, in the history, however many inboxes
+/// it goes to (`Store::message_batch`).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct InboxRef {
+    pub header: client_proto::Message,
+    pub body_len: u32,
+}
+
+impl Record for InboxRef {
+    /// A byte of its own, unlike any `Message` version, so that an inbox value says which of
+    /// the two it is ([`InboxEntry::decode`]).
+    const VERSION: u8 = 0x80;
+    fn migrate(version: u8, _rest: &[u8]) -> Result<Self, StoreError> {
+        Err(StoreError::Corrupt(format!(
+            "not an inbox reference (version {version})"
+        )))
+    }
+}
+
+/// What an inbox entry holds: the message, or a reference to its history entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InboxEntry {
+    Inline(client_proto::Message),
+    Ref(InboxRef),
+}
+
+impl InboxEntry {
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match bytes.first() {
+            Some(&InboxRef::VERSION) => Ok(InboxEntry::Ref(decode(bytes)?)),
+            _ => Ok(InboxEntry::Inline(decode(bytes)?)),
+        }
+    }
+
+    /// The body's length in bytes.
+    pub fn body_len(&self) -> usize {
+        match self {
+            InboxEntry::Inline(m) => m.body.len(),
+            InboxEntry::Ref(r) => r.body_len as usize,
+        }
+    }
+
+    /// The message's client id.
+    pub fn client_id(&self) -> &str {
+        match self {
+            InboxEntry::Inline(m) => &m.client_id,
+            InboxEntry::Ref(r) => &r.header.client_id,
+        }
+    }
+}
+
 /// Who may do something to a user (a privacy setting; `client_proto::http::Audience`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
 pub enum Audience {
@@ -246,6 +299,38 @@ mod tests {
         assert!(decode::<UserRecord>(&future).is_err());
         assert!(decode::<UserRecord>(&[]).is_err());
         assert!(decode::<UserRecord>(&bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn inbox_entries_are_messages_or_references() {
+        let m = client_proto::Message {
+            message_id: MessageId(1 << 30),
+            conversation: ConversationId::Group(GroupId(3)),
+            from: UserId(1),
+            to: None,
+            group: Some(GroupId(3)),
+            body: "b".repeat(5000),
+            ts: 9,
+            client_id: "c-1".into(),
+        };
+        let inline = InboxEntry::decode(&encode(&m)).unwrap();
+        assert_eq!((inline.body_len(), inline.client_id()), (5000, "c-1"));
+        assert_eq!(inline, InboxEntry::Inline(m.clone()));
+        let r = InboxRef {
+            header: client_proto::Message {
+                body: String::new(),
+                ..m.clone()
+            },
+            body_len: 5000,
+        };
+        let bytes = encode(&r);
+        assert_eq!(bytes[0], 0x80);
+        let entry = InboxEntry::decode(&bytes).unwrap();
+        assert_eq!((entry.body_len(), entry.client_id()), (5000, "c-1"));
+        assert_eq!(entry, InboxEntry::Ref(r));
+        // A reference is not a message, and a message is not a reference.
+        assert!(decode::<client_proto::Message>(&bytes).is_err());
+        assert!(decode::<InboxRef>(&encode(&m)).is_err());
     }
 
     #[test]
