@@ -56,6 +56,7 @@ impl DirectArgs {
                 spawn_node: false,
                 spawn_cluster: None,
                 node_args: Vec::new(),
+                node_bin: None,
                 baseline: false,
                 codec,
                 node_pid: None,

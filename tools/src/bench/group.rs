@@ -69,6 +69,9 @@ pub struct GroupStep {
     pub last_member: Latency,
     /// What the step cost the node processes, per delivery.
     pub cost: Option<super::cost::Cost>,
+    /// Messages acked in each group.
+    #[serde(skip)]
+    pub acked_by_group: Vec<u64>,
 }
 
 /// `chatnode bench group`.
@@ -78,7 +81,7 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
     }
     let mut target = Target::open(&args.target)?;
     target.settle().await?;
-    let steps = measure(
+    let measured = measure(
         &target.endpoint,
         target.codec,
         Some(&target.meter),
@@ -87,7 +90,7 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
     )
     .await;
     target.check_alive()?;
-    let steps = steps?;
+    let (steps, sync) = measured?;
     // The baseline: the same groups, members and steps against the in-process relay, which
     // fans each send out to the other members and stores nothing.
     let baseline = if args.target.baseline {
@@ -97,7 +100,7 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
         };
         let steps = measure(&endpoint, target.codec, None, Some(&relay), &args).await;
         relay.shutdown().await;
-        Some(steps?)
+        Some(steps?.0)
     } else {
         None
     };
@@ -170,7 +173,17 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
             .collect(),
         );
     }
+    let mut tables = vec![table];
     let mut failures = Vec::new();
+    if let Some(sync) = &sync {
+        tables.push(sync.table());
+        if sync.messages < sync.expected {
+            failures.push(format!(
+                "sync: {} of the member's {} messages came back",
+                sync.messages, sync.expected
+            ));
+        }
+    }
     let mut lost = 0;
     for s in &steps {
         lost += s.lost;
@@ -183,22 +196,130 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
     }
     Ok(Outcome {
         scenario: "group",
-        tables: vec![table],
-        json: serde_json::json!({ "steps": steps, "baseline": baseline }),
+        tables,
+        json: serde_json::json!({ "steps": steps, "baseline": baseline, "sync": sync }),
         lost,
         failures,
     })
 }
 
+/// After the steps, one member's whole inbox read back with one `sync` from nothing, on a
+/// connection of its own (what a new device does): every message the member's group had
+/// acknowledged, each body read from the store.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncFigures {
+    /// Messages acknowledged in the member's group over every step.
+    pub expected: u64,
+    /// Messages the sync returned.
+    pub messages: u64,
+    /// `sync_batch` frames.
+    pub batches: u64,
+    /// Body bytes returned.
+    pub body_bytes: u64,
+    pub ms: f64,
+    pub messages_per_s: f64,
+    pub body_mb_per_s: f64,
+    /// What the sync cost the node processes, per message returned.
+    pub cost: Option<super::cost::Cost>,
+}
+
+impl SyncFigures {
+    fn table(&self) -> Table {
+        let mut table = Table::new(
+            String::from(
+                "sync: one member's whole inbox from nothing, one `sync` on a new connection",
+            ),
+            &[
+                "messages",
+                "of acked",
+                "batches",
+                "body MB",
+                "ms",
+                "msgs/s",
+                "body MB/s",
+                super::cost::HEADERS[0],
+            ],
+        );
+        table.row(vec![
+            self.messages.to_string(),
+            self.expected.to_string(),
+            self.batches.to_string(),
+            format!("{:.1}", self.body_bytes as f64 / 1e6),
+            format!("{:.0}", self.ms),
+            int(self.messages_per_s),
+            format!("{:.1}", self.body_mb_per_s),
+            super::cost::cells(self.cost.as_ref())[0].clone(),
+        ]);
+        table
+    }
+}
+
+/// Reads `account`'s whole inbox with one `sync` on a new connection.
+async fn sync_inbox(
+    account: &super::Account,
+    codec: Codec,
+    expected: u64,
+    meter: Option<&super::cost::Meter>,
+) -> Result<SyncFigures> {
+    let mut c = conn::connect(&account.ws_url, &account.token, codec).await?;
+    let before = match meter {
+        Some(m) => Some(m.read().await),
+        None => None,
+    };
+    let started = Instant::now();
+    let sync = client_proto::ClientFrame::Sync {
+        after: None,
+        limit: None,
+    };
+    c.sink
+        .send(conn::encode(codec, &sync))
+        .await
+        .context("sending sync")?;
+    let mut out = SyncFigures {
+        expected,
+        ..SyncFigures::default()
+    };
+    let deadline = started + Duration::from_secs(300);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, c.stream.next())
+            .await
+            .map_err(|_| anyhow!("the sync did not end within 300 s"))?;
+        match conn::decode(msg)? {
+            Some(client_proto::ServerFrame::SyncBatch { messages, done, .. }) => {
+                out.batches += 1;
+                out.messages += messages.len() as u64;
+                out.body_bytes += messages.iter().map(|m| m.body.len() as u64).sum::<u64>();
+                if done {
+                    break;
+                }
+            }
+            Some(client_proto::ServerFrame::Error { code, message, .. }) => {
+                bail!("sync refused: {code}: {message}")
+            }
+            _ => {}
+        }
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-6);
+    out.ms = secs * 1e3;
+    out.messages_per_s = out.messages as f64 / secs;
+    out.body_mb_per_s = out.body_bytes as f64 / 1e6 / secs;
+    if let (Some(meter), Some(before)) = (meter, before) {
+        let after = meter.read().await;
+        out.cost = meter.cost(&before, &after, out.messages, secs);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
+    Ok(out)
+}
+
 /// Sets up the groups (on the nodes, or in `relay`), connects every member, runs the steps;
-/// `meter` reads each step's cost.
+/// `meter` reads each step's cost. On the nodes, then syncs one member's inbox.
 async fn measure(
     endpoint: &Endpoint,
     codec: Codec,
     meter: Option<&super::cost::Meter>,
     relay: Option<&super::relay::Relay>,
     args: &GroupArgs,
-) -> Result<Vec<GroupStep>> {
+) -> Result<(Vec<GroupStep>, Option<SyncFigures>)> {
     let (g, m) = (args.groups, args.members);
     let accounts = endpoint.accounts(g * m, "bg").await?;
     let mut groups = Vec::with_capacity(g);
@@ -305,7 +426,18 @@ async fn measure(
     for (_, _, mut c) in members {
         let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
     }
-    Ok(out)
+    // The last member of the first group, which only receives.
+    let sync = match (relay, accounts.get(m - 1)) {
+        (None, Some(account)) => {
+            let expected = out
+                .iter()
+                .map(|s| s.acked_by_group.first().copied().unwrap_or(0))
+                .sum();
+            Some(sync_inbox(account, codec, expected, meter).await?)
+        }
+        _ => None,
+    };
+    Ok((out, sync))
 }
 
 fn summarize(
@@ -325,6 +457,10 @@ fn summarize(
     for (g, _, o) in &outs {
         s.errors += o.errors;
         s.messages_acked += o.acked.len() as u64;
+        if s.acked_by_group.len() <= *g {
+            s.acked_by_group.resize(*g + 1, 0);
+        }
+        s.acked_by_group[*g] += o.acked.len() as u64;
         for key in &o.acked {
             per_msg.entry((*g, *key)).or_insert((0, 0));
         }

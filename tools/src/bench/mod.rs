@@ -79,6 +79,10 @@ pub struct TargetArgs {
     /// An extra flag for the spawned node (repeatable), e.g. `--node-arg=--log=info`.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
+    /// The `chatnode` executable the spawned nodes run [default: this one]: compares two
+    /// builds of the node under the same load generator.
+    #[arg(long)]
+    pub node_bin: Option<std::path::PathBuf>,
     /// Also run the relay baseline (`direct` at `max`) and show ratios to it.
     #[arg(long)]
     pub baseline: bool,
@@ -211,7 +215,7 @@ impl Target {
             if n == 0 {
                 bail!("--spawn-cluster needs at least 1 node");
             }
-            let c = spawn::SpawnedCluster::start(n, &args.node_args)?;
+            let c = spawn::SpawnedCluster::start(n, args.node_bin.as_deref(), &args.node_args)?;
             for node in &c.nodes {
                 servers.push(node.http.clone());
                 cluster_pids.push(node.pid);
@@ -219,7 +223,7 @@ impl Target {
             cluster = Some(c);
         }
         if args.spawn_node {
-            let n = SpawnedNode::start(&args.node_args)?;
+            let n = SpawnedNode::start(args.node_bin.as_deref(), &args.node_args)?;
             servers.push(n.http.clone());
             node_pid = Some(n.pid);
             node = Some(n);

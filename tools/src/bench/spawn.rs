@@ -1,8 +1,9 @@
-//! `--spawn-node`: a `chatnode serve` child process (this very executable) with a temporary
+//! `--spawn-node`: a `chatnode serve` child process (this very executable, or `--node-bin`) with a temporary
 //! data dir, free ports and rate limits high enough not to throttle the bench. It is killed
 //! when the bench ends. `--spawn-cluster N`: N of them, one cluster ([`SpawnedCluster`]).
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -18,6 +19,8 @@ const LOG_LINES_SHOWN: usize = 8;
 
 /// A running `chatnode serve` child.
 pub struct SpawnedNode {
+    /// The `chatnode` executable it runs.
+    exe: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
     extra: Vec<String>,
@@ -41,9 +44,10 @@ pub struct SpawnedCluster {
 }
 
 impl SpawnedCluster {
-    /// Makes the cluster dir and starts `n` nodes with `extra` flags, each waited for.
-    pub fn start(n: usize, extra: &[String]) -> Result<SpawnedCluster> {
-        let exe = std::env::current_exe().context("finding the chatnode executable")?;
+    /// Makes the cluster dir and starts `n` nodes of `bin` (default: this executable) with
+    /// `extra` flags, each waited for.
+    pub fn start(n: usize, bin: Option<&Path>, extra: &[String]) -> Result<SpawnedCluster> {
+        let exe = node_exe(bin)?;
         let dir = tempfile::Builder::new()
             .prefix("chatnode-bench-cluster-")
             .tempdir()
@@ -86,7 +90,7 @@ impl SpawnedCluster {
                 args.extend(["--seed".to_string(), first.gossip.clone()]);
             }
             args.extend(extra.iter().cloned());
-            nodes.push(SpawnedNode::start(&args)?);
+            nodes.push(SpawnedNode::start(Some(&exe), &args)?);
         }
         Ok(SpawnedCluster {
             _cluster_dir: dir,
@@ -95,14 +99,24 @@ impl SpawnedCluster {
     }
 }
 
+/// The executable to spawn nodes of: `bin`, or this very one.
+fn node_exe(bin: Option<&Path>) -> Result<PathBuf> {
+    match bin {
+        Some(b) => Ok(b.to_path_buf()),
+        None => std::env::current_exe().context("finding the chatnode executable"),
+    }
+}
+
 impl SpawnedNode {
-    /// Starts the node with `extra` flags after the bench's own, and waits for its ready line.
-    pub fn start(extra: &[String]) -> Result<SpawnedNode> {
+    /// Starts a node of `bin` (default: this executable) with `extra` flags after the bench's
+    /// own, and waits for its ready line.
+    pub fn start(bin: Option<&Path>, extra: &[String]) -> Result<SpawnedNode> {
         let dir = tempfile::Builder::new()
             .prefix("chatnode-bench-")
             .tempdir()
             .context("creating a temporary data dir")?;
         let mut node = SpawnedNode {
+            exe: node_exe(bin)?,
             child: None,
             dir,
             extra: extra.to_vec(),
@@ -124,10 +138,9 @@ impl SpawnedNode {
     }
 
     fn launch(&mut self) -> Result<()> {
-        let exe = std::env::current_exe().context("finding the chatnode executable")?;
         let log_path = self.dir.path().join("node.log");
         self.gossip = free_gossip_addr()?;
-        let mut child = Command::new(exe)
+        let mut child = Command::new(&self.exe)
             .arg("serve")
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
