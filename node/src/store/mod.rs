@@ -774,7 +774,8 @@ fn replay_log(
     std::fs::create_dir_all(dir).map_err(dir_err("create the directory"))?;
     restrict_permissions(dir).map_err(dir_err("restrict permissions"))?;
     let started = std::time::Instant::now();
-    let replayed = wal::replay(dir, |op| {
+    let lanes = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let replayed = wal::replay(dir, lanes, |op| {
         let (Some(table), Some(tree)) = (
             TABLES.get(usize::from(op.table)),
             trees.get(usize::from(op.table)),
@@ -807,6 +808,7 @@ fn replay_log(
     })?;
     metrics::counter!("store_log_replayed_records_total").increment(replayed.records);
     let next = replayed.next_seq();
+    let flush_started = std::time::Instant::now();
     if !replayed.segments.is_empty() {
         wal::flush_sled(db, db_dir).map_err(StoreError::Checkpoint)?;
         wal::delete_segments_below(dir, next).map_err(dir_err("delete replayed segments"))?;
@@ -817,6 +819,9 @@ fn replay_log(
         ops = replayed.ops,
         bytes = replayed.bytes,
         bytes_cut = replayed.bytes_cut,
+        lanes,
+        apply_ms = replayed.applying.as_millis() as u64,
+        flush_ms = flush_started.elapsed().as_millis() as u64,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "replayed the commit log into the store"
     );

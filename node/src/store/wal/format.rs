@@ -132,7 +132,7 @@ pub fn read_record(bytes: &[u8]) -> Result<(&[u8], usize), BadRecord> {
 }
 
 /// One op of a record.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoggedOp<'a> {
     pub table: TableId,
     pub key: &'a [u8],

@@ -1,9 +1,16 @@
 //! Reading the log back at start: every record of every segment, oldest first, up to the first
 //! bad one of each segment, which is cut off.
+//!
+//! The records are read and checked in order on one thread; their ops are applied by several
+//! threads ("lanes") meanwhile, each op in the lane of its key, so that the ops of one key are
+//! applied in log order (which node-local writes need) while different keys, whose order does
+//! not matter, are applied at once.
 
 use std::fs::OpenOptions;
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::format::{self, BadRecord, LoggedOp, SEGMENT_HEADER};
 use super::segment;
@@ -23,6 +30,8 @@ pub struct Replayed {
     /// Segments in which a bad record was followed by a good one (corruption, not a torn
     /// write): the good records after it were cut too.
     pub corrupt_segments: Vec<u64>,
+    /// Time spent applying ops (the rest of a replay is reading and checking records).
+    pub applying: Duration,
 }
 
 impl Replayed {
@@ -45,12 +54,22 @@ pub enum ReplayError<E> {
     Apply(E),
 }
 
-/// Replays every segment in `dir` through `apply`, oldest first, cutting each segment at its
-/// first bad record (the file is truncated there and the cut logged).
-pub fn replay<E>(
+/// Ops read before they are handed to the lanes.
+const CHUNK_OPS: usize = 1 << 16;
+
+/// Replays every segment in `dir` through `apply` on `lanes` threads (at least one), oldest
+/// first, cutting each segment at its first bad record (the file is truncated there and the
+/// cut logged). The ops of one key are applied in log order, on one lane.
+pub fn replay<E: Send>(
     dir: &Path,
-    mut apply: impl FnMut(LoggedOp<'_>) -> Result<(), E>,
+    lanes: usize,
+    apply: impl Fn(LoggedOp<'_>) -> Result<(), E> + Sync,
 ) -> Result<Replayed, ReplayError<E>> {
+    let mut lanes = Lanes {
+        lanes: lanes.max(1),
+        apply,
+        applying: Duration::ZERO,
+    };
     let mut out = Replayed::default();
     for seq in segment::list(dir)? {
         let path = segment::path(dir, seq);
@@ -66,7 +85,7 @@ pub fn replay<E>(
                         expected: format::FORMAT_VERSION,
                     });
                 }
-                replay_records(seq, &bytes, &mut apply, &mut out)?
+                replay_records(seq, &bytes, &mut lanes, &mut out)?
             }
             // A segment whose header never reached the disk (a crash while it was created)
             // or is not ours: nothing in it can be read.
@@ -87,47 +106,127 @@ pub fn replay<E>(
             file.sync_all()?;
         }
     }
+    out.applying = lanes.applying;
     Ok(out)
 }
 
-/// Applies the records of one segment; returns where the good records end.
-fn replay_records<E>(
-    seq: u64,
-    bytes: &[u8],
-    apply: &mut impl FnMut(LoggedOp<'_>) -> Result<(), E>,
-    out: &mut Replayed,
-) -> Result<usize, ReplayError<E>> {
-    let mut at = SEGMENT_HEADER;
-    while at < bytes.len() {
-        let rest = &bytes[at..];
-        let (payload, used) = match format::read_record(rest) {
-            Ok(r) => r,
-            Err(_) if rest.iter().all(|b| *b == 0) => return Ok(at),
-            Err(bad) => {
-                report_cut(seq, at, bytes.len() - at, bad, followed_by_good(rest));
-                if followed_by_good(rest) {
-                    out.corrupt_segments.push(seq);
-                }
-                return Ok(at);
-            }
-        };
-        let ops = match format::ops(payload) {
-            Ok(ops) => ops,
-            Err(bad) => {
-                report_cut(seq, at, bytes.len() - at, bad, true);
-                out.corrupt_segments.push(seq);
-                return Ok(at);
-            }
-        };
-        for op in ops {
-            apply(op).map_err(ReplayError::Apply)?;
-            out.ops += 1;
-        }
-        out.records += 1;
-        out.bytes += used as u64;
-        at += used;
+/// The lanes a replay applies ops on.
+struct Lanes<F> {
+    lanes: usize,
+    apply: F,
+    /// The longest time one lane spent applying, summed over segments.
+    applying: Duration,
+}
+
+impl<F> Lanes<F> {
+    /// The lane of the ops on `key` of `table`.
+    fn lane_of(&self, op: &LoggedOp<'_>) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (op.table, op.key).hash(&mut h);
+        (h.finish() % self.lanes as u64) as usize
     }
-    Ok(at)
+}
+
+/// Chunks of a lane's ops in flight to it at most (bounds the memory a replay holds).
+const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Applies the records of one segment; returns where the good records end. This thread reads
+/// and checks the records and hands each op to its lane's thread, in chunks, while the lanes
+/// apply the chunks before.
+fn replay_records<'a, E: Send, F>(
+    seq: u64,
+    bytes: &'a [u8],
+    lanes: &mut Lanes<F>,
+    out: &mut Replayed,
+) -> Result<usize, ReplayError<E>>
+where
+    F: Fn(LoggedOp<'_>) -> Result<(), E> + Sync,
+{
+    let n = lanes.lanes;
+    let per_lane = CHUNK_OPS / n + 1;
+    let this = &*lanes;
+    let (end, busiest) = std::thread::scope(|s| {
+        let mut senders = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<LoggedOp<'a>>>(CHUNKS_IN_FLIGHT);
+            senders.push(tx);
+            workers.push(s.spawn(move || {
+                let mut busy = Duration::ZERO;
+                for chunk in rx {
+                    let started = Instant::now();
+                    chunk.into_iter().try_for_each(|op| (this.apply)(op))?;
+                    busy += started.elapsed();
+                }
+                Ok::<_, E>(busy)
+            }));
+        }
+        let mut chunks: Vec<Vec<LoggedOp<'a>>> =
+            (0..n).map(|_| Vec::with_capacity(per_lane)).collect();
+        let mut queued = 0;
+        // Hands the chunks to the lanes; false if a lane has stopped (its op failed).
+        let hand_over = |chunks: &mut Vec<Vec<LoggedOp<'a>>>| {
+            senders.iter().zip(chunks.iter_mut()).all(|(tx, chunk)| {
+                let full = std::mem::replace(chunk, Vec::with_capacity(per_lane));
+                full.is_empty() || tx.send(full).is_ok()
+            })
+        };
+        let mut at = SEGMENT_HEADER;
+        let end = loop {
+            if at >= bytes.len() {
+                break at;
+            }
+            let rest = &bytes[at..];
+            let (payload, used) = match format::read_record(rest) {
+                Ok(r) => r,
+                Err(_) if rest.iter().all(|b| *b == 0) => break at,
+                Err(bad) => {
+                    report_cut(seq, at, bytes.len() - at, bad, followed_by_good(rest));
+                    if followed_by_good(rest) {
+                        out.corrupt_segments.push(seq);
+                    }
+                    break at;
+                }
+            };
+            let ops = match format::ops(payload) {
+                Ok(ops) => ops,
+                Err(bad) => {
+                    report_cut(seq, at, bytes.len() - at, bad, true);
+                    out.corrupt_segments.push(seq);
+                    break at;
+                }
+            };
+            out.ops += ops.len() as u64;
+            queued += ops.len();
+            for op in ops {
+                chunks[this.lane_of(&op)].push(op);
+            }
+            out.records += 1;
+            out.bytes += used as u64;
+            at += used;
+            if queued >= CHUNK_OPS {
+                queued = 0;
+                if !hand_over(&mut chunks) {
+                    break at;
+                }
+            }
+        };
+        hand_over(&mut chunks);
+        drop(senders);
+        let mut busiest = Ok(Duration::ZERO);
+        for w in workers {
+            let lane = w
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            busiest = match (busiest, lane) {
+                (Ok(a), Ok(b)) => Ok(a.max(b)),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        (end, busiest)
+    });
+    lanes.applying += busiest.map_err(ReplayError::Apply)?;
+    Ok(end)
 }
 
 /// Whether a good record starts right after the bad one at the start of `rest` (its length

@@ -20,14 +20,20 @@ fn record(key: &[u8], version: u64, value: &[u8]) -> Vec<u8> {
 
 /// Everything a replay of `dir` applies, as `(key, version)`.
 fn replayed(dir: &std::path::Path) -> (Vec<(Vec<u8>, u64)>, Replayed) {
-    let mut ops = Vec::new();
-    let report = replay(dir, |op| {
+    replayed_on(dir, 1)
+}
+
+/// Everything a replay of `dir` on `lanes` threads applies, as `(key, version)`, in the
+/// order applied.
+fn replayed_on(dir: &std::path::Path, lanes: usize) -> (Vec<(Vec<u8>, u64)>, Replayed) {
+    let ops = std::sync::Mutex::new(Vec::new());
+    let report = replay(dir, lanes, |op| {
         let v = Versioned::from_bytes(op.versioned).map_err(|e| e.to_string())?;
-        ops.push((op.key.to_vec(), v.version));
+        ops.lock().unwrap().push((op.key.to_vec(), v.version));
         Ok::<_, String>(())
     })
     .expect("replay");
-    (ops, report)
+    (ops.into_inner().unwrap(), report)
 }
 
 async fn write_log(dir: &std::path::Path, records: &[Vec<u8>]) {
@@ -61,6 +67,40 @@ async fn appended_records_replay_in_order() {
     assert_eq!(report.bytes_cut, 0);
     assert_eq!(report.segments, vec![1]);
     assert_eq!(report.next_seq(), 2);
+}
+
+/// On several lanes every op is applied once, and the ops of one key in log order, also
+/// across the chunks a long log is applied in.
+#[tokio::test]
+async fn a_replay_on_several_lanes_keeps_each_key_s_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 10 records of 7,000 ops: 70,000 ops over 13 keys, more than one chunk.
+    let mut version = 0;
+    let logged: Vec<Vec<u8>> = (0..10)
+        .map(|_| {
+            let mut r = RecordBuilder::default();
+            for _ in 0..7_000 {
+                version += 1;
+                let key = format!("key-{}", version % 13);
+                let value = Versioned::live(version, vec![1; 8]).to_bytes();
+                r.push(Table::History.id(), key.as_bytes(), &value);
+            }
+            r.finish()
+        })
+        .collect();
+    write_log(dir.path(), &logged).await;
+    let (ops, report) = replayed_on(dir.path(), 3);
+    assert_eq!(report.ops, 70_000);
+    assert_eq!(ops.len(), 70_000);
+    let mut last: std::collections::HashMap<Vec<u8>, u64> = Default::default();
+    for (key, version) in ops {
+        let before = last.insert(key.clone(), version).unwrap_or(0);
+        assert!(
+            version > before,
+            "{key:?}: version {version} applied after {before}"
+        );
+    }
+    assert_eq!(last.len(), 13);
 }
 
 #[tokio::test]
