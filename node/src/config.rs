@@ -103,11 +103,11 @@ pub struct ServeArgs {
     /// a replication timeout when the cluster is overloaded) [default: 128].
     #[arg(long, env = "CHATNODE_MAX_CONCURRENT_SENDS")]
     pub max_concurrent_sends: Option<usize>,
-    /// Message bodies longer than this, bytes, are stored once per replica, in the
-    /// conversation's history, and inbox entries refer to them; shorter ones are copied into
-    /// each recipient's inbox [default: 4096]. Nodes before this setting cannot read such
-    /// references: during a rolling upgrade from one, set 100000 (every body inline) until
-    /// every node runs this version.
+    /// Message bodies longer than this, bytes, are not copied into each recipient's inbox:
+    /// the inbox entries refer to the conversation's history entry [default: 4096]. Nodes
+    /// before this setting cannot read such references (nor can the node be downgraded to
+    /// one once they are stored): during a rolling upgrade from one, set 100000 (every body
+    /// inline) on every node until all run this version.
     #[arg(long, env = "CHATNODE_INLINE_BODY_BYTES")]
     pub inline_body_bytes: Option<usize>,
     /// How far a sync cursor trails the newest inbox positions, ms [default: 5000]: a

@@ -5,6 +5,7 @@ use client_proto::Message;
 
 use super::records::{decode, encode, InboxEntry, InboxRef, PushJob};
 use super::{keys, Store, StoreError, Table, WriteBatch};
+use crate::logging::RateLimitedLog;
 
 /// What storing a send did.
 #[derive(Debug)]
@@ -105,6 +106,9 @@ impl InboxRef {
         }
     }
 }
+
+/// Warnings about inbox references to nothing (each sync of the user meets them again).
+static DANGLING_LOG: RateLimitedLog = RateLimitedLog::new(10, std::time::Duration::from_secs(60));
 
 /// How many times a message's entries are written at a new position when replicas refuse
 /// the position as sealed (the coordinator's clock was behind, or the write was delayed).
@@ -259,8 +263,10 @@ impl Store {
         let from = after.map_or(Position(0), |a| Position(a.0.saturating_add(1)));
         let range =
             keys::inbox(user, from).to_vec()..=keys::inbox(user, Position(u64::MAX)).to_vec();
-        // The page's entries that refer to their history entry for the body.
+        // The page's entries that refer to their history entry for the body, and each
+        // message's position.
         let mut refs = Vec::new();
+        let mut positions = Vec::new();
         let seal = self
             .scan(Table::Inbox, &keys::user(user), range, false, |k, v| {
                 let entry = InboxEntry::decode(v)?;
@@ -270,17 +276,26 @@ impl Store {
                     return Ok(false);
                 }
                 last = keys::position_suffix(k);
+                positions.push(last);
                 match entry {
                     InboxEntry::Inline(m) => page.take(m, w),
                     InboxEntry::Ref(r) => {
-                        refs.push(page.messages.len());
+                        refs.push((page.messages.len(), r.body_len));
                         page.take(r.header, w);
                     }
                 }
                 Ok(true)
             })
             .await?;
-        self.fill_bodies(&mut page.messages, &refs).await?;
+        if let Some(cut) = self
+            .fill_bodies(&mut page.messages, &mut positions, &refs)
+            .await?
+        {
+            // The page ends before a message whose body could not be read: its position is
+            // not passed, so the next sync reads it again.
+            last = cut;
+            more = true;
+        }
         Ok(SyncPage {
             messages: page.messages,
             last,
@@ -289,22 +304,28 @@ impl Store {
         })
     }
 
-    /// Reads the bodies of `messages[i]` for each `i` in `refs` (ascending) from their history
-    /// entries, all at once. An entry whose history entry no read quorum holds is dropped from
-    /// the page: its message was never acknowledged (an acknowledged send's history entry is
-    /// on a write quorum, which every read quorum meets), and a retry of it, if any, writes
-    /// its inbox entries again at a new position.
+    /// Reads the body of `messages[i]` for each `(i, body_len)` in `refs` (ascending: the
+    /// page's references) from the message's history entry, all at once.
+    ///
+    /// A history entry no read quorum holds yet may belong to a send still being written (its
+    /// partitions reach their quorums one by one): the body is then read from the sender's
+    /// idempotency record, which holds the whole message and reached a write quorum before
+    /// any of the send's inbox entries was written. An entry that neither names is left out of
+    /// the page (no send, acknowledged or in flight, leaves such an entry). When a read fails,
+    /// the page is cut before that message and `Some` of the position of the message before
+    /// it is returned (the page's new `last`); when the first message's read fails, the error.
     async fn fill_bodies(
         &self,
         messages: &mut Vec<Message>,
-        refs: &[usize],
-    ) -> Result<(), StoreError> {
+        positions: &mut Vec<Option<Position>>,
+        refs: &[(usize, u32)],
+    ) -> Result<Option<Option<Position>>, StoreError> {
         if refs.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let wanted: Vec<(Vec<u8>, Vec<u8>)> = refs
             .iter()
-            .map(|&i| {
+            .map(|&(i, _)| {
                 let m = &messages[i];
                 (
                     keys::conversation(&m.conversation),
@@ -315,29 +336,58 @@ impl Store {
         let read = wanted
             .iter()
             .map(|(conv, key)| self.get(Table::History, conv, key));
-        let found = futures_util::future::try_join_all(read).await?;
+        let found = futures_util::future::join_all(read).await;
         let mut dangling = Vec::new();
-        for (&i, got) in refs.iter().zip(found) {
-            let Some(bytes) = got else {
-                dangling.push(i);
-                continue;
+        let mut failed = None;
+        for (&(i, body_len), got) in refs.iter().zip(found) {
+            let m = &messages[i];
+            let full = match got {
+                Ok(Some(bytes)) => Ok(Some(decode::<Message>(&bytes)?)),
+                Ok(None) => self
+                    .sent_before(m.from, &m.client_id)
+                    .await
+                    .map(|claimed| claimed.filter(|c| c.message_id == m.message_id)),
+                Err(e) => Err(e),
             };
-            let full: Message = decode(&bytes)?;
-            let m = &mut messages[i];
-            if full.message_id != m.message_id || full.conversation != m.conversation {
-                return Err(StoreError::Corrupt(format!(
-                    "the history entry of message {} is another message's",
-                    m.message_id
-                )));
+            match full {
+                Ok(Some(full)) => {
+                    if full.message_id != m.message_id
+                        || full.conversation != m.conversation
+                        || full.body.len() != body_len as usize
+                    {
+                        return Err(StoreError::Corrupt(format!(
+                            "an inbox reference to message {} does not match its stored message",
+                            m.message_id
+                        )));
+                    }
+                    messages[i].body = full.body;
+                }
+                Ok(None) => dangling.push(i),
+                Err(e) => {
+                    failed = Some((i, e));
+                    break;
+                }
             }
-            m.body = full.body;
         }
+        let cut = match failed {
+            Some((0, e)) => return Err(e),
+            Some((i, e)) => {
+                tracing::debug!(error = %e, message = %messages[i].message_id, "could not read a synced message's body; the page ends before it");
+                messages.truncate(i);
+                positions.truncate(i);
+                Some(positions[i - 1])
+            }
+            None => None,
+        };
         for i in dangling.into_iter().rev() {
             let m = messages.remove(i);
+            positions.remove(i);
             metrics::counter!("store_inbox_dangling_refs_total").increment(1);
-            tracing::debug!(message = %m.message_id, "an inbox entry refers to a history entry no read quorum holds (a send that was never acknowledged); left out of the page");
+            if let Some(suppressed) = DANGLING_LOG.allow() {
+                tracing::warn!(message = %m.message_id, suppressed, "an inbox entry refers to a message that neither its history entry nor its sender's idempotency record holds; left out of the page");
+            }
         }
-        Ok(())
+        Ok(cut)
     }
 
     /// Up to `limit` messages of a conversation newer than `after` and older than `before`

@@ -426,7 +426,7 @@ async fn measure(
     for (_, _, mut c) in members {
         let _ = tokio::time::timeout(Duration::from_secs(1), c.sink.close()).await;
     }
-    // The last member of the first group, which only receives.
+    // The last member of the first group (a receiver unless every member sends).
     let sync = match (relay, accounts.get(m - 1)) {
         (None, Some(account)) => {
             let expected = out

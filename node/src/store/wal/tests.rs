@@ -103,6 +103,27 @@ async fn a_replay_on_several_lanes_keeps_each_key_s_order() {
     assert_eq!(last.len(), 13);
 }
 
+/// An op that fails on one lane fails the replay with its error, and the segment is left as
+/// it was (nothing cut, nothing deleted).
+#[tokio::test]
+async fn a_failed_op_on_one_lane_fails_the_replay_and_cuts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), &records(50)).await;
+    let segment = segment::path(dir.path(), 1);
+    let len = std::fs::metadata(&segment).expect("segment").len();
+    let result = replay(dir.path(), 3, |op| {
+        if op.key == b"key-25" {
+            return Err("no such table".to_string());
+        }
+        Ok(())
+    });
+    match result {
+        Err(ReplayError::Apply(e)) => assert_eq!(e, "no such table"),
+        other => panic!("expected the op's error, got {other:?}"),
+    }
+    assert_eq!(std::fs::metadata(&segment).expect("segment").len(), len);
+}
+
 #[tokio::test]
 async fn concurrent_appends_share_syncs_and_all_replay() {
     let dir = tempfile::tempdir().expect("tempdir");
