@@ -38,6 +38,10 @@ struct Args {
     groups: usize,
     #[arg(long, default_value_t = 10)]
     group_size: usize,
+    /// Every n-th send of a user carries a 5,000-byte body, which the nodes store by
+    /// reference (0: only short bodies).
+    #[arg(long, default_value_t = 2)]
+    large_body_every: u64,
     /// The seed of the schedule and the workload [default: CHAOS_SEED, else random].
     #[arg(long)]
     seed: Option<u64>,
@@ -99,6 +103,7 @@ async fn run_once(args: &Args) -> Result<bool> {
     opts.users = args.users;
     opts.groups = args.groups;
     opts.group_size = args.group_size;
+    opts.large_body_every = args.large_body_every;
     if let Some(seed) = args.seed {
         opts.seed = seed;
     }

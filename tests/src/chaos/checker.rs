@@ -243,8 +243,9 @@ fn lost(h: &History, ix: &Index, v: &mut Verdict) {
                 message: Some(*id),
                 device: Some(d),
                 detail: format!(
-                    "device {d} never got {id} ({:?}, acked at {} ms)",
-                    s.body, s.end_ms
+                    "device {d} never got {id} ({}, acked at {} ms)",
+                    shown(&s.body),
+                    s.end_ms
                 ),
             });
         }
@@ -286,8 +287,10 @@ fn unexpected(h: &History, ix: &Index, v: &mut Verdict) {
                     message: Some(d.message_id),
                     device: Some(d.device),
                     detail: format!(
-                        "device {} got {} ({:?}): {why}",
-                        d.device, d.message_id, d.body
+                        "device {} got {} ({}): {why}",
+                        d.device,
+                        d.message_id,
+                        shown(&d.body)
                     ),
                 });
             }
@@ -497,3 +500,11 @@ fn heal(h: &History, ix: &Index, v: &mut Verdict) {
 
 #[cfg(test)]
 mod tests;
+
+/// A body as a finding shows it: quoted, its first 60 characters and its length when longer.
+fn shown(body: &str) -> String {
+    match body.char_indices().nth(60) {
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &body[..cut], body.len()),
+        None => format!("{body:?}"),
+    }
+}

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub groups: usize,
     pub group_size: usize,
     pub seed: u64,
+    /// Every n-th send of a user has a body large enough to be stored by reference (0: none).
+    pub large_body_every: u64,
     /// A send with no ack by then is indeterminate.
     pub send_timeout: Duration,
     /// The longest wait, after the workload, for devices to get every acked message.
@@ -56,7 +58,8 @@ pub struct RunOptions {
 
 impl RunOptions {
     /// A long run's defaults: 3 nodes, 180 s, 100 sends/s, 30 users × 2 devices, 3 groups of
-    /// 10; the seed from `CHAOS_SEED` or random.
+    /// 10, every second send with a 5,000-byte body (stored by reference, read back on
+    /// sync); the seed from `CHAOS_SEED` or random.
     pub fn new(fault: FaultKind, chatnode: PathBuf) -> Self {
         RunOptions {
             fault,
@@ -67,6 +70,7 @@ impl RunOptions {
             groups: 3,
             group_size: 10,
             seed: seed_from_env(),
+            large_body_every: 2,
             send_timeout: Duration::from_secs(60),
             catch_up: Duration::from_secs(60),
             chatnode,
@@ -244,6 +248,7 @@ async fn run_in(
         group_size: opts.group_size,
         rate: opts.rate,
         send_timeout: opts.send_timeout,
+        large_body_every: opts.large_body_every,
     };
     let workload = Workload::setup(cfg, &http, rec.clone()).await?;
     println!(

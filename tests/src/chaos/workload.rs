@@ -46,7 +46,13 @@ pub struct WorkloadConfig {
     pub rate: f64,
     /// A send with no ack by then is indeterminate.
     pub send_timeout: Duration,
+    /// Every n-th send of a user (0: none) has a body of [`LARGE_BODY_BYTES`], which the node
+    /// stores once, in the history, with inbox entries that refer to it.
+    pub large_body_every: u64,
 }
+
+/// The size of a large body: above the node's default `--inline-body-bytes` (4096).
+pub const LARGE_BODY_BYTES: usize = 5_000;
 
 /// One send for a device's task to make.
 struct SendJob {
@@ -377,7 +383,12 @@ impl UserLoop {
                     ConversationId::Group(self.group_ids[g]),
                 ),
             };
-            let body = format!("chaos seed={} user={u} seq={seq}", self.cfg.seed);
+            let mut body = format!("chaos seed={} user={u} seq={seq}", self.cfg.seed);
+            if self.cfg.large_body_every > 0 && seq.is_multiple_of(self.cfg.large_body_every) {
+                body.push(' ');
+                let pad = LARGE_BODY_BYTES.saturating_sub(body.len());
+                body.extend(std::iter::repeat_n('x', pad));
+            }
             let start_ms = self.rec.now_ms();
             self.rec.send_started();
             let (reply, answer) = oneshot::channel();
