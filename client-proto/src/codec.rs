@@ -145,6 +145,41 @@ pub fn encode<T: Serialize + bincode::Encode>(codec: Codec, frame: &T) -> Vec<u8
     }
 }
 
+/// A frame encoded in `codec`, JSON as text: made from a `String`, a JSON frame needs no UTF-8
+/// check on its way into a WebSocket text message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Encoded {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl Encoded {
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Encoded::Text(t) => t.as_bytes(),
+            Encoded::Binary(b) => b,
+        }
+    }
+
+    /// The encoded bytes, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Encoded::Text(t) => t.into_bytes(),
+            Encoded::Binary(b) => b,
+        }
+    }
+}
+
+/// [`encode`], keeping a JSON frame as text.
+pub fn encode_as<T: Serialize + bincode::Encode>(codec: Codec, frame: &T) -> Encoded {
+    match codec {
+        // As in `encode`: serialising our frame types cannot fail.
+        Codec::Json => Encoded::Text(serde_json::to_string(frame).unwrap_or_default()),
+        Codec::Binary => Encoded::Binary(encode(codec, frame)),
+    }
+}
+
 /// A type of frame this codec decodes: its `type` names, and the shape of each one's fields
 /// (to say which field is wrong when a frame of a known type does not decode).
 pub trait Frame: DeserializeOwned + bincode::Decode<()> {

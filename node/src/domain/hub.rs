@@ -51,8 +51,8 @@ impl Outbound {
 #[derive(Debug)]
 pub struct SharedFrame {
     frame: ServerFrame,
-    json: OnceLock<Vec<u8>>,
-    binary: OnceLock<Vec<u8>>,
+    json: OnceLock<codec::Encoded>,
+    binary: OnceLock<codec::Encoded>,
 }
 
 impl SharedFrame {
@@ -69,13 +69,13 @@ impl SharedFrame {
         &self.frame
     }
 
-    /// The frame's bytes in `codec`, encoded on first use.
-    pub fn encoded(&self, codec: Codec) -> &[u8] {
+    /// The frame in `codec` (JSON as text), encoded on first use.
+    pub fn encoded(&self, codec: Codec) -> &codec::Encoded {
         let cell = match codec {
             Codec::Json => &self.json,
             Codec::Binary => &self.binary,
         };
-        cell.get_or_init(|| codec::encode(codec, &self.frame))
+        cell.get_or_init(|| codec::encode_as(codec, &self.frame))
     }
 }
 
@@ -305,7 +305,10 @@ mod tests {
         let frame = ServerFrame::error(ErrorCode::RateLimited, "slow down", Some("c1".into()));
         let shared = SharedFrame::new(frame.clone());
         for c in [Codec::Json, Codec::Binary] {
-            assert_eq!(shared.encoded(c), codec::encode(c, &frame).as_slice());
+            assert_eq!(
+                shared.encoded(c).as_bytes(),
+                codec::encode(c, &frame).as_slice()
+            );
             assert_eq!(shared.encoded(c), shared.encoded(c));
         }
     }

@@ -170,7 +170,7 @@ async fn serve(node: Arc<Node>, incoming: quinn::Incoming) {
         ),
         |(mut w, conn), out: OutFrame| async move {
             match out {
-                OutFrame::Data(_, bytes) => w.send(Bytes::from(bytes)).await?,
+                OutFrame::Data(frame) => w.send(Bytes::from(frame.into_bytes())).await?,
                 OutFrame::Close(code, reason) => {
                     // Let queued frames (an error saying why) reach the client before the
                     // close discards whatever is still unsent.

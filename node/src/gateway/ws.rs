@@ -11,7 +11,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use client_proto::codec::{CloseCode, Codec};
+use client_proto::codec::{CloseCode, Codec, Encoded};
 use client_proto::limits::MAX_FRAME_BYTES;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite;
@@ -94,10 +94,8 @@ async fn serve(node: Arc<Node>, peer: SocketAddr, socket: WebSocket) {
         .boxed();
     let writer = sink.with(|out: OutFrame| async move {
         Ok::<_, axum::Error>(match out {
-            OutFrame::Data(Codec::Json, bytes) => {
-                Message::Text(String::from_utf8(bytes).unwrap_or_default().into())
-            }
-            OutFrame::Data(Codec::Binary, bytes) => Message::Binary(bytes.into()),
+            OutFrame::Data(Encoded::Text(text)) => Message::Text(text.into()),
+            OutFrame::Data(Encoded::Binary(bytes)) => Message::Binary(bytes.into()),
             OutFrame::Close(code, reason) => Message::Close(Some(CloseFrame {
                 code,
                 reason: reason.into(),

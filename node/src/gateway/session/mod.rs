@@ -49,7 +49,8 @@ pub enum Inbound {
 /// What the session hands the transport.
 #[derive(Debug)]
 pub enum OutFrame {
-    Data(Codec, Vec<u8>),
+    /// A frame, encoded (JSON as text).
+    Data(codec::Encoded),
     /// Close with a WebSocket close code and reason.
     Close(u16, String),
 }
@@ -197,7 +198,7 @@ where
             tracing::debug!(error = %e, "authentication refused");
             let frame = ServerFrame::error(e.code, e.message, None);
             let _ = writer
-                .send(OutFrame::Data(codec, codec::encode(codec, &frame)))
+                .send(OutFrame::Data(codec::encode_as(codec, &frame)))
                 .await;
             let _ = writer
                 .send(OutFrame::Close(

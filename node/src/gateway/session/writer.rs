@@ -92,7 +92,7 @@ const MAX_UNFLUSHED: usize = 32;
 
 /// What to do with one item of the outbound queue.
 enum Step {
-    Write(Vec<u8>),
+    Write(codec::Encoded),
     /// A message this connection was sent lately.
     Skip,
     Close(u16, String),
@@ -105,14 +105,14 @@ fn step(item: Outbound, sent: &mut SentIds, codec: Codec) -> Step {
                 metrics::counter!("gateway_duplicates_dropped_total").increment(1);
                 return Step::Skip;
             }
-            codec::encode(codec, &f)
+            codec::encode_as(codec, &f)
         }
         Outbound::Shared(shared) => {
             if !sent.pass(shared.frame()) {
                 metrics::counter!("gateway_duplicates_dropped_total").increment(1);
                 return Step::Skip;
             }
-            shared.encoded(codec).to_vec()
+            shared.encoded(codec).clone()
         }
         Outbound::Close(close) => {
             let (code, reason) = *close;
@@ -162,7 +162,7 @@ pub(super) async fn write_loop<W>(
                     // the session (it used to stay registered, and every delivery to it
                     // logged a warning).
                     tokio::select! {
-                        fed = writer.feed(OutFrame::Data(codec, data)) => if fed.is_err() {
+                        fed = writer.feed(OutFrame::Data(data)) => if fed.is_err() {
                             kick.cancel();
                             return;
                         },
