@@ -222,8 +222,9 @@ impl Store {
     }
 
     /// The history entry and the inbox entries (at `pos`) of a message. A body longer than
-    /// the inline limit is written once, in the history entry: the inbox entries refer to it
-    /// (a 100 KB message to a group of 100 writes ~100 KB per replica, not ~10 MB).
+    /// the inline limit is not copied into the inbox entries, which refer to the history
+    /// entry (a 100 KB message to a group of 100 writes its body to the history entry and the
+    /// idempotency record, ~200 KB per replica, not ~10 MB).
     fn message_batch(
         &self,
         msg: &Message,

@@ -50,8 +50,7 @@ impl Record for GroupRecord {}
 
 /// An inbox entry that refers to its message's history entry instead of holding the body: the
 /// message with an empty body, and the body's length (what the entry weighs in a page). A
-/// message with a large body is stored once per replica, in the history, however many inboxes
-/// it goes to (`Store::message_batch`).
+/// large body is then not copied into every inbox it goes to (`Store::message_batch`).
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct InboxRef {
     pub header: client_proto::Message,

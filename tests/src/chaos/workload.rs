@@ -47,7 +47,7 @@ pub struct WorkloadConfig {
     /// A send with no ack by then is indeterminate.
     pub send_timeout: Duration,
     /// Every n-th send of a user (0: none) has a body of [`LARGE_BODY_BYTES`], which the node
-    /// stores once, in the history, with inbox entries that refer to it.
+    /// does not copy into the inboxes: their entries refer to the history entry.
     pub large_body_every: u64,
 }
 

@@ -30,7 +30,8 @@ pub struct Replayed {
     /// Segments in which a bad record was followed by a good one (corruption, not a torn
     /// write): the good records after it were cut too.
     pub corrupt_segments: Vec<u64>,
-    /// Time spent applying ops (the rest of a replay is reading and checking records).
+    /// The busiest lane's time applying ops, summed over segments (the lanes apply while the
+    /// records are read and checked).
     pub applying: Duration,
 }
 
