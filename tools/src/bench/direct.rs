@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::arrivals::{arrivals_name, Arrivals};
 use super::conn::{self, Conn};
 use super::pair::{pair_task, PairStats, Plan};
 use super::report::{self, int, ms, ratio, Counters, Latency, Progress, Table};
@@ -45,6 +46,9 @@ pub struct DirectArgs {
     /// Message body size in bytes.
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
+    /// How the pairs' sends spread over time at a fixed `--rate` (no effect at `max`).
+    #[arg(long, value_enum, default_value_t)]
+    pub arrivals: Arrivals,
 }
 
 impl DirectArgs {
@@ -69,6 +73,7 @@ impl DirectArgs {
             messages: None,
             grace_secs: 5,
             body_bytes: 100,
+            arrivals: Arrivals::default(),
         }
     }
 }
@@ -141,8 +146,11 @@ pub async fn run(args: DirectArgs, relay: bool) -> Result<Outcome> {
     let name = if relay { "relay-baseline" } else { "direct" };
     let mut table = Table::new(
         format!(
-            "{name}: {} pairs, window {}, {} B bodies (latencies in ms)",
-            args.pairs, args.window, args.body_bytes
+            "{name}: {} pairs, window {}, {} B bodies, {} arrivals at a fixed rate (latencies in ms)",
+            args.pairs,
+            args.window,
+            args.body_bytes,
+            arrivals_name(args.arrivals)
         ),
         &[
             "step",
@@ -236,7 +244,7 @@ pub async fn run(args: DirectArgs, relay: bool) -> Result<Outcome> {
     Ok(Outcome {
         scenario: name,
         tables: vec![table],
-        json: serde_json::json!({ "steps": steps, "baseline": baseline }),
+        json: serde_json::json!({ "arrivals": args.arrivals, "steps": steps, "baseline": baseline }),
         lost,
         failures,
     })
@@ -293,6 +301,8 @@ pub async fn measure(
                 Rate::Max => None,
                 Rate::PerSec(r) => Some(r / args.pairs as f64),
             },
+            arrivals: args.arrivals,
+            pairs: args.pairs,
             window: args.window,
             duration: Duration::from_secs(args.duration_secs),
             max_messages: args.messages,

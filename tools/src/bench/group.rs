@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::arrivals::{arrivals_name, Arrivals};
 use super::conn::{self, Conn};
 use super::member::{member_task, GroupShared, MemberOut, Plan};
 use super::report::{self, int, ms, ratio, Counters, Latency, Progress, Table};
@@ -51,6 +52,9 @@ pub struct GroupArgs {
     /// Message body size in bytes.
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
+    /// How the senders' sends spread over time at a fixed `--rate` (no effect at `max`).
+    #[arg(long, value_enum, default_value_t)]
+    pub arrivals: Arrivals,
 }
 
 /// One step's figures.
@@ -106,8 +110,11 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
     };
     let mut table = Table::new(
         format!(
-            "group: {} group(s) of {} members, {} senders each (latencies in ms)",
-            args.groups, args.members, args.senders
+            "group: {} group(s) of {} members, {} senders each, {} arrivals at a fixed rate (latencies in ms)",
+            args.groups,
+            args.members,
+            args.senders,
+            arrivals_name(args.arrivals)
         ),
         &[
             "step",
@@ -197,7 +204,7 @@ pub async fn run(args: GroupArgs) -> Result<Outcome> {
     Ok(Outcome {
         scenario: "group",
         tables,
-        json: serde_json::json!({ "steps": steps, "baseline": baseline, "sync": sync }),
+        json: serde_json::json!({ "arrivals": args.arrivals, "steps": steps, "baseline": baseline, "sync": sync }),
         lost,
         failures,
     })
@@ -370,6 +377,8 @@ async fn measure(
             t0,
             start,
             rate_per_sender: rate.map(|r| r / args.senders as f64),
+            arrivals: args.arrivals,
+            groups: g,
             window: args.window.max(1),
             send_end: start + Duration::from_secs(args.duration_secs),
             max_messages: args.messages,

@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
+use super::arrivals::{Arrivals, Schedule};
 use super::conn::{self, Conn};
 use super::report::{self, Counters};
 
@@ -22,6 +23,9 @@ pub(super) struct Plan {
     pub(super) t0: Instant,
     pub(super) start: Instant,
     pub(super) rate_per_sender: Option<f64>,
+    pub(super) arrivals: Arrivals,
+    /// Groups in the step (for the senders' phases).
+    pub(super) groups: usize,
     pub(super) window: usize,
     pub(super) send_end: Instant,
     pub(super) max_messages: Option<u64>,
@@ -89,10 +93,15 @@ pub(super) async fn member_task(
     let mut hb = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
     let mut check = tokio::time::interval(Duration::from_millis(50));
     let grace_end = plan.send_end + plan.grace;
-    let due = |seq: u64| match plan.rate_per_sender {
-        None => plan.start,
-        Some(r) => plan.start + Duration::from_secs_f64(seq as f64 / r),
-    };
+    // Every sender of every group is one of the step's senders: groups × senders of them.
+    let mut schedule = Schedule::new(
+        plan.arrivals,
+        plan.start,
+        plan.rate_per_sender,
+        gi * plan.senders + k,
+        plan.groups * plan.senders,
+        plan.step as u64,
+    );
     loop {
         let now = Instant::now();
         if !done_sending
@@ -117,13 +126,14 @@ pub(super) async fn member_task(
             && in_flight < plan.window
             && !matches!(plan.max_messages, Some(m) if seq >= m);
         tokio::select! {
-            _ = tokio::time::sleep_until(due(seq)), if can_send => {
+            _ = tokio::time::sleep_until(schedule.due()), if can_send => {
                 let now = Instant::now();
                 let mut n = 0;
-                while in_flight < plan.window && due(seq) <= now && n < 64
+                while in_flight < plan.window && schedule.due() <= now && n < 64
                     && !matches!(plan.max_messages, Some(m) if seq >= m)
                 {
-                    let sched = if plan.rate_per_sender.is_some() { due(seq) } else { now };
+                    let sched = if schedule.paced() { schedule.due() } else { now };
+                    schedule.advance();
                     let id = format!("{}.{gi}.{k}.{seq}.{}", plan.step, sched.saturating_duration_since(plan.t0).as_micros());
                     let f = ClientFrame::Send { id, to: Recipient::Group(group), body: plan.body.clone() };
                     c.sink.feed(conn::encode(plan.codec, &f)).await.context("sending")?;

@@ -11,6 +11,7 @@
 //!   connections) while a victim logs in and sends every second.
 //! - [`relay`]: the in-process minimal relay that `relay-baseline` and `--baseline` measure.
 
+pub mod arrivals;
 pub mod attack;
 pub mod conn;
 pub mod connections;

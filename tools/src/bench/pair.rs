@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
+use super::arrivals::{Arrivals, Schedule};
 use super::conn::{self, Conn};
 use super::report::{self, Counters};
 
@@ -21,6 +22,9 @@ pub(super) struct Plan {
     pub(super) t0: Instant,
     pub(super) start: Instant,
     pub(super) rate_per_pair: Option<f64>,
+    pub(super) arrivals: Arrivals,
+    /// How many pairs send (for the senders' phases).
+    pub(super) pairs: usize,
     pub(super) window: usize,
     pub(super) duration: Duration,
     pub(super) max_messages: Option<u64>,
@@ -87,10 +91,14 @@ pub(super) async fn pair_task(
     let hb_every = Duration::from_millis(s.heartbeat_interval_ms.clamp(500, 60_000));
     let mut hb = tokio::time::interval_at(Instant::now() + hb_every, hb_every);
     let mut grace_end: Option<Instant> = None;
-    let due = |seq: u64| match plan.rate_per_pair {
-        None => plan.start,
-        Some(rate) => plan.start + Duration::from_secs_f64(seq as f64 / rate),
-    };
+    let mut schedule = Schedule::new(
+        plan.arrivals,
+        plan.start,
+        plan.rate_per_pair,
+        pair,
+        plan.pairs,
+        plan.step as u64,
+    );
     loop {
         let now = Instant::now();
         let done_sending = now >= send_end || plan.max_messages.is_some_and(|m| seq >= m);
@@ -102,16 +110,17 @@ pub(super) async fn pair_task(
         }
         let can_send = !done_sending && in_flight < plan.window;
         tokio::select! {
-            _ = tokio::time::sleep_until(due(seq).max(plan.start)), if can_send => {
+            _ = tokio::time::sleep_until(schedule.due()), if can_send => {
                 let now = Instant::now();
                 let mut n = 0u64;
                 while in_flight < plan.window
-                    && due(seq) <= now
+                    && schedule.due() <= now
                     && now < send_end
                     && !matches!(plan.max_messages, Some(m) if seq >= m)
                     && n < 256
                 {
-                    let sched = if plan.rate_per_pair.is_some() { due(seq) } else { now };
+                    let sched = if schedule.paced() { schedule.due() } else { now };
+                    schedule.advance();
                     let id = format!(
                         "{}.{pair}.{seq}.{}",
                         plan.step,
