@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::IndexKind;
+
 /// The log filter when none is given: this node's events at info, libraries' chatter only
 /// when something is wrong.
 pub const DEFAULT_LOG: &str = "info,chitchat=warn";
@@ -110,6 +112,11 @@ pub struct ServeArgs {
     /// inline) on every node until all run this version.
     #[arg(long, env = "CHATNODE_INLINE_BODY_BYTES")]
     pub inline_body_bytes: Option<usize>,
+    /// The engine of the replicated tables [default: sled]: `fjall` (an LSM tree) is the
+    /// alternative measured against sled (docs/benchmarks.md). Chosen when the data
+    /// directory is new; a directory made with the other engine is refused.
+    #[arg(long, env = "CHATNODE_INDEX", value_enum)]
+    pub index: Option<IndexKind>,
     /// How far a sync cursor trails the newest inbox positions, ms [default: 5000]: a
     /// message must reach an inbox replica within this (by the replica's clock) of taking its
     /// position, or it is written again at a new one; the next sync resends this much.
@@ -259,6 +266,7 @@ struct FileConfig {
     write_timeout_ms: Option<u64>,
     max_concurrent_sends: Option<usize>,
     inline_body_bytes: Option<usize>,
+    index: Option<IndexKind>,
     anti_entropy_secs: Option<u64>,
     seal_window_ms: Option<u64>,
     checkpoint_interval_ms: Option<u64>,
@@ -324,6 +332,8 @@ pub struct Config {
     pub max_concurrent_sends: usize,
     /// Longer bodies are stored once, in the history (`store::messages`).
     pub inline_body_bytes: usize,
+    /// The engine of the replicated tables (`store::index`).
+    pub index: IndexKind,
     /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
     pub anti_entropy: Option<Duration>,
     /// How far a sync cursor trails the newest inbox positions (the replicas' seal window).
@@ -481,6 +491,7 @@ impl Config {
                 .inline_body_bytes
                 .or(file.inline_body_bytes)
                 .unwrap_or(DEFAULT_INLINE_BODY_BYTES),
+            index: args.index.or(file.index).unwrap_or_default(),
             anti_entropy: match args
                 .anti_entropy_secs
                 .or(file.anti_entropy_secs)

@@ -174,6 +174,7 @@ pub async fn serve(
             checkpoint_bytes: cfg.checkpoint_bytes,
         },
         inline_body_bytes: cfg.inline_body_bytes,
+        index: cfg.index,
     };
     // Installed before the store opens, so that the replay's counters are recorded.
     let metrics = metrics_recorder();

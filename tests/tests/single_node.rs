@@ -49,6 +49,17 @@ async fn acked_messages_survive_sigkill() {
 /// buffer): a restart after SIGKILL must replay the log to serve them.
 #[tokio::test]
 async fn acked_messages_only_in_the_commit_log_survive_sigkill() {
+    only_in_the_commit_log("sled").await;
+}
+
+/// The same with the replicated tables in fjall (`--index fjall`), whose own journal is not
+/// synced between checkpoints either.
+#[tokio::test]
+async fn acked_messages_only_in_the_commit_log_survive_sigkill_on_the_fjall_index() {
+    only_in_the_commit_log("fjall").await;
+}
+
+async fn only_in_the_commit_log(index: &str) {
     let mut node = TestNode::start(&[
         "--rate-limit-burst",
         "1000",
@@ -56,6 +67,8 @@ async fn acked_messages_only_in_the_commit_log_survive_sigkill() {
         "3600000",
         "--checkpoint-mib",
         "1024",
+        "--index",
+        index,
     ]);
     let alice = node.user("alice").await;
     let bob = node.user("bob").await;
@@ -130,9 +143,23 @@ impl LogTail {
 /// everything acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_inside_a_checkpoint_loses_no_acked_message() {
+    kills_inside_checkpoints("sled").await;
+}
+
+/// The same with the replicated tables in fjall (`--index fjall`): a checkpoint syncs fjall's
+/// journal, then flushes sled's node-local tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_inside_a_checkpoint_loses_no_acked_message_on_the_fjall_index() {
+    kills_inside_checkpoints("fjall").await;
+}
+
+async fn kills_inside_checkpoints(index: &str) {
     // A checkpoint every second while writes arrive, or per 8 MiB of log (512 sends of 16
-    // KiB): each flushes megabytes of sled's pages, which takes a few milliseconds or more.
+    // KiB): each flushes megabytes of the index's pages, which takes a few milliseconds or
+    // more.
     let mut node = TestNode::start(&[
+        "--index",
+        index,
         "--rate-limit-per-sec",
         "100000",
         "--rate-limit-burst",

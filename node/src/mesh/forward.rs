@@ -30,7 +30,7 @@ use crate::domain::friends::apply_friendship;
 use crate::domain::hub::Hub;
 use crate::domain::presence::Presence;
 use crate::logging::RateLimitedLog;
-use crate::store::SledReplica;
+use crate::store::StoreReplica;
 
 /// Failed peer requests logged: 10 per 10 s (a down peer fails every one), the rest counted.
 static PEER_REQUEST_LOG: RateLimitedLog = RateLimitedLog::new(10, Duration::from_secs(10));
@@ -148,7 +148,7 @@ struct CloseDevice {
 
 /// Requests from other nodes: replication goes to the replica service, the rest is ours.
 pub(super) struct Handler {
-    pub(super) replication: ReplicaService<SledReplica, PeerReplicaClient>,
+    pub(super) replication: ReplicaService<StoreReplica, PeerReplicaClient>,
     pub(super) hub: Hub,
     /// The presence service, once the node made it (it is built after the mesh, whose
     /// directory it uses): until then there are no connections to update.

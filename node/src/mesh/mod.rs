@@ -44,7 +44,7 @@ pub use forward::Forwarder;
 use crate::config::Config;
 use crate::domain::hub::Hub;
 use crate::domain::presence::{Feed, Presence};
-use crate::store::{SledReplica, Store, TABLES};
+use crate::store::{Store, StoreReplica, TABLES};
 use cluster::lifecycle::node_cert_name as cert_name;
 use forward::Handler;
 
@@ -65,7 +65,7 @@ const PAUSE_THRESHOLD: Duration = Duration::from_millis(1500);
 /// The cluster side of a node.
 pub struct Mesh {
     membership: Arc<Membership>,
-    coord: Coordinator<SledReplica, PeerReplicaClient>,
+    coord: Coordinator<StoreReplica, PeerReplicaClient>,
     endpoint: PeerEndpoint,
     self_id: NodeId,
     /// The cluster lifecycle (join, anti-entropy, topology follower); taken at shutdown.

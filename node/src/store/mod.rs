@@ -18,7 +18,9 @@
 //! # Layout
 //!
 //! - `mod.rs`: [`Store`], batches, the coordinator calls, opening and replay at start.
-//! - `replica`: [`SledReplica`], this node's `LocalReplica` (sled memory, then the log).
+//! - `replica`: [`StoreReplica`], this node's `LocalReplica` (the index's memory, then the log).
+//! - `index`: where the replicated tables live between checkpoints: sled, or fjall
+//!   (`--index`).
 //! - `wal/`: the commit log (record format, segments, the writer, replay, checkpoints).
 //! - `keys`, `records`: key layouts and record encodings; `messages`, `users`, `groups`,
 //!   `friends`, `push`: the typed operations.
@@ -29,6 +31,7 @@
 
 mod friends;
 mod groups;
+mod index;
 pub mod keys;
 mod messages;
 mod push;
@@ -54,8 +57,9 @@ use std::sync::OnceLock;
 use crate::ids::{ClockSkew, IdGen};
 
 pub use friends::Link;
+pub use index::{Index, IndexKind};
 pub use messages::{HistoryPage, SendOutcome, SyncPage};
-pub use replica::SledReplica;
+pub use replica::StoreReplica;
 
 /// The sled trees, one per record kind (README, "Architecture").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -112,6 +116,9 @@ impl Table {
 pub enum StoreError {
     #[error("storage engine: {0}")]
     Engine(sled::Error),
+    /// The fjall index failed (`--index fjall`).
+    #[error("storage engine (fjall): {0}")]
+    Fjall(fjall::Error),
     /// The commit log could not make a write durable.
     #[error("{0}")]
     Log(wal::LogError),
@@ -158,6 +165,7 @@ macro_rules! store_error_from {
 }
 store_error_from!(
     Engine(sled::Error),
+    Fjall(fjall::Error),
     Quorum(QuorumError),
     Cas(CasError),
     ClockSkew(ClockSkew)
@@ -261,6 +269,8 @@ pub struct StoreOptions {
     /// Bodies longer than this are stored once, in the history; inbox entries refer to them
     /// (`--inline-body-bytes`).
     pub inline_body_bytes: usize,
+    /// The engine of the replicated tables (`--index`).
+    pub index: IndexKind,
 }
 
 /// The store's background tasks: the commit log's writer and checkpointer. Stop them with
@@ -281,16 +291,19 @@ impl StoreTasks {
 }
 
 /// The replication coordinator the store writes and reads through.
-pub type Coord = Coordinator<SledReplica, PeerReplicaClient>;
+pub type Coord = Coordinator<StoreReplica, PeerReplicaClient>;
 
 struct Inner {
     db: sled::Db,
+    /// sled's trees by table id; the replicated ones are used only with `--index sled`
+    /// (through `index`).
     trees: Vec<sled::Tree>,
+    index: Arc<index::Index>,
     partitions: u32,
     log: wal::CommitLog,
     checkpoints: wal::Checkpoints,
     write_timeout: Duration,
-    local: Arc<SledReplica>,
+    local: Arc<StoreReplica>,
     coord: OnceLock<Coord>,
     ids: Arc<IdGen>,
     /// The clock's durable lease found at open (ms since the id epoch; 0: a new store): the
@@ -371,7 +384,8 @@ impl Store {
             .iter()
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
-        let next_seq = replay_log(&db, dir, &trees, &opts.log.dir)?;
+        let index = Arc::new(index::Index::open(dir, opts.index, &trees)?);
+        let next_seq = replay_log(&db, dir, &trees, &index, &opts.log.dir)?;
         let full = Arc::new(tokio::sync::Notify::new());
         let (log, writer) = wal::CommitLog::start(
             opts.log.dir.clone(),
@@ -382,7 +396,7 @@ impl Store {
         )
         .map_err(StoreError::Log)?;
         let (checkpoints, checkpointer) =
-            wal::spawn_checkpointer(db.clone(), dir, log.clone(), &opts.log, full);
+            wal::spawn_checkpointer(db.clone(), index.clone(), dir, log.clone(), &opts.log, full);
         let lease = trees[0]
             .get(ID_LEASE_KEY)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -399,8 +413,8 @@ impl Store {
             hlc.clone(),
         );
         let ids = Arc::new(IdGen::new(hlc, opts.guard));
-        let local = Arc::new(SledReplica::new(
-            trees.clone(),
+        let local = Arc::new(StoreReplica::new(
+            index.clone(),
             log.clone(),
             opts.write_timeout,
             sealer,
@@ -409,6 +423,7 @@ impl Store {
             inner: Arc::new(Inner {
                 db,
                 trees,
+                index,
                 partitions: opts.partitions,
                 log,
                 checkpoints,
@@ -464,7 +479,7 @@ impl Store {
     }
 
     /// This node's replica, for the replication service and the coordinator.
-    pub fn local_replica(&self) -> Arc<SledReplica> {
+    pub fn local_replica(&self) -> Arc<StoreReplica> {
         self.inner.local.clone()
     }
 
@@ -752,16 +767,22 @@ impl Store {
 
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.inner.db.size_on_disk().unwrap_or(0) + self.inner.index.extra_size_on_disk()
+    }
+
+    /// The engine of the replicated tables.
+    pub fn index_kind(&self) -> IndexKind {
+        self.inner.index.kind()
     }
 }
 
-/// Replays the commit log in `dir` into `trees` (newer versions win, as in a replica apply;
-/// node-local writes in log order), flushes sled and deletes the replayed segments. Returns the number of the next segment.
+/// Replays the commit log in `dir` into `index` and the node-local `trees` (newer versions
+/// win, as in a replica apply; node-local writes in log order), flushes both and deletes the replayed segments. Returns the number of the next segment.
 fn replay_log(
     db: &sled::Db,
     db_dir: &Path,
     trees: &[sled::Tree],
+    index: &index::Index,
     dir: &Path,
 ) -> Result<u64, StoreError> {
     let dir_err = |what| {
@@ -788,7 +809,7 @@ fn replay_log(
         let incoming = cluster::replication::Versioned::from_bytes(op.versioned)
             .map_err(|e| StoreError::Corrupt(format!("a logged record: {e}")))?;
         if table.replicated() {
-            return replica::store_versioned(tree, op.key, op.versioned, &incoming);
+            return index.store_versioned(op.table, op.key, op.versioned, &incoming);
         }
         // A node-local write, replayed in log order (see `Store::put_local`).
         match incoming.value {
@@ -810,7 +831,7 @@ fn replay_log(
     let next = replayed.next_seq();
     let flush_started = std::time::Instant::now();
     if !replayed.segments.is_empty() {
-        wal::flush_sled(db, db_dir).map_err(StoreError::Checkpoint)?;
+        wal::flush_index(db, index, db_dir).map_err(StoreError::Checkpoint)?;
         wal::delete_segments_below(dir, next).map_err(dir_err("delete replayed segments"))?;
     }
     tracing::info!(

@@ -1,10 +1,11 @@
 //! This node's replica of the partitions it holds: `cluster::replication::LocalReplica` over
-//! sled. Every replicated record is stored as a `Versioned` (value or tombstone with its
-//! version); an incoming copy replaces the stored one only if it is newer, so applying a
-//! batch twice or out of order is harmless. An apply is durable once its record is in the
-//! commit log (`wal`).
+//! the store's index (`index`: sled, or fjall with `--index fjall`). Every replicated record
+//! is stored as a `Versioned` (value or tombstone with its version); an incoming copy replaces
+//! the stored one only if it is newer, so applying a batch twice or out of order is harmless.
+//! An apply is durable once its record is in the commit log (`wal`).
 
 use std::ops::Bound;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::replication::{
@@ -14,48 +15,31 @@ use cluster::replication::{
 };
 use cluster::{partition_of, Partition};
 
+use super::index::Index;
 use super::wal::{CommitLog, RecordBuilder};
 use super::{StoreError, Table, TABLES};
 
-/// The replicated trees of this node.
-pub struct SledReplica {
-    /// Indexed by `TableId` (the table's position in `TABLES`).
-    trees: Vec<sled::Tree>,
+/// This node's replica of the replicated tables.
+pub struct StoreReplica {
+    index: Arc<Index>,
     log: CommitLog,
     write_timeout: Duration,
     /// Seals the inbox table (`cluster::replication::seal`).
     sealer: Sealer,
 }
 
-fn decode(bytes: &[u8]) -> Result<Versioned, StoreError> {
-    Versioned::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-impl SledReplica {
+impl StoreReplica {
     pub(super) fn new(
-        trees: Vec<sled::Tree>,
+        index: Arc<Index>,
         log: CommitLog,
         write_timeout: Duration,
         sealer: Sealer,
     ) -> Self {
-        SledReplica {
-            trees,
+        StoreReplica {
+            index,
             log,
             write_timeout,
             sealer,
-        }
-    }
-
-    /// The tree of a replicated table; node-local tables are not reachable from peers.
-    fn tree(&self, table: TableId) -> Result<&sled::Tree, StoreError> {
-        match TABLES.get(usize::from(table)) {
-            Some(t) if t.replicated() => self
-                .trees
-                .get(usize::from(table))
-                .ok_or_else(|| StoreError::Corrupt(format!("no tree for table {table}"))),
-            _ => Err(StoreError::Corrupt(format!(
-                "table {table} is not replicated"
-            ))),
         }
     }
 
@@ -72,46 +56,23 @@ impl SledReplica {
     }
 }
 
-/// Stores `incoming` (encoded as `bytes`) at `key` if it is newer than the stored copy
-/// (compare-and-swap, retried): the replicas' merge rule, also used by the log's replay. Most
-/// keys are new (history and inbox entries are written once), so the first try inserts only if
-/// the key is absent, which saves reading it first.
-pub(super) fn store_versioned(
-    tree: &sled::Tree,
-    key: &[u8],
-    bytes: &[u8],
-    incoming: &Versioned,
-) -> Result<(), StoreError> {
-    let mut old = match tree.compare_and_swap(key, None::<&[u8]>, Some(bytes))? {
-        Ok(()) => return Ok(()),
-        Err(conflict) => conflict.current,
-    };
-    loop {
-        let stored = old.as_deref().map(decode).transpose()?;
-        if !Versioned::should_store(stored.as_ref(), incoming) {
-            return Ok(());
-        }
-        match tree.compare_and_swap(key, old, Some(bytes))? {
-            Ok(()) => return Ok(()),
-            Err(conflict) => old = conflict.current,
-        }
-    }
-}
-
-impl LocalReplica for SledReplica {
+impl LocalReplica for StoreReplica {
     type Error = StoreError;
 
-    /// Stores each op in sled's memory, then logs every op stored or found superseded (logged
-    /// anyway, so that this write is durable on its own whether or not the newer copy's apply
-    /// reaches the log) and waits for the log. Ops refused by the seal are not logged.
+    /// Stores each op in the index's memory, then logs every op stored or found superseded
+    /// (logged anyway, so that this write is durable on its own whether or not the newer
+    /// copy's apply reaches the log) and waits for the log. Ops refused by the seal are not
+    /// logged.
     async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome, StoreError> {
         let mut outcome = ApplyOutcome::Applied;
         let mut record = RecordBuilder::default();
         for op in &batch.ops {
-            let tree = self.tree(op.table)?;
             let incoming = op.record();
             let bytes = incoming.to_bytes();
-            let store = || store_versioned(tree, &op.key, &bytes, &incoming);
+            let store = || {
+                self.index
+                    .store_versioned(op.table, &op.key, &bytes, &incoming)
+            };
             if batch.fresh && op.value.is_some() && self.sealer.seals(op.table) {
                 match self.sealer.insert_fresh(&op.key, store) {
                     Ok(stored) => stored?,
@@ -130,54 +91,45 @@ impl LocalReplica for SledReplica {
     }
 
     async fn apply_if(&self, request: ConditionalApply) -> Result<ConditionalOutcome, StoreError> {
-        let tree = self.tree(request.op.table)?;
         let bytes = request.op.record().to_bytes();
-        loop {
-            let old = tree.get(&request.op.key)?;
-            let stored = old.as_deref().map(decode).transpose()?;
-            if let Some(current) = stored.filter(|s| s.version > request.if_version_at_most) {
-                return Ok(ConditionalOutcome::Stale { current });
-            }
-            if tree
-                .compare_and_swap(&request.op.key, old, Some(bytes.clone()))?
-                .is_ok()
-            {
-                let mut record = RecordBuilder::default();
-                record.push(request.op.table, &request.op.key, &bytes);
-                self.log(record).await?;
-                return Ok(ConditionalOutcome::Applied);
-            }
+        let stale = self.index.store_if(
+            request.op.table,
+            &request.op.key,
+            &bytes,
+            request.if_version_at_most,
+        )?;
+        if let Some(current) = stale {
+            return Ok(ConditionalOutcome::Stale { current });
         }
+        let mut record = RecordBuilder::default();
+        record.push(request.op.table, &request.op.key, &bytes);
+        self.log(record).await?;
+        Ok(ConditionalOutcome::Applied)
     }
 
     async fn read(&self, request: ReadRequest) -> Result<Option<Versioned>, StoreError> {
-        self.tree(request.table)?
-            .get(&request.key)?
-            .map(|v| decode(&v))
-            .transpose()
+        self.index.get(request.table, &request.key)
     }
 
     async fn pull(&self, request: PullRequest) -> Result<PullReply, StoreError> {
-        let tree = self.tree(request.table)?;
-        let table = TABLES[usize::from(request.table)];
+        let table = TABLES
+            .get(usize::from(request.table))
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt(format!("no table {}", request.table)))?;
         let start = match &request.after {
             Some(after) => Bound::Excluded(after.clone()),
             None => Bound::Unbounded,
         };
         let count = request.partition_count;
-        let iter = tree
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .map(|item| {
-                let (k, v) = item?;
-                Ok::<_, StoreError>((k.to_vec(), decode(&v)?))
-            });
+        let iter = self
+            .index
+            .range(request.table, start, Bound::Unbounded, false)?;
         request.collect(iter, |key| -> Option<Partition> {
             Some(partition_of(table.partition_key(key)?, count))
         })
     }
 
     async fn scan(&self, request: ScanRequest) -> Result<ScanReply, StoreError> {
-        let tree = self.tree(request.table)?;
         let Some((lower, upper)) = request.key_bounds() else {
             return Ok(ScanReply::default());
         };
@@ -187,19 +139,15 @@ impl LocalReplica for SledReplica {
             Bound::Unbounded => Bound::Unbounded,
         };
         let read = || {
-            let range = tree.range::<Vec<u8>, _>((owned(lower), owned(upper)));
-            let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-                if request.descending {
-                    Box::new(range.rev())
-                } else {
-                    Box::new(range)
-                };
+            let iter = self.index.range(
+                request.table,
+                owned(lower),
+                owned(upper),
+                request.descending,
+            )?;
             request.collect(iter.map(|item| {
-                let (k, v) = item?;
-                Ok(ScanEntry {
-                    key: k.to_vec(),
-                    record: decode(&v)?,
-                })
+                let (key, record) = item?;
+                Ok(ScanEntry { key, record })
             }))
         };
         if self.sealer.seals(request.table) {

@@ -31,6 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::index::Index;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +81,8 @@ pub enum CheckpointError {
     Log(LogError),
     #[error("sled flush: {0}")]
     Flush(Arc<sled::Error>),
+    #[error("fjall persist: {0}")]
+    Persist(Arc<fjall::Error>),
     #[error("deleting covered segments: {0}")]
     Delete(Arc<std::io::Error>),
     /// The checkpointer has stopped (shutdown).
@@ -131,9 +135,20 @@ pub fn flush_sled(db: &sled::Db, db_dir: &Path) -> Result<(), CheckpointError> {
         .map_err(|e| CheckpointError::Flush(Arc::new(sled::Error::Io(e))))
 }
 
-/// Starts the checkpointer of `log` over `db` (in `db_dir`). `full` is the writer's size cue.
+/// Makes the index and sled durable: fjall's journal synced (`--index fjall`), then sled
+/// flushed ([`flush_sled`]).
+pub fn flush_index(db: &sled::Db, index: &Index, db_dir: &Path) -> Result<(), CheckpointError> {
+    index
+        .persist()
+        .map_err(|e| CheckpointError::Persist(Arc::new(e)))?;
+    flush_sled(db, db_dir)
+}
+
+/// Starts the checkpointer of `log` over `db` and `index` (in `db_dir`). `full` is the
+/// writer's size cue.
 pub fn spawn_checkpointer(
     db: sled::Db,
+    index: Arc<Index>,
     db_dir: &Path,
     log: CommitLog,
     opts: &LogOptions,
@@ -143,6 +158,7 @@ pub fn spawn_checkpointer(
     let stop = CancellationToken::new();
     let checkpointer = Checkpointer {
         db,
+        index,
         db_dir: db_dir.to_path_buf(),
         log,
         dir: opts.dir.clone(),
@@ -156,6 +172,7 @@ pub fn spawn_checkpointer(
 /// What the checkpointer task owns.
 struct Checkpointer {
     db: sled::Db,
+    index: Arc<Index>,
     db_dir: PathBuf,
     log: CommitLog,
     /// The log's directory.
@@ -204,13 +221,14 @@ impl Checkpointer {
             return Ok(());
         }
         let db = self.db.clone();
+        let index = self.index.clone();
         let db_dir = self.db_dir.clone();
         let dir = self.dir.clone();
         let current = rotation.current;
         tracing::debug!(segment = current, "checkpoint begins");
         let (flush, deleted) = tokio::task::spawn_blocking(move || {
             let flush_started = Instant::now();
-            flush_sled(&db, &db_dir)?;
+            flush_index(&db, &index, &db_dir)?;
             let flush = flush_started.elapsed();
             let deleted = segment::delete_below(&dir, current)
                 .map_err(|e| CheckpointError::Delete(Arc::new(e)))?;

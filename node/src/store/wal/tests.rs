@@ -5,7 +5,7 @@ use tokio::sync::Notify;
 
 use super::format::{RecordBuilder, SEGMENT_HEADER};
 use super::*;
-use crate::store::{replay_log, Table, TABLES};
+use crate::store::{replay_log, Index, IndexKind, Table, TABLES};
 
 /// A record of one op: `key = value` at `version` in the history table.
 fn record(key: &[u8], version: u64, value: &[u8]) -> Vec<u8> {
@@ -274,12 +274,35 @@ fn open_db(dir: &std::path::Path) -> (sled::Db, Vec<sled::Tree>) {
     (db, trees)
 }
 
-fn stored(trees: &[sled::Tree], key: &[u8]) -> Option<u64> {
-    let v = trees[usize::from(Table::History.id())]
-        .get(key)
-        .expect("get")?;
-    Some(Versioned::from_bytes(&v).expect("decode").version)
+/// A store's sled and its index of replicated tables, as `Store::open` makes them.
+fn open_store(dir: &std::path::Path, kind: IndexKind) -> (sled::Db, Vec<sled::Tree>, Arc<Index>) {
+    let (db, trees) = open_db(dir);
+    let index = Arc::new(Index::open(dir, kind, &trees).expect("index"));
+    (db, trees, index)
 }
+
+/// An index over sled's trees (the default).
+fn sled_index(db: &sled::Db) -> Arc<Index> {
+    let trees = TABLES
+        .iter()
+        .map(|t| db.open_tree(t.tree_name()).expect("tree"))
+        .collect();
+    Arc::new(Index::Sled(trees))
+}
+
+fn stored(index: &Index, key: &[u8]) -> Option<u64> {
+    Some(index.get(Table::History.id(), key).expect("get")?.version)
+}
+
+/// Stores a history record as a replica apply does (before its log record).
+fn put(index: &Index, key: &[u8], version: u64, value: &[u8]) {
+    let v = Versioned::live(version, value.to_vec());
+    index
+        .store_versioned(Table::History.id(), key, &v.to_bytes(), &v)
+        .expect("store");
+}
+
+const KINDS: [IndexKind; 2] = [IndexKind::Sled, IndexKind::Fjall];
 
 #[tokio::test]
 async fn replay_is_idempotent_and_newer_versions_win() {
@@ -299,34 +322,62 @@ async fn replay_is_idempotent_and_newer_versions_win() {
     let keep = tmp.path().join("copy");
     std::fs::create_dir(&keep).expect("mkdir");
     std::fs::copy(segment::path(&log_dir, 1), segment::path(&keep, 1)).expect("copy");
-    {
-        let (db, trees) = open_db(&db_dir);
-        // `b` already holds a newer version than the log's.
-        trees[usize::from(Table::History.id())]
-            .insert(b"b", Versioned::live(9, b"new".to_vec()).to_bytes())
-            .expect("insert");
-        let next = replay_log(&db, &db_dir, &trees, &log_dir).expect("replay");
-        assert_eq!(next, 2);
-        assert_eq!(stored(&trees, b"a"), Some(5));
-        assert_eq!(stored(&trees, b"b"), Some(9));
-        // Replayed segments are gone once sled holds them durably.
-        assert_eq!(segment::list(&log_dir).expect("list"), Vec::<u64>::new());
-        // Replaying the same segment again changes nothing.
-        let next = replay_log(&db, &db_dir, &trees, &keep).expect("replay again");
-        assert_eq!(next, 2);
-        assert_eq!(stored(&trees, b"a"), Some(5));
-        assert_eq!(stored(&trees, b"b"), Some(9));
+    for kind in KINDS {
+        // Each engine replays copies of the segment (a replay deletes what it replayed).
+        let (db_dir, log_dir, keep) = (
+            db_dir.join(format!("{kind:?}")),
+            keep.join(format!("log-{kind:?}")),
+            keep.join(format!("keep-{kind:?}")),
+        );
+        for dir in [&log_dir, &keep] {
+            std::fs::create_dir_all(dir).expect("mkdir");
+            std::fs::copy(
+                segment::path(&tmp.path().join("log"), 1),
+                segment::path(dir, 1),
+            )
+            .expect("copy");
+        }
+        {
+            let (db, trees, index) = open_store(&db_dir, kind);
+            // `b` already holds a newer version than the log's.
+            put(&index, b"b", 9, b"new");
+            let next = replay_log(&db, &db_dir, &trees, &index, &log_dir).expect("replay");
+            assert_eq!(next, 2);
+            assert_eq!(stored(&index, b"a"), Some(5), "{kind:?}");
+            assert_eq!(stored(&index, b"b"), Some(9), "{kind:?}");
+            // Replayed segments are gone once the index holds them durably.
+            assert_eq!(segment::list(&log_dir).expect("list"), Vec::<u64>::new());
+            // Replaying the same segment again changes nothing.
+            let next = replay_log(&db, &db_dir, &trees, &index, &keep).expect("replay again");
+            assert_eq!(next, 2);
+            assert_eq!(stored(&index, b"a"), Some(5), "{kind:?}");
+            assert_eq!(stored(&index, b"b"), Some(9), "{kind:?}");
+        }
+        // The flush after the replay made it durable: a reopened index has it without the log.
+        let (_db, trees, index) = open_store(&db_dir, kind);
+        assert_eq!(stored(&index, b"a"), Some(5), "{kind:?}");
+        assert_eq!(stored(&index, b"b"), Some(9), "{kind:?}");
+        // The directory is that engine's: the other one is refused, not opened empty.
+        let other = if kind == IndexKind::Sled {
+            IndexKind::Fjall
+        } else {
+            IndexKind::Sled
+        };
+        assert!(Index::open(&db_dir, other, &trees).is_err(), "{kind:?}");
     }
-    // The flush after the replay made it durable: a reopened sled has it without the log.
-    let (_db, trees) = open_db(&db_dir);
-    assert_eq!(stored(&trees, b"a"), Some(5));
 }
 
 #[tokio::test]
 async fn a_checkpoint_deletes_the_segments_it_covers() {
+    for kind in KINDS {
+        checkpoint_deletes_covered_segments(kind).await;
+    }
+}
+
+async fn checkpoint_deletes_covered_segments(kind: IndexKind) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let db_dir = tmp.path().join("db");
-    let (db, trees) = open_db(&db_dir);
+    let (db, trees, index) = open_store(&db_dir, kind);
     let log_dir = tmp.path().join("log");
     std::fs::create_dir(&log_dir).expect("mkdir");
     let opts = LogOptions {
@@ -337,13 +388,11 @@ async fn a_checkpoint_deletes_the_segments_it_covers() {
     let (log, writer) =
         CommitLog::start(log_dir.clone(), 1, 0, u64::MAX, full.clone()).expect("start");
     let (checkpoints, checkpointer) =
-        spawn_checkpointer(db.clone(), &db_dir, log.clone(), &opts, full);
-    let history = &trees[usize::from(Table::History.id())];
+        spawn_checkpointer(db.clone(), index.clone(), &db_dir, log.clone(), &opts, full);
     for i in 1..=3u64 {
-        // As a replica apply does: sled's memory first, then the log.
+        // As a replica apply does: the index's memory first, then the log.
         let key = format!("key-{i}");
-        let bytes = Versioned::live(i, vec![1; 10]).to_bytes();
-        history.insert(key.as_bytes(), bytes).expect("insert");
+        put(&index, key.as_bytes(), i, &[1; 10]);
         log.append(record(key.as_bytes(), i, &[1; 10]))
             .await
             .expect("append");
@@ -368,9 +417,13 @@ async fn a_checkpoint_deletes_the_segments_it_covers() {
     for s in 1..=3 {
         std::fs::copy(segment::path(&log_dir, s), segment::path(&copy, s)).expect("copy");
     }
-    replay_log(&db, &db_dir, &trees, &copy).expect("replay");
+    replay_log(&db, &db_dir, &trees, &index, &copy).expect("replay");
     for i in 1..=3u64 {
-        assert_eq!(stored(&trees, format!("key-{i}").as_bytes()), Some(i));
+        assert_eq!(
+            stored(&index, format!("key-{i}").as_bytes()),
+            Some(i),
+            "{kind:?}"
+        );
     }
 
     log.append(record(b"key-4", 4, &[1; 10]))
@@ -403,7 +456,14 @@ async fn a_full_segment_starts_a_checkpoint() {
     let (log, writer) =
         CommitLog::start(log_dir.clone(), 1, 0, opts.checkpoint_bytes, full.clone())
             .expect("start");
-    let (_checkpoints, checkpointer) = spawn_checkpointer(db, &db_dir, log.clone(), &opts, full);
+    let (_checkpoints, checkpointer) = spawn_checkpointer(
+        db.clone(),
+        sled_index(&db),
+        &db_dir,
+        log.clone(),
+        &opts,
+        full,
+    );
     for r in records(10) {
         log.append(r).await.expect("append"); // ~2.3 KiB in all
     }
