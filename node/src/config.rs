@@ -112,9 +112,10 @@ pub struct ServeArgs {
     /// inline) on every node until all run this version.
     #[arg(long, env = "CHATNODE_INLINE_BODY_BYTES")]
     pub inline_body_bytes: Option<usize>,
-    /// The engine of the replicated tables [default: sled]: `fjall` (an LSM tree) is the
-    /// alternative measured against sled (docs/benchmarks.md). Chosen when the data
-    /// directory is new; a directory made with the other engine is refused.
+    /// The engine of the replicated tables of a new data directory [default: fjall, an LSM
+    /// tree; `sled` is the engine of directories made before this setting, measured against
+    /// fjall in docs/benchmarks.md]. An existing directory keeps its engine; naming the other
+    /// one is refused.
     #[arg(long, env = "CHATNODE_INDEX", value_enum)]
     pub index: Option<IndexKind>,
     /// How far a sync cursor trails the newest inbox positions, ms [default: 5000]: a
@@ -332,8 +333,9 @@ pub struct Config {
     pub max_concurrent_sends: usize,
     /// Longer bodies are stored once, in the history (`store::messages`).
     pub inline_body_bytes: usize,
-    /// The engine of the replicated tables (`store::index`).
-    pub index: IndexKind,
+    /// The engine of the replicated tables of a new store (`store::index`); `None`: the
+    /// default, or the existing store's.
+    pub index: Option<IndexKind>,
     /// Time between anti-entropy passes; `None`: only the catch-up after a restart.
     pub anti_entropy: Option<Duration>,
     /// How far a sync cursor trails the newest inbox positions (the replicas' seal window).
@@ -491,7 +493,7 @@ impl Config {
                 .inline_body_bytes
                 .or(file.inline_body_bytes)
                 .unwrap_or(DEFAULT_INLINE_BODY_BYTES),
-            index: args.index.or(file.index).unwrap_or_default(),
+            index: args.index.or(file.index),
             anti_entropy: match args
                 .anti_entropy_secs
                 .or(file.anti_entropy_secs)

@@ -269,8 +269,9 @@ pub struct StoreOptions {
     /// Bodies longer than this are stored once, in the history; inbox entries refer to them
     /// (`--inline-body-bytes`).
     pub inline_body_bytes: usize,
-    /// The engine of the replicated tables (`--index`).
-    pub index: IndexKind,
+    /// The engine of the replicated tables for a new store (`--index`; `None`: the
+    /// default). An existing store keeps its own, and refuses another one asked for.
+    pub index: Option<IndexKind>,
 }
 
 /// The store's background tasks: the commit log's writer and checkpointer. Stop them with
@@ -385,6 +386,8 @@ impl Store {
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
         let index = Arc::new(index::Index::open(dir, opts.index, &trees)?);
+        // Again for the index's files (fjall's directory, the engine's name).
+        restrict_permissions(dir).map_err(|e| StoreError::Engine(sled::Error::Io(e)))?;
         let next_seq = replay_log(&db, dir, &trees, &index, &opts.log.dir)?;
         let full = Arc::new(tokio::sync::Notify::new());
         let (log, writer) = wal::CommitLog::start(

@@ -277,7 +277,7 @@ fn open_db(dir: &std::path::Path) -> (sled::Db, Vec<sled::Tree>) {
 /// A store's sled and its index of replicated tables, as `Store::open` makes them.
 fn open_store(dir: &std::path::Path, kind: IndexKind) -> (sled::Db, Vec<sled::Tree>, Arc<Index>) {
     let (db, trees) = open_db(dir);
-    let index = Arc::new(Index::open(dir, kind, &trees).expect("index"));
+    let index = Arc::new(Index::open(dir, Some(kind), &trees).expect("index"));
     (db, trees, index)
 }
 
@@ -363,7 +363,10 @@ async fn replay_is_idempotent_and_newer_versions_win() {
         } else {
             IndexKind::Sled
         };
-        assert!(Index::open(&db_dir, other, &trees).is_err(), "{kind:?}");
+        assert!(
+            Index::open(&db_dir, Some(other), &trees).is_err(),
+            "{kind:?}"
+        );
     }
 }
 
