@@ -149,15 +149,12 @@ impl Index {
             }
             Index::Fjall {
                 keyspaces, stripes, ..
-            } => {
-                let ks = keyspace(keyspaces, table)?;
-                let _key_lock = stripe(stripes, key).lock();
-                let stored = ks.get(key)?.as_deref().map(decode).transpose()?;
+            } => fjall_update(keyspaces, stripes, table, key, |ks, stored| {
                 if Versioned::should_store(stored.as_ref(), incoming) {
                     ks.insert(key, bytes)?;
                 }
                 Ok(())
-            }
+            }),
         }
     }
 
@@ -186,16 +183,13 @@ impl Index {
             }
             Index::Fjall {
                 keyspaces, stripes, ..
-            } => {
-                let ks = keyspace(keyspaces, table)?;
-                let _key_lock = stripe(stripes, key).lock();
-                let stored = ks.get(key)?.as_deref().map(decode).transpose()?;
+            } => fjall_update(keyspaces, stripes, table, key, |ks, stored| {
                 if let Some(current) = stored.filter(|s| s.version > if_version_at_most) {
                     return Ok(Some(current));
                 }
                 ks.insert(key, bytes)?;
                 Ok(None)
-            }
+            }),
         }
     }
 
@@ -303,6 +297,21 @@ fn keyspace(
         .ok_or_else(|| StoreError::Corrupt(format!("table {table} is not replicated")))
 }
 
+/// Runs `update` with the stored copy of `key` in `table`, holding the key's stripe lock (no
+/// other fjall write to the key can come between its read and its write).
+fn fjall_update<T>(
+    keyspaces: &[Option<fjall::Keyspace>],
+    stripes: &[parking_lot::Mutex<()>],
+    table: TableId,
+    key: &[u8],
+    update: impl FnOnce(&fjall::Keyspace, Option<Versioned>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let ks = keyspace(keyspaces, table)?;
+    let _key_lock = stripe(stripes, key).lock();
+    let stored = ks.get(key)?.as_deref().map(decode).transpose()?;
+    update(ks, stored)
+}
+
 fn stripe<'a>(stripes: &'a [parking_lot::Mutex<()>], key: &[u8]) -> &'a parking_lot::Mutex<()> {
     // FNV-1a: cheap, and spreads keys that differ only in their last bytes.
     let hash = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -349,25 +358,27 @@ fn write_kind(dir: &Path, kind: IndexKind) -> Result<(), StoreError> {
         .map_err(io)
 }
 
+/// A store's sled and its trees as `Store::open` opens them (tests).
+#[cfg(test)]
+pub(super) fn sled_at(dir: &Path) -> (sled::Db, Vec<sled::Tree>) {
+    let db = sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .open()
+        .expect("sled");
+    let trees = TABLES
+        .iter()
+        .map(|t| db.open_tree(t.tree_name()).expect("tree"))
+        .collect();
+    (db, trees)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::Table;
 
     const KINDS: [IndexKind; 2] = [IndexKind::Sled, IndexKind::Fjall];
-
-    fn sled_at(dir: &Path) -> (sled::Db, Vec<sled::Tree>) {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .expect("sled");
-        let trees = TABLES
-            .iter()
-            .map(|t| db.open_tree(t.tree_name()).expect("tree"))
-            .collect();
-        (db, trees)
-    }
 
     fn open(dir: &Path, kind: IndexKind) -> (sled::Db, Index) {
         let (db, trees) = sled_at(dir);

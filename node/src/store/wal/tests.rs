@@ -5,6 +5,7 @@ use tokio::sync::Notify;
 
 use super::format::{RecordBuilder, SEGMENT_HEADER};
 use super::*;
+use crate::store::index::sled_at;
 use crate::store::{replay_log, Index, IndexKind, Table, TABLES};
 
 /// A record of one op: `key = value` at `version` in the history table.
@@ -261,22 +262,9 @@ async fn a_torn_record_inside_preallocated_space_is_cut() {
     assert!(report.corrupt_segments.is_empty());
 }
 
-fn open_db(dir: &std::path::Path) -> (sled::Db, Vec<sled::Tree>) {
-    let db = sled::Config::new()
-        .path(dir)
-        .flush_every_ms(None)
-        .open()
-        .expect("sled");
-    let trees = TABLES
-        .iter()
-        .map(|t| db.open_tree(t.tree_name()).expect("tree"))
-        .collect();
-    (db, trees)
-}
-
 /// A store's sled and its index of replicated tables, as `Store::open` makes them.
 fn open_store(dir: &std::path::Path, kind: IndexKind) -> (sled::Db, Vec<sled::Tree>, Arc<Index>) {
-    let (db, trees) = open_db(dir);
+    let (db, trees) = sled_at(dir);
     let index = Arc::new(Index::open(dir, Some(kind), &trees).expect("index"));
     (db, trees, index)
 }
@@ -447,7 +435,7 @@ async fn checkpoint_deletes_covered_segments(kind: IndexKind) {
 async fn a_full_segment_starts_a_checkpoint() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let db_dir = tmp.path().join("db");
-    let (db, _trees) = open_db(&db_dir);
+    let (db, _trees) = sled_at(&db_dir);
     let log_dir = tmp.path().join("log");
     std::fs::create_dir(&log_dir).expect("mkdir");
     let opts = LogOptions {
