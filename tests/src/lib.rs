@@ -445,6 +445,41 @@ pub fn metric_in(text: &str, name: &str) -> f64 {
 }
 
 /// A direct-message recipient.
+/// The message ids at the end of the keys with `prefix` in table `table` (`inbox`, `history`)
+/// of a stopped node's store in `data_dir`, read from the store's index engine (fjall or
+/// sled, as recorded in `<data dir>/db/index`).
+pub fn stored_ids(
+    data_dir: &std::path::Path,
+    table: &str,
+    prefix: &[u8],
+) -> std::collections::HashSet<client_proto::MessageId> {
+    let db_dir = data_dir.join("db");
+    let id = |k: &[u8]| {
+        client_proto::MessageId(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
+    };
+    let engine = std::fs::read_to_string(db_dir.join("index")).unwrap_or_default();
+    if engine.trim() == "fjall" {
+        let db = fjall::Database::builder(db_dir.join("fjall"))
+            .open()
+            .unwrap();
+        let keyspace = db
+            .keyspace(table, fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        keyspace
+            .prefix(prefix)
+            .map(|g| id(&g.key().unwrap()))
+            .collect()
+    } else {
+        let db = sled::open(&db_dir).unwrap();
+        db.open_tree(table)
+            .unwrap()
+            .scan_prefix(prefix)
+            .keys()
+            .map(|k| id(&k.unwrap()))
+            .collect()
+    }
+}
+
 pub fn to(user: UserId) -> client_proto::Recipient {
     client_proto::Recipient::User(user)
 }

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chat_tests::{collect_messages, next_message, send_until_acked, to};
+use chat_tests::{collect_messages, next_message, send_until_acked, stored_ids, to};
 use chat_tests::{TestCluster, TestNode, TestUser};
 use client_proto::client::{ChatClient, ClientOptions as ChatClientOptions, Connection, Event};
 use client_proto::{MessageId, PresenceStatus, Recipient, ServerFrame, UserId};
@@ -324,18 +324,7 @@ async fn with_five_nodes_and_rf_3_every_acked_message_is_on_exactly_three() {
     let mut inbox_holders = 0;
     let mut history_holders = 0;
     for node in &cluster.nodes {
-        let db = sled::open(node.data_dir().join("db")).unwrap();
-        let ids_in = |tree: &str, prefix: &[u8]| -> HashSet<MessageId> {
-            db.open_tree(tree)
-                .unwrap()
-                .scan_prefix(prefix)
-                .keys()
-                .map(|k| {
-                    let k = k.unwrap();
-                    MessageId(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
-                })
-                .collect()
-        };
+        let ids_in = |tree: &str, prefix: &[u8]| stored_ids(&node.data_dir(), tree, prefix);
         let inbox = ids_in("inbox", &bob.id.0.to_be_bytes());
         let history = ids_in("history", &conv_prefix);
         for (name, got, holders) in [
@@ -609,17 +598,11 @@ async fn a_node_restarted_on_an_empty_disk_joins_again_and_pulls_what_it_lost() 
     // Its own store holds every acked message of bob's inbox: the 20 from before the loss
     // can only have come from the pull (hints cover only what was sent while it was away).
     assert_eq!(cluster.nodes[2].terminate(), Some(0));
-    let db = sled::open(cluster.nodes[2].data_dir().join("db")).unwrap();
-    let held: HashSet<MessageId> = db
-        .open_tree("inbox")
-        .unwrap()
-        .scan_prefix(bob.id.0.to_be_bytes())
-        .keys()
-        .map(|k| {
-            let k = k.unwrap();
-            MessageId(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
-        })
-        .collect();
+    let held = stored_ids(
+        &cluster.nodes[2].data_dir(),
+        "inbox",
+        &bob.id.0.to_be_bytes(),
+    );
     let missing: Vec<_> = acked[..20].iter().filter(|id| !held.contains(id)).collect();
     assert!(missing.is_empty(), "the rejoined node lacks {missing:?}");
 }

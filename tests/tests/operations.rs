@@ -67,17 +67,9 @@ fn steady_sender(
     })
 }
 
-/// The message ids in `user`'s inbox tree of a stopped node's store.
-fn inbox_ids(db: &sled::Db, user: u64) -> HashSet<MessageId> {
-    db.open_tree("inbox")
-        .unwrap()
-        .scan_prefix(user.to_be_bytes())
-        .keys()
-        .map(|k| {
-            let k = k.unwrap();
-            MessageId(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
-        })
-        .collect()
+/// The message ids in `user`'s inbox of a stopped node's store.
+fn inbox_ids(data_dir: &std::path::Path, user: u64) -> HashSet<MessageId> {
+    chat_tests::stored_ids(data_dir, "inbox", &user.to_be_bytes())
 }
 
 /// `chatnode admin status` on node `at`, asked again (for up to 15 s) until it says `what`.
@@ -198,9 +190,9 @@ async fn a_node_decommissioned_under_load_hands_over_every_message_and_stops_by_
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..3 {
         assert_eq!(cluster.nodes[i].terminate(), Some(0));
-        let db = sled::open(cluster.nodes[i].data_dir().join("db")).unwrap();
+        let data_dir = cluster.nodes[i].data_dir();
         for (user, want) in &sent.acked {
-            let held = inbox_ids(&db, *user);
+            let held = inbox_ids(&data_dir, *user);
             let missing: Vec<_> = want.iter().filter(|id| !held.contains(id)).collect();
             assert!(
                 missing.is_empty(),
