@@ -112,6 +112,15 @@ pub enum BadRecord {
     Malformed,
 }
 
+/// The whole length (header and payload) that the record starting `bytes` declares, if its
+/// length field is there and the length is possible.
+pub fn record_len(bytes: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    (4..=MAX_PAYLOAD)
+        .contains(&len)
+        .then_some(RECORD_HEADER + len)
+}
+
 /// Reads the record at the start of `bytes`: its payload and the bytes it takes.
 pub fn read_record(bytes: &[u8]) -> Result<(&[u8], usize), BadRecord> {
     let header = bytes.get(..RECORD_HEADER).ok_or(BadRecord::Short)?;

@@ -5,10 +5,15 @@
 //! threads ("lanes") meanwhile, each op in the lane of its key, so that the ops of one key are
 //! applied in log order (which node-local writes need) while different keys, whose order does
 //! not matter, are applied at once.
+//!
+//! A segment is read in blocks of [`BLOCK`] bytes into one buffer, reused for every block and
+//! segment: reading a whole segment into fresh memory cost more than its parsing (the kernel
+//! zeroes every new page; ~2 s for 1 GiB on the benchmark machine), and the lanes waited for
+//! it. A record cut by a block's end is carried over to the next block.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
-use std::io;
+use std::io::{self, Read};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -30,7 +35,7 @@ pub struct Replayed {
     /// Segments in which a bad record was followed by a good one (corruption, not a torn
     /// write): the good records after it were cut too.
     pub corrupt_segments: Vec<u64>,
-    /// The busiest lane's time applying ops, summed over segments (the lanes apply while the
+    /// The busiest lane's time applying ops, summed over blocks (the lanes apply while the
     /// records are read and checked).
     pub applying: Duration,
 }
@@ -58,6 +63,13 @@ pub enum ReplayError<E> {
 /// Ops read before they are handed to the lanes.
 const CHUNK_OPS: usize = 1 << 16;
 
+/// Bytes of a segment read at a time.
+const BLOCK: usize = 32 << 20;
+
+/// [`BLOCK`], for tests that compare other block sizes with it.
+#[cfg(test)]
+pub(super) const BLOCK_FOR_TESTS: usize = BLOCK;
+
 /// Replays every segment in `dir` through `apply` on `lanes` threads (at least one), oldest
 /// first, cutting each segment at its first bad record (the file is truncated there and the
 /// cut logged). The ops of one key are applied in log order, on one lane.
@@ -66,17 +78,35 @@ pub fn replay<E: Send>(
     lanes: usize,
     apply: impl Fn(LoggedOp<'_>) -> Result<(), E> + Sync,
 ) -> Result<Replayed, ReplayError<E>> {
+    replay_in_blocks(dir, lanes, BLOCK, apply)
+}
+
+/// [`replay`], reading `block` bytes at a time (tests vary it).
+pub(super) fn replay_in_blocks<E: Send>(
+    dir: &Path,
+    lanes: usize,
+    block: usize,
+    apply: impl Fn(LoggedOp<'_>) -> Result<(), E> + Sync,
+) -> Result<Replayed, ReplayError<E>> {
     let mut lanes = Lanes {
         lanes: lanes.max(1),
         apply,
         applying: Duration::ZERO,
     };
+    let block = block.max(1);
     let mut out = Replayed::default();
+    // The bytes of the segment from file offset `base` on (one buffer for the whole replay).
+    let mut buf = Vec::new();
     for seq in segment::list(dir)? {
         let path = segment::path(dir, seq);
-        let bytes = std::fs::read(&path)?;
+        let mut file = File::open(&path)?;
+        // Set to where the reads really ended if that is sooner.
+        let mut len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
         out.segments.push(seq);
-        let good_end = match bytes.get(..SEGMENT_HEADER) {
+        buf.clear();
+        read_up_to(&mut file, &mut buf, SEGMENT_HEADER)?;
+        let mut base = 0;
+        let good_end = match buf.get(..SEGMENT_HEADER) {
             Some(h) if h[..format::MAGIC.len()] == format::MAGIC[..] => {
                 let version = h[format::MAGIC.len()];
                 if version != format::FORMAT_VERSION {
@@ -86,20 +116,53 @@ pub fn replay<E: Send>(
                         expected: format::FORMAT_VERSION,
                     });
                 }
-                replay_records(seq, &bytes, &mut lanes, &mut out)?
+                buf.clear();
+                base = SEGMENT_HEADER;
+                if !read_up_to(&mut file, &mut buf, block)? {
+                    len = base + buf.len();
+                }
+                loop {
+                    let eof = base + buf.len() >= len;
+                    match replay_records(seq, base, &buf, eof, &mut lanes, &mut out)? {
+                        Stop::End(at) => break base + at,
+                        // A record goes on past the buffer: carry it over, read on.
+                        Stop::More { at, need } => {
+                            buf.drain(..at);
+                            base += at;
+                            if !read_up_to(&mut file, &mut buf, need.max(block))? {
+                                len = base + buf.len();
+                            }
+                        }
+                        // A bad record (or the preallocated zeros) before the end of the
+                        // file: whether it is a torn tail, corruption or the end of the
+                        // records takes the rest of the file to tell.
+                        Stop::Unsure(at) => {
+                            buf.drain(..at);
+                            base += at;
+                            file.read_to_end(&mut buf)?;
+                            len = base + buf.len();
+                        }
+                    }
+                }
             }
             // A segment whose header never reached the disk (a crash while it was created)
             // or is not ours: nothing in it can be read.
-            _ => 0,
+            _ => {
+                file.read_to_end(&mut buf)?;
+                len = buf.len();
+                0
+            }
         };
-        if good_end < bytes.len() {
-            // Zeros after the last record are the segment's preallocated space, not a cut
-            // (a record never starts with a zero length). Truncated all the same: the
-            // replayed segment is not written again.
-            let cut = if bytes[good_end..].iter().all(|b| *b == 0) {
+        if good_end < len {
+            // The rest of the file is in `buf` from `good_end - base` on. Zeros after the
+            // last record are the segment's preallocated space, not a cut (a record never
+            // starts with a zero length). Truncated all the same: the replayed segment is not
+            // written again.
+            let rest = buf.get(good_end - base..).unwrap_or_default();
+            let cut = if rest.iter().all(|b| *b == 0) {
                 0
             } else {
-                bytes.len() - good_end
+                len - good_end
             };
             out.bytes_cut += cut as u64;
             let file = OpenOptions::new().write(true).open(&path)?;
@@ -109,6 +172,25 @@ pub fn replay<E: Send>(
     }
     out.applying = lanes.applying;
     Ok(out)
+}
+
+/// Appends up to `n` more bytes of `file` to `buf`; false if the file ended first.
+fn read_up_to(file: &mut File, buf: &mut Vec<u8>, n: usize) -> io::Result<bool> {
+    let read = file.by_ref().take(n as u64).read_to_end(buf)?;
+    Ok(read == n)
+}
+
+/// Where the records of a buffer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The good records end at this offset: the end of the file's records (a cut, if any,
+    /// was reported), or an op failed to apply.
+    End(usize),
+    /// The record at this offset needs `need` bytes from there, more than the buffer holds
+    /// (the file goes on).
+    More { at: usize, need: usize },
+    /// The record at this offset is bad, or zeros, and the file goes on past the buffer.
+    Unsure(usize),
 }
 
 /// The lanes a replay applies ops on.
@@ -131,22 +213,25 @@ impl<F> Lanes<F> {
 /// Chunks of a lane's ops in flight to it at most (bounds the memory a replay holds).
 const CHUNKS_IN_FLIGHT: usize = 2;
 
-/// Applies the records of one segment; returns where the good records end. This thread reads
-/// and checks the records and hands each op to its lane's thread, in chunks, while the lanes
-/// apply the chunks before.
+/// Applies the records in `bytes`, the part of segment `seq` from file offset `base` on
+/// (through the end of the file if `eof`); returns where they stopped. This thread reads and
+/// checks the records and hands each op to its lane's thread, in chunks, while the lanes apply
+/// the chunks before.
 fn replay_records<'a, E: Send, F>(
     seq: u64,
+    base: usize,
     bytes: &'a [u8],
+    eof: bool,
     lanes: &mut Lanes<F>,
     out: &mut Replayed,
-) -> Result<usize, ReplayError<E>>
+) -> Result<Stop, ReplayError<E>>
 where
     F: Fn(LoggedOp<'_>) -> Result<(), E> + Sync,
 {
     let n = lanes.lanes;
     let per_lane = CHUNK_OPS / n + 1;
     let this = &*lanes;
-    let (end, busiest) = std::thread::scope(|s| {
+    let (stop, busiest) = std::thread::scope(|s| {
         let mut senders = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
         for _ in 0..n {
@@ -172,29 +257,44 @@ where
                 full.is_empty() || tx.send(full).is_ok()
             })
         };
-        let mut at = SEGMENT_HEADER;
-        let end = loop {
+        let mut at = 0;
+        let stop = loop {
             if at >= bytes.len() {
-                break at;
+                break match eof {
+                    true => Stop::End(at),
+                    false => Stop::More { at, need: 0 },
+                };
             }
             let rest = &bytes[at..];
             let (payload, used) = match format::read_record(rest) {
                 Ok(r) => r,
-                Err(_) if rest.iter().all(|b| *b == 0) => break at,
+                Err(BadRecord::Short) if !eof => {
+                    break Stop::More {
+                        at,
+                        need: format::record_len(rest).unwrap_or(format::RECORD_HEADER),
+                    }
+                }
+                Err(_) if !eof => break Stop::Unsure(at),
+                Err(_) if rest.iter().all(|b| *b == 0) => break Stop::End(at),
                 Err(bad) => {
-                    report_cut(seq, at, bytes.len() - at, bad, followed_by_good(rest));
-                    if followed_by_good(rest) {
+                    let corrupt = followed_by_good(rest);
+                    report_cut(seq, base + at, bytes.len() - at, bad, corrupt);
+                    if corrupt {
                         out.corrupt_segments.push(seq);
                     }
-                    break at;
+                    break Stop::End(at);
                 }
             };
             let ops = match format::ops(payload) {
                 Ok(ops) => ops,
                 Err(bad) => {
-                    report_cut(seq, at, bytes.len() - at, bad, true);
+                    // The rest of the file, for the size of the cut.
+                    if !eof {
+                        break Stop::Unsure(at);
+                    }
+                    report_cut(seq, base + at, bytes.len() - at, bad, true);
                     out.corrupt_segments.push(seq);
-                    break at;
+                    break Stop::End(at);
                 }
             };
             out.ops += ops.len() as u64;
@@ -208,7 +308,8 @@ where
             if queued >= CHUNK_OPS {
                 queued = 0;
                 if !hand_over(&mut chunks) {
-                    break at;
+                    // A lane's op failed: its error is returned below.
+                    break Stop::End(at);
                 }
             }
         };
@@ -224,10 +325,10 @@ where
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
         }
-        (end, busiest)
+        (stop, busiest)
     });
     lanes.applying += busiest.map_err(ReplayError::Apply)?;
-    Ok(end)
+    Ok(stop)
 }
 
 /// Whether a good record starts right after the bad one at the start of `rest` (its length

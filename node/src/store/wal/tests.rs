@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use cluster::replication::Versioned;
 use tokio::sync::Notify;
@@ -26,15 +27,68 @@ fn replayed(dir: &std::path::Path) -> (Vec<(Vec<u8>, u64)>, Replayed) {
 
 /// Everything a replay of `dir` on `lanes` threads applies, as `(key, version)`, in the
 /// order applied.
+///
+/// Before it, the same replay reading small blocks (so that records straddle blocks, and
+/// some are larger than one) runs on copies of `dir`, and must apply the same ops in the same
+/// order per key, report the same and cut the files to the same lengths.
 fn replayed_on(dir: &std::path::Path, lanes: usize) -> (Vec<(Vec<u8>, u64)>, Replayed) {
+    let log_bytes: u64 = segment::list(dir)
+        .expect("list")
+        .iter()
+        .map(|s| std::fs::metadata(segment::path(dir, *s)).map_or(0, |m| m.len()))
+        .sum();
+    let blocks: &[usize] = if log_bytes <= 100_000 {
+        &[1, 333, 4096]
+    } else {
+        &[4096]
+    };
+    let mut in_blocks = Vec::new();
+    for block in blocks {
+        let copy = tempfile::tempdir().expect("tempdir");
+        for s in segment::list(dir).expect("list") {
+            std::fs::copy(segment::path(dir, s), segment::path(copy.path(), s)).expect("copy");
+        }
+        in_blocks.push((*block, replayed_in(copy.path(), lanes, *block), copy));
+    }
+    let whole = replayed_in(dir, lanes, super::replay::BLOCK_FOR_TESTS);
+    for (block, (ops, report), copy) in in_blocks {
+        assert_eq!(per_key(&ops), per_key(&whole.0), "ops, blocks of {block}");
+        let same = |r: &Replayed| Replayed {
+            applying: Duration::ZERO,
+            ..r.clone()
+        };
+        assert_eq!(same(&report), same(&whole.1), "report, blocks of {block}");
+        for s in segment::list(dir).expect("list") {
+            let len =
+                |d: &std::path::Path| std::fs::metadata(segment::path(d, s)).map(|m| m.len()).ok();
+            assert_eq!(len(copy.path()), len(dir), "segment {s}, blocks of {block}");
+        }
+    }
+    whole
+}
+
+fn replayed_in(
+    dir: &std::path::Path,
+    lanes: usize,
+    block: usize,
+) -> (Vec<(Vec<u8>, u64)>, Replayed) {
     let ops = std::sync::Mutex::new(Vec::new());
-    let report = replay(dir, lanes, |op| {
+    let report = super::replay::replay_in_blocks(dir, lanes, block, |op| {
         let v = Versioned::from_bytes(op.versioned).map_err(|e| e.to_string())?;
         ops.lock().unwrap().push((op.key.to_vec(), v.version));
         Ok::<_, String>(())
     })
     .expect("replay");
     (ops.into_inner().unwrap(), report)
+}
+
+/// Each key's versions in the order applied (the order a replay keeps).
+fn per_key(ops: &[(Vec<u8>, u64)]) -> std::collections::BTreeMap<Vec<u8>, Vec<u64>> {
+    let mut m: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
+    for (k, v) in ops {
+        m.entry(k.clone()).or_default().push(*v);
+    }
+    m
 }
 
 async fn write_log(dir: &std::path::Path, records: &[Vec<u8>]) {
