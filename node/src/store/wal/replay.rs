@@ -7,9 +7,11 @@
 //! not matter, are applied at once.
 //!
 //! A segment is read in blocks of [`BLOCK`] bytes into one buffer, reused for every block and
-//! segment: reading a whole segment into fresh memory cost more than its parsing (the kernel
-//! zeroes every new page; ~2 s for 1 GiB on the benchmark machine), and the lanes waited for
-//! it. A record cut by a block's end is carried over to the next block.
+//! segment, so a replay holds one block, not a whole segment: replaying 1.1 GB of log in one
+//! segment peaked at 1.56 GB of RSS read whole, 0.57 GB in blocks (docs/benchmarks.md). A
+//! record cut by a block's end is carried over to the next block. The lanes get the ops in
+//! chunks of [`CHUNK_OPS`], small next to a block, so that they wait little for the first
+//! chunk of each block.
 
 use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
@@ -61,10 +63,10 @@ pub enum ReplayError<E> {
 }
 
 /// Ops read before they are handed to the lanes.
-const CHUNK_OPS: usize = 1 << 16;
+const CHUNK_OPS: usize = 1 << 13;
 
 /// Bytes of a segment read at a time.
-const BLOCK: usize = 32 << 20;
+const BLOCK: usize = 64 << 20;
 
 /// [`BLOCK`], for tests that compare other block sizes with it.
 #[cfg(test)]
