@@ -444,7 +444,6 @@ pub fn metric_in(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A direct-message recipient.
 /// The message ids at the end of the keys with `prefix` in table `table` (`inbox`, `history`)
 /// of a stopped node's store in `data_dir`, read from the store's index engine (fjall or
 /// sled, as recorded in `<data dir>/db/index`).
@@ -457,11 +456,12 @@ pub fn stored_ids(
     let id = |k: &[u8]| {
         client_proto::MessageId(u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
     };
-    let engine = std::fs::read_to_string(db_dir.join("index")).unwrap_or_default();
+    let engine = std::fs::read_to_string(db_dir.join("index")).unwrap();
     if engine.trim() == "fjall" {
         let db = fjall::Database::builder(db_dir.join("fjall"))
             .open()
             .unwrap();
+        assert!(db.keyspace_exists(table), "no keyspace {table}");
         let keyspace = db
             .keyspace(table, fjall::KeyspaceCreateOptions::default)
             .unwrap();
@@ -470,6 +470,7 @@ pub fn stored_ids(
             .map(|g| id(&g.key().unwrap()))
             .collect()
     } else {
+        assert_eq!(engine.trim(), "sled", "unknown index engine");
         let db = sled::open(&db_dir).unwrap();
         db.open_tree(table)
             .unwrap()
@@ -480,6 +481,7 @@ pub fn stored_ids(
     }
 }
 
+/// A direct-message recipient.
 pub fn to(user: UserId) -> client_proto::Recipient {
     client_proto::Recipient::User(user)
 }

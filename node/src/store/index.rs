@@ -41,6 +41,33 @@ impl IndexKind {
 /// Locks that serialize fjall writes to one key (read, compare versions, insert).
 const STRIPES: usize = 256;
 
+/// The longest key fjall takes (it asserts on longer ones; sled takes any). Keys a peer sends
+/// are checked against it, and against being empty, for both engines alike.
+const MAX_KEY: usize = u16::MAX as usize;
+
+/// Refuses a key no record of this store has: empty, or longer than fjall takes. A peer can
+/// send any key; fjall would panic on these (and an empty one, journaled before the panic,
+/// would poison its journal and fail every start after).
+fn check_key(key: &[u8]) -> Result<(), StoreError> {
+    if key.is_empty() || key.len() > MAX_KEY {
+        return Err(StoreError::Corrupt(format!(
+            "a key of {} bytes: keys are 1 to {MAX_KEY} bytes",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a range bound longer than fjall takes (an empty bound is fine).
+fn check_bound(bound: &Bound<Vec<u8>>) -> Result<(), StoreError> {
+    match bound {
+        Bound::Included(k) | Bound::Excluded(k) if k.len() > MAX_KEY => Err(StoreError::Corrupt(
+            format!("a range bound of {} bytes: at most {MAX_KEY}", k.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The file in the data directory that names the index its replicated records are in.
 const KIND_FILE: &str = "index";
 
@@ -66,8 +93,8 @@ pub type Records<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Versioned), Stor
 impl Index {
     /// Opens the index of the store in `dir` (whose sled trees are `trees`): the engine the
     /// store was made with, recorded in `dir` (sled for a store made before the setting
-    /// existed). A new store is made with `wanted`, or the default. A `wanted` engine other
-    /// than the store's is refused rather than opened empty.
+    /// existed, which has records in sled). A new store is made with `wanted`, or the
+    /// default. A `wanted` engine other than the store's is refused rather than opened empty.
     pub fn open(
         dir: &Path,
         wanted: Option<IndexKind>,
@@ -75,9 +102,18 @@ impl Index {
     ) -> Result<Index, StoreError> {
         let kind = match read_kind(dir)? {
             Some(k) => k,
-            None if replicated_sled_records(trees) => IndexKind::Sled,
             None => {
-                let kind = wanted.unwrap_or_default();
+                // Not recorded: a store with fjall's directory is fjall's (its record was
+                // lost); one made before the setting existed is sled's (it has records in
+                // sled: a node that ever served has its clock's lease there); only a new store
+                // takes `wanted`. Recorded now, so that the choice never changes.
+                let kind = if dir.join("fjall").exists() {
+                    IndexKind::Fjall
+                } else if trees.iter().any(|t| !t.is_empty()) {
+                    IndexKind::Sled
+                } else {
+                    wanted.unwrap_or_default()
+                };
                 write_kind(dir, kind)?;
                 kind
             }
@@ -129,6 +165,7 @@ impl Index {
         bytes: &[u8],
         incoming: &Versioned,
     ) -> Result<(), StoreError> {
+        check_key(key)?;
         match self {
             Index::Sled(trees) => {
                 let tree = sled_tree(trees, table)?;
@@ -167,6 +204,7 @@ impl Index {
         bytes: &[u8],
         if_version_at_most: u64,
     ) -> Result<Option<Versioned>, StoreError> {
+        check_key(key)?;
         match self {
             Index::Sled(trees) => {
                 let tree = sled_tree(trees, table)?;
@@ -195,6 +233,7 @@ impl Index {
 
     /// The stored copy of one key, tombstones included.
     pub fn get(&self, table: TableId, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        check_key(key)?;
         match self {
             Index::Sled(trees) => sled_tree(trees, table)?
                 .get(key)?
@@ -215,6 +254,8 @@ impl Index {
         upper: Bound<Vec<u8>>,
         descending: bool,
     ) -> Result<Records<'_>, StoreError> {
+        check_bound(&lower)?;
+        check_bound(&upper)?;
         fn boxed<'a, I>(iter: I, descending: bool) -> Records<'a>
         where
             I: DoubleEndedIterator<Item = Result<(Vec<u8>, Versioned), StoreError>> + 'a,
@@ -318,14 +359,6 @@ fn stripe<'a>(stripes: &'a [parking_lot::Mutex<()>], key: &[u8]) -> &'a parking_
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
     &stripes[(hash % stripes.len() as u64) as usize]
-}
-
-/// Whether any replicated sled tree holds a record (a store made before `--index` existed).
-fn replicated_sled_records(trees: &[sled::Tree]) -> bool {
-    TABLES
-        .iter()
-        .zip(trees)
-        .any(|(t, tree)| t.replicated() && !tree.is_empty())
 }
 
 fn read_kind(dir: &Path) -> Result<Option<IndexKind>, StoreError> {
@@ -459,6 +492,29 @@ mod tests {
     }
 
     #[test]
+    fn both_engines_refuse_keys_no_record_has_and_keep_working() {
+        for kind in KINDS {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let (_db, index) = open(tmp.path(), kind);
+            let v = Versioned::live(1, b"x".to_vec());
+            let t = Table::History.id();
+            for key in [Vec::new(), vec![7; MAX_KEY + 1]] {
+                assert!(index.store_versioned(t, &key, &v.to_bytes(), &v).is_err());
+                assert!(index.store_if(t, &key, &v.to_bytes(), 0).is_err());
+                assert!(index.get(t, &key).is_err());
+            }
+            let long = Bound::Included(vec![7; MAX_KEY + 1]);
+            assert!(index.range(t, long, Bound::Unbounded, false).is_err());
+            // The longest key is fine, and the index still takes writes and makes them durable.
+            put(&index, &[7; MAX_KEY], &v);
+            put(&index, b"k", &v);
+            assert_eq!(version(&index, b"k"), Some((1, true)), "{kind:?}");
+            assert_eq!(version(&index, &[7; MAX_KEY]), Some((1, true)), "{kind:?}");
+            index.persist().expect("persist");
+        }
+    }
+
+    #[test]
     fn a_store_made_before_the_setting_stays_on_sled() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (_db, trees) = sled_at(tmp.path());
@@ -471,6 +527,17 @@ mod tests {
         let index = Index::open(tmp.path(), None, &trees).expect("open");
         assert_eq!(index.kind(), IndexKind::Sled);
         assert_eq!(version(&index, b"k"), Some((5, true)));
+        // The choice is recorded: it holds even once the records are gone.
+        assert_eq!(read_kind(tmp.path()).expect("read"), Some(IndexKind::Sled));
+        // A store that has only run (its clock's lease in `meta`), no replicated record yet,
+        // is sled's too.
+        let ran = tempfile::tempdir().expect("tempdir");
+        let (_db3, trees) = sled_at(ran.path());
+        trees[usize::from(Table::Meta.id())]
+            .insert(b"id_lease_ms", &[1u8; 8])
+            .expect("insert");
+        let index = Index::open(ran.path(), None, &trees).expect("open ran");
+        assert_eq!(index.kind(), IndexKind::Sled);
         // A new store without `--index` takes the default.
         let new = tempfile::tempdir().expect("tempdir");
         let (_db2, trees) = sled_at(new.path());
@@ -488,8 +555,14 @@ mod tests {
         }
         let (db, index) = open(tmp.path(), IndexKind::Fjall);
         assert_eq!(version(&index, b"k"), Some((5, true)));
-        // A store made by fjall is not opened as sled's.
+        // A store made by fjall is not opened as sled's, even with its record of the engine
+        // lost and records in sled's node-local tables.
         drop(index);
+        std::fs::remove_file(tmp.path().join(KIND_FILE)).expect("remove the record");
+        db.open_tree(Table::Meta.tree_name())
+            .expect("meta")
+            .insert(b"id_lease_ms", &[1u8; 8])
+            .expect("insert");
         let trees: Vec<sled::Tree> = TABLES
             .iter()
             .map(|t| db.open_tree(t.tree_name()).expect("tree"))

@@ -55,7 +55,8 @@ impl Schedule {
     ) -> Schedule {
         let gap = rate_per_sender
             .filter(|r| r.is_finite() && *r > 0.0)
-            .map(|r| Duration::from_secs_f64(1.0 / r));
+            // A rate so small that its gap overflows a Duration never sends within a step.
+            .map(|r| Duration::try_from_secs_f64(1.0 / r).unwrap_or(Duration::from_secs(1 << 32)));
         let mut s = Schedule {
             next: start,
             gap,

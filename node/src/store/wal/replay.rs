@@ -7,9 +7,11 @@
 //! not matter, are applied at once.
 //!
 //! A segment is read in blocks of [`BLOCK`] bytes into one buffer, reused for every block and
-//! segment, so a replay holds one block, not a whole segment: replaying 1.1 GB of log in one
-//! segment peaked at 1.56 GB of RSS read whole, 0.57 GB in blocks (docs/benchmarks.md). A
-//! record cut by a block's end is carried over to the next block. The lanes get the ops in
+//! segment, so a replay holds about one block, not a whole segment: replaying 1.1 GB of log in
+//! one segment peaked at 1.56 GB of RSS read whole, 0.57 GB in blocks (docs/benchmarks.md).
+//! After the last record (a torn tail, corruption, or the preallocated zeros, at most
+//! ~96 MiB) the rest of the segment is read whole, to tell which. A record cut by a block's
+//! end is carried over to the next block. The lanes get the ops in
 //! chunks of [`CHUNK_OPS`], small next to a block, so that they wait little for the first
 //! chunk of each block.
 
