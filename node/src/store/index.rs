@@ -391,14 +391,23 @@ fn write_kind(dir: &Path, kind: IndexKind) -> Result<(), StoreError> {
         .map_err(io)
 }
 
-/// A store's sled and its trees as `Store::open` opens them (tests).
+/// A store's sled and its trees as `Store::open` opens them (tests). A sled just dropped may
+/// hold its file lock a moment longer (its threads let go of it), so opening is retried for
+/// up to 2 s.
 #[cfg(test)]
 pub(super) fn sled_at(dir: &Path) -> (sled::Db, Vec<sled::Tree>) {
-    let db = sled::Config::new()
-        .path(dir)
-        .flush_every_ms(None)
-        .open()
-        .expect("sled");
+    let open = || sled::Config::new().path(dir).flush_every_ms(None).open();
+    let mut tries = 0;
+    let db = loop {
+        match open() {
+            Ok(db) => break db,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("sled: {e}"),
+        }
+    };
     let trees = TABLES
         .iter()
         .map(|t| db.open_tree(t.tree_name()).expect("tree"))
@@ -547,13 +556,15 @@ mod tests {
 
     #[test]
     fn a_persisted_fjall_index_survives_a_reopen() {
+        // One sled for the whole test: a dropped sled may hold its file lock a moment longer.
         let tmp = tempfile::tempdir().expect("tempdir");
+        let (db, trees) = sled_at(tmp.path());
         {
-            let (_db, index) = open(tmp.path(), IndexKind::Fjall);
+            let index = Index::open(tmp.path(), Some(IndexKind::Fjall), &trees).expect("open");
             put(&index, b"k", &Versioned::live(5, b"five".to_vec()));
             index.persist().expect("persist");
         }
-        let (db, index) = open(tmp.path(), IndexKind::Fjall);
+        let index = Index::open(tmp.path(), Some(IndexKind::Fjall), &trees).expect("reopen");
         assert_eq!(version(&index, b"k"), Some((5, true)));
         // A store made by fjall is not opened as sled's, even with its record of the engine
         // lost and records in sled's node-local tables.
@@ -563,13 +574,9 @@ mod tests {
             .expect("meta")
             .insert(b"id_lease_ms", &[1u8; 8])
             .expect("insert");
-        let trees: Vec<sled::Tree> = TABLES
-            .iter()
-            .map(|t| db.open_tree(t.tree_name()).expect("tree"))
-            .collect();
         assert!(Index::open(tmp.path(), Some(IndexKind::Sled), &trees).is_err());
         // Without `--index`, the store's own engine.
-        let index = Index::open(tmp.path(), None, &trees).expect("reopen");
+        let index = Index::open(tmp.path(), None, &trees).expect("reopen without --index");
         assert_eq!(index.kind(), IndexKind::Fjall);
         assert_eq!(version(&index, b"k"), Some((5, true)));
     }
