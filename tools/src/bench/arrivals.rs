@@ -24,13 +24,13 @@ pub enum Arrivals {
     Lockstep,
 }
 
-/// The model's name as `--arrivals` spells it.
-pub fn arrivals_name(model: Arrivals) -> &'static str {
-    match model {
-        Arrivals::Poisson => "poisson",
-        Arrivals::Uniform => "uniform",
-        Arrivals::Lockstep => "lockstep",
-    }
+/// The model's name as `--arrivals` spells it (clap's name for the value).
+pub fn arrivals_name(model: Arrivals) -> String {
+    use clap::ValueEnum;
+    model
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 /// One sender's due times at a fixed rate, or always `start` at `max`.
