@@ -34,6 +34,11 @@ pub enum Outbound {
     Frame(Box<ServerFrame>),
     /// A frame queued for several connections (a delivery), encoded once per codec.
     Shared(Arc<SharedFrame>),
+    /// One page of a catch-up: a `message` frame each, but one queue slot for the page. Most
+    /// of a catch-up's messages were delivered live already (the writer drops those), and a
+    /// slot each would crowd live deliveries out of the queue: the device was disconnected
+    /// as a slow consumer when it was not.
+    CatchUp(Box<Vec<client_proto::Message>>),
     /// Close with this WebSocket close code and reason (boxed for the same reason: a slot is
     /// then two words).
     Close(Box<(u16, String)>),

@@ -249,11 +249,8 @@ impl Session {
             };
             first = false;
             read += page.messages.len();
-            for m in page.messages {
-                self.emit(Outbound::Frame(Box::new(ServerFrame::Message {
-                    message: std::sync::Arc::new(m),
-                })))
-                .await;
+            if !page.messages.is_empty() {
+                self.emit(Outbound::CatchUp(Box::new(page.messages))).await;
             }
             if page.last.is_some() {
                 from = page.last;

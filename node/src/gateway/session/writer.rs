@@ -93,6 +93,8 @@ const MAX_UNFLUSHED: usize = 32;
 /// What to do with one item of the outbound queue.
 enum Step {
     Write(codec::Encoded),
+    /// The frames of a catch-up page this connection was not sent lately (maybe none).
+    WriteAll(Vec<codec::Encoded>),
     /// A message this connection was sent lately.
     Skip,
     Close(u16, String),
@@ -102,17 +104,30 @@ fn step(item: Outbound, sent: &mut SentIds, codec: Codec) -> Step {
     let data = match item {
         Outbound::Frame(f) => {
             if !sent.pass(&f) {
-                metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                dropped(1);
                 return Step::Skip;
             }
             codec::encode_as(codec, &f)
         }
         Outbound::Shared(shared) => {
             if !sent.pass(shared.frame()) {
-                metrics::counter!("gateway_duplicates_dropped_total").increment(1);
+                dropped(1);
                 return Step::Skip;
             }
             shared.encoded(codec).clone()
+        }
+        Outbound::CatchUp(messages) => {
+            let total = messages.len();
+            let frames: Vec<_> = messages
+                .into_iter()
+                .map(|m| ServerFrame::Message {
+                    message: std::sync::Arc::new(m),
+                })
+                .filter(|f| sent.pass(f))
+                .map(|f| codec::encode_as(codec, &f))
+                .collect();
+            dropped(total - frames.len());
+            return Step::WriteAll(frames);
         }
         Outbound::Close(close) => {
             let (code, reason) = *close;
@@ -120,6 +135,12 @@ fn step(item: Outbound, sent: &mut SentIds, codec: Codec) -> Step {
         }
     };
     Step::Write(data)
+}
+
+fn dropped(n: usize) {
+    if n > 0 {
+        metrics::counter!("gateway_duplicates_dropped_total").increment(n as u64);
+    }
 }
 
 /// Drains the outbound queue into the transport until the session is kicked, or the reader
@@ -158,17 +179,18 @@ pub(super) async fn write_loop<W>(
                     return;
                 }
                 Step::Write(data) => {
-                    // A reader that stopped reading blocks the write: a kick must still end
-                    // the session (it used to stay registered, and every delivery to it
-                    // logged a warning).
-                    tokio::select! {
-                        fed = writer.feed(OutFrame::Data(data)) => if fed.is_err() {
-                            kick.cancel();
-                            return;
-                        },
-                        _ = kick.cancelled() => return,
+                    if !feed(&mut writer, data, &kick).await {
+                        return;
                     }
                     unflushed += 1;
+                }
+                Step::WriteAll(frames) => {
+                    for data in frames {
+                        if !feed(&mut writer, data, &kick).await {
+                            return;
+                        }
+                        unflushed += 1;
+                    }
                 }
             }
             if unflushed >= MAX_UNFLUSHED {
@@ -188,6 +210,24 @@ pub(super) async fn write_loop<W>(
                 _ = kick.cancelled() => return,
             }
         }
+    }
+}
+
+/// Writes one frame without flushing; false when the session is over. A reader that stopped
+/// reading blocks the write: a kick must still end the session (it used to stay registered,
+/// and every delivery to it logged a warning).
+async fn feed<W>(writer: &mut W, data: codec::Encoded, kick: &CancellationToken) -> bool
+where
+    W: Sink<OutFrame> + Unpin,
+{
+    tokio::select! {
+        fed = writer.feed(OutFrame::Data(data)) => if fed.is_err() {
+            kick.cancel();
+            false
+        } else {
+            true
+        },
+        _ = kick.cancelled() => false,
     }
 }
 
@@ -217,6 +257,44 @@ mod tests {
         ServerFrame::Message {
             message: Arc::new(message(id)),
         }
+    }
+
+    /// The message ids of the `message` frames written, in order.
+    fn written_ids(frames: &[OutFrame]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                OutFrame::Data(codec::Encoded::Text(t)) => Some(t),
+                _ => None,
+            })
+            .filter_map(|t| match codec::decode(Codec::Json, t.as_bytes()) {
+                Ok(ServerFrame::Message { message }) => Some(message.message_id.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_page_takes_one_slot_and_only_its_new_messages_are_written() {
+        // A queue of 4 slots takes a catch-up page of 300 messages and three live deliveries:
+        // the page's messages no longer each take a slot, which filled the queue and got the
+        // device disconnected as a slow consumer while live deliveries kept coming.
+        let (tx, rx) = mpsc::channel(4);
+        tx.try_send(Outbound::Frame(Box::new(live(5)))).expect("slot");
+        let page = (1..=300).map(message).collect::<Vec<_>>();
+        tx.try_send(Outbound::CatchUp(Box::new(page))).expect("slot");
+        tx.try_send(Outbound::Frame(Box::new(live(7)))).expect("slot");
+        tx.try_send(Outbound::Frame(Box::new(live(301)))).expect("slot");
+        drop(tx);
+        let mut frames: Vec<OutFrame> = Vec::new();
+        let done = CancellationToken::new();
+        done.cancel();
+        write_loop(rx, &mut frames, Codec::Json, CancellationToken::new(), done).await;
+        // Live 5 first; the page without 5 (sent live); 7 was in the page, so only 301 after.
+        let mut want = vec![5];
+        want.extend((1..=300).filter(|i| *i != 5));
+        want.push(301);
+        assert_eq!(written_ids(&frames), want);
     }
 
     #[tokio::test(start_paused = true)]
