@@ -249,6 +249,7 @@ impl Node {
     /// The Prometheus exposition of every metric, with the store's size refreshed.
     pub fn render_metrics(&self) -> String {
         metrics::gauge!("store_disk_bytes").set(self.store.size_on_disk() as f64);
+        self.store.export_index_gauges();
         self.metrics
             .as_ref()
             .map(|m| m.render())

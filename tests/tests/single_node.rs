@@ -86,6 +86,13 @@ async fn only_in_the_commit_log(index: &str) {
     for i in 0..400 {
         acked.insert(a.wait_ack(&format!("w{i}")).await.unwrap().message_id);
     }
+    // The index's gauges: fjall's write buffer holds the writes (sled has no such gauge).
+    let buffered = node.metric("store_index_write_buffer_bytes").await;
+    assert_eq!(
+        buffered > 0.0,
+        index == "fjall",
+        "write buffer gauge {buffered}"
+    );
     node.kill(); // SIGKILL right after the last ack: no checkpoint, no shutdown flush
     node.restart();
     let log = node.log_text();

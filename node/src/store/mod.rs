@@ -773,6 +773,11 @@ impl Store {
         self.inner.db.size_on_disk().unwrap_or(0) + self.inner.index.extra_size_on_disk()
     }
 
+    /// Refreshes the index's gauges (see [`Index::export_gauges`]).
+    pub fn export_index_gauges(&self) {
+        self.inner.index.export_gauges();
+    }
+
     /// The engine of the replicated tables.
     pub fn index_kind(&self) -> IndexKind {
         self.inner.index.kind()

@@ -280,11 +280,15 @@ mod tests {
         // the page's messages no longer each take a slot, which filled the queue and got the
         // device disconnected as a slow consumer while live deliveries kept coming.
         let (tx, rx) = mpsc::channel(4);
-        tx.try_send(Outbound::Frame(Box::new(live(5)))).expect("slot");
+        tx.try_send(Outbound::Frame(Box::new(live(5))))
+            .expect("slot");
         let page = (1..=300).map(message).collect::<Vec<_>>();
-        tx.try_send(Outbound::CatchUp(Box::new(page))).expect("slot");
-        tx.try_send(Outbound::Frame(Box::new(live(7)))).expect("slot");
-        tx.try_send(Outbound::Frame(Box::new(live(301)))).expect("slot");
+        tx.try_send(Outbound::CatchUp(Box::new(page)))
+            .expect("slot");
+        tx.try_send(Outbound::Frame(Box::new(live(7))))
+            .expect("slot");
+        tx.try_send(Outbound::Frame(Box::new(live(301))))
+            .expect("slot");
         drop(tx);
         let mut frames: Vec<OutFrame> = Vec::new();
         let done = CancellationToken::new();
