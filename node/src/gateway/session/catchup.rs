@@ -8,7 +8,7 @@
 //! reads the inbox after the mark, sends what the connection has not had (the writer drops
 //! what it already sent), and moves the mark. Catch-ups run:
 //!
-//! - shortly after connecting, in a cluster (twice: 3–6 s and 12–18 s, a safety net behind the
+//! - shortly after connecting, in a cluster (twice: 3 s and 12 s, a safety net behind the
 //!   directory: a node whose route to the user gains this node tells it to catch the user
 //!   up at once, below);
 //! - when the node is told to ([`crate::domain::hub::Hub::catch_up_all`] and
@@ -32,17 +32,10 @@ use crate::domain::error::ApiError;
 use crate::domain::hub::Outbound;
 
 /// When a connection in a cluster first catches up after connecting (behind the catch-up a
-/// node that routed to the user by a stale route asks for, see `cluster::directory`), plus
-/// up to [`FIRST_SPREAD`].
+/// node that routed to the user by a stale route asks for, see `cluster::directory`).
 const FIRST_CATCH_UP: Duration = Duration::from_secs(3);
-/// When it catches up the second time, plus up to [`SECOND_SPREAD`].
+/// When it catches up the second time.
 const SECOND_CATCH_UP: Duration = Duration::from_secs(12);
-/// Spreads of the first two catch-ups. Connections that start together (a node restarted
-/// and its clients came back; the bench) would otherwise all read their inboxes in the same
-/// instant: at a few hundred messages a second per user that was tens of thousands of
-/// quorum reads at once on each node, and sends stalled for a second or more.
-const FIRST_SPREAD: Duration = Duration::from_secs(3);
-const SECOND_SPREAD: Duration = Duration::from_secs(6);
 /// How far before the connection's start its own coverage begins, on top of the seal
 /// window: a message acknowledged just after the device connected may have taken its
 /// position a little before (the write was in flight).
@@ -82,7 +75,7 @@ impl CatchUp {
             covered_from: start,
             synced: false,
             told: None,
-            due: Some(Instant::now() + FIRST_CATCH_UP + spread(FIRST_SPREAD)),
+            due: Some(Instant::now() + FIRST_CATCH_UP),
             done: 0,
             failures: 0,
         }
@@ -136,7 +129,7 @@ impl CatchUp {
         self.failures = 0;
         let now = Instant::now();
         self.due = match (self.done, every) {
-            (1, _) => Some(now + SECOND_CATCH_UP - FIRST_CATCH_UP + spread(SECOND_SPREAD)),
+            (1, _) => Some(now + SECOND_CATCH_UP - FIRST_CATCH_UP),
             (_, Some(every)) => Some(now + jittered(every)),
             (_, None) => None,
         };
@@ -154,11 +147,6 @@ impl CatchUp {
     fn skipped(&mut self, every: Option<Duration>) {
         self.due = every.map(|e| Instant::now() + jittered(e));
     }
-}
-
-/// A random share of `up_to`.
-fn spread(up_to: Duration) -> Duration {
-    up_to.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
 }
 
 /// `every`, give or take a tenth (connections that started together drift apart).
@@ -300,9 +288,7 @@ mod tests {
         let now = Position(1_000_000 << 22);
         let mut c = CatchUp::new(now, Duration::from_secs(5));
         assert_eq!(c.covered_from, Position(now.0 - SPAN_15S));
-        let due = c.due().unwrap();
-        assert!(due >= Instant::now() + FIRST_CATCH_UP);
-        assert!(due <= Instant::now() + FIRST_CATCH_UP + FIRST_SPREAD);
+        assert_eq!(c.due(), Some(Instant::now() + FIRST_CATCH_UP));
         // A catch-up moved the mark past the start.
         c.mark = Position(now.0 + 5);
         // The client's sync ended below the connection's start: its cursor is where the next
@@ -345,9 +331,7 @@ mod tests {
         let mut c = CatchUp::new(Position(1 << 40), Duration::from_secs(5));
         let t0 = Instant::now();
         c.succeeded(Some(Duration::from_secs(60)));
-        let second = c.due().unwrap() - t0;
-        assert!(second >= SECOND_CATCH_UP - FIRST_CATCH_UP);
-        assert!(second <= SECOND_CATCH_UP - FIRST_CATCH_UP + SECOND_SPREAD);
+        assert_eq!(c.due(), Some(t0 + SECOND_CATCH_UP - FIRST_CATCH_UP));
         c.succeeded(Some(Duration::from_secs(60)));
         let due = c.due().unwrap();
         assert!(due >= t0 + Duration::from_secs(54) && due <= t0 + Duration::from_secs(66));
