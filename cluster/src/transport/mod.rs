@@ -31,6 +31,7 @@ mod error;
 pub(crate) mod frame;
 mod server;
 mod tls;
+pub mod udp;
 
 pub use error::{BindError, PeerError};
 pub use frame::{RemoteError, Request, Response, HARD_MAX_FRAME};
@@ -119,7 +120,7 @@ impl PeerEndpoint {
         let server = tls::server_config(tls, &config)?;
         let client = tls::client_config(tls, &config)?;
         let bind_err = |source| BindError::Bind { addr, source };
-        let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+        let (socket, _) = udp::bind(addr, "peer").map_err(bind_err)?;
         let endpoint = quinn::Endpoint::new(
             tls::endpoint_config(config.reset_secret.as_ref()),
             Some(server),

@@ -86,8 +86,15 @@ impl Drop for PerIpGuard {
 /// Binds the client QUIC listener. Returns the bound address and the accept loop, which ends
 /// when `shutdown` is cancelled (sessions end with it, through the node's shutdown token).
 pub fn bind(addr: SocketAddr, tls: &NodeTls) -> anyhow::Result<Endpoint> {
-    Endpoint::server(server_config(tls)?, addr)
-        .with_context(|| format!("cannot listen on {addr} for client QUIC"))
+    let context = || format!("cannot listen on {addr} for client QUIC");
+    let (socket, _) = cluster::transport::udp::bind(addr, "client QUIC").with_context(context)?;
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config(tls)?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(context)
 }
 
 /// Runs the accept loop of `endpoint` until shutdown.
