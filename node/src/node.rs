@@ -250,6 +250,7 @@ impl Node {
     pub fn render_metrics(&self) -> String {
         metrics::gauge!("store_disk_bytes").set(self.store.size_on_disk() as f64);
         self.store.export_index_gauges();
+        self.mesh.export_gauges();
         self.metrics
             .as_ref()
             .map(|m| m.render())

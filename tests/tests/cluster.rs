@@ -69,6 +69,12 @@ async fn messages_presence_and_sync_cross_nodes() {
         let seen = collect_messages(dev, &[ack.message_id], Duration::from_secs(4)).await;
         assert_eq!(seen.get(&ack.message_id), Some(&1), "{name}: {seen:?}");
     }
+    // The peer connections' gauges: node 1 forwarded and replicated to both other nodes over
+    // QUIC, with a measured round trip; loopback loses nothing to a 4 MiB socket buffer.
+    assert_eq!(n1.metric("cluster_peer_connections").await, 2.0);
+    assert!(n1.metric("cluster_peer_rtt_seconds_max").await > 0.0);
+    assert!(n1.metric("cluster_peer_cwnd_bytes_min").await > 0.0);
+    assert_eq!(n1.metric("cluster_peer_reconnects_total").await, 0.0);
 
     // bob closes both devices: alice sees him offline across nodes.
     b2.close().await;

@@ -95,6 +95,9 @@ pub(crate) struct Shared {
     /// One slot per peer address and the name its certificate was verified for; the async
     /// lock is held while connecting, so concurrent requests to a peer share one handshake.
     pool: Mutex<HashMap<(SocketAddr, String), ConnectionSlot>>,
+    /// The connections of `pool`, for their statistics (a slot is locked while requests
+    /// take its connection).
+    opened: Mutex<HashMap<(SocketAddr, String), Connection>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
@@ -134,6 +137,7 @@ impl PeerEndpoint {
             config,
             handler,
             pool: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -203,10 +207,12 @@ impl PeerEndpoint {
             .clone();
         let mut slot = slot.lock().await;
         if let Some(conn) = slot.as_ref() {
-            if conn.close_reason().is_none() {
+            let Some(reason) = conn.close_reason() else {
                 return Ok(conn.clone());
-            }
-            tracing::debug!(peer = %peer, "pooled peer connection closed; reconnecting");
+            };
+            // Every request to the peer waits for the new handshake: worth seeing.
+            metrics::counter!("cluster_peer_reconnects_total").increment(1);
+            tracing::info!(peer = %peer, %reason, "pooled peer connection closed; reconnecting");
         }
         *slot = None;
         let connecting = shared
@@ -219,7 +225,38 @@ impl PeerEndpoint {
             Err(_) => return Err(PeerError::ConnectTimeout { addr: peer }),
         };
         *slot = Some(conn.clone());
+        shared
+            .opened
+            .lock()
+            .insert((peer, server_name.to_string()), conn.clone());
         Ok(conn)
+    }
+
+    /// Sets gauges from the QUIC state of this node's connections to its peers: round-trip
+    /// time and congestion window (the worst of them), and packets lost and congestion events
+    /// (summed over the open connections since they opened). A loss on a connection slows
+    /// every request on it: replication, reads and forwards share one connection per peer.
+    pub fn export_gauges(&self) {
+        let conns: Vec<Connection> = self.shared.opened.lock().values().cloned().collect();
+        let (mut rtt, mut cwnd, mut lost, mut events) = (0f64, u64::MAX, 0u64, 0u64);
+        let mut open = 0;
+        for conn in conns.iter().filter(|c| c.close_reason().is_none()) {
+            let path = conn.stats().path;
+            open += 1;
+            rtt = rtt.max(path.rtt.as_secs_f64());
+            cwnd = cwnd.min(path.cwnd);
+            lost += path.lost_packets;
+            events += path.congestion_events;
+        }
+        metrics::gauge!("cluster_peer_connections").set(f64::from(open));
+        metrics::gauge!("cluster_peer_rtt_seconds_max").set(rtt);
+        metrics::gauge!("cluster_peer_cwnd_bytes_min").set(if open > 0 {
+            cwnd as f64
+        } else {
+            0.0
+        });
+        metrics::gauge!("cluster_peer_lost_packets").set(lost as f64);
+        metrics::gauge!("cluster_peer_congestion_events").set(events as f64);
     }
 
     /// Stops serving, closes every connection and waits for all of the endpoint's tasks.
@@ -231,6 +268,7 @@ impl PeerEndpoint {
         shared.tasks.close();
         shared.tasks.wait().await;
         shared.pool.lock().clear();
+        shared.opened.lock().clear();
         // Give the close frames a moment to leave (the full draining period is ~3 PTO, which
         // nobody needs to wait for); peers that miss them time out anyway.
         let _ = tokio::time::timeout(Duration::from_millis(100), shared.endpoint.wait_idle()).await;

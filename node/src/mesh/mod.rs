@@ -367,6 +367,12 @@ impl Mesh {
     }
 
     /// The domain's `Forward` port: deliveries and logouts to other nodes.
+    /// Refreshes the gauges of the QUIC connections to peers (see
+    /// [`PeerEndpoint::export_gauges`]).
+    pub fn export_gauges(&self) {
+        self.endpoint.export_gauges();
+    }
+
     pub fn forwarder(&self) -> Forwarder {
         self.forwarder.clone()
     }

@@ -77,7 +77,9 @@ pub struct TargetArgs {
     /// the seed) and use all of them; their CPU and disk writes count in the cost columns.
     #[arg(long, conflicts_with = "spawn_node")]
     pub spawn_cluster: Option<usize>,
-    /// An extra flag for the spawned node (repeatable), e.g. `--node-arg=--log=info`.
+    /// An extra flag for the spawned node (repeatable), e.g.
+    /// `--node-arg=--log=warn,chatnode::ready=info,cluster::transport=debug` (a `--log` replaces
+    /// the bench's own filter; keep `chatnode::ready=info`, which the bench waits for).
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
     /// The `chatnode` executable the spawned nodes run [default: this one]: compares two

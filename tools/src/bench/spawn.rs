@@ -156,7 +156,19 @@ impl SpawnedNode {
             // connections. Environment, not flags, so that `--node-arg` flags win.
             .env("CHATNODE_SIGNUPS_PER_IP_PER_HOUR", "0")
             .env("CHATNODE_MAX_CONNECTIONS_PER_IP", "1000000")
-            .args(["--log", "warn,chatnode::ready=info"])
+            // The bench reads the ready line; a `--node-arg=--log=...` replaces this filter
+            // (the node takes one `--log`) and should keep `chatnode::ready=info`.
+            .args(
+                if self
+                    .extra
+                    .iter()
+                    .any(|a| a == "--log" || a.starts_with("--log="))
+                {
+                    &[][..]
+                } else {
+                    &["--log", "warn,chatnode::ready=info"][..]
+                },
+            )
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
