@@ -38,10 +38,20 @@ pub enum Outbound {
     /// of a catch-up's messages were delivered live already (the writer drops those), and a
     /// slot each would crowd live deliveries out of the queue: the device was disconnected
     /// as a slow consumer when it was not.
-    CatchUp(Box<Vec<client_proto::Message>>),
+    CatchUp(Box<CatchUpPage>),
     /// Close with this WebSocket close code and reason (boxed for the same reason: a slot is
     /// then two words).
     Close(Box<(u16, String)>),
+}
+
+/// A page of a catch-up, for the connection's writer.
+#[derive(Debug)]
+pub struct CatchUpPage {
+    pub messages: Vec<client_proto::Message>,
+    /// Dropped when the writer has taken the page: the catch-up reads its next page only then,
+    /// so a client that does not read holds one page of its catch-up in the node's memory,
+    /// not a queue of them.
+    pub taken: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Outbound {

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::Session;
 use crate::domain::chat::cursor_after;
 use crate::domain::error::ApiError;
-use crate::domain::hub::Outbound;
+use crate::domain::hub::{CatchUpPage, Outbound};
 
 /// When a connection in a cluster first catches up after connecting (behind the catch-up a
 /// node that routed to the user by a stale route asks for, see `cluster::directory`).
@@ -250,7 +250,14 @@ impl Session {
             first = false;
             read += page.messages.len();
             if !page.messages.is_empty() {
-                self.emit(Outbound::CatchUp(Box::new(page.messages))).await;
+                let (taken, page_taken) = tokio::sync::oneshot::channel();
+                let page = CatchUpPage {
+                    messages: page.messages,
+                    taken,
+                };
+                self.emit(Outbound::CatchUp(Box::new(page))).await;
+                // One page at a time (see `CatchUpPage::taken`); an error is a writer gone.
+                let _ = page_taken.await;
             }
             if page.last.is_some() {
                 from = page.last;

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::OutFrame;
-use crate::domain::hub::Outbound;
+use crate::domain::hub::{CatchUpPage, Outbound};
 
 /// How long a sent message id is remembered: a catch-up reads from the last closed cursor,
 /// which trails the newest positions by the seal window and is at most one periodic
@@ -116,7 +116,9 @@ fn step(item: Outbound, sent: &mut SentIds, codec: Codec) -> Step {
             }
             shared.encoded(codec).clone()
         }
-        Outbound::CatchUp(messages) => {
+        Outbound::CatchUp(page) => {
+            // `taken` is dropped here, with the page's messages encoded.
+            let CatchUpPage { messages, taken: _ } = *page;
             let total = messages.len();
             let frames: Vec<_> = messages
                 .into_iter()
@@ -282,7 +284,11 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         tx.try_send(Outbound::Frame(Box::new(live(5))))
             .expect("slot");
-        let page = (1..=300).map(message).collect::<Vec<_>>();
+        let (taken, page_taken) = tokio::sync::oneshot::channel();
+        let page = CatchUpPage {
+            messages: (1..=300).map(message).collect(),
+            taken,
+        };
         tx.try_send(Outbound::CatchUp(Box::new(page)))
             .expect("slot");
         tx.try_send(Outbound::Frame(Box::new(live(7))))
@@ -294,6 +300,8 @@ mod tests {
         let done = CancellationToken::new();
         done.cancel();
         write_loop(rx, &mut frames, Codec::Json, CancellationToken::new(), done).await;
+        // The catch-up that queued the page learns it was taken (and reads its next page).
+        assert!(page_taken.await.is_err(), "the sender is dropped, not used");
         // Live 5 first; the page without 5 (sent live); 7 was in the page, so only 301 after.
         let mut want = vec![5];
         want.extend((1..=300).filter(|i| *i != 5));
