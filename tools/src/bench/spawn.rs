@@ -264,9 +264,16 @@ impl SpawnedNode {
             let _ = p.join();
         }
         let text = std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default();
+        // Lines below warn are there only when a `--node-arg=--log=...` asked for them; any
+        // line that is not a tracing event below warn (a panic's message) is shown.
+        let below_warn = |l: &str| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|level| matches!(level, "TRACE" | "DEBUG" | "INFO"))
+        };
         let warned: Vec<&str> = text
             .lines()
-            .filter(|l| ReadyLine::parse(l).is_none())
+            .filter(|l| ReadyLine::parse(l).is_none() && !below_warn(l))
             .collect();
         if !warned.is_empty() {
             let shown = &warned[warned.len().saturating_sub(LOG_LINES_SHOWN)..];
