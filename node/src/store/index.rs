@@ -376,7 +376,8 @@ fn fjall_update<T>(
     let stored = ks.get(key)?.as_deref().map(decode).transpose()?;
     // fjall holds back writes by sleeping in the writer's thread (10–100 ms at a time) when
     // its flushes or compactions fall behind; here that is a tokio worker holding a stripe.
-    // Counted so that an operator sees it (with the gauges of [`Index::export_gauges`]).
+    // Slow writes are recorded so that an operator sees it. On a busy machine most are the
+    // thread descheduled instead: the gauges of [`Index::export_gauges`] tell the two apart.
     let started = std::time::Instant::now();
     let updated = update(ks, stored);
     let took = started.elapsed();
@@ -386,7 +387,7 @@ fn fjall_update<T>(
     updated
 }
 
-/// An index write slower than this is counted as held back.
+/// An index write slower than this is recorded in `store_index_slow_write_seconds`.
 const SLOW_WRITE: std::time::Duration = std::time::Duration::from_millis(5);
 
 fn stripe<'a>(stripes: &'a [parking_lot::Mutex<()>], key: &[u8]) -> &'a parking_lot::Mutex<()> {
